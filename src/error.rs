@@ -1,0 +1,30 @@
+//! Domain errors. No transport types here: `grpc::status` maps them to gRPC codes in one place.
+
+use thiserror::Error;
+
+/// Everything that can go wrong inside geomatch's domain.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Error {
+    /// A request field is missing or out of range. `field` is the wire path of the field
+    /// (for example `position.lat`), so a client can tell exactly what to fix.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// Wire path of the offending field.
+        field: &'static str,
+        /// Human-readable reason, safe to show to the caller.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result alias for the domain.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,157 @@
+//! Positions, great-circle distances and the privacy rules applied to them.
+//!
+//! Every distance geomatch reports or filters on goes through [`distance_m`], and every
+//! distance it shows a client goes through [`band_m`]: one definition each.
+
+use geo::{Distance as _, Haversine, Point};
+use h3o::{CellIndex, LatLng, Resolution};
+
+use crate::error::{Error, Result};
+
+/// A validated WGS84 position: finite, latitude in `-90..=90`, longitude in `-180..=180`.
+///
+/// h3o only checks finiteness, so the range check lives here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Coordinates(LatLng);
+
+impl Coordinates {
+    /// Validates a position given in degrees.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `<field>.lat` or `<field>.lng` when a value is not
+    /// finite or out of range.
+    pub fn new(field: &'static str, lat: f64, lng: f64) -> Result<Self> {
+        let (lat_field, lng_field) = subfields(field);
+        if !lat.is_finite() || !(-90.0..=90.0).contains(&lat) {
+            return Err(Error::invalid(
+                lat_field,
+                format!("must be a finite latitude in -90..=90 degrees, got {lat}"),
+            ));
+        }
+        if !lng.is_finite() || !(-180.0..=180.0).contains(&lng) {
+            return Err(Error::invalid(
+                lng_field,
+                format!("must be a finite longitude in -180..=180 degrees, got {lng}"),
+            ));
+        }
+        LatLng::new(lat, lng)
+            .map(Self)
+            .map_err(|e| Error::invalid(field, e.to_string()))
+    }
+
+    /// The position as an h3o coordinate.
+    pub fn latlng(self) -> LatLng {
+        self.0
+    }
+
+    /// The H3 cell holding this position at `resolution`.
+    pub fn cell(self, resolution: Resolution) -> CellIndex {
+        self.0.to_cell(resolution)
+    }
+}
+
+fn subfields(field: &'static str) -> (&'static str, &'static str) {
+    match field {
+        "position" => ("position.lat", "position.lng"),
+        _ => (field, field),
+    }
+}
+
+/// Great-circle (haversine) distance in metres, on the mean Earth radius.
+pub fn distance_m(a: LatLng, b: LatLng) -> f64 {
+    Haversine.distance(Point::new(a.lng(), a.lat()), Point::new(b.lng(), b.lat()))
+}
+
+/// The position a user is shown at to everyone else: the centre of their privacy cell.
+pub fn snapped(cell: CellIndex) -> LatLng {
+    LatLng::from(cell)
+}
+
+/// Rounds a distance up to the band shown to clients: 100 m if within 100 m, then the next
+/// multiple of 100 m up to 1 000 m, then the next multiple of 1 000 m.
+pub fn band_m(distance_m: f64) -> u32 {
+    let d = distance_m.max(0.0);
+    let banded = if d <= 100.0 {
+        100.0
+    } else if d <= 1_000.0 {
+        (d / 100.0).ceil() * 100.0
+    } else {
+        (d / 1_000.0).ceil() * 1_000.0
+    };
+    // Radii are bounded far below u32::MAX metres; saturate rather than wrap regardless.
+    if banded >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        banded as u32
+    }
+}
+
+/// Orders distances exactly and deterministically: millimetres, rounded.
+pub fn distance_key(distance_m: f64) -> u64 {
+    (distance_m.max(0.0) * 1_000.0).round() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bands_follow_the_contract() {
+        let cases = [
+            (0.0, 100),
+            (99.9, 100),
+            (100.0, 100),
+            (100.1, 200),
+            (250.0, 300),
+            (999.0, 1_000),
+            (1_000.0, 1_000),
+            (1_000.5, 2_000),
+            (9_999.0, 10_000),
+            (49_000.1, 50_000),
+        ];
+        for (d, want) in cases {
+            assert_eq!(band_m(d), want, "band of {d}");
+        }
+    }
+
+    #[test]
+    fn bands_never_understate_and_are_monotonic() {
+        let mut last = 0;
+        for i in 0..200_000 {
+            let d = f64::from(i) * 0.37;
+            let b = band_m(d);
+            assert!(f64::from(b) >= d, "{d} banded to {b}");
+            assert!(b >= last);
+            last = b;
+        }
+    }
+
+    #[test]
+    fn coordinates_reject_out_of_range_and_non_finite() {
+        for (lat, lng, field) in [
+            (90.1, 0.0, "position.lat"),
+            (-90.1, 0.0, "position.lat"),
+            (f64::NAN, 0.0, "position.lat"),
+            (f64::INFINITY, 0.0, "position.lat"),
+            (0.0, 180.5, "position.lng"),
+            (0.0, f64::NEG_INFINITY, "position.lng"),
+            (0.0, f64::NAN, "position.lng"),
+        ] {
+            match Coordinates::new("position", lat, lng) {
+                Err(Error::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("({lat}, {lng}) gave {other:?}"),
+            }
+        }
+        assert!(Coordinates::new("position", 90.0, -180.0).is_ok());
+        assert!(Coordinates::new("position", -90.0, 180.0).is_ok());
+    }
+
+    #[test]
+    fn distance_matches_a_known_figure() {
+        // One degree of latitude on the mean Earth radius (6 371 008.8 m).
+        let a = LatLng::new(0.0, 0.0).unwrap();
+        let b = LatLng::new(1.0, 0.0).unwrap();
+        let d = distance_m(a, b);
+        assert!((d - 111_195.08).abs() < 1.0, "{d}");
+    }
+}

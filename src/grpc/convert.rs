@@ -1,0 +1,82 @@
+//! Protobuf <-> domain conversions. Every field is validated into a domain type here or by
+//! the domain constructor it is handed to; a missing message field is INVALID_ARGUMENT.
+
+use super::pb;
+use crate::{
+    error::{Error, Result},
+    geo::Coordinates,
+    id::{ShakeId, UserId},
+    nearby::{Found, Gender},
+    shake::{Match, Outcome},
+};
+
+pub(super) fn user_id(value: &str) -> Result<UserId> {
+    UserId::new("user_id", value)
+}
+
+pub(super) fn shake_id(value: &str) -> Result<ShakeId> {
+    ShakeId::new("shake_id", value)
+}
+
+pub(super) fn position(value: Option<pb::LatLng>) -> Result<Coordinates> {
+    let p = value.ok_or_else(|| Error::invalid("position", "is required"))?;
+    Coordinates::new("position", p.lat, p.lng)
+}
+
+pub(super) fn gender(value: i32) -> Result<Gender> {
+    match pb::Gender::try_from(value) {
+        Ok(pb::Gender::Unspecified) => Ok(Gender::Unspecified),
+        Ok(pb::Gender::Female) => Ok(Gender::Female),
+        Ok(pb::Gender::Male) => Ok(Gender::Male),
+        Err(_) => Err(Error::invalid(
+            "gender",
+            format!(
+                "unknown value {value}; expected GENDER_UNSPECIFIED, GENDER_FEMALE or GENDER_MALE"
+            ),
+        )),
+    }
+}
+
+pub(super) fn excludes(values: &[String]) -> Result<Vec<UserId>> {
+    values
+        .iter()
+        .map(|v| UserId::new("exclude_user_ids", v))
+        .collect()
+}
+
+fn gender_to_pb(g: Gender) -> pb::Gender {
+    match g {
+        Gender::Unspecified => pb::Gender::Unspecified,
+        Gender::Female => pb::Gender::Female,
+        Gender::Male => pb::Gender::Male,
+    }
+}
+
+pub(super) fn found(f: Found) -> pb::NearbyUser {
+    pb::NearbyUser {
+        user_id: f.user.to_string(),
+        distance_m: f.distance_m,
+        gender: gender_to_pb(f.gender).into(),
+        last_seen_ms: f.last_seen_ms,
+    }
+}
+
+pub(super) fn outcome(o: Outcome) -> pb::ShakeResponse {
+    use pb::shake_response::Outcome as PbOutcome;
+    match o {
+        Outcome::Matched(Match {
+            partner,
+            distance_m,
+            match_id,
+        }) => pb::ShakeResponse {
+            outcome: PbOutcome::Matched.into(),
+            partner_user_id: partner.to_string(),
+            distance_m,
+            match_id,
+        },
+        Outcome::NoMatch => pb::ShakeResponse {
+            outcome: PbOutcome::NoMatch.into(),
+            ..Default::default()
+        },
+    }
+}

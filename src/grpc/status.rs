@@ -1,0 +1,27 @@
+//! Domain errors to gRPC statuses, in exactly one place.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+use crate::error::Error;
+
+/// Maps a domain error to the status a client sees. INVALID_ARGUMENT carries a
+/// `google.rpc.BadRequest` field violation naming the field.
+pub fn to_status(err: Error) -> Status {
+    match err {
+        Error::InvalidArgument { field, reason } => {
+            let message = format!("{field}: {reason}");
+            Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request_violation(field, reason),
+            )
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        to_status(err)
+    }
+}

@@ -1,0 +1,26 @@
+//! geomatch: location matching over gRPC.
+//!
+//! Crate map:
+//! - [`error`]: the domain error type (no transport types).
+//! - [`geo`]: validated coordinates, distances, privacy snapping and distance bands.
+//! - [`cell`]: H3 policy: covering a radius with cells, ring by ring, provably exactly.
+//! - [`id`]: validated user and shake ids.
+//! - [`clock`]: injected wall-clock time.
+//! - [`nearby`]: the People Nearby location index and its page tokens.
+//! - [`shake`]: the Shake matcher.
+//! - [`config`]: command-line and environment configuration.
+//! - [`grpc`]: the only module that knows tonic/prost: generated code, adapters, status mapping.
+//! - [`telemetry`]: log setup.
+//! - [`server`]: wires the domain and the gRPC services together and serves until shutdown.
+
+pub mod cell;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod geo;
+pub mod grpc;
+pub mod id;
+pub mod nearby;
+pub mod server;
+pub mod shake;
+pub mod telemetry;

@@ -1,0 +1,472 @@
+//! People Nearby: the location index.
+//!
+//! Two sharded maps kept consistent by one method each ([`NearbyIndex::update`],
+//! [`NearbyIndex::clear`], [`NearbyIndex::sweep`]):
+//!
+//! * `users`: user id -> the privacy cell the user was last seen in, and when;
+//! * `cells`: privacy cell -> the users in it, sorted by id.
+//!
+//! The index cell *is* the privacy cell (H3 resolution 9 by default, ~0.1 km², average
+//! edge 201 m). Nothing finer than that cell is stored, and every user in a bucket shares
+//! one snapped position, so a search computes one distance per cell, not per user.
+//! Writers lock a `users` shard and then a `cells` shard, always in that order; searches
+//! only read `cells`, one shard at a time, and never hold a guard while taking another.
+
+mod token;
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use h3o::{CellIndex, Resolution};
+
+pub use token::{Cursor, MAX_TOKEN_LEN, PageTokens, Scope, TokenError};
+
+use crate::{
+    cell::{Ring, RingCover},
+    error::{Error, Result},
+    geo::{Coordinates, band_m, distance_key},
+    id::UserId,
+};
+
+/// Sharding of both maps: enough shards that two cores rarely contend.
+const SHARDS: usize = 64;
+
+/// A user's self-declared gender, used only as a search filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gender {
+    /// Not given; as a search filter: everyone.
+    #[default]
+    Unspecified,
+    /// Female.
+    Female,
+    /// Male.
+    Male,
+}
+
+impl Gender {
+    fn wire(self) -> u8 {
+        match self {
+            Self::Unspecified => 0,
+            Self::Female => 1,
+            Self::Male => 2,
+        }
+    }
+}
+
+/// Limits and defaults of the index.
+#[derive(Debug, Clone)]
+pub struct NearbyConfig {
+    /// Resolution of the privacy cells users are snapped to (and indexed by).
+    pub privacy_resolution: Resolution,
+    /// How long a ping stays visible after the user's last update, in ms.
+    pub location_ttl_ms: i64,
+    /// Radius used when a search asks for 0, in metres.
+    pub default_radius_m: f64,
+    /// Largest radius a search may ask for, in metres.
+    pub max_radius_m: f64,
+    /// Page size used when a search asks for 0.
+    pub default_limit: u32,
+    /// Largest page size a search may ask for.
+    pub max_limit: u32,
+}
+
+impl Default for NearbyConfig {
+    fn default() -> Self {
+        Self {
+            privacy_resolution: Resolution::Nine,
+            location_ttl_ms: 15 * 60 * 1_000,
+            default_radius_m: 1_000.0,
+            max_radius_m: 10_000.0,
+            default_limit: 20,
+            max_limit: 100,
+        }
+    }
+}
+
+/// Where an update put the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The privacy cell the user is indexed in.
+    pub cell: CellIndex,
+    /// Unix ms when the ping stops being visible.
+    pub expires_at_ms: i64,
+}
+
+/// A "who is near me" query, as received (validated by [`NearbyIndex::search`]).
+#[derive(Debug, Clone)]
+pub struct SearchRequest {
+    /// The searcher, never in its own results.
+    pub searcher: UserId,
+    /// Search centre: the searcher's own exact position.
+    pub centre: Coordinates,
+    /// Radius in metres; 0 = default.
+    pub radius_m: f64,
+    /// Page size; 0 = default.
+    pub limit: u32,
+    /// Only users of this gender; `Unspecified` = everyone.
+    pub gender: Gender,
+    /// Token from the previous page; empty = first page.
+    pub page_token: String,
+}
+
+/// One user in a search result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The user.
+    pub user: UserId,
+    /// Banded distance from the searcher to the user's snapped position, metres.
+    pub distance_m: u32,
+    /// The user's gender.
+    pub gender: Gender,
+    /// Unix ms of the user's last ping.
+    pub last_seen_ms: i64,
+}
+
+/// One page of results.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SearchPage {
+    /// Nearest first, ties by user id.
+    pub users: Vec<Found>,
+    /// Token for the next page; `None` when there is none.
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Located {
+    cell: CellIndex,
+    last_seen_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    user: UserId,
+    gender: Gender,
+    last_seen_ms: i64,
+}
+
+#[derive(Debug)]
+struct Hit {
+    key: u64,
+    distance_m: f64,
+    user: UserId,
+    gender: Gender,
+    last_seen_ms: i64,
+}
+
+fn hit_order(a: &Hit, b: &Hit) -> std::cmp::Ordering {
+    a.key.cmp(&b.key).then_with(|| a.user.cmp(&b.user))
+}
+
+/// The People Nearby index. Cheap to share behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct NearbyIndex {
+    cfg: NearbyConfig,
+    tokens: PageTokens,
+    users: DashMap<UserId, Located>,
+    cells: DashMap<CellIndex, Vec<Member>>,
+}
+
+impl NearbyIndex {
+    /// An empty index.
+    pub fn new(cfg: NearbyConfig, tokens: PageTokens) -> Self {
+        Self {
+            cfg,
+            tokens,
+            users: DashMap::with_shard_amount(SHARDS),
+            cells: DashMap::with_shard_amount(SHARDS),
+        }
+    }
+
+    /// The index's configuration.
+    pub fn config(&self) -> &NearbyConfig {
+        &self.cfg
+    }
+
+    /// Users held, including expired ones the sweep has not reclaimed yet.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether the index holds nobody.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Occupied privacy cells.
+    pub fn cell_count(&self) -> usize {
+        self.cells.len()
+    }
+
+    fn expired(&self, last_seen_ms: i64, now_ms: i64) -> bool {
+        now_ms >= last_seen_ms.saturating_add(self.cfg.location_ttl_ms)
+    }
+
+    /// Records `user` at `position` (last write wins) and returns where it was indexed.
+    pub fn update(
+        &self,
+        user: UserId,
+        position: Coordinates,
+        gender: Gender,
+        now_ms: i64,
+    ) -> Placement {
+        let cell = position.cell(self.cfg.privacy_resolution);
+        let located = Located {
+            cell,
+            last_seen_ms: now_ms,
+        };
+        match self.users.entry(user) {
+            Entry::Occupied(mut e) => {
+                let old = *e.get();
+                let member = Member {
+                    user: e.key().clone(),
+                    gender,
+                    last_seen_ms: now_ms,
+                };
+                if old.cell != cell {
+                    self.bucket_remove(old.cell, &member.user);
+                }
+                self.bucket_upsert(cell, member);
+                e.insert(located);
+            }
+            Entry::Vacant(e) => {
+                let member = Member {
+                    user: e.key().clone(),
+                    gender,
+                    last_seen_ms: now_ms,
+                };
+                self.bucket_upsert(cell, member);
+                e.insert(located);
+            }
+        }
+        Placement {
+            cell,
+            expires_at_ms: now_ms.saturating_add(self.cfg.location_ttl_ms),
+        }
+    }
+
+    /// Forgets `user`. Returns whether a visible location existed.
+    pub fn clear(&self, user: &UserId, now_ms: i64) -> bool {
+        match self.users.entry(user.clone()) {
+            Entry::Occupied(e) => {
+                let old = *e.get();
+                self.bucket_remove(old.cell, e.key());
+                e.remove();
+                !self.expired(old.last_seen_ms, now_ms)
+            }
+            Entry::Vacant(_) => false,
+        }
+    }
+
+    /// Reclaims every expired user; returns how many. Locks one shard at a time.
+    pub fn sweep(&self, now_ms: i64) -> usize {
+        let mut removed = 0;
+        self.users.retain(|user, loc| {
+            if self.expired(loc.last_seen_ms, now_ms) {
+                self.bucket_remove(loc.cell, user);
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        removed
+    }
+
+    fn bucket_upsert(&self, cell: CellIndex, member: Member) {
+        let mut bucket = self.cells.entry(cell).or_default();
+        match bucket.binary_search_by(|m| m.user.cmp(&member.user)) {
+            Ok(i) => bucket[i] = member,
+            Err(i) => bucket.insert(i, member),
+        }
+    }
+
+    fn bucket_remove(&self, cell: CellIndex, user: &UserId) {
+        let now_empty = match self.cells.get_mut(&cell) {
+            Some(mut bucket) => {
+                if let Ok(i) = bucket.binary_search_by(|m| m.user.cmp(user)) {
+                    bucket.remove(i);
+                }
+                bucket.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            self.cells.remove_if(&cell, |_, b| b.is_empty());
+        }
+    }
+
+    fn radius(&self, requested: f64) -> Result<f64> {
+        let max = self.cfg.max_radius_m;
+        if !requested.is_finite() || requested < 0.0 {
+            return Err(Error::invalid(
+                "radius_m",
+                format!("must be a finite number of metres >= 0, got {requested}"),
+            ));
+        }
+        if requested > max {
+            return Err(Error::invalid(
+                "radius_m",
+                format!("must be at most {max} m, got {requested}"),
+            ));
+        }
+        Ok(if requested == 0.0 {
+            self.cfg.default_radius_m
+        } else {
+            requested
+        })
+    }
+
+    fn limit(&self, requested: u32) -> Result<usize> {
+        let max = self.cfg.max_limit;
+        if requested > max {
+            return Err(Error::invalid(
+                "limit",
+                format!("must be at most {max}, got {requested}"),
+            ));
+        }
+        let limit = if requested == 0 {
+            self.cfg.default_limit
+        } else {
+            requested
+        };
+        Ok(limit as usize)
+    }
+
+    /// Visible users within the radius, nearest first (ties by user id), one page at a time.
+    ///
+    /// Distances run from the searcher's exact position to each other user's snapped
+    /// position (their privacy cell's centre); membership, order and the reported band all
+    /// use that one figure.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `radius_m`, `limit` or `page_token`.
+    pub fn search(&self, req: &SearchRequest, now_ms: i64) -> Result<SearchPage> {
+        let radius = self.radius(req.radius_m)?;
+        let limit = self.limit(req.limit)?;
+        let centre = req.centre.latlng();
+        let scope = Scope {
+            searcher: req.searcher.as_str(),
+            lat: centre.lat(),
+            lng: centre.lng(),
+            radius_m: radius,
+            gender: req.gender.wire(),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                self.tokens
+                    .decode(&scope, &req.page_token)
+                    .map_err(|e| Error::invalid("page_token", e.to_string()))?,
+            )
+        };
+
+        // One more than the page, to know whether another page follows.
+        let need = limit + 1;
+        let mut cover = RingCover::new(centre, self.cfg.privacy_resolution, radius);
+        let mut ring = Ring::default();
+        let mut hits = Vec::new();
+        let mut pending = cover.next_ring(&mut ring);
+        loop {
+            while pending {
+                if hits.len() >= need {
+                    // Stop once `need` hits are nearer than anything this ring or later holds.
+                    hits.select_nth_unstable_by(need - 1, hit_order);
+                    if hits[need - 1].key < distance_key(ring.lower_bound_m) {
+                        break;
+                    }
+                }
+                self.collect(&ring, radius, req, after.as_ref(), now_ms, &mut hits);
+                pending = cover.next_ring(&mut ring);
+            }
+            hits.sort_unstable_by(hit_order);
+            dedup_users(&mut hits, need);
+            // A user who moved between two cells during this search can appear twice; after
+            // removing the copy, make sure the page is still provably complete.
+            let complete = !pending
+                || (hits.len() >= need && hits[need - 1].key < distance_key(ring.lower_bound_m));
+            if complete {
+                break;
+            }
+        }
+
+        let next_page_token = (hits.len() > limit).then(|| {
+            let last = &hits[limit - 1];
+            self.tokens.encode(
+                &scope,
+                &Cursor {
+                    distance_key: last.key,
+                    user: last.user.clone(),
+                },
+            )
+        });
+        hits.truncate(limit);
+        let users = hits
+            .into_iter()
+            .map(|h| Found {
+                distance_m: band_m(h.distance_m),
+                user: h.user,
+                gender: h.gender,
+                last_seen_ms: h.last_seen_ms,
+            })
+            .collect();
+        Ok(SearchPage {
+            users,
+            next_page_token,
+        })
+    }
+
+    fn collect(
+        &self,
+        ring: &Ring,
+        radius: f64,
+        req: &SearchRequest,
+        after: Option<&Cursor>,
+        now_ms: i64,
+        hits: &mut Vec<Hit>,
+    ) {
+        for &(cell, d) in &ring.cells {
+            if d > radius {
+                continue;
+            }
+            let key = distance_key(d);
+            let skip_until = match after {
+                Some(c) if key < c.distance_key => continue,
+                Some(c) if key == c.distance_key => Some(&c.user),
+                _ => None,
+            };
+            let Some(bucket) = self.cells.get(&cell) else {
+                continue;
+            };
+            let start = skip_until.map_or(0, |u| bucket.partition_point(|m| m.user <= *u));
+            for m in &bucket[start..] {
+                if m.user == req.searcher
+                    || self.expired(m.last_seen_ms, now_ms)
+                    || (req.gender != Gender::Unspecified && m.gender != req.gender)
+                {
+                    continue;
+                }
+                hits.push(Hit {
+                    key,
+                    distance_m: d,
+                    user: m.user.clone(),
+                    gender: m.gender,
+                    last_seen_ms: m.last_seen_ms,
+                });
+            }
+        }
+    }
+}
+
+/// Drops later copies of a user from sorted `hits`. Checks the first `need` cheaply and only
+/// hashes everything when that prefix holds a copy (a concurrent move).
+fn dedup_users(hits: &mut Vec<Hit>, need: usize) {
+    let prefix = hits.len().min(need);
+    let mut seen = std::collections::HashSet::with_capacity(prefix);
+    if hits[..prefix].iter().all(|h| seen.insert(h.user.clone())) {
+        return;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(hits.len());
+    hits.retain(|h| seen.insert(h.user.clone()));
+}
+
+#[cfg(test)]
+mod tests;

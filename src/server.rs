@@ -1,0 +1,159 @@
+//! Builds the domain state and background tasks, mounts the gRPC services (with health and
+//! reflection) and serves until shutdown.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use thiserror::Error;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+use crate::{
+    clock::Clock,
+    config::Config,
+    grpc::{
+        NearbyService, ShakeService,
+        pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
+    },
+    nearby::{NearbyIndex, PageTokens},
+    shake::Matcher,
+};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// No randomness for the page-token key.
+    #[error("drawing the page token key: {0}")]
+    Random(getrandom::Error),
+    /// The reflection service could not load the descriptors.
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The service's shared state: cheap to clone, every part behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The People Nearby index.
+    pub nearby: Arc<NearbyIndex>,
+    /// The Shake matcher.
+    pub matcher: Arc<Matcher>,
+    /// Wall-clock time for TTLs.
+    pub clock: Arc<dyn Clock>,
+    /// How often expired state is reclaimed.
+    pub sweep_interval: Duration,
+}
+
+impl App {
+    /// Empty state configured by `cfg` (already validated), reading time from `clock`.
+    ///
+    /// # Errors
+    /// When the operating system has no randomness for the page-token key.
+    pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+        let tokens = PageTokens::random().map_err(ServeError::Random)?;
+        Ok(Self {
+            nearby: Arc::new(NearbyIndex::new(cfg.nearby(), tokens)),
+            matcher: Arc::new(Matcher::new(cfg.shake())),
+            clock,
+            sweep_interval: cfg.sweep_interval,
+        })
+    }
+
+    /// Reclaims expired pings and old shake outcomes once.
+    pub fn sweep(&self) {
+        let started = std::time::Instant::now();
+        let users = self.nearby.sweep(self.clock.now_ms());
+        let shakes = self.matcher.sweep(tokio::time::Instant::now());
+        tracing::debug!(
+            expired_users = users,
+            forgotten_shakes = shakes,
+            took_ms = started.elapsed().as_millis() as u64,
+            "sweep done"
+        );
+    }
+}
+
+/// Aborts the background task it owns when dropped, so a stopped server leaves nothing running.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_sweeper(app: App) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(app.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            // The sweep walks every shard: keep it off the async workers.
+            let app = app.clone();
+            if tokio::task::spawn_blocking(move || app.sweep())
+                .await
+                .is_err()
+            {
+                tracing::warn!("sweep task failed");
+            }
+        }
+    }))
+}
+
+/// Serves geomatch on `listener` until `shutdown` resolves, then drains: health turns
+/// NOT_SERVING, new connections stop, in-flight calls finish.
+///
+/// # Errors
+/// [`ServeError`] when reflection cannot be built or the transport fails.
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<NearbyServer<NearbyService>>().await;
+    health.set_serving::<ShakeServer<ShakeService>>().await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let _sweeper = spawn_sweeper(app.clone());
+    let nearby = NearbyServer::new(NearbyService::new(app.nearby.clone(), app.clock.clone()));
+    let shake = ShakeServer::new(ShakeService::new(app.matcher.clone()));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let drain = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining");
+            health
+                .set_not_serving::<NearbyServer<NearbyService>>()
+                .await;
+            health.set_not_serving::<ShakeServer<ShakeService>>().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+        }
+    };
+
+    Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(nearby)
+        .add_service(shake)
+        .serve_with_incoming_shutdown(incoming, drain)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! Shake: pairs users who shake at about the same time near each other, exactly once each.
+//!
+//! Waiting shakes sit in buckets keyed by the H3 cell (resolution 7 by default, average
+//! edge 1.2 km) holding their snapped position. Buckets live in lock stripes chosen by the
+//! cell's resolution-5 parent, so nearby cells share a stripe and a newcomer locks only the
+//! few stripes its search disk touches, in ascending order (no deadlock). Under those locks
+//! a newcomer either claims the best compatible waiter or becomes a waiter itself: two
+//! concurrent shakes within reach of each other are serialised on a shared stripe, so
+//! neither can miss the other.
+//!
+//! Claiming removes the waiter from its bucket and resolves both sides while the locks are
+//! held; withdrawal (window passed, client gone, superseded) flags the waiter first and
+//! then removes it under its stripe lock. Whoever removes a waiter decides its outcome, so
+//! no shake is paired twice and nobody is paired with a withdrawn ("ghost") shake.
+//!
+//! Lock order: `active` entry, then stripes. The claim path holds stripes only and touches
+//! `active`/`done` after releasing them.
+
+pub mod rule;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use h3o::{CellIndex, LatLng, Resolution};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
+
+use crate::{
+    cell::RingCover,
+    error::{Error, Result},
+    geo::{Coordinates, band_m, distance_key, distance_m, snapped},
+    id::{ShakeId, UserId},
+};
+use rule::{Shaker, compatible, preference};
+
+const STRIPES: usize = 256;
+const STRIPE_RESOLUTION: Resolution = Resolution::Five;
+
+/// Limits and timing of the matcher.
+#[derive(Debug, Clone)]
+pub struct ShakeConfig {
+    /// Resolution positions are snapped to before any distance is measured.
+    pub privacy_resolution: Resolution,
+    /// Resolution of the buckets waiting shakes are kept in.
+    pub bucket_resolution: Resolution,
+    /// How long a shake waits for a partner.
+    pub window: Duration,
+    /// How long a finished shake's outcome is kept for retries.
+    pub result_ttl: Duration,
+    /// Distance used when a shake asks for 0, metres.
+    pub default_max_distance_m: f64,
+    /// Largest distance a shake may ask for, metres.
+    pub max_distance_m: f64,
+    /// Most user ids one shake may exclude.
+    pub max_excludes: usize,
+}
+
+impl Default for ShakeConfig {
+    fn default() -> Self {
+        Self {
+            privacy_resolution: Resolution::Nine,
+            bucket_resolution: Resolution::Seven,
+            window: Duration::from_secs(2),
+            result_ttl: Duration::from_secs(60),
+            default_max_distance_m: 1_000.0,
+            max_distance_m: 50_000.0,
+            max_excludes: 1_000,
+        }
+    }
+}
+
+/// A shake as received (validated by [`Matcher::shake`]).
+#[derive(Debug, Clone)]
+pub struct ShakeRequest {
+    /// Who shook.
+    pub user: UserId,
+    /// Where, exactly (snapped before use).
+    pub position: Coordinates,
+    /// The client's idempotency key.
+    pub shake_id: ShakeId,
+    /// Farthest acceptable partner, metres; 0 = default.
+    pub max_distance_m: f64,
+    /// Never pair with these users (and they never pair with this one).
+    pub exclude: Vec<UserId>,
+    /// The caller's own deadline, if sooner than the window.
+    pub deadline: Option<Instant>,
+}
+
+/// A successful pairing, as seen by one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match {
+    /// The other side.
+    pub partner: UserId,
+    /// Banded distance between both sides' snapped positions, metres.
+    pub distance_m: u32,
+    /// Identical on both sides.
+    pub match_id: String,
+}
+
+/// How a shake ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Paired.
+    Matched(Match),
+    /// The window passed (or the shake was superseded) without a partner.
+    NoMatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Expired,
+    Superseded,
+    Cancelled,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    seq: u64,
+    user: UserId,
+    shake_id: ShakeId,
+    snapped: LatLng,
+    bucket: CellIndex,
+    max_distance_m: f64,
+    excludes: Box<[UserId]>,
+    deadline: Instant,
+    result: watch::Sender<Option<Outcome>>,
+    withdrawn: AtomicBool,
+    callers: AtomicUsize,
+}
+
+impl Waiter {
+    fn shaker(&self) -> Shaker<'_> {
+        Shaker {
+            user: &self.user,
+            max_distance_m: self.max_distance_m,
+            excludes: &self.excludes,
+        }
+    }
+
+    /// Sets the outcome unless one is set already; returns whether this call set it.
+    fn resolve(&self, outcome: Outcome) -> bool {
+        self.result.send_if_modified(|slot| {
+            if slot.is_none() {
+                *slot = Some(outcome);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    fn outcome(&self) -> Option<Outcome> {
+        self.result.borrow().clone()
+    }
+}
+
+#[derive(Debug)]
+struct Done {
+    outcome: Outcome,
+    expires: Instant,
+}
+
+type Stripe = HashMap<CellIndex, Vec<Arc<Waiter>>>;
+
+enum Enter {
+    Done(Outcome),
+    Join(Arc<Waiter>),
+    New(Arc<Waiter>),
+}
+
+/// The Shake matcher. Share it behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct Matcher {
+    cfg: ShakeConfig,
+    stripes: Box<[Mutex<Stripe>]>,
+    active: DashMap<UserId, Arc<Waiter>>,
+    done: DashMap<(UserId, ShakeId), Done>,
+    seq: AtomicU64,
+    match_prefix: u64,
+    waiting: AtomicUsize,
+    changed: Notify,
+}
+
+fn lock(m: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
+    // A panic while holding a stripe cannot leave a bucket half-edited (every edit is a
+    // single Vec operation), so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps a caller counted on a waiter; the last caller to leave an unresolved shake
+/// (client cancelled, deadline passed) withdraws it at once.
+struct CallerGuard<'a> {
+    matcher: &'a Matcher,
+    waiter: Arc<Waiter>,
+}
+
+impl<'a> CallerGuard<'a> {
+    fn new(matcher: &'a Matcher, waiter: Arc<Waiter>) -> Self {
+        waiter.callers.fetch_add(1, Ordering::SeqCst);
+        Self { matcher, waiter }
+    }
+}
+
+impl Drop for CallerGuard<'_> {
+    fn drop(&mut self) {
+        if self.waiter.callers.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.waiter.outcome().is_none()
+        {
+            self.matcher.withdraw(&self.waiter, Why::Cancelled);
+        }
+    }
+}
+
+impl Matcher {
+    /// An idle matcher.
+    pub fn new(cfg: ShakeConfig) -> Self {
+        let match_prefix = getrandom::u64().unwrap_or_else(|_| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Self {
+            cfg,
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            active: DashMap::new(),
+            done: DashMap::new(),
+            seq: AtomicU64::new(0),
+            match_prefix,
+            waiting: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    /// The matcher's configuration.
+    pub fn config(&self) -> &ShakeConfig {
+        &self.cfg
+    }
+
+    /// Shakes waiting for a partner right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Finished outcomes kept for retries.
+    pub fn remembered(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Resolves once exactly `n` shakes are waiting (for tests and drain logic).
+    pub async fn until_waiting(&self, n: usize) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.waiting() == n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Forgets finished outcomes older than the retry window; returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let before = self.done.len();
+        self.done.retain(|_, d| d.expires > now);
+        before.saturating_sub(self.done.len())
+    }
+
+    fn max_distance(&self, requested: f64) -> Result<f64> {
+        let max = self.cfg.max_distance_m;
+        if !requested.is_finite() || requested < 0.0 {
+            return Err(Error::invalid(
+                "max_distance_m",
+                format!("must be a finite number of metres >= 0, got {requested}"),
+            ));
+        }
+        if requested > max {
+            return Err(Error::invalid(
+                "max_distance_m",
+                format!("must be at most {max} m, got {requested}"),
+            ));
+        }
+        Ok(if requested == 0.0 {
+            self.cfg.default_max_distance_m
+        } else {
+            requested
+        })
+    }
+
+    /// Shakes: pairs at once with the best waiting partner, or waits up to the window.
+    ///
+    /// Retrying the same `(user, shake_id)` joins the wait or returns the remembered
+    /// outcome; a new `shake_id` from a waiting user supersedes the old shake (NO_MATCH).
+    /// Dropping the returned future withdraws the shake if no other call is waiting on it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `max_distance_m` or `exclude_user_ids`.
+    pub async fn shake(&self, req: ShakeRequest) -> Result<Outcome> {
+        let max_distance_m = self.max_distance(req.max_distance_m)?;
+        if req.exclude.len() > self.cfg.max_excludes {
+            return Err(Error::invalid(
+                "exclude_user_ids",
+                format!(
+                    "must hold at most {} ids, got {}",
+                    self.cfg.max_excludes,
+                    req.exclude.len()
+                ),
+            ));
+        }
+        let now = Instant::now();
+        let window_end = now + self.cfg.window;
+        let deadline = req.deadline.map_or(window_end, |d| d.min(window_end));
+        let snapped = snapped(req.position.cell(self.cfg.privacy_resolution));
+        let waiter = Arc::new(Waiter {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            user: req.user,
+            shake_id: req.shake_id,
+            snapped,
+            bucket: snapped.to_cell(self.cfg.bucket_resolution),
+            max_distance_m,
+            excludes: req.exclude.into_boxed_slice(),
+            deadline,
+            result: watch::Sender::new(None),
+            withdrawn: AtomicBool::new(false),
+            callers: AtomicUsize::new(0),
+        });
+        let (waiter, guard) = match self.enter(waiter) {
+            Enter::Done(outcome) => return Ok(outcome),
+            Enter::Join(w) => {
+                let guard = CallerGuard::new(self, w.clone());
+                (w, guard)
+            }
+            Enter::New(w) => {
+                let guard = CallerGuard::new(self, w.clone());
+                self.place(&w);
+                (w, guard)
+            }
+        };
+        let outcome = self.wait(&waiter).await;
+        drop(guard);
+        Ok(outcome)
+    }
+
+    fn enter(&self, w: Arc<Waiter>) -> Enter {
+        let superseded = {
+            let slot = self.active.entry(w.user.clone());
+            if let Some(done) = self.done.get(&(w.user.clone(), w.shake_id.clone())) {
+                return Enter::Done(done.outcome.clone());
+            }
+            match slot {
+                Entry::Occupied(o) if o.get().shake_id == w.shake_id => {
+                    return Enter::Join(o.get().clone());
+                }
+                Entry::Occupied(mut o) => Some(o.insert(w.clone())),
+                Entry::Vacant(v) => {
+                    v.insert(w.clone());
+                    None
+                }
+            }
+        };
+        if let Some(old) = superseded {
+            self.withdraw(&old, Why::Superseded);
+        }
+        Enter::New(w)
+    }
+
+    fn stripe_of(&self, cell: CellIndex) -> usize {
+        let group = cell.parent(STRIPE_RESOLUTION).unwrap_or(cell);
+        // Fibonacci hashing of the parent's bits.
+        (u64::from(group).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize % STRIPES
+    }
+
+    /// Claims the best compatible waiter for `w`, or makes `w` wait.
+    fn place(&self, w: &Arc<Waiter>) {
+        let cells =
+            RingCover::cells_within(w.snapped, self.cfg.bucket_resolution, w.max_distance_m);
+        let mut ids: Vec<usize> = cells.iter().map(|(c, _)| self.stripe_of(*c)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut guards: Vec<MutexGuard<'_, Stripe>> =
+            ids.iter().map(|&i| lock(&self.stripes[i])).collect();
+        if w.withdrawn.load(Ordering::SeqCst) {
+            return;
+        }
+
+        /// The best candidate so far: preference key, stripe guard, bucket cell, slot, distance.
+        struct Best {
+            pref: (u64, u64),
+            guard: usize,
+            cell: CellIndex,
+            slot: usize,
+            distance_m: f64,
+        }
+        let me = w.shaker();
+        let mut best: Option<Best> = None;
+        for (cell, _) in &cells {
+            let Ok(g) = ids.binary_search(&self.stripe_of(*cell)) else {
+                continue;
+            };
+            let Some(bucket) = guards[g].get(cell) else {
+                continue;
+            };
+            for (i, c) in bucket.iter().enumerate() {
+                if c.withdrawn.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let d = distance_m(w.snapped, c.snapped);
+                if !compatible(&me, &c.shaker(), d) {
+                    continue;
+                }
+                let pref = preference(distance_key(d), c.seq);
+                if best.as_ref().is_none_or(|b| pref < b.pref) {
+                    best = Some(Best {
+                        pref,
+                        guard: g,
+                        cell: *cell,
+                        slot: i,
+                        distance_m: d,
+                    });
+                }
+            }
+        }
+
+        let Some(Best {
+            guard: g,
+            cell,
+            slot: i,
+            distance_m: d,
+            ..
+        }) = best
+        else {
+            let own = ids.binary_search(&self.stripe_of(w.bucket));
+            if let Ok(g) = own {
+                guards[g].entry(w.bucket).or_default().push(w.clone());
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+            } else {
+                // Unreachable: ring 0 of the cover is the waiter's own bucket. Never strand
+                // the caller regardless.
+                w.resolve(Outcome::NoMatch);
+            }
+            return;
+        };
+
+        let partner = {
+            let stripe = &mut guards[g];
+            let Some(bucket) = stripe.get_mut(&cell) else {
+                return;
+            };
+            let partner = bucket.swap_remove(i);
+            if bucket.is_empty() {
+                stripe.remove(&cell);
+            }
+            partner
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let match_id = format!(
+            "{:016x}{:016x}",
+            self.match_prefix,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let distance_m = band_m(d);
+        let for_partner = Outcome::Matched(Match {
+            partner: w.user.clone(),
+            distance_m,
+            match_id: match_id.clone(),
+        });
+        let for_me = Outcome::Matched(Match {
+            partner: partner.user.clone(),
+            distance_m,
+            match_id,
+        });
+        // Resolve both while the stripes are held, so a concurrent withdrawal of either
+        // side sees the outcome rather than racing it.
+        partner.resolve(for_partner.clone());
+        w.resolve(for_me.clone());
+        drop(guards);
+        self.changed.notify_waiters();
+        self.finish(&partner, for_partner);
+        self.finish(w, for_me);
+    }
+
+    /// Remembers a finished outcome for retries, then lets the user shake afresh.
+    fn finish(&self, w: &Arc<Waiter>, outcome: Outcome) {
+        self.done.insert(
+            (w.user.clone(), w.shake_id.clone()),
+            Done {
+                outcome,
+                expires: Instant::now() + self.cfg.result_ttl,
+            },
+        );
+        self.active.remove_if(&w.user, |_, a| Arc::ptr_eq(a, w));
+    }
+
+    /// Takes `w` out of the waiting set. If it had no outcome yet it gets NO_MATCH.
+    fn withdraw(&self, w: &Arc<Waiter>, why: Why) {
+        w.withdrawn.store(true, Ordering::SeqCst);
+        let removed = {
+            let mut stripe = lock(&self.stripes[self.stripe_of(w.bucket)]);
+            let mut removed = false;
+            if let Some(bucket) = stripe.get_mut(&w.bucket) {
+                if let Some(i) = bucket.iter().position(|x| Arc::ptr_eq(x, w)) {
+                    bucket.swap_remove(i);
+                    removed = true;
+                }
+                if bucket.is_empty() {
+                    stripe.remove(&w.bucket);
+                }
+            }
+            removed
+        };
+        if removed {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.changed.notify_waiters();
+        }
+        if w.resolve(Outcome::NoMatch) {
+            if why == Why::Cancelled {
+                // Nobody is left to tell; a retry starts afresh.
+                self.active.remove_if(&w.user, |_, a| Arc::ptr_eq(a, w));
+            } else {
+                self.finish(w, Outcome::NoMatch);
+            }
+        }
+    }
+
+    async fn wait(&self, w: &Arc<Waiter>) -> Outcome {
+        let mut rx = w.result.subscribe();
+        tokio::select! {
+            biased;
+            got = rx.wait_for(Option::is_some) => {
+                if let Ok(slot) = got
+                    && let Some(outcome) = slot.clone()
+                {
+                    return outcome;
+                }
+            }
+            () = tokio::time::sleep_until(w.deadline) => {}
+        }
+        self.withdraw(w, Why::Expired);
+        w.outcome().unwrap_or(Outcome::NoMatch)
+    }
+}
+
+#[cfg(test)]
+mod tests;
