@@ -187,7 +187,10 @@ pub struct Matcher {
     seq: AtomicU64,
     match_prefix: u64,
     waiting: AtomicUsize,
+    /// Wakes [`Matcher::until_waiting`]; notified only while someone watches, so the hot
+    /// path pays one atomic load, not the notifier's lock.
     changed: Notify,
+    watchers: AtomicUsize,
 }
 
 fn lock(m: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
@@ -237,6 +240,7 @@ impl Matcher {
             match_prefix,
             waiting: AtomicUsize::new(0),
             changed: Notify::new(),
+            watchers: AtomicUsize::new(0),
         }
     }
 
@@ -257,6 +261,14 @@ impl Matcher {
 
     /// Resolves once exactly `n` shakes are waiting (for tests and drain logic).
     pub async fn until_waiting(&self, n: usize) {
+        struct Watching<'a>(&'a AtomicUsize);
+        impl Drop for Watching<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        let _watching = Watching(&self.watchers);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -265,6 +277,17 @@ impl Matcher {
                 return;
             }
             notified.await;
+        }
+    }
+
+    fn waiting_changed(&self, delta: isize) {
+        if delta > 0 {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        if self.watchers.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
         }
     }
 
@@ -441,7 +464,7 @@ impl Matcher {
             let own = ids.binary_search(&self.stripe_of(w.bucket));
             if let Ok(g) = own {
                 guards[g].entry(w.bucket).or_default().push(w.clone());
-                self.waiting.fetch_add(1, Ordering::SeqCst);
+                self.waiting_changed(1);
             } else {
                 // Unreachable: ring 0 of the cover is the waiter's own bucket. Never strand
                 // the caller regardless.
@@ -461,7 +484,7 @@ impl Matcher {
             }
             partner
         };
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.waiting_changed(-1);
         let match_id = format!(
             "{:016x}{:016x}",
             self.match_prefix,
@@ -483,7 +506,6 @@ impl Matcher {
         partner.resolve(for_partner.clone());
         w.resolve(for_me.clone());
         drop(guards);
-        self.changed.notify_waiters();
         self.finish(&partner, for_partner);
         self.finish(w, for_me);
     }
@@ -518,8 +540,7 @@ impl Matcher {
             removed
         };
         if removed {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.changed.notify_waiters();
+            self.waiting_changed(-1);
         }
         if w.resolve(Outcome::NoMatch) {
             if why == Why::Cancelled {

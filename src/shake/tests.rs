@@ -1,1 +1,362 @@
+//! Matcher behaviour: pairing, windows, cancellation, idempotency, and the pairing
+//! invariants under real concurrency.
 
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::sync::Barrier;
+
+use super::*;
+
+const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
+/// Degrees of latitude per metre, near enough for placing test users.
+const DEG_PER_M: f64 = 1.0 / 111_195.0;
+
+fn cfg(window: Duration) -> ShakeConfig {
+    ShakeConfig {
+        window,
+        ..ShakeConfig::default()
+    }
+}
+
+fn at(user: &str, shake_id: &str, north_m: f64) -> ShakeRequest {
+    ShakeRequest {
+        user: UserId::new("user_id", user).unwrap(),
+        position: Coordinates::new("position", SHANGHAI.0 + north_m * DEG_PER_M, SHANGHAI.1).unwrap(),
+        shake_id: ShakeId::new("shake_id", shake_id).unwrap(),
+        max_distance_m: 0.0,
+        exclude: Vec::new(),
+        deadline: None,
+    }
+}
+
+fn matched(o: &Outcome) -> &Match {
+    match o {
+        Outcome::Matched(m) => m,
+        Outcome::NoMatch => panic!("expected a match, got NO_MATCH"),
+    }
+}
+
+async fn spawn_waiting(m: &Arc<Matcher>, req: ShakeRequest, now_waiting: usize) -> tokio::task::JoinHandle<Outcome> {
+    let m2 = m.clone();
+    let h = tokio::spawn(async move { m2.shake(req).await.unwrap() });
+    m.until_waiting(now_waiting).await;
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_nearby_shakes_pair_with_one_match_id() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let a = spawn_waiting(&m, at("alice", "s1", 0.0), 1).await;
+    let b = m.shake(at("bob", "s2", 300.0)).await.unwrap();
+    let a = a.await.unwrap();
+    let (ma, mb) = (matched(&a), matched(&b));
+    assert_eq!(ma.partner.as_str(), "bob");
+    assert_eq!(mb.partner.as_str(), "alice");
+    assert_eq!(ma.match_id, mb.match_id);
+    assert_eq!(ma.distance_m, mb.distance_m);
+    assert!(ma.distance_m <= 1_000, "{}", ma.distance_m);
+    assert_eq!(m.waiting(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_shake_gets_no_match_when_the_window_passes() {
+    let m = Matcher::new(cfg(Duration::from_secs(2)));
+    let start = Instant::now();
+    let o = m.shake(at("alice", "s1", 0.0)).await.unwrap();
+    assert_eq!(o, Outcome::NoMatch);
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+    assert_eq!(m.waiting(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_caller_deadline_ends_the_wait_early() {
+    let m = Matcher::new(cfg(Duration::from_secs(2)));
+    let start = Instant::now();
+    let mut req = at("alice", "s1", 0.0);
+    req.deadline = Some(start + Duration::from_millis(300));
+    assert_eq!(m.shake(req).await.unwrap(), Outcome::NoMatch);
+    assert_eq!(Instant::now() - start, Duration::from_millis(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn both_sides_max_distance_must_hold() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let mut near_only = at("alice", "s1", 0.0);
+    near_only.max_distance_m = 100.0;
+    let a = spawn_waiting(&m, near_only, 1).await;
+    // 3 km away: within bob's 5 km but not alice's 100 m.
+    let mut far = at("bob", "s2", 3_000.0);
+    far.max_distance_m = 5_000.0;
+    let b = m.shake(far).await.unwrap();
+    assert_eq!(b, Outcome::NoMatch);
+    assert_eq!(a.await.unwrap(), Outcome::NoMatch);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exclusions_are_symmetric() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let mut alice = at("alice", "s1", 0.0);
+    alice.exclude = vec![UserId::new("x", "bob").unwrap()];
+    let a = spawn_waiting(&m, alice, 1).await;
+    // Bob does not exclude alice, but alice excludes bob: bob waits instead of pairing.
+    let b = spawn_waiting(&m, at("bob", "s2", 10.0), 2).await;
+    // Carol may pair with either; she gets the one that waited longest: alice.
+    let c = m.shake(at("carol", "s3", 5.0)).await.unwrap();
+    let a = a.await.unwrap();
+    assert_eq!(matched(&c).partner.as_str(), "alice");
+    assert_eq!(matched(&a).partner.as_str(), "carol");
+    assert_eq!(b.await.unwrap(), Outcome::NoMatch);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nearest_waiter_wins_then_longest_waiting() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    // Waiters exclude each other so that all three wait; the newcomers may take any.
+    let ex = |names: &[&str]| names.iter().map(|n| UserId::new("x", n).unwrap()).collect::<Vec<_>>();
+    let mut far = at("far", "s1", 800.0);
+    far.exclude = ex(&["near", "near-later"]);
+    let mut near_later = at("near-later", "s3", 0.0);
+    near_later.exclude = ex(&["near"]);
+    let far = spawn_waiting(&m, far, 1).await;
+    let near = spawn_waiting(&m, at("near", "s2", 0.0), 2).await;
+    let near_too = spawn_waiting(&m, near_later, 3).await;
+    let got = m.shake(at("newcomer", "s4", 0.0)).await.unwrap();
+    assert_eq!(matched(&got).partner.as_str(), "near");
+    assert_eq!(matched(&near.await.unwrap()).partner.as_str(), "newcomer");
+    // The next newcomer takes the remaining nearest one.
+    let got = m.shake(at("second", "s5", 0.0)).await.unwrap();
+    assert_eq!(matched(&got).partner.as_str(), "near-later");
+    assert_eq!(matched(&near_too.await.unwrap()).partner.as_str(), "second");
+    assert_eq!(far.await.unwrap(), Outcome::NoMatch);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_never_pairs_with_themselves_and_a_new_shake_supersedes() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let first = spawn_waiting(&m, at("alice", "s1", 0.0), 1).await;
+    let second = m.clone();
+    let second = tokio::spawn(async move { second.shake(at("alice", "s2", 0.0)).await.unwrap() });
+    // The superseded shake ends with NO_MATCH at once, long before its window.
+    let start = Instant::now();
+    assert_eq!(first.await.unwrap(), Outcome::NoMatch);
+    assert_eq!(Instant::now(), start);
+    m.until_waiting(1).await;
+    let bob = m.shake(at("bob", "s3", 0.0)).await.unwrap();
+    assert_eq!(matched(&bob).partner.as_str(), "alice");
+    assert_eq!(matched(&second.await.unwrap()).match_id, matched(&bob).match_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_return_the_same_outcome_and_join_a_wait() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let a1 = spawn_waiting(&m, at("alice", "s1", 0.0), 1).await;
+    // A retry while waiting joins the same wait rather than queueing a second shake.
+    let m2 = m.clone();
+    let a2 = tokio::spawn(async move { m2.shake(at("alice", "s1", 0.0)).await.unwrap() });
+    tokio::task::yield_now().await;
+    assert_eq!(m.waiting(), 1);
+    let b = m.shake(at("bob", "s2", 0.0)).await.unwrap();
+    let (a1, a2) = (a1.await.unwrap(), a2.await.unwrap());
+    assert_eq!(a1, a2);
+    assert_eq!(matched(&a1).match_id, matched(&b).match_id);
+    // After it ended, retries (from either side) get the same answer for the retry window.
+    tokio::time::advance(Duration::from_secs(59)).await;
+    m.sweep(Instant::now());
+    assert_eq!(m.shake(at("alice", "s1", 0.0)).await.unwrap(), a1);
+    assert_eq!(m.shake(at("bob", "s2", 0.0)).await.unwrap(), b);
+    // NO_MATCH is remembered too.
+    let lone = m.shake(at("carol", "s3", 50_000.0)).await.unwrap();
+    assert_eq!(lone, Outcome::NoMatch);
+    let before = Instant::now();
+    assert_eq!(m.shake(at("carol", "s3", 50_000.0)).await.unwrap(), Outcome::NoMatch);
+    assert_eq!(Instant::now(), before, "a remembered outcome returns at once");
+    // And is forgotten by the sweep after the retry window.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(m.sweep(Instant::now()) >= 3);
+    assert_eq!(m.remembered(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_shake_is_withdrawn_at_once_and_never_paired() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let ghost = spawn_waiting(&m, at("ghost", "s1", 0.0), 1).await;
+    ghost.abort();
+    assert!(ghost.await.unwrap_err().is_cancelled());
+    assert_eq!(m.waiting(), 0, "withdrawn as soon as the call was dropped");
+    assert_eq!(m.shake(at("bob", "s2", 0.0)).await.unwrap(), Outcome::NoMatch);
+    // The cancelled shake left no outcome behind: a retry starts afresh.
+    let retry = spawn_waiting(&m, at("ghost", "s1", 0.0), 1).await;
+    let carol = m.shake(at("carol", "s3", 0.0)).await.unwrap();
+    assert_eq!(matched(&carol).partner.as_str(), "ghost");
+    assert_eq!(matched(&retry.await.unwrap()).partner.as_str(), "carol");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_distances_and_excludes_are_rejected() {
+    let m = Matcher::new(cfg(Duration::from_secs(2)));
+    for d in [-1.0, f64::NAN, f64::INFINITY, 50_000.1] {
+        let mut r = at("alice", "s1", 0.0);
+        r.max_distance_m = d;
+        match m.shake(r).await {
+            Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "max_distance_m"),
+            other => panic!("{d}: {other:?}"),
+        }
+    }
+    let mut r = at("alice", "s1", 0.0);
+    r.exclude = (0..1_001).map(|i| UserId::new("x", &format!("u{i}")).unwrap()).collect();
+    assert!(matches!(
+        m.shake(r).await,
+        Err(Error::InvalidArgument { field: "exclude_user_ids", .. })
+    ));
+    assert_eq!(m.waiting(), 0);
+    assert_eq!(m.remembered(), 0);
+}
+
+/// Checks the pairing invariants over a set of finished shakes: every match_id names
+/// exactly two different users who name each other, within both sides' distance, and
+/// excluded by neither.
+fn check_pairs(reqs: &[ShakeRequest], outcomes: &[Outcome], snap: Resolution) {
+    let mut by_match: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, o) in outcomes.iter().enumerate() {
+        if let Outcome::Matched(mm) = o {
+            by_match.entry(mm.match_id.as_str()).or_default().push(i);
+        }
+    }
+    for (id, sides) in &by_match {
+        assert_eq!(sides.len(), 2, "match {id} has {} sides", sides.len());
+        let (a, b) = (sides[0], sides[1]);
+        let (ra, rb) = (&reqs[a], &reqs[b]);
+        assert_ne!(ra.user, rb.user, "self pair");
+        assert_eq!(matched(&outcomes[a]).partner, rb.user);
+        assert_eq!(matched(&outcomes[b]).partner, ra.user);
+        let d = distance_m(snapped(ra.position.cell(snap)), snapped(rb.position.cell(snap)));
+        let max = |r: &ShakeRequest| if r.max_distance_m == 0.0 { 1_000.0 } else { r.max_distance_m };
+        assert!(d <= max(ra) && d <= max(rb), "pair {d} m apart");
+        assert!(!ra.exclude.contains(&rb.user) && !rb.exclude.contains(&ra.user));
+        assert_eq!(matched(&outcomes[a]).distance_m, band_m(d));
+    }
+}
+
+async fn run_all(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Outcome> {
+    let barrier = Arc::new(Barrier::new(reqs.len()));
+    let handles: Vec<_> = reqs
+        .iter()
+        .cloned()
+        .map(|r| {
+            let (m, barrier) = (m.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                m.shake(r).await.unwrap()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundreds_of_simultaneous_compatible_shakes_all_pair_exactly_once() {
+    // Everyone within reach of everyone: with an even count, nobody may be left over,
+    // and nobody waits for the (long) window.
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(60))));
+    let mut rng = StdRng::seed_from_u64(1);
+    let reqs: Vec<_> = (0..600)
+        .map(|i| at(&format!("u{i}"), &format!("s{i}"), rng.random_range(0.0..300.0)))
+        .collect();
+    let outcomes = run_all(&m, &reqs).await;
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Matched(_))), "someone was left over");
+    check_pairs(&reqs, &outcomes, Resolution::Nine);
+    assert_eq!(m.waiting(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_concurrent_schedules_keep_the_pairing_invariants() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_millis(300))));
+    let mut rng = StdRng::seed_from_u64(2);
+    let users: Vec<String> = (0..150).map(|i| format!("u{i}")).collect();
+    let reqs: Vec<_> = (0..500)
+        .map(|i| {
+            // Users repeat (supersede), positions spread over ~6 km, random reach and exclusions.
+            let user = &users[rng.random_range(0..users.len())];
+            let mut r = at(user, &format!("s{i}"), rng.random_range(0.0..6_000.0));
+            r.max_distance_m = [0.0, 200.0, 2_000.0, 50_000.0][rng.random_range(0..4)];
+            r.exclude = (0..rng.random_range(0..4))
+                .map(|_| UserId::new("x", &users[rng.random_range(0..users.len())]).unwrap())
+                .collect();
+            r
+        })
+        .collect();
+    let outcomes = run_all(&m, &reqs).await;
+    check_pairs(&reqs, &outcomes, Resolution::Nine);
+    assert!(outcomes.iter().any(|o| matches!(o, Outcome::Matched(_))));
+    assert_eq!(m.waiting(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(30))));
+    for round in 0..20 {
+        // Waiters exclude each other, so all 20 wait until newcomers arrive.
+        let names: Vec<UserId> = (0..20)
+            .map(|i| UserId::new("x", &format!("w{round}-{i}")).unwrap())
+            .collect();
+        let waiters: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let mut w = at(name.as_str(), "s", i as f64);
+                w.exclude = names.clone();
+                w
+            })
+            .collect();
+        let mut handles = Vec::new();
+        for w in &waiters {
+            let m2 = m.clone();
+            let w = w.clone();
+            handles.push(tokio::spawn(async move { m2.shake(w).await.unwrap() }));
+        }
+        m.until_waiting(20).await;
+        // Cancel every waiter while 10 newcomers claim concurrently.
+        let barrier = Arc::new(Barrier::new(11));
+        let newcomers: Vec<_> = (0..10)
+            .map(|i| {
+                let (m, barrier) = (m.clone(), barrier.clone());
+                let r = at(&format!("n{round}-{i}"), "s", 0.0);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut r2 = r.clone();
+                    r2.deadline = Some(Instant::now() + Duration::from_millis(200));
+                    (r, m.shake(r2).await.unwrap())
+                })
+            })
+            .collect();
+        barrier.wait().await;
+        for h in &handles {
+            h.abort();
+        }
+        for n in newcomers {
+            let (req, outcome) = n.await.unwrap();
+            if let Outcome::Matched(mm) = outcome {
+                // The claimed waiter must have been paired for real: its own retry returns
+                // the same match at once instead of starting a new shake.
+                let partner = waiters.iter().find(|w| w.user == mm.partner);
+                let partner = partner.map_or_else(
+                    || at(mm.partner.as_str(), "s", 0.0),
+                    Clone::clone,
+                );
+                let retry = m.shake(partner).await.unwrap();
+                assert_eq!(matched(&retry).match_id, mm.match_id, "{} paired with a ghost", req.user);
+                assert_eq!(matched(&retry).partner, req.user);
+            }
+        }
+        m.until_waiting(0).await;
+    }
+}
