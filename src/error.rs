@@ -14,6 +14,9 @@ pub enum Error {
         /// Human-readable reason, safe to show to the caller.
         reason: String,
     },
+    /// The caller's own deadline passed before the operation finished.
+    #[error("the caller's deadline passed")]
+    DeadlineExceeded,
 }
 
 impl Error {

@@ -17,6 +17,7 @@ pub fn to_status(err: Error) -> Status {
                 ErrorDetails::with_bad_request_violation(field, reason),
             )
         }
+        Error::DeadlineExceeded => Status::deadline_exceeded(Error::DeadlineExceeded.to_string()),
     }
 }
 

@@ -26,7 +26,13 @@ fn pos(lat: f64, lng: f64) -> Coordinates {
     Coordinates::new("position", lat, lng).unwrap()
 }
 
-fn query(searcher: &str, centre: Coordinates, radius_m: f64, limit: u32, gender: Gender) -> SearchRequest {
+fn query(
+    searcher: &str,
+    centre: Coordinates,
+    radius_m: f64,
+    limit: u32,
+    gender: Gender,
+) -> SearchRequest {
     SearchRequest {
         searcher: uid(searcher),
         centre,
@@ -66,7 +72,11 @@ struct ModelUser {
 /// The brute-force reference: every visible user within the radius of the searcher's exact
 /// position, measured to each user's snapped position, nearest first, ties by id.
 fn brute_force(model: &HashMap<String, ModelUser>, q: &SearchRequest, now: i64) -> Vec<Found> {
-    let radius = if q.radius_m == 0.0 { 1_000.0 } else { q.radius_m };
+    let radius = if q.radius_m == 0.0 {
+        1_000.0
+    } else {
+        q.radius_m
+    };
     let mut out: Vec<(u64, Found)> = model
         .iter()
         .filter(|(id, u)| {
@@ -75,7 +85,10 @@ fn brute_force(model: &HashMap<String, ModelUser>, q: &SearchRequest, now: i64) 
                 && (q.gender == Gender::Unspecified || q.gender == u.gender)
         })
         .filter_map(|(id, u)| {
-            let d = distance_m(q.centre.latlng(), snapped(u.position.cell(Resolution::Nine)));
+            let d = distance_m(
+                q.centre.latlng(),
+                snapped(u.position.cell(Resolution::Nine)),
+            );
             (d <= radius).then(|| {
                 (
                     distance_key(d),
@@ -106,9 +119,15 @@ fn paginated_search_matches_brute_force_over_a_random_population() {
     // A dense city blob plus a sparse scatter, with some users moving and some expiring.
     for i in 0..4_000 {
         let (lat, lng) = if i % 5 == 0 {
-            (SHANGHAI.0 + rng.random_range(-0.2..0.2), SHANGHAI.1 + rng.random_range(-0.2..0.2))
+            (
+                SHANGHAI.0 + rng.random_range(-0.2..0.2),
+                SHANGHAI.1 + rng.random_range(-0.2..0.2),
+            )
         } else {
-            (SHANGHAI.0 + rng.random_range(-0.03..0.03), SHANGHAI.1 + rng.random_range(-0.03..0.03))
+            (
+                SHANGHAI.0 + rng.random_range(-0.03..0.03),
+                SHANGHAI.1 + rng.random_range(-0.03..0.03),
+            )
         };
         let id = format!("user:{:012}", rng.random_range(0..3_000));
         let u = ModelUser {
@@ -143,10 +162,25 @@ fn pagination_is_exact_when_everyone_shares_one_cell() {
     let idx = index();
     let now = 1_000;
     for i in 0..257 {
-        idx.update(uid(&format!("u{i:04}")), pos(SHANGHAI.0, SHANGHAI.1), Gender::Female, now);
+        idx.update(
+            uid(&format!("u{i:04}")),
+            pos(SHANGHAI.0, SHANGHAI.1),
+            Gender::Female,
+            now,
+        );
     }
     assert_eq!(idx.cell_count(), 1);
-    let got = all_pages(&idx, query("me", pos(SHANGHAI.0, SHANGHAI.1), 0.0, 10, Gender::Unspecified), now);
+    let got = all_pages(
+        &idx,
+        query(
+            "me",
+            pos(SHANGHAI.0, SHANGHAI.1),
+            0.0,
+            10,
+            Gender::Unspecified,
+        ),
+        now,
+    );
     let ids: Vec<_> = got.iter().map(|f| f.user.to_string()).collect();
     let want: Vec<_> = (0..257).map(|i| format!("u{i:04}")).collect();
     assert_eq!(ids, want);
@@ -162,9 +196,13 @@ fn last_write_wins_and_a_moved_user_is_in_exactly_one_cell() {
     assert_eq!(placed.cell, new.cell(Resolution::Nine));
     assert_eq!(placed.expires_at_ms, 2_000 + TTL);
     assert_eq!((idx.len(), idx.cell_count()), (1, 1));
-    let near_old = idx.search(&query("me", old, 1_000.0, 0, Gender::Unspecified), 2_000).unwrap();
+    let near_old = idx
+        .search(&query("me", old, 1_000.0, 0, Gender::Unspecified), 2_000)
+        .unwrap();
     assert!(near_old.users.is_empty());
-    let near_new = idx.search(&query("me", new, 1_000.0, 0, Gender::Unspecified), 2_000).unwrap();
+    let near_new = idx
+        .search(&query("me", new, 1_000.0, 0, Gender::Unspecified), 2_000)
+        .unwrap();
     assert_eq!(near_new.users.len(), 1);
     assert_eq!(near_new.users[0].gender, Gender::Male);
     assert_eq!(near_new.users[0].last_seen_ms, 2_000);
@@ -176,8 +214,16 @@ fn the_searcher_is_never_in_its_own_results() {
     let p = pos(SHANGHAI.0, SHANGHAI.1);
     idx.update(uid("me"), p, Gender::Female, 0);
     idx.update(uid("you"), p, Gender::Female, 0);
-    let page = idx.search(&query("me", p, 0.0, 0, Gender::Unspecified), 0).unwrap();
-    assert_eq!(page.users.iter().map(|f| f.user.as_str()).collect::<Vec<_>>(), ["you"]);
+    let page = idx
+        .search(&query("me", p, 0.0, 0, Gender::Unspecified), 0)
+        .unwrap();
+    assert_eq!(
+        page.users
+            .iter()
+            .map(|f| f.user.as_str())
+            .collect::<Vec<_>>(),
+        ["you"]
+    );
 }
 
 #[test]
@@ -189,7 +235,14 @@ fn pings_expire_after_the_ttl_and_the_sweep_reclaims_them() {
     let q = query("me", p, 0.0, 0, Gender::Unspecified);
     assert_eq!(idx.search(&q, TTL - 1).unwrap().users.len(), 2);
     let later = idx.search(&q, TTL).unwrap();
-    assert_eq!(later.users.iter().map(|f| f.user.as_str()).collect::<Vec<_>>(), ["fresh"]);
+    assert_eq!(
+        later
+            .users
+            .iter()
+            .map(|f| f.user.as_str())
+            .collect::<Vec<_>>(),
+        ["fresh"]
+    );
     // Memory is reclaimed by the sweep, not only hidden.
     assert_eq!(idx.sweep(TTL), 1);
     assert_eq!((idx.len(), idx.cell_count()), (1, 1));
@@ -218,11 +271,29 @@ fn users_in_one_privacy_cell_are_indistinguishable_but_for_their_id() {
     let centre = LatLng::from(cell);
     // Two users at different exact spots inside the same cell ("z" nearer the searcher).
     let searcher = pos(centre.lat() + 0.004, centre.lng());
-    idx.update(uid("a"), pos(centre.lat() - 0.0004, centre.lng()), Gender::Female, 0);
-    idx.update(uid("z"), pos(centre.lat() + 0.0004, centre.lng()), Gender::Female, 0);
+    idx.update(
+        uid("a"),
+        pos(centre.lat() - 0.0004, centre.lng()),
+        Gender::Female,
+        0,
+    );
+    idx.update(
+        uid("z"),
+        pos(centre.lat() + 0.0004, centre.lng()),
+        Gender::Female,
+        0,
+    );
     assert_eq!(idx.cell_count(), 1);
-    let page = idx.search(&query("me", searcher, 0.0, 0, Gender::Unspecified), 0).unwrap();
-    assert_eq!(page.users.iter().map(|f| f.user.as_str()).collect::<Vec<_>>(), ["a", "z"]);
+    let page = idx
+        .search(&query("me", searcher, 0.0, 0, Gender::Unspecified), 0)
+        .unwrap();
+    assert_eq!(
+        page.users
+            .iter()
+            .map(|f| f.user.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "z"]
+    );
     let d = distance_m(searcher.latlng(), centre);
     assert_eq!(page.users[0].distance_m, band_m(d));
     assert_eq!(page.users[1].distance_m, band_m(d));
@@ -260,9 +331,15 @@ fn bad_queries_name_their_field_and_tokens_are_bound_to_the_query() {
         other => panic!("{other:?}"),
     };
     for r in [-1.0, f64::NAN, f64::INFINITY, 10_000.5] {
-        assert_eq!(field(&query("me", p, r, 0, Gender::Unspecified)), "radius_m");
+        assert_eq!(
+            field(&query("me", p, r, 0, Gender::Unspecified)),
+            "radius_m"
+        );
     }
-    assert_eq!(field(&query("me", p, 0.0, 101, Gender::Unspecified)), "limit");
+    assert_eq!(
+        field(&query("me", p, 0.0, 101, Gender::Unspecified)),
+        "limit"
+    );
     let mut q = query("me", p, 0.0, 2, Gender::Unspecified);
     q.page_token = "not-a-token".into();
     assert_eq!(field(&q), "page_token");
@@ -296,7 +373,12 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
                 barrier.wait();
                 for round in 0..200 {
                     for u in users.iter().skip(t).step_by(2) {
-                        idx.update(u.clone(), if round % 2 == 0 { b } else { a }, Gender::Female, 0);
+                        idx.update(
+                            u.clone(),
+                            if round % 2 == 0 { b } else { a },
+                            Gender::Female,
+                            0,
+                        );
                     }
                 }
             });
@@ -306,7 +388,9 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
             s.spawn(move || {
                 barrier.wait();
                 for _ in 0..300 {
-                    let page = idx.search(&query("me", a, 2_000.0, 100, Gender::Unspecified), 0).unwrap();
+                    let page = idx
+                        .search(&query("me", a, 2_000.0, 100, Gender::Unspecified), 0)
+                        .unwrap();
                     let mut seen = HashSet::new();
                     for f in &page.users {
                         assert!(seen.insert(f.user.clone()), "{} returned twice", f.user);

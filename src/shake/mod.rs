@@ -91,7 +91,9 @@ pub struct ShakeRequest {
     pub max_distance_m: f64,
     /// Never pair with these users (and they never pair with this one).
     pub exclude: Vec<UserId>,
-    /// The caller's own deadline, if sooner than the window.
+    /// The caller's own deadline. If it passes before the window ends (and before a
+    /// partner is found) the call fails with [`Error::DeadlineExceeded`] and, unless
+    /// another call is waiting on the same shake, the shake is withdrawn.
     pub deadline: Option<Instant>,
 }
 
@@ -339,9 +341,8 @@ impl Matcher {
                 ),
             ));
         }
-        let now = Instant::now();
-        let window_end = now + self.cfg.window;
-        let deadline = req.deadline.map_or(window_end, |d| d.min(window_end));
+        let deadline = Instant::now() + self.cfg.window;
+        let caller_deadline = req.deadline;
         let snapped = snapped(req.position.cell(self.cfg.privacy_resolution));
         let waiter = Arc::new(Waiter {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
@@ -368,9 +369,9 @@ impl Matcher {
                 (w, guard)
             }
         };
-        let outcome = self.wait(&waiter).await;
+        let outcome = self.wait(&waiter, caller_deadline).await;
         drop(guard);
-        Ok(outcome)
+        outcome
     }
 
     fn enter(&self, w: Arc<Waiter>) -> Enter {
@@ -552,21 +553,26 @@ impl Matcher {
         }
     }
 
-    async fn wait(&self, w: &Arc<Waiter>) -> Outcome {
+    async fn wait(&self, w: &Arc<Waiter>, caller_deadline: Option<Instant>) -> Result<Outcome> {
         let mut rx = w.result.subscribe();
+        let caller_first = caller_deadline.filter(|d| *d < w.deadline);
         tokio::select! {
             biased;
             got = rx.wait_for(Option::is_some) => {
                 if let Ok(slot) = got
                     && let Some(outcome) = slot.clone()
                 {
-                    return outcome;
+                    return Ok(outcome);
                 }
             }
-            () = tokio::time::sleep_until(w.deadline) => {}
+            () = tokio::time::sleep_until(caller_first.unwrap_or(w.deadline)) => {}
+        }
+        if caller_first.is_some() {
+            // This caller gives up; its guard withdraws the shake if nobody else waits on it.
+            return w.outcome().ok_or(Error::DeadlineExceeded);
         }
         self.withdraw(w, Why::Expired);
-        w.outcome().unwrap_or(Outcome::NoMatch)
+        Ok(w.outcome().unwrap_or(Outcome::NoMatch))
     }
 }
 

@@ -1,11 +1,7 @@
 //! Matcher behaviour: pairing, windows, cancellation, idempotency, and the pairing
 //! invariants under real concurrency.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::sync::Barrier;
@@ -26,7 +22,8 @@ fn cfg(window: Duration) -> ShakeConfig {
 fn at(user: &str, shake_id: &str, north_m: f64) -> ShakeRequest {
     ShakeRequest {
         user: UserId::new("user_id", user).unwrap(),
-        position: Coordinates::new("position", SHANGHAI.0 + north_m * DEG_PER_M, SHANGHAI.1).unwrap(),
+        position: Coordinates::new("position", SHANGHAI.0 + north_m * DEG_PER_M, SHANGHAI.1)
+            .unwrap(),
         shake_id: ShakeId::new("shake_id", shake_id).unwrap(),
         max_distance_m: 0.0,
         exclude: Vec::new(),
@@ -41,7 +38,11 @@ fn matched(o: &Outcome) -> &Match {
     }
 }
 
-async fn spawn_waiting(m: &Arc<Matcher>, req: ShakeRequest, now_waiting: usize) -> tokio::task::JoinHandle<Outcome> {
+async fn spawn_waiting(
+    m: &Arc<Matcher>,
+    req: ShakeRequest,
+    now_waiting: usize,
+) -> tokio::task::JoinHandle<Outcome> {
     let m2 = m.clone();
     let h = tokio::spawn(async move { m2.shake(req).await.unwrap() });
     m.until_waiting(now_waiting).await;
@@ -79,8 +80,10 @@ async fn a_shorter_caller_deadline_ends_the_wait_early() {
     let start = Instant::now();
     let mut req = at("alice", "s1", 0.0);
     req.deadline = Some(start + Duration::from_millis(300));
-    assert_eq!(m.shake(req).await.unwrap(), Outcome::NoMatch);
+    assert_eq!(m.shake(req).await, Err(Error::DeadlineExceeded));
     assert_eq!(Instant::now() - start, Duration::from_millis(300));
+    assert_eq!(m.waiting(), 0, "withdrawn with the caller");
+    assert_eq!(m.remembered(), 0, "a retry starts afresh");
 }
 
 #[tokio::test(start_paused = true)]
@@ -117,7 +120,12 @@ async fn exclusions_are_symmetric() {
 async fn nearest_waiter_wins_then_longest_waiting() {
     let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
     // Waiters exclude each other so that all three wait; the newcomers may take any.
-    let ex = |names: &[&str]| names.iter().map(|n| UserId::new("x", n).unwrap()).collect::<Vec<_>>();
+    let ex = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| UserId::new("x", n).unwrap())
+            .collect::<Vec<_>>()
+    };
     let mut far = at("far", "s1", 800.0);
     far.exclude = ex(&["near", "near-later"]);
     let mut near_later = at("near-later", "s3", 0.0);
@@ -148,7 +156,10 @@ async fn a_user_never_pairs_with_themselves_and_a_new_shake_supersedes() {
     m.until_waiting(1).await;
     let bob = m.shake(at("bob", "s3", 0.0)).await.unwrap();
     assert_eq!(matched(&bob).partner.as_str(), "alice");
-    assert_eq!(matched(&second.await.unwrap()).match_id, matched(&bob).match_id);
+    assert_eq!(
+        matched(&second.await.unwrap()).match_id,
+        matched(&bob).match_id
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -173,8 +184,15 @@ async fn retries_return_the_same_outcome_and_join_a_wait() {
     let lone = m.shake(at("carol", "s3", 50_000.0)).await.unwrap();
     assert_eq!(lone, Outcome::NoMatch);
     let before = Instant::now();
-    assert_eq!(m.shake(at("carol", "s3", 50_000.0)).await.unwrap(), Outcome::NoMatch);
-    assert_eq!(Instant::now(), before, "a remembered outcome returns at once");
+    assert_eq!(
+        m.shake(at("carol", "s3", 50_000.0)).await.unwrap(),
+        Outcome::NoMatch
+    );
+    assert_eq!(
+        Instant::now(),
+        before,
+        "a remembered outcome returns at once"
+    );
     // And is forgotten by the sweep after the retry window.
     tokio::time::advance(Duration::from_secs(61)).await;
     assert!(m.sweep(Instant::now()) >= 3);
@@ -188,7 +206,10 @@ async fn a_cancelled_shake_is_withdrawn_at_once_and_never_paired() {
     ghost.abort();
     assert!(ghost.await.unwrap_err().is_cancelled());
     assert_eq!(m.waiting(), 0, "withdrawn as soon as the call was dropped");
-    assert_eq!(m.shake(at("bob", "s2", 0.0)).await.unwrap(), Outcome::NoMatch);
+    assert_eq!(
+        m.shake(at("bob", "s2", 0.0)).await.unwrap(),
+        Outcome::NoMatch
+    );
     // The cancelled shake left no outcome behind: a retry starts afresh.
     let retry = spawn_waiting(&m, at("ghost", "s1", 0.0), 1).await;
     let carol = m.shake(at("carol", "s3", 0.0)).await.unwrap();
@@ -208,10 +229,15 @@ async fn bad_distances_and_excludes_are_rejected() {
         }
     }
     let mut r = at("alice", "s1", 0.0);
-    r.exclude = (0..1_001).map(|i| UserId::new("x", &format!("u{i}")).unwrap()).collect();
+    r.exclude = (0..1_001)
+        .map(|i| UserId::new("x", &format!("u{i}")).unwrap())
+        .collect();
     assert!(matches!(
         m.shake(r).await,
-        Err(Error::InvalidArgument { field: "exclude_user_ids", .. })
+        Err(Error::InvalidArgument {
+            field: "exclude_user_ids",
+            ..
+        })
     ));
     assert_eq!(m.waiting(), 0);
     assert_eq!(m.remembered(), 0);
@@ -234,8 +260,17 @@ fn check_pairs(reqs: &[ShakeRequest], outcomes: &[Outcome], snap: Resolution) {
         assert_ne!(ra.user, rb.user, "self pair");
         assert_eq!(matched(&outcomes[a]).partner, rb.user);
         assert_eq!(matched(&outcomes[b]).partner, ra.user);
-        let d = distance_m(snapped(ra.position.cell(snap)), snapped(rb.position.cell(snap)));
-        let max = |r: &ShakeRequest| if r.max_distance_m == 0.0 { 1_000.0 } else { r.max_distance_m };
+        let d = distance_m(
+            snapped(ra.position.cell(snap)),
+            snapped(rb.position.cell(snap)),
+        );
+        let max = |r: &ShakeRequest| {
+            if r.max_distance_m == 0.0 {
+                1_000.0
+            } else {
+                r.max_distance_m
+            }
+        };
         assert!(d <= max(ra) && d <= max(rb), "pair {d} m apart");
         assert!(!ra.exclude.contains(&rb.user) && !rb.exclude.contains(&ra.user));
         assert_eq!(matched(&outcomes[a]).distance_m, band_m(d));
@@ -269,10 +304,19 @@ async fn hundreds_of_simultaneous_compatible_shakes_all_pair_exactly_once() {
     let m = Arc::new(Matcher::new(cfg(Duration::from_secs(60))));
     let mut rng = StdRng::seed_from_u64(1);
     let reqs: Vec<_> = (0..600)
-        .map(|i| at(&format!("u{i}"), &format!("s{i}"), rng.random_range(0.0..300.0)))
+        .map(|i| {
+            at(
+                &format!("u{i}"),
+                &format!("s{i}"),
+                rng.random_range(0.0..300.0),
+            )
+        })
         .collect();
     let outcomes = run_all(&m, &reqs).await;
-    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Matched(_))), "someone was left over");
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Matched(_))),
+        "someone was left over"
+    );
     check_pairs(&reqs, &outcomes, Resolution::Nine);
     assert_eq!(m.waiting(), 0);
 }
@@ -334,7 +378,7 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
                     barrier.wait().await;
                     let mut r2 = r.clone();
                     r2.deadline = Some(Instant::now() + Duration::from_millis(200));
-                    (r, m.shake(r2).await.unwrap())
+                    (r, m.shake(r2).await.unwrap_or(Outcome::NoMatch))
                 })
             })
             .collect();
@@ -348,12 +392,15 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
                 // The claimed waiter must have been paired for real: its own retry returns
                 // the same match at once instead of starting a new shake.
                 let partner = waiters.iter().find(|w| w.user == mm.partner);
-                let partner = partner.map_or_else(
-                    || at(mm.partner.as_str(), "s", 0.0),
-                    Clone::clone,
-                );
+                let partner =
+                    partner.map_or_else(|| at(mm.partner.as_str(), "s", 0.0), Clone::clone);
                 let retry = m.shake(partner).await.unwrap();
-                assert_eq!(matched(&retry).match_id, mm.match_id, "{} paired with a ghost", req.user);
+                assert_eq!(
+                    matched(&retry).match_id,
+                    mm.match_id,
+                    "{} paired with a ghost",
+                    req.user
+                );
                 assert_eq!(matched(&retry).partner, req.user);
             }
         }

@@ -1,0 +1,96 @@
+//! Shared harness: the real server in-process on an ephemeral port, with a manual clock.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{net::SocketAddr, sync::Arc};
+
+use clap::Parser as _;
+use geomatch::{
+    clock::ManualClock,
+    config::Config,
+    grpc::pb::{self, nearby_client::NearbyClient, shake_client::ShakeClient},
+    server::{self, App, ServeError},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+/// Unix ms the manual clock starts at.
+pub const T0: i64 = 1_700_000_000_000;
+
+/// A running server; stop it with [`TestServer::stop`].
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub app: App,
+    pub clock: ManualClock,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), ServeError>>,
+}
+
+/// Starts geomatch with the given flags (defaults otherwise).
+pub async fn start(args: &[&str]) -> TestServer {
+    let cfg =
+        Config::try_parse_from(std::iter::once("geomatch").chain(args.iter().copied())).unwrap();
+    cfg.validate().unwrap();
+    let clock = ManualClock::new(T0);
+    let app = App::new(&cfg, Arc::new(clock.clone())).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(server::serve(app.clone(), listener, async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        app,
+        clock,
+        stop: Some(stop),
+        handle,
+    }
+}
+
+impl TestServer {
+    /// A fresh HTTP/2 connection to the server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn nearby(&self) -> NearbyClient<Channel> {
+        NearbyClient::new(self.channel().await)
+    }
+
+    pub async fn shake(&self) -> ShakeClient<Channel> {
+        ShakeClient::new(self.channel().await)
+    }
+
+    /// Graceful shutdown; fails the test if the server errored.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.handle).await.unwrap().unwrap();
+    }
+}
+
+pub fn latlng(lat: f64, lng: f64) -> Option<pb::LatLng> {
+    Some(pb::LatLng { lat, lng })
+}
+
+/// The field named by an INVALID_ARGUMENT status's BadRequest details.
+pub fn bad_field(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let details = status
+        .get_details_bad_request()
+        .expect("BadRequest details");
+    assert_eq!(details.field_violations.len(), 1);
+    let field = details.field_violations[0].field.clone();
+    assert!(
+        status.message().starts_with(&field),
+        "message {:?} names {field}",
+        status.message()
+    );
+    field
+}

@@ -1,0 +1,241 @@
+//! Shake over real gRPC: pairing, NO_MATCH, cancellation, idempotency, exclusion, errors,
+//! and the pairing invariants with hundreds of simultaneous callers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use common::{bad_field, latlng, start};
+use geomatch::grpc::pb::{self, shake_response::Outcome};
+use tokio::sync::Barrier;
+
+const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
+
+fn shake(user: &str, shake_id: &str, north_m: f64) -> pb::ShakeRequest {
+    pb::ShakeRequest {
+        user_id: user.into(),
+        position: latlng(SHANGHAI.0 + north_m / 111_195.0, SHANGHAI.1),
+        shake_id: shake_id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn two_shakes_pair_and_retries_return_the_same_answer() {
+    let server = start(&["--shake-window", "30s"]).await;
+    let mut a = server.shake().await;
+    let mut b = server.shake().await;
+    let first = tokio::spawn(async move {
+        a.shake(shake("alice", "s1", 0.0))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    server.app.matcher.until_waiting(1).await;
+    let second = b
+        .shake(shake("bob", "s2", 250.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = first.await.unwrap();
+    assert_eq!(first.outcome(), Outcome::Matched);
+    assert_eq!(second.outcome(), Outcome::Matched);
+    assert_eq!(first.partner_user_id, "bob");
+    assert_eq!(second.partner_user_id, "alice");
+    assert_eq!(first.match_id, second.match_id);
+    assert!(!first.match_id.is_empty());
+    assert_eq!(first.distance_m, second.distance_m);
+    // A retry of the same shake_id returns the same outcome at once.
+    let retry = b
+        .shake(shake("bob", "s2", 250.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry, second);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_lone_shake_gets_no_match_after_the_window() {
+    let server = start(&["--shake-window", "150ms"]).await;
+    let mut c = server.shake().await;
+    let r = c
+        .shake(shake("alice", "s1", 0.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), Outcome::NoMatch);
+    assert!(r.partner_user_id.is_empty() && r.match_id.is_empty());
+    assert_eq!(server.app.matcher.waiting(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_whose_deadline_passes_is_withdrawn_and_never_paired() {
+    let server = start(&["--shake-window", "30s"]).await;
+    let mut c = server.shake().await;
+    let mut req = tonic::Request::new(shake("ghost", "s1", 0.0));
+    req.set_timeout(Duration::from_millis(100));
+    let err = c.shake(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    // The server withdraws it when the deadline passes, not when the window does.
+    server.app.matcher.until_waiting(0).await;
+    let mut req = tonic::Request::new(shake("bob", "s2", 0.0));
+    req.set_timeout(Duration::from_millis(200));
+    let err = c.shake(req).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::DeadlineExceeded,
+        "bob must not pair with the ghost"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn exclusions_hold_both_ways() {
+    let server = start(&["--shake-window", "300ms"]).await;
+    let mut a = server.shake().await;
+    let mut b = server.shake().await;
+    let mut blocked = shake("alice", "s1", 0.0);
+    blocked.exclude_user_ids = vec!["bob".into()];
+    let first = tokio::spawn(async move { a.shake(blocked).await.unwrap().into_inner() });
+    server.app.matcher.until_waiting(1).await;
+    let second = b.shake(shake("bob", "s2", 0.0)).await.unwrap().into_inner();
+    assert_eq!(second.outcome(), Outcome::NoMatch);
+    assert_eq!(first.await.unwrap().outcome(), Outcome::NoMatch);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_shakes_name_their_field() {
+    let server = start(&[]).await;
+    let mut c = server.shake().await;
+    let ok = shake("alice", "s1", 0.0);
+    let cases = [
+        (
+            pb::ShakeRequest {
+                user_id: String::new(),
+                ..ok.clone()
+            },
+            "user_id",
+        ),
+        (
+            pb::ShakeRequest {
+                shake_id: String::new(),
+                ..ok.clone()
+            },
+            "shake_id",
+        ),
+        (
+            pb::ShakeRequest {
+                shake_id: "s".repeat(129),
+                ..ok.clone()
+            },
+            "shake_id",
+        ),
+        (
+            pb::ShakeRequest {
+                position: None,
+                ..ok.clone()
+            },
+            "position",
+        ),
+        (
+            pb::ShakeRequest {
+                position: latlng(0.0, -180.5),
+                ..ok.clone()
+            },
+            "position.lng",
+        ),
+        (
+            pb::ShakeRequest {
+                max_distance_m: -1.0,
+                ..ok.clone()
+            },
+            "max_distance_m",
+        ),
+        (
+            pb::ShakeRequest {
+                max_distance_m: 50_001.0,
+                ..ok.clone()
+            },
+            "max_distance_m",
+        ),
+        (
+            pb::ShakeRequest {
+                max_distance_m: f64::NAN,
+                ..ok.clone()
+            },
+            "max_distance_m",
+        ),
+        (
+            pb::ShakeRequest {
+                exclude_user_ids: vec![String::new()],
+                ..ok.clone()
+            },
+            "exclude_user_ids",
+        ),
+        (
+            pb::ShakeRequest {
+                exclude_user_ids: vec!["x".into(); 1_001],
+                ..ok.clone()
+            },
+            "exclude_user_ids",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = c.shake(req.clone()).await.unwrap_err();
+        assert_eq!(bad_field(&err), field, "{:?}", req.shake_id);
+    }
+    assert_eq!(server.app.matcher.waiting(), 0);
+    assert_eq!(server.app.matcher.remembered(), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_simultaneous_shakes_pair_exactly_once() {
+    let server = start(&["--shake-window", "30s"]).await;
+    let n = 400;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(server.shake().await);
+    }
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let r = c
+                    .shake(shake(&format!("u{i}"), "s", (i % 37) as f64 * 5.0))
+                    .await;
+                (format!("u{i}"), r.unwrap().into_inner())
+            })
+        })
+        .collect();
+    let mut by_user = HashMap::new();
+    for h in handles {
+        let (user, r) = h.await.unwrap();
+        by_user.insert(user, r);
+    }
+    // Everyone is within reach of everyone and the count is even: all pair, none waits.
+    let mut by_match: HashMap<String, Vec<String>> = HashMap::new();
+    for (user, r) in &by_user {
+        assert_eq!(r.outcome(), Outcome::Matched, "{user} left over");
+        assert_ne!(&r.partner_user_id, user);
+        assert_eq!(
+            by_user[&r.partner_user_id].partner_user_id, *user,
+            "asymmetric pair"
+        );
+        assert_eq!(by_user[&r.partner_user_id].match_id, r.match_id);
+        by_match
+            .entry(r.match_id.clone())
+            .or_default()
+            .push(user.clone());
+    }
+    assert_eq!(by_match.len(), n / 2);
+    assert!(by_match.values().all(|v| v.len() == 2));
+    server.stop().await;
+}
