@@ -1,0 +1,129 @@
+//! In-process benches of the hot paths: index update, search, page tokens, shake pairing.
+//!
+//! `cargo bench --bench core`; populations are 80 % Gaussian-ish around one city centre
+//! and 20 % uniform over a wide box, from a fixed seed.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{hint::black_box, sync::Arc, time::Duration};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use geomatch::{
+    geo::Coordinates,
+    id::{ShakeId, UserId},
+    nearby::{Cursor, Gender, NearbyConfig, NearbyIndex, PageTokens, Scope, SearchRequest},
+    shake::{Matcher, ShakeConfig, ShakeRequest},
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const CITY: (f64, f64) = (31.2304, 121.4737);
+const NOW: i64 = 1_700_000_000_000;
+
+fn user(i: usize) -> UserId {
+    UserId::new("user_id", &format!("user:{i:012}")).unwrap()
+}
+
+fn position(rng: &mut StdRng) -> Coordinates {
+    let (lat, lng) = if rng.random_bool(0.8) {
+        // Sum of uniforms: a cheap bell around the centre, ~5 km spread.
+        let n = |rng: &mut StdRng| {
+            (0..4).map(|_| rng.random_range(-1.0..1.0)).sum::<f64>() * 0.045 / 2.0
+        };
+        (CITY.0 + n(rng), CITY.1 + n(rng))
+    } else {
+        (rng.random_range(20.0..45.0), rng.random_range(100.0..125.0))
+    };
+    Coordinates::new("position", lat, lng).unwrap()
+}
+
+fn populated(n: usize) -> NearbyIndex {
+    let idx = NearbyIndex::new(NearbyConfig::default(), PageTokens::new([1; 32]));
+    let mut rng = StdRng::seed_from_u64(42);
+    for i in 0..n {
+        idx.update(user(i), position(&mut rng), Gender::Female, NOW);
+    }
+    idx
+}
+
+fn nearby(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nearby");
+    g.measurement_time(Duration::from_secs(3));
+    for n in [10_000, 100_000] {
+        let idx = populated(n);
+        let mut rng = StdRng::seed_from_u64(7);
+        g.bench_with_input(BenchmarkId::new("update", n), &n, |b, &n| {
+            b.iter(|| {
+                let i = rng.random_range(0..n);
+                idx.update(user(i), position(&mut rng), Gender::Female, NOW)
+            });
+        });
+        for (name, radius) in [("search-1km", 1_000.0), ("search-5km", 5_000.0)] {
+            let q = SearchRequest {
+                searcher: user(0),
+                centre: Coordinates::new("position", CITY.0, CITY.1).unwrap(),
+                radius_m: radius,
+                limit: 50,
+                gender: Gender::Unspecified,
+                page_token: String::new(),
+            };
+            g.bench_with_input(BenchmarkId::new(name, n), &q, |b, q| {
+                b.iter(|| idx.search(black_box(q), NOW).unwrap());
+            });
+        }
+    }
+    g.finish();
+}
+
+fn tokens(c: &mut Criterion) {
+    let t = PageTokens::new([1; 32]);
+    let scope = Scope {
+        searcher: "user:000000000001",
+        lat: CITY.0,
+        lng: CITY.1,
+        radius_m: 1_000.0,
+        gender: 0,
+    };
+    let cursor = Cursor {
+        distance_key: 123_456,
+        user: user(42),
+    };
+    let token = t.encode(&scope, &cursor);
+    c.bench_function("page-token/encode", |b| {
+        b.iter(|| t.encode(black_box(&scope), &cursor))
+    });
+    c.bench_function("page-token/decode", |b| {
+        b.iter(|| t.decode(black_box(&scope), &token).unwrap())
+    });
+}
+
+fn shake(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let m = Arc::new(Matcher::new(ShakeConfig::default()));
+    let mut i = 0usize;
+    c.bench_function("shake/pair", |b| {
+        b.iter(|| {
+            i += 2;
+            let req = |u: usize| ShakeRequest {
+                user: user(u),
+                position: Coordinates::new("position", CITY.0, CITY.1).unwrap(),
+                shake_id: ShakeId::new("shake_id", "s").unwrap(),
+                max_distance_m: 0.0,
+                exclude: Vec::new(),
+                deadline: None,
+            };
+            rt.block_on(async {
+                let m2 = m.clone();
+                let first = tokio::spawn(async move { m2.shake(req(i)).await });
+                m.until_waiting(1).await;
+                let second = m.shake(req(i + 1)).await.unwrap();
+                first.await.unwrap().unwrap();
+                second
+            })
+        });
+    });
+}
+
+criterion_group!(benches, nearby, tokens, shake);
+criterion_main!(benches);
