@@ -14,6 +14,7 @@ use crate::{
     grpc::{
         NearbyService, ShakeService,
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
+        stamp_deadline,
     },
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
@@ -129,7 +130,8 @@ pub async fn serve(
 
     let _sweeper = spawn_sweeper(app.clone());
     let nearby = NearbyServer::new(NearbyService::new(app.nearby.clone(), app.clock.clone()));
-    let shake = ShakeServer::new(ShakeService::new(app.matcher.clone()));
+    let shake =
+        ShakeServer::with_interceptor(ShakeService::new(app.matcher.clone()), stamp_deadline);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let drain = {

@@ -78,16 +78,20 @@ async fn a_caller_whose_deadline_passes_is_withdrawn_and_never_paired() {
     let mut req = tonic::Request::new(shake("ghost", "s1", 0.0));
     req.set_timeout(Duration::from_millis(100));
     let err = c.shake(req).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
-    // The server withdraws it when the deadline passes, not when the window does.
-    server.app.matcher.until_waiting(0).await;
+    // The server answers DEADLINE_EXCEEDED (grpcurl and grpcio show it); tonic's own client
+    // enforces the same deadline locally and reports CANCELLED, whichever comes first.
+    let gave_up = |code| matches!(code, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled);
+    assert!(gave_up(err.code()), "{err:?}");
+    // The server withdraws it when the deadline passes, long before the 30 s window.
+    tokio::time::timeout(Duration::from_secs(10), server.app.matcher.until_waiting(0))
+        .await
+        .expect("withdrawn at the caller's deadline");
     let mut req = tonic::Request::new(shake("bob", "s2", 0.0));
     req.set_timeout(Duration::from_millis(200));
     let err = c.shake(req).await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        tonic::Code::DeadlineExceeded,
-        "bob must not pair with the ghost"
+    assert!(
+        gave_up(err.code()),
+        "bob must not pair with the ghost: {err:?}"
     );
     server.stop().await;
 }

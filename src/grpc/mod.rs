@@ -7,7 +7,7 @@ mod shake;
 pub mod status;
 
 pub use nearby::NearbyService;
-pub use shake::ShakeService;
+pub use shake::{ShakeService, stamp_deadline};
 
 /// Generated protobuf and tonic code for `geomatch.v1`.
 #[allow(

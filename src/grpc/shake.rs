@@ -1,13 +1,14 @@
-//! `geomatch.v1.Shake` adapter. The handler future is dropped when the client cancels or
-//! its `grpc-timeout` passes (tonic enforces it server-side), which withdraws the waiting
-//! shake at once.
+//! `geomatch.v1.Shake` adapter. The handler future is dropped when the client cancels,
+//! which withdraws the waiting shake at once. A caller's `grpc-timeout` is stamped into
+//! the request on arrival by [`stamp_deadline`] and ends the wait with DEADLINE_EXCEEDED
+//! just before tonic's own enforcement would (which reports a less useful CANCELLED).
 
 use std::sync::Arc;
 
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status};
 
 use super::{convert, pb};
 use crate::shake::{Matcher, ShakeRequest};
@@ -31,7 +32,7 @@ impl pb::shake_server::Shake for ShakeService {
         &self,
         request: Request<pb::ShakeRequest>,
     ) -> Result<Response<pb::ShakeResponse>, Status> {
-        let deadline = caller_deadline(request.metadata());
+        let deadline = request.extensions().get::<CallerDeadline>().map(|d| d.0);
         let req = request.into_inner();
         let shake = ShakeRequest {
             user: convert::user_id(&req.user_id)?,
@@ -46,14 +47,31 @@ impl pb::shake_server::Shake for ShakeService {
     }
 }
 
-/// Ends our own wait a little before tonic's `grpc-timeout` enforcement does, so the caller
-/// gets DEADLINE_EXCEEDED from us rather than tonic's CANCELLED.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+/// Ends our own wait a little before tonic's `grpc-timeout` enforcement does.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
 
-/// The caller's deadline from the `grpc-timeout` header, if it sent one.
-fn caller_deadline(metadata: &MetadataMap) -> Option<Instant> {
-    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
-    Some(Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN))
+/// When the caller's `grpc-timeout` runs out, as seen on arrival.
+#[derive(Debug, Clone, Copy)]
+struct CallerDeadline(Instant);
+
+/// Interceptor for the Shake service: records the caller's deadline the moment the call
+/// arrives. Tonic runs interceptors synchronously inside its own timeout layer's `call`,
+/// before that layer starts its timer, so this deadline never falls after tonic's.
+///
+/// # Errors
+/// Never; the signature is the interceptor's.
+pub fn stamp_deadline(mut request: Request<()>) -> Result<Request<()>, Status> {
+    let arrived = Instant::now();
+    if let Some(timeout) = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+    {
+        let deadline = arrived + timeout.saturating_sub(DEADLINE_MARGIN);
+        request.extensions_mut().insert(CallerDeadline(deadline));
+    }
+    Ok(request)
 }
 
 /// Parses a `grpc-timeout` value: up to 8 ASCII digits and a unit (H, M, S, m, u, n).

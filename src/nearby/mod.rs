@@ -151,10 +151,6 @@ struct Hit {
     last_seen_ms: i64,
 }
 
-fn hit_order(a: &Hit, b: &Hit) -> std::cmp::Ordering {
-    a.key.cmp(&b.key).then_with(|| a.user.cmp(&b.user))
-}
-
 /// The People Nearby index. Cheap to share behind an `Arc`; every method takes `&self`.
 #[derive(Debug)]
 pub struct NearbyIndex {
@@ -361,33 +357,67 @@ impl NearbyIndex {
 
         // One more than the page, to know whether another page follows.
         let need = limit + 1;
+        let filter = Filter {
+            searcher: &req.searcher,
+            gender: req.gender,
+            after: after.as_ref(),
+            now_ms,
+        };
         let mut cover = RingCover::new(centre, self.cfg.privacy_resolution, radius);
         let mut ring = Ring::default();
-        let mut hits = Vec::new();
+        let mut cands: Vec<Candidate> = Vec::new();
+        let mut counted = 0usize;
         let mut pending = cover.next_ring(&mut ring);
-        loop {
+        let mut recheck = false;
+        let hits = loop {
+            // Pass 1: walk rings, counting eligible users per cell without copying them, until
+            // `need` are nearer than anything the next ring can hold (or the radius is covered).
             while pending {
-                if hits.len() >= need {
-                    // Stop once `need` hits are nearer than anything this ring or later holds.
-                    hits.select_nth_unstable_by(need - 1, hit_order);
-                    if hits[need - 1].key < distance_key(ring.lower_bound_m) {
-                        break;
+                if !recheck
+                    && counted >= need
+                    && enough_before(&cands, need, distance_key(ring.lower_bound_m))
+                {
+                    break;
+                }
+                recheck = false;
+                for &(cell, d) in &ring.cells {
+                    if d > radius {
+                        continue;
+                    }
+                    let key = distance_key(d);
+                    if filter.after.is_some_and(|c| key < c.distance_key) {
+                        continue;
+                    }
+                    let Some(bucket) = self.cells.get(&cell) else {
+                        continue;
+                    };
+                    let eligible = filter.start(&bucket, key).count_matching(self, &filter);
+                    if eligible > 0 {
+                        cands.push(Candidate {
+                            key,
+                            distance_m: d,
+                            cell,
+                            eligible,
+                        });
+                        counted += eligible;
                     }
                 }
-                self.collect(&ring, radius, req, after.as_ref(), now_ms, &mut hits);
                 pending = cover.next_ring(&mut ring);
             }
-            hits.sort_unstable_by(hit_order);
-            dedup_users(&mut hits, need);
-            // A user who moved between two cells during this search can appear twice; after
-            // removing the copy, make sure the page is still provably complete.
+            // Pass 2: copy out just the users that make the page, nearest cells first.
+            cands.sort_unstable_by_key(|c| (c.key, c.cell));
+            let hits = self.collect(&cands, need, &filter);
+            // Buckets may have changed between the passes (moves, expiry): make sure the
+            // page is still provably complete, or walk on.
             let complete = !pending
                 || (hits.len() >= need && hits[need - 1].key < distance_key(ring.lower_bound_m));
             if complete {
-                break;
+                break hits;
             }
-        }
+            recheck = true;
+        };
 
+        let mut hits = hits;
         let next_page_token = (hits.len() > limit).then(|| {
             let last = &hits[limit - 1];
             self.tokens.encode(
@@ -414,58 +444,118 @@ impl NearbyIndex {
         })
     }
 
-    fn collect(
-        &self,
-        ring: &Ring,
-        radius: f64,
-        req: &SearchRequest,
-        after: Option<&Cursor>,
-        now_ms: i64,
-        hits: &mut Vec<Hit>,
-    ) {
-        for &(cell, d) in &ring.cells {
-            if d > radius {
-                continue;
-            }
-            let key = distance_key(d);
-            let skip_until = match after {
-                Some(c) if key < c.distance_key => continue,
-                Some(c) if key == c.distance_key => Some(&c.user),
-                _ => None,
-            };
-            let Some(bucket) = self.cells.get(&cell) else {
-                continue;
-            };
-            let start = skip_until.map_or(0, |u| bucket.partition_point(|m| m.user <= *u));
-            for m in &bucket[start..] {
-                if m.user == req.searcher
-                    || self.expired(m.last_seen_ms, now_ms)
-                    || (req.gender != Gender::Unspecified && m.gender != req.gender)
-                {
+    /// Copies the first `need` eligible users out of `cands` (sorted by distance), in result
+    /// order. Cells at exactly the same distance are merged by user id; a user seen twice
+    /// (moved between two cells during the search) is kept once, at the nearer cell.
+    fn collect(&self, cands: &[Candidate], need: usize, filter: &Filter<'_>) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = Vec::with_capacity(need);
+        let mut seen = std::collections::HashSet::with_capacity(need);
+        let mut group_start = 0;
+        while group_start < cands.len() && hits.len() < need {
+            let key = cands[group_start].key;
+            let group_end = cands[group_start..]
+                .iter()
+                .position(|c| c.key != key)
+                .map_or(cands.len(), |n| group_start + n);
+            let first_new = hits.len();
+            let single = group_end - group_start == 1;
+            'cells: for c in &cands[group_start..group_end] {
+                let Some(bucket) = self.cells.get(&c.cell) else {
                     continue;
+                };
+                for m in filter.start(&bucket, key).members {
+                    if !filter.matches(self, m) || seen.contains(&m.user) {
+                        continue;
+                    }
+                    hits.push(Hit {
+                        key,
+                        distance_m: c.distance_m,
+                        user: m.user.clone(),
+                        gender: m.gender,
+                        last_seen_ms: m.last_seen_ms,
+                    });
+                    // A lone cell is already in id order: stop as soon as the page is full.
+                    if single && hits.len() == need {
+                        break 'cells;
+                    }
                 }
-                hits.push(Hit {
-                    key,
-                    distance_m: d,
-                    user: m.user.clone(),
-                    gender: m.gender,
-                    last_seen_ms: m.last_seen_ms,
-                });
             }
+            if !single {
+                let mut group = hits.split_off(first_new);
+                group.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+                group.dedup_by(|a, b| a.user == b.user);
+                hits.extend(group);
+            }
+            seen.extend(hits[first_new..].iter().map(|h| h.user.clone()));
+            hits.truncate(need);
+            group_start = group_end;
         }
+        hits
     }
 }
 
-/// Drops later copies of a user from sorted `hits`. Checks the first `need` cheaply and only
-/// hashes everything when that prefix holds a copy (a concurrent move).
-fn dedup_users(hits: &mut Vec<Hit>, need: usize) {
-    let prefix = hits.len().min(need);
-    let mut seen = std::collections::HashSet::with_capacity(prefix);
-    if hits[..prefix].iter().all(|h| seen.insert(h.user.clone())) {
-        return;
+/// A cell within the radius with at least one eligible user.
+#[derive(Debug)]
+struct Candidate {
+    key: u64,
+    distance_m: f64,
+    cell: CellIndex,
+    eligible: usize,
+}
+
+/// Whether the cells nearer than `bound_key` already hold `need` eligible users.
+fn enough_before(cands: &[Candidate], need: usize, bound_key: u64) -> bool {
+    let mut n = 0;
+    for c in cands {
+        if c.key < bound_key {
+            n += c.eligible;
+            if n >= need {
+                return true;
+            }
+        }
     }
-    let mut seen = std::collections::HashSet::with_capacity(hits.len());
-    hits.retain(|h| seen.insert(h.user.clone()));
+    false
+}
+
+/// Who a search may return.
+struct Filter<'a> {
+    searcher: &'a UserId,
+    gender: Gender,
+    after: Option<&'a Cursor>,
+    now_ms: i64,
+}
+
+/// The members of one bucket a search still has to look at.
+struct Slice<'b> {
+    members: &'b [Member],
+}
+
+impl Slice<'_> {
+    fn count_matching(&self, idx: &NearbyIndex, filter: &Filter<'_>) -> usize {
+        self.members
+            .iter()
+            .filter(|m| filter.matches(idx, m))
+            .count()
+    }
+}
+
+impl Filter<'_> {
+    fn matches(&self, idx: &NearbyIndex, m: &Member) -> bool {
+        m.user != *self.searcher
+            && !idx.expired(m.last_seen_ms, self.now_ms)
+            && (self.gender == Gender::Unspecified || m.gender == self.gender)
+    }
+
+    /// The part of a bucket at distance `key` that comes after the page cursor.
+    fn start<'b>(&self, bucket: &'b [Member], key: u64) -> Slice<'b> {
+        let from = match self.after {
+            Some(c) if c.distance_key == key => bucket.partition_point(|m| m.user <= c.user),
+            _ => 0,
+        };
+        Slice {
+            members: &bucket[from..],
+        }
+    }
 }
 
 #[cfg(test)]

@@ -203,24 +203,30 @@ fn lock(m: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
 
 /// Keeps a caller counted on a waiter; the last caller to leave an unresolved shake
 /// (client cancelled, deadline passed) withdraws it at once.
+///
+/// The count is only changed under the user's `active` entry lock (incremented in
+/// [`Matcher::enter`]), so a retry can never join a shake its last caller is abandoning.
 struct CallerGuard<'a> {
     matcher: &'a Matcher,
     waiter: Arc<Waiter>,
 }
 
-impl<'a> CallerGuard<'a> {
-    fn new(matcher: &'a Matcher, waiter: Arc<Waiter>) -> Self {
-        waiter.callers.fetch_add(1, Ordering::SeqCst);
-        Self { matcher, waiter }
-    }
-}
-
 impl Drop for CallerGuard<'_> {
     fn drop(&mut self) {
-        if self.waiter.callers.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.waiter.outcome().is_none()
-        {
-            self.matcher.withdraw(&self.waiter, Why::Cancelled);
+        let w = &self.waiter;
+        let abandoned = {
+            let _entry = self.matcher.active.get(&w.user);
+            let last = w.callers.fetch_sub(1, Ordering::SeqCst) == 1;
+            if last && w.outcome().is_none() {
+                // Flag it before anyone else can claim or join it.
+                w.withdrawn.store(true, Ordering::SeqCst);
+                true
+            } else {
+                false
+            }
+        };
+        if abandoned {
+            self.matcher.withdraw(w, Why::Cancelled);
         }
     }
 }
@@ -355,34 +361,54 @@ impl Matcher {
             deadline,
             result: watch::Sender::new(None),
             withdrawn: AtomicBool::new(false),
-            callers: AtomicUsize::new(0),
+            callers: AtomicUsize::new(1),
         });
-        let (waiter, guard) = match self.enter(waiter) {
+        let (waiter, fresh) = match self.enter(waiter) {
             Enter::Done(outcome) => return Ok(outcome),
-            Enter::Join(w) => {
-                let guard = CallerGuard::new(self, w.clone());
-                (w, guard)
-            }
-            Enter::New(w) => {
-                let guard = CallerGuard::new(self, w.clone());
-                self.place(&w);
-                (w, guard)
-            }
+            Enter::Join(w) => (w, false),
+            Enter::New(w) => (w, true),
         };
+        let guard = CallerGuard {
+            matcher: self,
+            waiter: waiter.clone(),
+        };
+        if fresh {
+            self.place(&waiter);
+        }
         let outcome = self.wait(&waiter, caller_deadline).await;
         drop(guard);
-        outcome
+        match outcome {
+            // This caller's deadline passed; its guard (if it was the last caller) has now
+            // withdrawn the shake. A claim that won the race still stands: report it.
+            Err(Error::DeadlineExceeded) => waiter
+                .outcome()
+                .filter(|o| matches!(o, Outcome::Matched(_)))
+                .ok_or(Error::DeadlineExceeded),
+            other => other,
+        }
     }
 
     fn enter(&self, w: Arc<Waiter>) -> Enter {
         let superseded = {
             let slot = self.active.entry(w.user.clone());
-            if let Some(done) = self.done.get(&(w.user.clone(), w.shake_id.clone())) {
+            if let Some(done) = self.done.get(&(w.user.clone(), w.shake_id.clone()))
+                && done.expires > Instant::now()
+            {
                 return Enter::Done(done.outcome.clone());
             }
             match slot {
-                Entry::Occupied(o) if o.get().shake_id == w.shake_id => {
-                    return Enter::Join(o.get().clone());
+                Entry::Occupied(o)
+                    if o.get().shake_id == w.shake_id
+                        && !o.get().withdrawn.load(Ordering::SeqCst) =>
+                {
+                    let joined = o.get().clone();
+                    joined.callers.fetch_add(1, Ordering::SeqCst);
+                    return Enter::Join(joined);
+                }
+                Entry::Occupied(mut o) if o.get().withdrawn.load(Ordering::SeqCst) => {
+                    // Its callers are gone and it is being withdrawn: start afresh.
+                    o.insert(w.clone());
+                    None
                 }
                 Entry::Occupied(mut o) => Some(o.insert(w.clone())),
                 Entry::Vacant(v) => {
@@ -434,7 +460,7 @@ impl Matcher {
                 continue;
             };
             for (i, c) in bucket.iter().enumerate() {
-                if c.withdrawn.load(Ordering::SeqCst) {
+                if c.withdrawn.load(Ordering::SeqCst) || c.callers.load(Ordering::SeqCst) == 0 {
                     continue;
                 }
                 let d = distance_m(w.snapped, c.snapped);

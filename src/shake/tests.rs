@@ -407,3 +407,65 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
         m.until_waiting(0).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_deadlines_and_supersedes_racing_claims_never_leave_a_one_sided_match() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_millis(100))));
+    let mut rng = StdRng::seed_from_u64(3);
+    let reqs: Vec<_> = (0..400)
+        .map(|_| {
+            // Few users and two shake ids each: retries (joins), supersedes and short caller
+            // deadlines all race the claims.
+            let user = format!("u{}", rng.random_range(0..60));
+            let id = ["a", "b"][rng.random_range(0..2)];
+            let mut r = at(&user, id, rng.random_range(0.0..500.0));
+            if rng.random_bool(0.4) {
+                r.deadline = Some(Instant::now() + Duration::from_millis(rng.random_range(0..40)));
+            }
+            r
+        })
+        .collect();
+    let barrier = Arc::new(Barrier::new(reqs.len()));
+    let handles: Vec<_> = reqs
+        .iter()
+        .cloned()
+        .map(|r| {
+            let (m, barrier) = (m.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                (r.user.clone(), m.shake(r).await)
+            })
+        })
+        .collect();
+    let mut sides: HashMap<String, HashMap<UserId, UserId>> = HashMap::new();
+    for h in handles {
+        let (user, got) = h.await.unwrap();
+        match got {
+            Ok(Outcome::Matched(mm)) => {
+                assert_ne!(mm.partner, user, "self pair");
+                let seen = sides.entry(mm.match_id.clone()).or_default();
+                if let Some(prev) = seen.insert(user.clone(), mm.partner.clone()) {
+                    assert_eq!(prev, mm.partner, "{user} told two partners for one match");
+                }
+            }
+            Ok(Outcome::NoMatch) | Err(Error::DeadlineExceeded) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    m.until_waiting(0).await;
+    for (id, seen) in &sides {
+        assert!(seen.len() <= 2, "match {id} has {} sides", seen.len());
+        for (user, partner) in seen {
+            // Whether or not the partner's caller stayed to hear it, the partner's side of
+            // the match was recorded: nobody was paired with a ghost.
+            let recorded = m.done.iter().any(|d| {
+                &d.key().0 == partner
+                    && matches!(&d.outcome, Outcome::Matched(x) if &x.match_id == id && &x.partner == user)
+            });
+            assert!(
+                recorded,
+                "{user} matched {partner} in {id}, but {partner} never was"
+            );
+        }
+    }
+}
