@@ -97,6 +97,34 @@ async fn a_caller_whose_deadline_passes_is_withdrawn_and_never_paired() {
 }
 
 #[tokio::test]
+async fn a_cancelled_call_is_withdrawn_at_once() {
+    let server = start(&["--shake-window", "30s"]).await;
+    let mut c = server.shake().await;
+    let call = tokio::spawn(async move { c.shake(shake("ghost", "s1", 0.0)).await });
+    server.app.matcher.until_waiting(1).await;
+    // Dropping the client's call resets the HTTP/2 stream; the server withdraws the shake.
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    tokio::time::timeout(Duration::from_secs(10), server.app.matcher.until_waiting(0))
+        .await
+        .expect("withdrawn when the client went away");
+    // A retry of the cancelled shake starts afresh rather than replaying an outcome.
+    let mut a = server.shake().await;
+    let retry = tokio::spawn(async move {
+        a.shake(shake("ghost", "s1", 0.0))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    server.app.matcher.until_waiting(1).await;
+    let mut b = server.shake().await;
+    let bob = b.shake(shake("bob", "s2", 0.0)).await.unwrap().into_inner();
+    assert_eq!(bob.partner_user_id, "ghost");
+    assert_eq!(retry.await.unwrap().match_id, bob.match_id);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn exclusions_hold_both_ways() {
     let server = start(&["--shake-window", "300ms"]).await;
     let mut a = server.shake().await;
