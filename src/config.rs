@@ -92,6 +92,41 @@ pub struct Config {
     #[arg(long, env = "GEOMATCH_MAX_SHAKE_EXCLUDES", default_value_t = 1_000)]
     pub max_shake_excludes: usize,
 
+    /// Prometheus metrics listen address, serving `/metrics` over HTTP (off when not given;
+    /// port 0 picks a free port and logs it).
+    #[arg(long, env = "GEOMATCH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Largest request message accepted, bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GEOMATCH_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most Nearby calls served at once; beyond it calls are shed at once with
+    /// RESOURCE_EXHAUSTED instead of queueing.
+    #[arg(
+        long,
+        env = "GEOMATCH_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 4_096
+    )]
+    pub max_concurrent_requests: usize,
+
+    /// Most Shake calls in flight at once (each waits up to the shake window); beyond it
+    /// calls are shed at once with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "GEOMATCH_MAX_CONCURRENT_SHAKES",
+        default_value_t = 200_000
+    )]
+    pub max_concurrent_shakes: usize,
+
+    /// Interval of HTTP/2 keepalive pings to idle clients.
+    #[arg(long, env = "GEOMATCH_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "GEOMATCH_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
+
     /// Log format.
     #[arg(long, env = "GEOMATCH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -168,6 +203,23 @@ impl Config {
                 self.default_limit,
                 self.max_limit
             );
+        }
+        if self.max_message_bytes < 1_024 {
+            bail!(
+                "--max-message-bytes {}: at least 1024",
+                self.max_message_bytes
+            );
+        }
+        if self.max_concurrent_requests == 0 || self.max_concurrent_shakes == 0 {
+            bail!("--max-concurrent-requests / --max-concurrent-shakes: at least 1");
+        }
+        for (flag, d) in [
+            ("--keepalive-interval", self.keepalive_interval),
+            ("--keepalive-timeout", self.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                bail!("{flag} 0: must be longer than zero");
+            }
         }
         if self.max_limit > 10_000 {
             bail!("--max-limit {}: at most 10000", self.max_limit);

@@ -1,6 +1,6 @@
 //! The `geomatch` server binary: parse config, set up logging, bind, serve until SIGINT/SIGTERM.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
 use clap::Parser as _;
 use geomatch::{clock::SystemClock, config::Config, server, telemetry};
@@ -29,6 +29,22 @@ async fn shutdown_signal() {
     }
 }
 
+async fn bind(addr: SocketAddr, what: &str) -> Option<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => {
+            match l.local_addr() {
+                Ok(addr) => tracing::info!(%addr, "{what} listening"),
+                Err(e) => tracing::warn!(error = %e, "{what} listening on an unknown address"),
+            }
+            Some(l)
+        }
+        Err(e) => {
+            eprintln!("geomatch: cannot listen for {what} on {addr}: {e}");
+            None
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cfg = Config::parse();
@@ -36,18 +52,17 @@ async fn main() -> ExitCode {
         eprintln!("geomatch: invalid configuration: {e:#}");
         return ExitCode::from(2);
     }
-    telemetry::init(cfg.log_format);
-    let listener = match TcpListener::bind(cfg.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("geomatch: cannot listen on {}: {e}", cfg.listen);
-            return ExitCode::FAILURE;
-        }
+    telemetry::init_logs(cfg.log_format);
+    let Some(listener) = bind(cfg.listen, "gRPC").await else {
+        return ExitCode::FAILURE;
     };
-    match listener.local_addr() {
-        Ok(addr) => tracing::info!(%addr, "geomatch listening"),
-        Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),
-    }
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => match bind(addr, "metrics").await {
+            Some(l) => Some(l),
+            None => return ExitCode::FAILURE,
+        },
+        None => None,
+    };
     let app = match server::App::new(&cfg, Arc::new(SystemClock)) {
         Ok(app) => app,
         Err(e) => {
@@ -55,7 +70,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match server::serve(app, listener, shutdown_signal()).await {
+    let listeners = server::Listeners {
+        grpc: listener,
+        metrics,
+    };
+    match server::serve(app, listeners, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("geomatch: {e}");

@@ -1,11 +1,14 @@
 //! Builds the domain state and background tasks, mounts the gRPC services (with health and
 //! reflection) and serves until shutdown.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -13,11 +16,13 @@ use crate::{
     config::Config,
     grpc::{
         NearbyService, ShakeService,
+        layer::RpcLayer,
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
         stamp_deadline,
     },
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
+    telemetry::{self, names},
 };
 
 /// Why the server could not start or stopped with an error.
@@ -29,6 +34,9 @@ pub enum ServeError {
     /// The reflection service could not load the descriptors.
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The metrics recorder could not be installed.
+    #[error("installing metrics: {0}")]
+    Metrics(String),
     /// The transport failed.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -43,8 +51,8 @@ pub struct App {
     pub matcher: Arc<Matcher>,
     /// Wall-clock time for TTLs.
     pub clock: Arc<dyn Clock>,
-    /// How often expired state is reclaimed.
-    pub sweep_interval: Duration,
+    /// The configuration the state was built from.
+    pub config: Arc<Config>,
 }
 
 impl App {
@@ -58,7 +66,7 @@ impl App {
             nearby: Arc::new(NearbyIndex::new(cfg.nearby(), tokens)),
             matcher: Arc::new(Matcher::new(cfg.shake())),
             clock,
-            sweep_interval: cfg.sweep_interval,
+            config: Arc::new(cfg.clone()),
         })
     }
 
@@ -67,12 +75,23 @@ impl App {
         let started = std::time::Instant::now();
         let users = self.nearby.sweep(self.clock.now_ms());
         let shakes = self.matcher.sweep(tokio::time::Instant::now());
+        let took = started.elapsed();
+        metrics::counter!(names::EXPIRATIONS).increment(users as u64);
+        metrics::histogram!(names::SWEEP_SECONDS).record(took.as_secs_f64());
         tracing::debug!(
             expired_users = users,
             forgotten_shakes = shakes,
-            took_ms = started.elapsed().as_millis() as u64,
+            took_ms = took.as_millis() as u64,
             "sweep done"
         );
+    }
+
+    /// Sets the gauges that describe the current state (read at scrape time, so the hot
+    /// paths never touch them).
+    pub fn publish_gauges(&self) {
+        metrics::gauge!(names::INDEXED_USERS).set(self.nearby.len() as f64);
+        metrics::gauge!(names::OCCUPIED_CELLS).set(self.nearby.cell_count() as f64);
+        metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
     }
 }
 
@@ -87,7 +106,7 @@ impl Drop for AbortOnDrop {
 
 fn spawn_sweeper(app: App) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(app.sweep_interval);
+        let mut tick = tokio::time::interval(app.config.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
@@ -104,16 +123,50 @@ fn spawn_sweeper(app: App) -> AbortOnDrop {
     }))
 }
 
-/// Serves geomatch on `listener` until `shutdown` resolves, then drains: health turns
-/// NOT_SERVING, new connections stop, in-flight calls finish.
+/// Serves `/metrics` on `listener` until the returned guard is dropped.
+fn spawn_metrics(app: App, listener: TcpListener) -> Result<AbortOnDrop, ServeError> {
+    let handle = telemetry::install_metrics().map_err(ServeError::Metrics)?;
+    let render = move || {
+        let (app, handle) = (app.clone(), handle.clone());
+        async move {
+            app.publish_gauges();
+            handle.run_upkeep();
+            handle.render()
+        }
+    };
+    let router = axum::Router::new().route("/metrics", axum::routing::get(render));
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::warn!(error = %e, "metrics listener failed");
+        }
+    })))
+}
+
+/// The sockets geomatch serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics` over HTTP, if enabled.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Serves geomatch until `shutdown` resolves, then drains: health turns NOT_SERVING, new
+/// connections stop, in-flight calls finish.
 ///
 /// # Errors
-/// [`ServeError`] when reflection cannot be built or the transport fails.
+/// [`ServeError`] when reflection or metrics cannot be set up or the transport fails.
 pub async fn serve(
     app: App,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let cfg = app.config.clone();
+    let _metrics = listeners
+        .metrics
+        .map(|l| spawn_metrics(app.clone(), l))
+        .transpose()?;
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NearbyServer<NearbyService>>().await;
     health.set_serving::<ShakeServer<ShakeService>>().await;
@@ -129,10 +182,23 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let _sweeper = spawn_sweeper(app.clone());
-    let nearby = NearbyServer::new(NearbyService::new(app.nearby.clone(), app.clock.clone()));
-    let shake =
-        ShakeServer::with_interceptor(ShakeService::new(app.matcher.clone()), stamp_deadline);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let nearby = NearbyServer::new(NearbyService::new(
+        app.nearby.clone(),
+        app.clock.clone(),
+        cfg.max_concurrent_requests,
+    ))
+    .max_decoding_message_size(cfg.max_message_bytes);
+    let shake = InterceptedService::new(
+        ShakeServer::new(ShakeService::new(
+            app.matcher.clone(),
+            cfg.max_concurrent_shakes,
+        ))
+        .max_decoding_message_size(cfg.max_message_bytes),
+        stamp_deadline,
+    );
+    let incoming = TcpIncoming::from(listeners.grpc)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(cfg.keepalive_interval));
 
     let drain = {
         let health = health.clone();
@@ -150,7 +216,9 @@ pub async fn serve(
     };
 
     Server::builder()
-        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        .http2_keepalive_interval(Some(cfg.keepalive_interval))
+        .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+        .layer(RpcLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -114,3 +114,103 @@ async fn shutdown_lets_in_flight_calls_finish() {
         geomatch::grpc::pb::shake_response::Outcome::NoMatch
     );
 }
+
+/// GET over plain HTTP/1.1; returns the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[tokio::test]
+async fn metrics_expose_grpc_and_domain_series() {
+    use geomatch::grpc::pb::{self, nearby_client::NearbyClient};
+    let server = start(&["--metrics-listen", "127.0.0.1:0"]).await;
+    let mut c = NearbyClient::new(server.channel().await);
+    c.update_location(pb::UpdateLocationRequest {
+        user_id: "alice".into(),
+        position: common::latlng(31.23, 121.47),
+        gender: 1,
+    })
+    .await
+    .unwrap();
+    let bad = c
+        .update_location(pb::UpdateLocationRequest {
+            user_id: "alice".into(),
+            position: common::latlng(95.0, 121.47),
+            gender: 1,
+        })
+        .await;
+    assert!(bad.is_err());
+    c.search_nearby(pb::SearchNearbyRequest {
+        user_id: "bob".into(),
+        position: common::latlng(31.23, 121.47),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let body = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    for needle in [
+        r#"grpc_server_started_total{grpc_type="unary",grpc_service="geomatch.v1.Nearby",grpc_method="UpdateLocation"}"#,
+        r#"grpc_server_handled_total{grpc_type="unary",grpc_service="geomatch.v1.Nearby",grpc_method="UpdateLocation",grpc_code="OK"}"#,
+        r#"grpc_server_handled_total{grpc_type="unary",grpc_service="geomatch.v1.Nearby",grpc_method="UpdateLocation",grpc_code="InvalidArgument"}"#,
+        r#"grpc_server_handling_seconds_bucket{grpc_type="unary",grpc_service="geomatch.v1.Nearby",grpc_method="SearchNearby",le="0.001"}"#,
+        "geomatch_indexed_users 1",
+        "geomatch_occupied_cells 1",
+        "geomatch_waiting_shakes 0",
+        "geomatch_pings_total",
+        "geomatch_searches_total",
+        r#"geomatch_rejections_total{reason="position.lat"}"#,
+    ] {
+        assert!(body.contains(needle), "{needle} missing from:\n{body}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn calls_beyond_the_concurrency_limit_are_shed_at_once() {
+    use geomatch::grpc::pb::{self, shake_client::ShakeClient};
+    let server = start(&["--max-concurrent-shakes", "1", "--shake-window", "30s"]).await;
+    let req = |user: &str| pb::ShakeRequest {
+        user_id: user.into(),
+        position: common::latlng(1.0, 1.0),
+        shake_id: "s".into(),
+        max_distance_m: 1.0,
+        exclude_user_ids: vec!["x".into()],
+    };
+    let mut a = ShakeClient::new(server.channel().await);
+    let first_req = req("alice");
+    let first = tokio::spawn(async move { a.shake(first_req).await });
+    server.app.matcher.until_waiting(1).await;
+    let mut b = ShakeClient::new(server.channel().await);
+    let err = b.shake(req("bob")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    first.abort();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused() {
+    use geomatch::grpc::pb::{self, shake_client::ShakeClient};
+    let server = start(&["--max-message-bytes", "2048"]).await;
+    let mut c = ShakeClient::new(server.channel().await);
+    let err = c
+        .shake(pb::ShakeRequest {
+            user_id: "alice".into(),
+            position: common::latlng(1.0, 1.0),
+            shake_id: "s".into(),
+            max_distance_m: 0.0,
+            exclude_user_ids: (0..40).map(|i| format!("{i:0100}")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert_eq!(server.app.matcher.waiting(), 0);
+    server.stop().await;
+}

@@ -2,6 +2,7 @@
 //! protobuf ones. Nothing outside this module names tonic or prost.
 
 mod convert;
+pub mod layer;
 mod nearby;
 mod shake;
 pub mod status;

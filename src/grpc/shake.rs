@@ -10,19 +10,29 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::{convert, pb};
-use crate::shake::{Matcher, ShakeRequest};
+use tokio::sync::Semaphore;
+
+use super::{convert, pb, status::overloaded};
+use crate::{
+    shake::{Matcher, Outcome, ShakeRequest},
+    telemetry::names,
+};
 
 /// Serves `geomatch.v1.Shake` from a [`Matcher`].
 #[derive(Debug, Clone)]
 pub struct ShakeService {
     matcher: Arc<Matcher>,
+    in_flight: Arc<Semaphore>,
 }
 
 impl ShakeService {
-    /// An adapter over `matcher`.
-    pub fn new(matcher: Arc<Matcher>) -> Self {
-        Self { matcher }
+    /// An adapter over `matcher` with at most `max_in_flight` calls at once (more are shed
+    /// with RESOURCE_EXHAUSTED).
+    pub fn new(matcher: Arc<Matcher>, max_in_flight: usize) -> Self {
+        Self {
+            matcher,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        }
     }
 }
 
@@ -32,6 +42,10 @@ impl pb::shake_server::Shake for ShakeService {
         &self,
         request: Request<pb::ShakeRequest>,
     ) -> Result<Response<pb::ShakeResponse>, Status> {
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| overloaded("shakes"))?;
         let deadline = request.extensions().get::<CallerDeadline>().map(|d| d.0);
         let req = request.into_inner();
         let shake = ShakeRequest {
@@ -43,6 +57,10 @@ impl pb::shake_server::Shake for ShakeService {
             deadline,
         };
         let outcome = self.matcher.shake(shake).await?;
+        match outcome {
+            Outcome::Matched(_) => metrics::counter!(names::MATCHES).increment(1),
+            Outcome::NoMatch => metrics::counter!(names::NO_MATCHES).increment(1),
+        }
         Ok(Response::new(convert::outcome(outcome)))
     }
 }

@@ -3,13 +3,22 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::error::Error;
+use crate::{error::Error, telemetry::names};
+
+/// Sheds a call the server has no capacity for, at once.
+pub fn overloaded(what: &'static str) -> Status {
+    metrics::counter!(names::REJECTIONS, "reason" => "overloaded").increment(1);
+    Status::resource_exhausted(format!(
+        "server overloaded: too many {what} in flight, retry with backoff"
+    ))
+}
 
 /// Maps a domain error to the status a client sees. INVALID_ARGUMENT carries a
 /// `google.rpc.BadRequest` field violation naming the field.
 pub fn to_status(err: Error) -> Status {
     match err {
         Error::InvalidArgument { field, reason } => {
+            metrics::counter!(names::REJECTIONS, "reason" => field).increment(1);
             let message = format!("{field}: {reason}");
             Status::with_error_details(
                 Code::InvalidArgument,

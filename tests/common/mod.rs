@@ -19,6 +19,7 @@ pub const T0: i64 = 1_700_000_000_000;
 /// A running server; stop it with [`TestServer::stop`].
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub app: App,
     pub clock: ManualClock,
     stop: Option<oneshot::Sender<()>>,
@@ -34,12 +35,22 @@ pub async fn start(args: &[&str]) -> TestServer {
     let app = App::new(&cfg, Arc::new(clock.clone())).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(TcpListener::bind(a).await.unwrap()),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let handle = tokio::spawn(server::serve(app.clone(), listener, async {
+    let listeners = server::Listeners {
+        grpc: listener,
+        metrics,
+    };
+    let handle = tokio::spawn(server::serve(app.clone(), listeners, async {
         let _ = stopped.await;
     }));
     TestServer {
         addr,
+        metrics_addr,
         app,
         clock,
         stop: Some(stop),
