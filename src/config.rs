@@ -1,7 +1,7 @@
 //! Configuration: every flag has a `GEOMATCH_*` environment equivalent and a default that
 //! `geomatch --help` shows. [`Config::validate`] names the bad value before anything binds.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
@@ -127,6 +127,21 @@ pub struct Config {
     #[arg(long, env = "GEOMATCH_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub keepalive_timeout: Duration,
 
+    /// Snapshot file of the People Nearby index: loaded at start (dropping pings that
+    /// expired meanwhile), written every --snapshot-interval and on graceful shutdown.
+    /// Off when not given.
+    #[arg(long, env = "GEOMATCH_SNAPSHOT")]
+    pub snapshot: Option<PathBuf>,
+
+    /// How often the snapshot is written (with --snapshot).
+    #[arg(long, env = "GEOMATCH_SNAPSHOT_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub snapshot_interval: Duration,
+
+    /// Start empty (with a warning, moving the bad file to <path>.corrupt) instead of
+    /// refusing to start when the snapshot is corrupt or of an unknown version.
+    #[arg(long, env = "GEOMATCH_SNAPSHOT_IGNORE_CORRUPT")]
+    pub snapshot_ignore_corrupt: bool,
+
     /// Log format.
     #[arg(long, env = "GEOMATCH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -168,6 +183,7 @@ impl Config {
             ("--location-ttl", self.location_ttl),
             ("--shake-window", self.shake_window),
             ("--sweep-interval", self.sweep_interval),
+            ("--snapshot-interval", self.snapshot_interval),
         ] {
             if d.is_zero() {
                 bail!("{flag} 0: must be longer than zero");

@@ -11,6 +11,7 @@
 //! - [`config`]: command-line and environment configuration.
 //! - [`grpc`]: the only module that knows tonic/prost: generated code, adapters, status mapping.
 //! - [`telemetry`]: log setup.
+//! - [`snapshot`]: crash-safe, checksummed snapshots of the index.
 //! - [`server`]: wires the domain and the gRPC services together and serves until shutdown.
 
 pub mod cell;
@@ -23,4 +24,5 @@ pub mod id;
 pub mod nearby;
 pub mod server;
 pub mod shake;
+pub mod snapshot;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 //! Builds the domain state and background tasks, mounts the gRPC services (with health and
 //! reflection) and serves until shutdown.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, path::Path, sync::Arc};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -22,6 +22,7 @@ use crate::{
     },
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
+    snapshot::{self, SnapshotError},
     telemetry::{self, names},
 };
 
@@ -34,6 +35,9 @@ pub enum ServeError {
     /// The reflection service could not load the descriptors.
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The snapshot could not be loaded (and --snapshot-ignore-corrupt was not given).
+    #[error("loading snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
     /// The metrics recorder could not be installed.
     #[error("installing metrics: {0}")]
     Metrics(String),
@@ -53,21 +57,90 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// The configuration the state was built from.
     pub config: Arc<Config>,
+    /// Serialises snapshot writers (the periodic one and the one at shutdown).
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl App {
-    /// Empty state configured by `cfg` (already validated), reading time from `clock`.
+    /// State configured by `cfg` (already validated), reading time from `clock`: empty, or
+    /// restored from `--snapshot` when that file exists.
     ///
     /// # Errors
-    /// When the operating system has no randomness for the page-token key.
+    /// When the operating system has no randomness for the page-token key, or the
+    /// snapshot is unreadable, corrupt or of an unknown version (unless
+    /// `--snapshot-ignore-corrupt`, which starts empty instead).
     pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
         let tokens = PageTokens::random().map_err(ServeError::Random)?;
-        Ok(Self {
+        let app = Self {
             nearby: Arc::new(NearbyIndex::new(cfg.nearby(), tokens)),
             matcher: Arc::new(Matcher::new(cfg.shake())),
             clock,
             config: Arc::new(cfg.clone()),
-        })
+            snapshot_lock: Arc::default(),
+        };
+        if let Some(path) = &cfg.snapshot {
+            app.restore(path)?;
+        }
+        Ok(app)
+    }
+
+    fn restore(&self, path: &Path) -> Result<(), ServeError> {
+        let started = std::time::Instant::now();
+        match snapshot::load(&self.nearby, path, self.clock.now_ms()) {
+            Ok(Some(stats)) => tracing::info!(
+                users = stats.users,
+                expired = stats.expired,
+                bytes = stats.bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "snapshot loaded"
+            ),
+            Ok(None) => tracing::info!(path = %path.display(), "no snapshot yet: starting empty"),
+            Err(e @ SnapshotError::Io { .. }) => return Err(e.into()),
+            Err(e) if self.config.snapshot_ignore_corrupt => {
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(".corrupt");
+                let moved = std::fs::rename(path, &aside).is_ok();
+                tracing::warn!(error = %e, moved_to = %Path::new(&aside).display(), moved, "ignoring unusable snapshot: starting empty");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot now, if `--snapshot` is set. Blocking: call from a blocking thread.
+    pub fn write_snapshot(&self) -> Option<Result<snapshot::Stats, SnapshotError>> {
+        let path = self.config.snapshot.as_ref()?;
+        let _one_writer = self
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = std::time::Instant::now();
+        let result = snapshot::write(&self.nearby, path, self.clock.now_ms());
+        let took = started.elapsed();
+        match &result {
+            Ok(stats) => {
+                metrics::histogram!(names::SNAPSHOT_SECONDS).record(took.as_secs_f64());
+                metrics::gauge!(names::SNAPSHOT_BYTES).set(stats.bytes as f64);
+                tracing::info!(
+                    users = stats.users,
+                    bytes = stats.bytes,
+                    took_ms = took.as_millis() as u64,
+                    "snapshot written"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        }
+        Some(result)
+    }
+
+    async fn write_snapshot_off_thread(&self) {
+        let app = self.clone();
+        if tokio::task::spawn_blocking(move || app.write_snapshot())
+            .await
+            .is_err()
+        {
+            tracing::error!("snapshot task failed");
+        }
     }
 
     /// Reclaims expired pings and old shake outcomes once.
@@ -121,6 +194,19 @@ fn spawn_sweeper(app: App) -> AbortOnDrop {
             }
         }
     }))
+}
+
+fn spawn_snapshotter(app: App) -> Option<AbortOnDrop> {
+    app.config.snapshot.as_ref()?;
+    Some(AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(app.config.snapshot_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            app.write_snapshot_off_thread().await;
+        }
+    })))
 }
 
 /// Serves `/metrics` on `listener` until the returned guard is dropped.
@@ -182,6 +268,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let _sweeper = spawn_sweeper(app.clone());
+    let snapshotter = spawn_snapshotter(app.clone());
     let nearby = NearbyServer::new(NearbyService::new(
         app.nearby.clone(),
         app.clock.clone(),
@@ -226,6 +313,8 @@ pub async fn serve(
         .add_service(shake)
         .serve_with_incoming_shutdown(incoming, drain)
         .await?;
+    drop(snapshotter);
+    app.write_snapshot_off_thread().await;
     tracing::info!("stopped");
     Ok(())
 }

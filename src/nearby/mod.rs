@@ -42,11 +42,22 @@ pub enum Gender {
 }
 
 impl Gender {
-    fn wire(self) -> u8 {
+    /// The wire number (also the snapshot encoding).
+    pub fn wire(self) -> u8 {
         match self {
             Self::Unspecified => 0,
             Self::Female => 1,
             Self::Male => 2,
+        }
+    }
+
+    /// The gender with wire number `n`, if there is one.
+    pub fn from_wire(n: u8) -> Option<Self> {
+        match n {
+            0 => Some(Self::Unspecified),
+            1 => Some(Self::Female),
+            2 => Some(Self::Male),
+            _ => None,
         }
     }
 }
@@ -129,6 +140,19 @@ pub struct SearchPage {
     pub next_page_token: Option<String>,
 }
 
+/// Everything the index holds about one user: what a snapshot stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The user.
+    pub user: UserId,
+    /// Their privacy cell (the finest position held).
+    pub cell: CellIndex,
+    /// Their gender.
+    pub gender: Gender,
+    /// Unix ms of their last ping.
+    pub last_seen_ms: i64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Located {
     cell: CellIndex,
@@ -204,17 +228,23 @@ impl NearbyIndex {
         now_ms: i64,
     ) -> Placement {
         let cell = position.cell(self.cfg.privacy_resolution);
-        let located = Located {
+        self.place(user, cell, gender, now_ms);
+        Placement {
             cell,
-            last_seen_ms: now_ms,
-        };
+            expires_at_ms: now_ms.saturating_add(self.cfg.location_ttl_ms),
+        }
+    }
+
+    /// Puts `user` in privacy cell `cell`, last seen at `last_seen_ms` (last write wins).
+    fn place(&self, user: UserId, cell: CellIndex, gender: Gender, last_seen_ms: i64) {
+        let located = Located { cell, last_seen_ms };
         match self.users.entry(user) {
             Entry::Occupied(mut e) => {
                 let old = *e.get();
                 let member = Member {
                     user: e.key().clone(),
                     gender,
-                    last_seen_ms: now_ms,
+                    last_seen_ms,
                 };
                 if old.cell != cell {
                     self.bucket_remove(old.cell, &member.user);
@@ -226,15 +256,39 @@ impl NearbyIndex {
                 let member = Member {
                     user: e.key().clone(),
                     gender,
-                    last_seen_ms: now_ms,
+                    last_seen_ms,
                 };
                 self.bucket_upsert(cell, member);
                 e.insert(located);
             }
         }
-        Placement {
-            cell,
-            expires_at_ms: now_ms.saturating_add(self.cfg.location_ttl_ms),
+    }
+
+    /// Restores a user from a snapshot record, unless the ping has expired by `now_ms` or
+    /// the cell is not at this index's privacy resolution. Returns whether it was restored.
+    pub fn restore(&self, record: Record, now_ms: i64) -> bool {
+        if record.cell.resolution() != self.cfg.privacy_resolution
+            || self.expired(record.last_seen_ms, now_ms)
+        {
+            return false;
+        }
+        self.place(record.user, record.cell, record.gender, record.last_seen_ms);
+        true
+    }
+
+    /// Calls `f` with every user held, one cell bucket at a time, under that bucket's
+    /// shard read lock: searches proceed, and writers to a shard wait only while `f` runs
+    /// over its buckets. `f` must not call back into the index.
+    pub fn for_each_record(&self, mut f: impl FnMut(&Record)) {
+        for bucket in self.cells.iter() {
+            for m in bucket.value() {
+                f(&Record {
+                    user: m.user.clone(),
+                    cell: *bucket.key(),
+                    gender: m.gender,
+                    last_seen_ms: m.last_seen_ms,
+                });
+            }
         }
     }
 

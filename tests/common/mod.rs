@@ -26,12 +26,23 @@ pub struct TestServer {
     handle: JoinHandle<Result<(), ServeError>>,
 }
 
-/// Starts geomatch with the given flags (defaults otherwise).
-pub async fn start(args: &[&str]) -> TestServer {
+/// Parses and validates flags as the binary would.
+pub fn config(args: &[&str]) -> Config {
     let cfg =
         Config::try_parse_from(std::iter::once("geomatch").chain(args.iter().copied())).unwrap();
     cfg.validate().unwrap();
-    let clock = ManualClock::new(T0);
+    cfg
+}
+
+/// Starts geomatch with the given flags (defaults otherwise).
+pub async fn start(args: &[&str]) -> TestServer {
+    start_at(args, T0).await
+}
+
+/// Starts geomatch with its clock reading `now_ms`.
+pub async fn start_at(args: &[&str], now_ms: i64) -> TestServer {
+    let cfg = config(args);
+    let clock = ManualClock::new(now_ms);
     let app = App::new(&cfg, Arc::new(clock.clone())).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

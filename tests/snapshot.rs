@@ -1,0 +1,210 @@
+//! Snapshot and restore end to end: graceful restarts, expiry across a restart, corrupt
+//! files, and `kill -9` of a real server process in the middle of snapshot writes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
+
+use common::{T0, config, latlng, start, start_at};
+use geomatch::{
+    clock::ManualClock,
+    grpc::pb::{self, nearby_client::NearbyClient},
+    nearby::{NearbyConfig, NearbyIndex, PageTokens},
+    server::{App, ServeError},
+    snapshot,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("geomatch-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn ping(user: &str, lat: f64) -> pb::UpdateLocationRequest {
+    pb::UpdateLocationRequest {
+        user_id: user.into(),
+        position: latlng(lat, 121.47),
+        gender: 1,
+    }
+}
+
+async fn visible(c: &mut NearbyClient<tonic::transport::Channel>) -> Vec<String> {
+    let r = c
+        .search_nearby(pb::SearchNearbyRequest {
+            user_id: "probe".into(),
+            position: latlng(31.23, 121.47),
+            radius_m: 10_000.0,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.users.into_iter().map(|u| u.user_id).collect()
+}
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_people_nearby_and_drops_what_expired_meanwhile() {
+    let dir = temp_dir("restart");
+    let path = dir.join("index.snap");
+    let path_s = path.to_str().unwrap();
+    let flags = ["--snapshot", path_s, "--location-ttl", "10m"];
+    let server = start(&flags).await;
+    let mut c = server.nearby().await;
+    c.update_location(ping("early", 31.23)).await.unwrap();
+    server.clock.advance_ms(6 * 60 * 1_000);
+    c.update_location(ping("late", 31.231)).await.unwrap();
+    assert_eq!(visible(&mut c).await, ["early", "late"]);
+    server.stop().await;
+    assert!(path.exists(), "written on graceful shutdown");
+
+    // Back up at once: both are there.
+    let server = start_at(&flags, T0 + 6 * 60 * 1_000).await;
+    let mut c = server.nearby().await;
+    assert_eq!(visible(&mut c).await, ["early", "late"]);
+    server.stop().await;
+
+    // Back up five minutes later: "early" expired while the server was down.
+    let server = start_at(&flags, T0 + 11 * 60 * 1_000).await;
+    let mut c = server.nearby().await;
+    assert_eq!(visible(&mut c).await, ["late"]);
+    assert_eq!(
+        server.app.nearby.len(),
+        1,
+        "expired pings are not even loaded"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_stops_start_up_unless_told_to_ignore_it() {
+    let dir = temp_dir("corrupt");
+    let path = dir.join("index.snap");
+    let path_s = path.to_str().unwrap();
+    let server = start(&["--snapshot", path_s]).await;
+    let mut c = server.nearby().await;
+    c.update_location(ping("alice", 31.23)).await.unwrap();
+    server.stop().await;
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let clock = Arc::new(ManualClock::new(T0));
+    let err = App::new(&config(&["--snapshot", path_s]), clock.clone()).unwrap_err();
+    assert!(matches!(err, ServeError::Snapshot(_)), "{err}");
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+
+    let app = App::new(
+        &config(&["--snapshot", path_s, "--snapshot-ignore-corrupt"]),
+        clock,
+    )
+    .unwrap();
+    assert!(app.nearby.is_empty());
+    let mut aside = path.clone().into_os_string();
+    aside.push(".corrupt");
+    assert!(
+        PathBuf::from(aside).exists(),
+        "the bad file is kept for inspection"
+    );
+}
+
+/// A real `geomatch` process with JSON logs on a pipe.
+struct Child {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+async fn spawn_server(snapshot: &str) -> Child {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_geomatch"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--snapshot",
+            snapshot,
+            "--snapshot-interval",
+            "20ms",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("server exited before listening");
+        assert!(!line.contains("\"level\":\"ERROR\""), "{line}");
+        if line.contains("gRPC listening") {
+            let at = line.find("\"addr\":\"").unwrap() + 8;
+            break line[at..].split('"').next().unwrap().to_string();
+        }
+    };
+    // Keep draining the pipe so the server never blocks on a full stderr.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Child { child, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_snapshot_writes_always_leaves_a_loadable_snapshot() {
+    let dir = temp_dir("kill9");
+    let path = dir.join("index.snap");
+    let path_s = path.to_str().unwrap().to_string();
+    let mut rng = StdRng::seed_from_u64(99);
+
+    let mut server = spawn_server(&path_s).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let users = 20_000;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut c = NearbyClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in (t..users).step_by(8) {
+                c.update_location(ping(&format!("user:{i:012}"), 31.0 + (i as f64) * 1e-5))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let fresh = || NearbyIndex::new(NearbyConfig::default(), PageTokens::new([0; 32]));
+    let mut killed_mid_write = 0;
+    for round in 0..20 {
+        // Snapshots are written every 20 ms: kill at a random moment, often mid-write.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1..60))).await;
+        server.child.start_kill().unwrap();
+        server.child.wait().await.unwrap();
+        if dir.join("index.snap.tmp").exists() {
+            killed_mid_write += 1;
+        }
+        // Whatever is on disk is a whole snapshot: the old or the new one, never torn.
+        let index = fresh();
+        let stats = snapshot::load(&index, &path, i64::MAX / 4 - 1)
+            .map(|s| s.map(|s| s.users + s.expired))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(stats, Some(users as u64), "round {round}");
+        // And a real server starts from it.
+        server = spawn_server(&path_s).await;
+    }
+    eprintln!("{killed_mid_write} of 20 kills left a partial temp file behind");
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+}
