@@ -1,7 +1,7 @@
 //! In-process benches of the hot paths: index update, search, page tokens, shake pairing.
 //!
-//! `cargo bench --bench core`; populations are 80 % Gaussian-ish around one city centre
-//! and 20 % uniform over a wide box, from a fixed seed.
+//! `cargo bench --bench core`; populations are the standard one (`geomatch::population`):
+//! 80 % Gaussian around ten city centres, 20 % uniform, from a fixed seed.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{hint::black_box, sync::Arc, time::Duration};
@@ -11,6 +11,7 @@ use geomatch::{
     geo::Coordinates,
     id::{ShakeId, UserId},
     nearby::{Cursor, Gender, NearbyConfig, NearbyIndex, PageTokens, Scope, SearchRequest},
+    population,
     shake::{Matcher, ShakeConfig, ShakeRequest},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -19,19 +20,11 @@ const CITY: (f64, f64) = (31.2304, 121.4737);
 const NOW: i64 = 1_700_000_000_000;
 
 fn user(i: usize) -> UserId {
-    UserId::new("user_id", &format!("user:{i:012}")).unwrap()
+    UserId::new("user_id", &population::user_id(i as u64)).unwrap()
 }
 
 fn position(rng: &mut StdRng) -> Coordinates {
-    let (lat, lng) = if rng.random_bool(0.8) {
-        // Sum of uniforms: a cheap bell around the centre, ~5 km spread.
-        let n = |rng: &mut StdRng| {
-            (0..4).map(|_| rng.random_range(-1.0..1.0)).sum::<f64>() * 0.045 / 2.0
-        };
-        (CITY.0 + n(rng), CITY.1 + n(rng))
-    } else {
-        (rng.random_range(20.0..45.0), rng.random_range(100.0..125.0))
-    };
+    let (lat, lng) = population::position(rng);
     Coordinates::new("position", lat, lng).unwrap()
 }
 

@@ -12,6 +12,7 @@
 //! - [`grpc`]: the only module that knows tonic/prost: generated code, adapters, status mapping.
 //! - [`telemetry`]: log setup.
 //! - [`snapshot`]: crash-safe, checksummed snapshots of the index.
+//! - [`population`]: the standard, seeded benchmark population.
 //! - [`server`]: wires the domain and the gRPC services together and serves until shutdown.
 
 pub mod cell;
@@ -22,6 +23,7 @@ pub mod geo;
 pub mod grpc;
 pub mod id;
 pub mod nearby;
+pub mod population;
 pub mod server;
 pub mod shake;
 pub mod snapshot;

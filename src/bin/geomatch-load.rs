@@ -1,0 +1,445 @@
+//! `geomatch-load`: a load generator for geomatch (and, for comparison, Redis GEO).
+//!
+//! It loads the standard population (see `geomatch::population`) in bulk, then runs one
+//! scenario for a fixed duration, closed loop (`--concurrency` callers, as fast as they
+//! go) or open loop (`--rate` requests/s on a fixed schedule, latency measured from each
+//! request's scheduled send time so stalls are not hidden). It prints a progress line
+//! every second, a table, and one JSON line per run. Loopback only; bounded in time.
+//!
+//! Scenarios:
+//! - `update`: a random user moves a few metres;
+//! - `search-dense-1km` / `search-dense-5km`: from a random city centre, limit 50;
+//! - `search-sparse`: 10 km around a point at least 100 km from every city, limit 50;
+//! - `shake`: pairs of users shake together at random places (every call should match);
+//!   one op = one pair, latency = second arrival to both answered;
+//! - `mixed`: 70 % update, 20 % search-dense-1km, 5 % search-dense-5km, 5 % search-sparse
+//!   (the read/write blend of a People Nearby feature: pings far outnumber searches).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+use geomatch::{
+    grpc::pb::{
+        self, nearby_client::NearbyClient, shake_client::ShakeClient, shake_response::Outcome,
+    },
+    population::{self, CITIES},
+};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Update,
+    SearchDense1km,
+    SearchDense5km,
+    SearchSparse,
+    Shake,
+    Mixed,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::SearchDense1km => "search-dense-1km",
+            Self::SearchDense5km => "search-dense-5km",
+            Self::SearchSparse => "search-sparse",
+            Self::Shake => "shake",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+/// Load generator for geomatch: standard population, scenarios, closed or open loop.
+#[derive(Debug, Parser)]
+#[command(name = "geomatch-load", version, about)]
+struct Args {
+    /// What to run.
+    #[arg(long, value_enum, default_value = "search-dense-1km")]
+    scenario: Scenario,
+    /// geomatch gRPC address (loopback).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: SocketAddr,
+    /// Population size.
+    #[arg(long, default_value_t = 1_000_000)]
+    users: u64,
+    /// Concurrent callers (closed loop) or most requests in flight (open loop).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// How long the scenario runs (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Open loop: requests per second on a fixed schedule. Closed loop when not given.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Population and request seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Do not load the population (the server already holds it from an earlier run).
+    #[arg(long)]
+    skip_load: bool,
+    /// Report this process's resident memory (e.g. the server's pid) in the JSON line.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+fn ensure_loopback(addr: SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("--grpc {addr}: load tests may only target loopback addresses");
+    }
+    Ok(())
+}
+
+async fn connect(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        out.push(ch);
+    }
+    Ok(out)
+}
+
+fn update(i: u64, (lat, lng): (f64, f64)) -> pb::UpdateLocationRequest {
+    pb::UpdateLocationRequest {
+        user_id: population::user_id(i),
+        position: Some(pb::LatLng { lat, lng }),
+        gender: (i % 3) as i32,
+    }
+}
+
+async fn load_population(
+    channels: &[Channel],
+    users: u64,
+    seed: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let positions = Arc::new(population::positions(users, seed));
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency.max(1) {
+        let mut c = NearbyClient::new(channels[w % channels.len()].clone());
+        let (positions, next) = (positions.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= users {
+                    return Ok::<_, tonic::Status>(());
+                }
+                c.update_location(update(i, positions[i as usize])).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    eprintln!(
+        "loaded {users} users in {:.1} s ({:.0} pings/s)",
+        started.elapsed().as_secs_f64(),
+        users as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Everything a worker needs to issue one operation.
+#[derive(Clone)]
+struct Ctx {
+    scenario: Scenario,
+    users: u64,
+    positions: Arc<Vec<(f64, f64)>>,
+    pair_seq: Arc<AtomicU64>,
+}
+
+fn search(
+    rng: &mut StdRng,
+    users: u64,
+    (lat, lng): (f64, f64),
+    radius_m: f64,
+) -> pb::SearchNearbyRequest {
+    pb::SearchNearbyRequest {
+        user_id: population::user_id(rng.random_range(0..users)),
+        position: Some(pb::LatLng { lat, lng }),
+        radius_m,
+        limit: 50,
+        ..Default::default()
+    }
+}
+
+fn city(rng: &mut StdRng) -> (f64, f64) {
+    let (_, lat, lng) = CITIES[rng.random_range(0..CITIES.len())];
+    (lat, lng)
+}
+
+/// Runs one operation; `Ok(true)` when it did what the scenario expects.
+async fn one_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, tonic::Status> {
+    let scenario = match ctx.scenario {
+        Scenario::Mixed => match rng.random_range(0..100) {
+            0..70 => Scenario::Update,
+            70..90 => Scenario::SearchDense1km,
+            90..95 => Scenario::SearchDense5km,
+            _ => Scenario::SearchSparse,
+        },
+        s => s,
+    };
+    let mut nearby = NearbyClient::new(ch.clone());
+    match scenario {
+        Scenario::Update => {
+            let i = rng.random_range(0..ctx.users);
+            let (lat, lng) = ctx.positions[i as usize];
+            let moved = population::offset(
+                lat,
+                lng,
+                rng.random_range(-10.0..10.0),
+                rng.random_range(-10.0..10.0),
+            );
+            nearby.update_location(update(i, moved)).await?;
+            Ok(true)
+        }
+        Scenario::SearchDense1km | Scenario::SearchDense5km => {
+            let r = if scenario == Scenario::SearchDense1km {
+                1_000.0
+            } else {
+                5_000.0
+            };
+            let centre = city(rng);
+            let req = search(rng, ctx.users, centre, r);
+            Ok(!nearby
+                .search_nearby(req)
+                .await?
+                .into_inner()
+                .users
+                .is_empty())
+        }
+        Scenario::SearchSparse => {
+            let centre = population::sparse_point(rng);
+            let req = search(rng, ctx.users, centre, 10_000.0);
+            nearby.search_nearby(req).await?;
+            Ok(true)
+        }
+        Scenario::Shake | Scenario::Mixed => {
+            let n = ctx.pair_seq.fetch_add(1, Ordering::Relaxed);
+            let (lat, lng) = (rng.random_range(20.0..45.0), rng.random_range(100.0..125.0));
+            let req = |side: u64| pb::ShakeRequest {
+                user_id: format!("shaker:{n}:{side}"),
+                position: Some(pb::LatLng { lat, lng }),
+                shake_id: format!("{n}"),
+                max_distance_m: 100.0,
+                exclude_user_ids: Vec::new(),
+            };
+            let mut a = ShakeClient::new(ch.clone());
+            let mut b = ShakeClient::new(ch.clone());
+            let (ra, rb) = tokio::join!(a.shake(req(0)), b.shake(req(1)));
+            let (ra, rb) = (ra?.into_inner(), rb?.into_inner());
+            Ok(ra.outcome() == Outcome::Matched
+                && rb.outcome() == Outcome::Matched
+                && ra.match_id == rb.match_id)
+        }
+    }
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    ops: u64,
+    errors: u64,
+    misses: u64,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Self {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            ops: 0,
+            errors: 0,
+            misses: 0,
+        }
+    }
+
+    fn record(&mut self, latency: Duration, result: Result<bool, tonic::Status>) {
+        match result {
+            Ok(good) => {
+                self.ops += 1;
+                self.misses += u64::from(!good);
+                let _ = self.hist.record((latency.as_micros() as u64).max(1));
+            }
+            Err(_) => self.errors += 1,
+        }
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        let _ = self.hist.add(&other.hist);
+        self.ops += other.ops;
+        self.errors += other.errors;
+        self.misses += other.misses;
+    }
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure_loopback(args.grpc)?;
+    if args.duration > Duration::from_secs(3_600) {
+        bail!("--duration: at most 1h");
+    }
+    let channels = connect(args.grpc, args.connections).await?;
+    if !args.skip_load && args.scenario != Scenario::Shake {
+        load_population(&channels, args.users, args.seed, args.concurrency.max(32)).await?;
+    }
+    let ctx = Ctx {
+        scenario: args.scenario,
+        users: args.users,
+        positions: Arc::new(population::positions(args.users, args.seed)),
+        pair_seq: Arc::new(AtomicU64::new(args.seed << 40)),
+    };
+
+    let total = Arc::new(Mutex::new(Stats::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let progress_ops = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + args.duration;
+
+    let progress = {
+        let (done, ops) = (done.clone(), progress_ops.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let now = ops.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>5.1} s  {:>9} ops/s  ",
+                    started.elapsed().as_secs_f64(),
+                    now - last
+                );
+                last = now;
+            }
+            eprintln!();
+        })
+    };
+
+    let mut workers = Vec::new();
+    match args.rate {
+        None => {
+            for w in 0..args.concurrency.max(1) {
+                let (ctx, ch, total, ops) = (
+                    ctx.clone(),
+                    channels[w % channels.len()].clone(),
+                    total.clone(),
+                    progress_ops.clone(),
+                );
+                let mut rng =
+                    StdRng::seed_from_u64(args.seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9));
+                workers.push(tokio::spawn(async move {
+                    let mut mine = Stats::new();
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let r = one_op(&ctx, &mut rng, &ch).await;
+                        mine.record(t.elapsed(), r);
+                        ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    total.lock().unwrap().merge(&mine);
+                }));
+            }
+        }
+        Some(rate) => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                bail!("--rate {rate}: must be a positive number of requests per second");
+            }
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+            let mut rng = StdRng::seed_from_u64(args.seed);
+            let mut i: u64 = 0;
+            loop {
+                let scheduled = started + interval.mul_f64(i as f64);
+                if scheduled >= end {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                let (ctx, ch, total, ops) = (
+                    ctx.clone(),
+                    channels[(i as usize) % channels.len()].clone(),
+                    total.clone(),
+                    progress_ops.clone(),
+                );
+                let mut op_rng = StdRng::seed_from_u64(rng.random());
+                match in_flight.clone().try_acquire_owned() {
+                    Ok(permit) => workers.push(tokio::spawn(async move {
+                        let r = one_op(&ctx, &mut op_rng, &ch).await;
+                        // Latency from the scheduled send time: a stalled server shows up here.
+                        total.lock().unwrap().record(scheduled.elapsed(), r);
+                        ops.fetch_add(1, Ordering::Relaxed);
+                        drop(permit);
+                    })),
+                    Err(_) => total.lock().unwrap().errors += 1,
+                }
+                i += 1;
+            }
+        }
+    }
+    for w in workers {
+        w.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let _ = progress.await;
+
+    let stats = total.lock().unwrap();
+    let ops_per_s = stats.ops as f64 / elapsed;
+    let q = |p: f64| stats.hist.value_at_quantile(p);
+    let mode = args
+        .rate
+        .map_or("closed".to_string(), |r| format!("open {r}/s"));
+    println!(
+        "| scenario | target | mode | ops/s | p50 µs | p99 µs | p99.9 µs | errors | unexpected |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | grpc | {mode} | {ops_per_s:.0} | {} | {} | {} | {} | {} |",
+        args.scenario.name(),
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        stats.errors,
+        stats.misses
+    );
+    let rss = args.server_pid.and_then(rss_bytes);
+    let rss = rss.map_or(String::new(), |b| format!(",\"rss_bytes\":{b}"));
+    println!(
+        "{{\"scenario\":\"{}\",\"target\":\"grpc\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}}}",
+        args.scenario.name(),
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        stats.errors
+    );
+    Ok(())
+}
