@@ -133,16 +133,6 @@ impl App {
         Some(result)
     }
 
-    async fn write_snapshot_off_thread(&self) {
-        let app = self.clone();
-        if tokio::task::spawn_blocking(move || app.write_snapshot())
-            .await
-            .is_err()
-        {
-            tracing::error!("snapshot task failed");
-        }
-    }
-
     /// Reclaims expired pings and old shake outcomes once.
     pub fn sweep(&self) {
         let started = std::time::Instant::now();
@@ -196,17 +186,67 @@ fn spawn_sweeper(app: App) -> AbortOnDrop {
     }))
 }
 
-fn spawn_snapshotter(app: App) -> Option<AbortOnDrop> {
-    app.config.snapshot.as_ref()?;
-    Some(AbortOnDrop(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(app.config.snapshot_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            app.write_snapshot_off_thread().await;
+/// The snapshot writer: one long-lived OS thread at low CPU priority, so a snapshot of a
+/// large index takes only CPU the request handlers leave idle. It writes every
+/// `--snapshot-interval`, and once more when asked at shutdown.
+struct Snapshotter {
+    tx: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Snapshotter {
+    fn spawn(app: App) -> Option<Self> {
+        app.config.snapshot.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
+        let spawned = std::thread::Builder::new()
+            .name("geomatch-snapshot".into())
+            .spawn(move || {
+                lower_thread_priority();
+                let interval = app.config.snapshot_interval;
+                loop {
+                    match rx.recv_timeout(interval) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            app.write_snapshot();
+                        }
+                        Ok(done) => {
+                            app.write_snapshot();
+                            let _ = done.send(());
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Self { tx }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the snapshot thread: snapshots only at shutdown");
+                None
+            }
         }
-    })))
+    }
+
+    /// Writes a final snapshot and stops the thread.
+    async fn finish(self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.tx.send(done).is_ok() {
+            let _ = written.await;
+        }
+    }
+}
+
+/// Nice 10 for the calling thread (Linux keeps nice values per thread), so background
+/// work yields the CPU to request handlers. Best effort: a failure only costs latency.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
+        let rc = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+        };
+        if rc != 0 {
+            tracing::debug!("could not lower the snapshot thread's priority");
+        }
+    }
 }
 
 /// Serves `/metrics` on `listener` until the returned guard is dropped.
@@ -268,7 +308,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let _sweeper = spawn_sweeper(app.clone());
-    let snapshotter = spawn_snapshotter(app.clone());
+    let snapshotter = Snapshotter::spawn(app.clone());
     let nearby = NearbyServer::new(NearbyService::new(
         app.nearby.clone(),
         app.clock.clone(),
@@ -313,8 +353,9 @@ pub async fn serve(
         .add_service(shake)
         .serve_with_incoming_shutdown(incoming, drain)
         .await?;
-    drop(snapshotter);
-    app.write_snapshot_off_thread().await;
+    if let Some(s) = snapshotter {
+        s.finish().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -13,13 +13,13 @@
 //! or the new snapshot under `<path>`, never a torn one; a leftover `.tmp` is ignored and
 //! overwritten. Waiting shakes are not persisted (they live for seconds).
 //!
-//! The index is serialised to memory one bucket at a time under shard read locks (searches
-//! keep running; a writer to a shard waits for at most that shard's serialisation), and
-//! the file is written after every lock is released.
+//! The index is serialised one bucket at a time under shard read locks (searches keep
+//! running; a writer to a shard waits for at most that shard's serialisation) and streamed
+//! to the file in 256 KiB chunks, hashed on the way, so memory stays flat at any size.
 
 use std::{
     fs::{self, File},
-    io::{self, Write as _},
+    io,
     path::{Path, PathBuf},
 };
 
@@ -98,28 +98,89 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// Serialises the index to snapshot bytes.
-pub fn encode(index: &NearbyIndex, taken_at_ms: i64) -> (Vec<u8>, u64) {
-    let mut buf = Vec::with_capacity(HEADER_LEN + index.len() * 40 + TRAILER_LEN);
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&VERSION.to_le_bytes());
-    buf.push(u8::from(index.config().privacy_resolution));
-    buf.extend_from_slice(&taken_at_ms.to_le_bytes());
+/// Flushes serialised records to the output in chunks of this size, so a snapshot of any
+/// size needs only this much memory.
+const CHUNK: usize = 256 * 1024;
+
+/// Hashes everything written through it and passes it on in [`CHUNK`]-sized writes.
+struct Sink<'w, W: io::Write> {
+    out: &'w mut W,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    written: u64,
+    failed: Option<io::Error>,
+}
+
+impl<W: io::Write> Sink<'_, W> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.failed.is_none() {
+            self.hasher.update(&self.buf);
+            self.written += self.buf.len() as u64;
+            if let Err(e) = self.out.write_all(&self.buf) {
+                self.failed = Some(e);
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+/// Serialises the index into `out`; returns (users, bytes).
+///
+/// Records are serialised under each bucket's shard read lock and handed to `out` in
+/// 256 KiB chunks, so searches are never blocked and memory stays flat.
+///
+/// # Errors
+/// The first error `out` returned.
+pub fn encode_to(
+    index: &NearbyIndex,
+    taken_at_ms: i64,
+    out: &mut impl io::Write,
+) -> io::Result<(u64, u64)> {
+    let mut sink = Sink {
+        out,
+        buf: Vec::with_capacity(CHUNK + 256),
+        hasher: blake3::Hasher::new(),
+        written: 0,
+        failed: None,
+    };
+    sink.put(MAGIC);
+    sink.put(&VERSION.to_le_bytes());
+    sink.put(&[u8::from(index.config().privacy_resolution)]);
+    sink.put(&taken_at_ms.to_le_bytes());
     let mut count: u64 = 0;
     index.for_each_record(|r| {
         let user = r.user.as_str().as_bytes();
         // Ids are validated to at most 128 bytes on the way in.
-        buf.push(user.len() as u8);
-        buf.extend_from_slice(user);
-        buf.extend_from_slice(&u64::from(r.cell).to_le_bytes());
-        buf.push(r.gender.wire());
-        buf.extend_from_slice(&r.last_seen_ms.to_le_bytes());
+        sink.put(&[user.len() as u8]);
+        sink.put(user);
+        sink.put(&u64::from(r.cell).to_le_bytes());
+        sink.put(&[r.gender.wire()]);
+        sink.put(&r.last_seen_ms.to_le_bytes());
         count += 1;
     });
-    buf.extend_from_slice(&count.to_le_bytes());
-    let hash = blake3::hash(&buf);
-    buf.extend_from_slice(hash.as_bytes());
-    (buf, count)
+    sink.put(&count.to_le_bytes());
+    sink.flush();
+    if let Some(e) = sink.failed {
+        return Err(e);
+    }
+    let hash = sink.hasher.finalize();
+    sink.out.write_all(hash.as_bytes())?;
+    Ok((count, sink.written + HASH_LEN as u64))
+}
+
+/// Serialises the index to snapshot bytes in memory; returns (bytes, users).
+pub fn encode(index: &NearbyIndex, taken_at_ms: i64) -> (Vec<u8>, u64) {
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail.
+    let (users, _) = encode_to(index, taken_at_ms, &mut out).unwrap_or((0, 0));
+    (out, users)
 }
 
 /// Writes a snapshot of `index` to `path`, crash-safely (temp file, fsync, rename, fsync
@@ -128,13 +189,13 @@ pub fn encode(index: &NearbyIndex, taken_at_ms: i64) -> (Vec<u8>, u64) {
 /// # Errors
 /// [`SnapshotError::Io`] when the file system refuses; the previous snapshot stays intact.
 pub fn write(index: &NearbyIndex, path: &Path, taken_at_ms: i64) -> Result<Stats, SnapshotError> {
-    let (bytes, users) = encode(index, taken_at_ms);
     let tmp = tmp_path(path);
-    {
+    let (users, bytes) = {
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&bytes).map_err(io_err(&tmp))?;
+        let written = encode_to(index, taken_at_ms, &mut f).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
-    }
+        written
+    };
     fs::rename(&tmp, path).map_err(io_err(path))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -146,7 +207,7 @@ pub fn write(index: &NearbyIndex, path: &Path, taken_at_ms: i64) -> Result<Stats
     Ok(Stats {
         users,
         expired: 0,
-        bytes: bytes.len() as u64,
+        bytes,
     })
 }
 
