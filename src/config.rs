@@ -142,6 +142,11 @@ pub struct Config {
     #[arg(long, env = "GEOMATCH_SNAPSHOT_IGNORE_CORRUPT")]
     pub snapshot_ignore_corrupt: bool,
 
+    /// On SIGINT/SIGTERM, how long in-flight calls and open streams may take to finish
+    /// before the remaining connections are closed.
+    #[arg(long, env = "GEOMATCH_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
     /// Log format.
     #[arg(long, env = "GEOMATCH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -327,8 +327,9 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .with_keepalive(Some(cfg.keepalive_interval));
 
+    let draining = Arc::new(tokio::sync::Notify::new());
     let drain = {
-        let health = health.clone();
+        let (health, draining) = (health.clone(), draining.clone());
         async move {
             shutdown.await;
             tracing::info!("shutting down: draining");
@@ -339,10 +340,11 @@ pub async fn serve(
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
+            draining.notify_one();
         }
     };
 
-    Server::builder()
+    let serving = Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
         .layer(RpcLayer)
@@ -351,8 +353,20 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(nearby)
         .add_service(shake)
-        .serve_with_incoming_shutdown(incoming, drain)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, drain);
+    // A graceful shutdown waits for every connection to close; a client holding a stream
+    // open (a health Watch, say) must not keep the process up forever.
+    let deadline = async {
+        draining.notified().await;
+        tokio::time::sleep(cfg.drain_timeout).await;
+    };
+    tokio::select! {
+        served = serving => served?,
+        () = deadline => tracing::warn!(
+            drain_timeout_ms = cfg.drain_timeout.as_millis() as u64,
+            "drain timeout: closing the remaining connections"
+        ),
+    }
     if let Some(s) = snapshotter {
         s.finish().await;
     }

@@ -214,3 +214,39 @@ async fn oversized_messages_are_refused() {
     assert_eq!(server.app.matcher.waiting(), 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn health_turns_not_serving_when_the_drain_starts() {
+    use geomatch::grpc::pb::{self, shake_client::ShakeClient};
+    let server = start(&["--shake-window", "300ms", "--drain-timeout", "1s"]).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "geomatch.v1.Nearby".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // Keep a call in flight so the drain lasts a moment.
+    let mut c = ShakeClient::new(server.channel().await);
+    let call = tokio::spawn(async move {
+        c.shake(pb::ShakeRequest {
+            user_id: "alice".into(),
+            position: common::latlng(1.0, 1.0),
+            shake_id: "s".into(),
+            ..Default::default()
+        })
+        .await
+    });
+    server.app.matcher.until_waiting(1).await;
+    let stopping = tokio::spawn(server.stop());
+    let next = watch.next().await.unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert!(
+        call.await.unwrap().is_ok(),
+        "in-flight calls finish during the drain"
+    );
+    stopping.await.unwrap();
+}
