@@ -69,9 +69,14 @@ struct Args {
     /// What to run.
     #[arg(long, value_enum, default_value = "search-dense-1km")]
     scenario: Scenario,
-    /// geomatch gRPC address (loopback).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc: SocketAddr,
+    /// geomatch gRPC address (loopback). Default 127.0.0.1:50051 when no --redis is given.
+    #[arg(long)]
+    grpc: Option<SocketAddr>,
+    /// Redis/Valkey URL (loopback), e.g. redis://127.0.0.1:6390: the same scenario with
+    /// GEOADD / GEOSEARCH. With --grpc as well, both are loaded, a sample of searches is
+    /// cross-checked, and the scenario runs against each in turn (one JSON line each).
+    #[arg(long)]
+    redis: Option<String>,
     /// Population size.
     #[arg(long, default_value_t = 1_000_000)]
     users: u64,
@@ -103,6 +108,100 @@ fn ensure_loopback(addr: SocketAddr) -> anyhow::Result<()> {
         bail!("--grpc {addr}: load tests may only target loopback addresses");
     }
     Ok(())
+}
+
+const REDIS_KEY: &str = "geomatch:users";
+
+async fn redis_connect(
+    url: &str,
+    n: usize,
+) -> anyhow::Result<Vec<redis::aio::MultiplexedConnection>> {
+    let client = redis::Client::open(url).with_context(|| format!("--redis {url}"))?;
+    let loopback = match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
+            host == "localhost"
+                || host
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => true,
+    };
+    if !loopback {
+        bail!("--redis {url}: load tests may only target loopback addresses");
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        out.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .with_context(|| format!("connecting to {url}"))?,
+        );
+    }
+    Ok(out)
+}
+
+async fn redis_load(
+    conns: &[redis::aio::MultiplexedConnection],
+    users: u64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let positions = population::positions(users, seed);
+    let started = Instant::now();
+    let mut c = conns[0].clone();
+    redis::cmd("DEL")
+        .arg(REDIS_KEY)
+        .query_async::<()>(&mut c)
+        .await?;
+    // Bulk, not timed in the scenario: 1 000 members per GEOADD, 8 batches in flight.
+    let mut in_flight = Vec::new();
+    for (b, chunk) in positions.chunks(1_000).enumerate() {
+        let mut cmd = redis::cmd("GEOADD");
+        cmd.arg(REDIS_KEY);
+        for (j, (lat, lng)) in chunk.iter().enumerate() {
+            let i = (b * 1_000 + j) as u64;
+            cmd.arg(*lng)
+                .arg(lat.clamp(-85.05, 85.05))
+                .arg(population::user_id(i));
+        }
+        let mut c = conns[b % conns.len()].clone();
+        in_flight.push(tokio::spawn(
+            async move { cmd.query_async::<i64>(&mut c).await },
+        ));
+        if in_flight.len() >= 8 {
+            in_flight.remove(0).await??;
+        }
+    }
+    for t in in_flight {
+        t.await??;
+    }
+    eprintln!(
+        "redis: loaded {users} users in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn redis_search(
+    c: &mut redis::aio::MultiplexedConnection,
+    (lat, lng): (f64, f64),
+    radius_m: f64,
+) -> redis::RedisResult<Vec<(String, f64)>> {
+    redis::cmd("GEOSEARCH")
+        .arg(REDIS_KEY)
+        .arg("FROMLONLAT")
+        .arg(lng)
+        .arg(lat)
+        .arg("BYRADIUS")
+        .arg(radius_m)
+        .arg("m")
+        .arg("ASC")
+        .arg("COUNT")
+        .arg(50)
+        .arg("WITHDIST")
+        .query_async(c)
+        .await
 }
 
 async fn connect(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
@@ -160,6 +259,13 @@ async fn load_population(
     Ok(())
 }
 
+/// Where operations go.
+#[derive(Clone)]
+enum Conn {
+    Grpc(Channel),
+    Redis(redis::aio::MultiplexedConnection),
+}
+
 /// Everything a worker needs to issue one operation.
 #[derive(Clone)]
 struct Ctx {
@@ -189,9 +295,9 @@ fn city(rng: &mut StdRng) -> (f64, f64) {
     (lat, lng)
 }
 
-/// Runs one operation; `Ok(true)` when it did what the scenario expects.
-async fn one_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, tonic::Status> {
-    let scenario = match ctx.scenario {
+/// The scenario one operation of `scenario` runs (mixed picks one).
+fn pick(scenario: Scenario, rng: &mut StdRng) -> Scenario {
+    match scenario {
         Scenario::Mixed => match rng.random_range(0..100) {
             0..70 => Scenario::Update,
             70..90 => Scenario::SearchDense1km,
@@ -199,7 +305,63 @@ async fn one_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, tonic
             _ => Scenario::SearchSparse,
         },
         s => s,
-    };
+    }
+}
+
+type OpResult = Result<bool, String>;
+
+/// Runs one operation; `Ok(true)` when it did what the scenario expects.
+async fn one_op(ctx: &Ctx, rng: &mut StdRng, conn: &Conn) -> OpResult {
+    match conn {
+        Conn::Grpc(ch) => grpc_op(ctx, rng, ch).await.map_err(|e| e.to_string()),
+        Conn::Redis(c) => redis_op(ctx, rng, &mut c.clone())
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+async fn redis_op(
+    ctx: &Ctx,
+    rng: &mut StdRng,
+    c: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<bool> {
+    match pick(ctx.scenario, rng) {
+        Scenario::Update => {
+            let i = rng.random_range(0..ctx.users);
+            let (lat, lng) = ctx.positions[i as usize];
+            let (lat, lng) = population::offset(
+                lat,
+                lng,
+                rng.random_range(-10.0..10.0),
+                rng.random_range(-10.0..10.0),
+            );
+            redis::cmd("GEOADD")
+                .arg(REDIS_KEY)
+                .arg(lng)
+                .arg(lat.clamp(-85.05, 85.05))
+                .arg(population::user_id(i))
+                .query_async::<i64>(c)
+                .await?;
+            Ok(true)
+        }
+        s @ (Scenario::SearchDense1km | Scenario::SearchDense5km) => {
+            let r = if s == Scenario::SearchDense1km {
+                1_000.0
+            } else {
+                5_000.0
+            };
+            Ok(!redis_search(c, city(rng), r).await?.is_empty())
+        }
+        Scenario::SearchSparse => {
+            redis_search(c, population::sparse_point(rng), 10_000.0).await?;
+            Ok(true)
+        }
+        Scenario::Shake | Scenario::Mixed => Ok(false),
+    }
+}
+
+async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, tonic::Status> {
+    let scenario = pick(ctx.scenario, rng);
     let mut nearby = NearbyClient::new(ch.clone());
     match scenario {
         Scenario::Update => {
@@ -273,7 +435,7 @@ impl Stats {
         }
     }
 
-    fn record(&mut self, latency: Duration, result: Result<bool, tonic::Status>) {
+    fn record(&mut self, latency: Duration, result: OpResult) {
         match result {
             Ok(good) => {
                 self.ops += 1;
@@ -304,16 +466,112 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Checks that both targets hold the same population and do the same work, on a sample of
+/// dense 1 km searches. geomatch measures to privacy-snapped positions (cell centres, at
+/// most ~300 m from the true position), so: everyone Redis finds within 700 m must be in
+/// geomatch's full 1 km answer (all pages), and both find about as many within 1 km.
+async fn cross_check(
+    channels: &[Channel],
+    redis: &[redis::aio::MultiplexedConnection],
+    users: u64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xC4EC);
+    let mut nearby = NearbyClient::new(channels[0].clone());
+    let mut r = redis[0].clone();
+    let mut ratios = Vec::new();
+    for _ in 0..20 {
+        let (clat, clng) = city(&mut rng);
+        let centre = population::offset(
+            clat,
+            clng,
+            rng.random_range(-3_000.0..3_000.0),
+            rng.random_range(-3_000.0..3_000.0),
+        );
+        let mut req = search(&mut rng, users, centre, 1_000.0);
+        req.limit = 100;
+        let searcher = req.user_id.clone();
+        let mut ours = std::collections::HashSet::new();
+        loop {
+            let page = nearby.search_nearby(req.clone()).await?.into_inner();
+            ours.extend(page.users.into_iter().map(|u| u.user_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            req.page_token = page.next_page_token;
+        }
+        let within = |radius: f64| {
+            redis::cmd("GEOSEARCH")
+                .arg(REDIS_KEY)
+                .arg("FROMLONLAT")
+                .arg(centre.1)
+                .arg(centre.0)
+                .arg("BYRADIUS")
+                .arg(radius)
+                .arg("m")
+                .clone()
+        };
+        let inner: Vec<String> = within(700.0).query_async(&mut r).await?;
+        let all: Vec<String> = within(1_000.0).query_async(&mut r).await?;
+        let missing = inner
+            .iter()
+            .filter(|u| **u != searcher && !ours.contains(*u))
+            .count();
+        if missing > 0 {
+            bail!(
+                "cross-check failed: geomatch misses {missing} of the {} users Redis finds within 700 m",
+                inner.len()
+            );
+        }
+        if all.len() >= 20 {
+            ratios.push(ours.len() as f64 / all.len() as f64);
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(1.0);
+    eprintln!(
+        "cross-check: 20 dense 1 km searches agree (inner 700 m fully found; geomatch/Redis count ratio, median {median:.2})"
+    );
+    if !(0.8..=1.25).contains(&median) {
+        bail!(
+            "cross-check failed: the targets hold different populations (count ratio {median:.2})"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ensure_loopback(args.grpc)?;
     if args.duration > Duration::from_secs(3_600) {
         bail!("--duration: at most 1h");
     }
-    let channels = connect(args.grpc, args.connections).await?;
+    let grpc_addr = match (args.grpc, &args.redis) {
+        (Some(a), _) => Some(a),
+        (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
+        (None, Some(_)) => None,
+    };
+    let channels = match grpc_addr {
+        Some(addr) => {
+            ensure_loopback(addr)?;
+            connect(addr, args.connections).await?
+        }
+        None => Vec::new(),
+    };
+    let redis = match &args.redis {
+        Some(url) => redis_connect(url, args.connections).await?,
+        None => Vec::new(),
+    };
     if !args.skip_load && args.scenario != Scenario::Shake {
-        load_population(&channels, args.users, args.seed, args.concurrency.max(32)).await?;
+        if !channels.is_empty() {
+            load_population(&channels, args.users, args.seed, args.concurrency.max(32)).await?;
+        }
+        if !redis.is_empty() {
+            redis_load(&redis, args.users, args.seed).await?;
+        }
+    }
+    if !channels.is_empty() && !redis.is_empty() {
+        cross_check(&channels, &redis, args.users, args.seed).await?;
     }
     let ctx = Ctx {
         scenario: args.scenario,
@@ -321,7 +579,28 @@ async fn main() -> anyhow::Result<()> {
         positions: Arc::new(population::positions(args.users, args.seed)),
         pair_seq: Arc::new(AtomicU64::new(args.seed << 40)),
     };
+    let mut printed_header = false;
+    if !channels.is_empty() {
+        let conns: Vec<Conn> = channels.iter().cloned().map(Conn::Grpc).collect();
+        run(&args, &ctx, "grpc", &conns, &mut printed_header).await?;
+    }
+    if !redis.is_empty() {
+        if args.scenario == Scenario::Shake {
+            bail!("scenario shake has no Redis equivalent");
+        }
+        let conns: Vec<Conn> = redis.iter().cloned().map(Conn::Redis).collect();
+        run(&args, &ctx, "redis", &conns, &mut printed_header).await?;
+    }
+    Ok(())
+}
 
+async fn run(
+    args: &Args,
+    ctx: &Ctx,
+    target: &str,
+    conns: &[Conn],
+    printed_header: &mut bool,
+) -> anyhow::Result<()> {
     let total = Arc::new(Mutex::new(Stats::new()));
     let done = Arc::new(AtomicBool::new(false));
     let progress_ops = Arc::new(AtomicU64::new(0));
@@ -330,6 +609,7 @@ async fn main() -> anyhow::Result<()> {
 
     let progress = {
         let (done, ops) = (done.clone(), progress_ops.clone());
+        let target = target.to_string();
         tokio::spawn(async move {
             let mut last = 0;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -338,7 +618,7 @@ async fn main() -> anyhow::Result<()> {
                 tick.tick().await;
                 let now = ops.load(Ordering::Relaxed);
                 eprint!(
-                    "\r{:>5.1} s  {:>9} ops/s  ",
+                    "\r{target}: {:>5.1} s  {:>9} ops/s  ",
                     started.elapsed().as_secs_f64(),
                     now - last
                 );
@@ -347,14 +627,13 @@ async fn main() -> anyhow::Result<()> {
             eprintln!();
         })
     };
-
     let mut workers = Vec::new();
     match args.rate {
         None => {
             for w in 0..args.concurrency.max(1) {
-                let (ctx, ch, total, ops) = (
+                let (ctx, conn, total, ops) = (
                     ctx.clone(),
-                    channels[w % channels.len()].clone(),
+                    conns[w % conns.len()].clone(),
                     total.clone(),
                     progress_ops.clone(),
                 );
@@ -364,7 +643,7 @@ async fn main() -> anyhow::Result<()> {
                     let mut mine = Stats::new();
                     while Instant::now() < end {
                         let t = Instant::now();
-                        let r = one_op(&ctx, &mut rng, &ch).await;
+                        let r = one_op(&ctx, &mut rng, &conn).await;
                         mine.record(t.elapsed(), r);
                         ops.fetch_add(1, Ordering::Relaxed);
                     }
@@ -398,16 +677,16 @@ async fn main() -> anyhow::Result<()> {
             let mut rng = StdRng::seed_from_u64(args.seed);
             let mut i: usize = 0;
             while let Some(scheduled) = rx.recv().await {
-                let (ctx, ch, total, ops) = (
+                let (ctx, conn, total, ops) = (
                     ctx.clone(),
-                    channels[i % channels.len()].clone(),
+                    conns[i % conns.len()].clone(),
                     total.clone(),
                     progress_ops.clone(),
                 );
                 let mut op_rng = StdRng::seed_from_u64(rng.random());
                 match in_flight.clone().try_acquire_owned() {
                     Ok(permit) => workers.push(tokio::spawn(async move {
-                        let r = one_op(&ctx, &mut op_rng, &ch).await;
+                        let r = one_op(&ctx, &mut op_rng, &conn).await;
                         // Latency from the scheduled send time: a stalled server shows up here.
                         total.lock().unwrap().record(scheduled.elapsed(), r);
                         ops.fetch_add(1, Ordering::Relaxed);
@@ -433,12 +712,15 @@ async fn main() -> anyhow::Result<()> {
     let mode = args
         .rate
         .map_or("closed".to_string(), |r| format!("open {r}/s"));
+    if !*printed_header {
+        println!(
+            "| scenario | target | mode | ops/s | p50 µs | p99 µs | p99.9 µs | errors | unexpected |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        *printed_header = true;
+    }
     println!(
-        "| scenario | target | mode | ops/s | p50 µs | p99 µs | p99.9 µs | errors | unexpected |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {} | grpc | {mode} | {ops_per_s:.0} | {} | {} | {} | {} | {} |",
+        "| {} | {target} | {mode} | {ops_per_s:.0} | {} | {} | {} | {} | {} |",
         args.scenario.name(),
         q(0.5),
         q(0.99),
@@ -446,10 +728,14 @@ async fn main() -> anyhow::Result<()> {
         stats.errors,
         stats.misses
     );
-    let rss = args.server_pid.and_then(rss_bytes);
+    let rss = if target == "grpc" {
+        args.server_pid.and_then(rss_bytes)
+    } else {
+        None
+    };
     let rss = rss.map_or(String::new(), |b| format!(",\"rss_bytes\":{b}"));
     println!(
-        "{{\"scenario\":\"{}\",\"target\":\"grpc\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}}}",
+        "{{\"scenario\":\"{}\",\"target\":\"{target}\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}}}",
         args.scenario.name(),
         q(0.5),
         q(0.99),
