@@ -134,7 +134,12 @@ async fn redis_connect(
     for _ in 0..n.max(1) {
         out.push(
             client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(
+                    // A slow command (a 5 km GEOSEARCH) queued behind others is slow, not
+                    // an error.
+                    &redis::AsyncConnectionConfig::new()
+                        .set_response_timeout(Some(Duration::from_secs(60))),
+                )
                 .await
                 .with_context(|| format!("connecting to {url}"))?,
         );
@@ -559,7 +564,9 @@ async fn main() -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let redis = match &args.redis {
-        Some(url) => redis_connect(url, args.connections).await?,
+        // One connection per caller: every command waits for its reply before the caller
+        // sends the next (unpipelined), as a Redis client per request handler would.
+        Some(url) => redis_connect(url, args.concurrency).await?,
         None => Vec::new(),
     };
     if !args.skip_load && args.scenario != Scenario::Shake {
