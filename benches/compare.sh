@@ -53,7 +53,7 @@ for port in $REDIS_PORT $VALKEY_PORT 15051; do
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 
-LOAD="./target/release/geomatch-load --users $USERS --duration $DURATION --concurrency $CONCURRENCY"
+LOAD="./target/release/geomatch-load --users $USERS --concurrency $CONCURRENCY"
 # Load the population once into each target (geomatch with each peer: cross-checked).
 $LOAD --grpc $GRPC --redis redis://127.0.0.1:$REDIS_PORT --scenario update --duration 1s >/dev/null
 $LOAD --redis redis://127.0.0.1:$VALKEY_PORT --scenario update --duration 1s >/dev/null
@@ -65,15 +65,15 @@ done
 
 for scenario in update search-dense-1km search-dense-5km search-sparse mixed; do
     for run in $(seq "$RUNS"); do
-        $LOAD --skip-load --scenario $scenario --grpc $GRPC --server-pid $GEOMATCH_PID 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
+        $LOAD --skip-load --duration $DURATION --scenario $scenario --grpc $GRPC --server-pid $GEOMATCH_PID 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
         for peer in $REDIS_PORT $VALKEY_PORT; do
-            $LOAD --skip-load --scenario $scenario --redis redis://127.0.0.1:$peer 2>/dev/null | grep '^{' \
+            $LOAD --skip-load --duration $DURATION --scenario $scenario --redis redis://127.0.0.1:$peer 2>/dev/null | grep '^{' \
                 | sed "s/\"target\":\"redis\"/\"target\":\"$( [ $peer = $REDIS_PORT ] && echo redis || echo valkey )\"/" \
                 | tee -a "$OUT/results.jsonl"
         done
     done
 done
-$LOAD --skip-load --scenario shake --grpc $GRPC 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
+$LOAD --skip-load --duration $DURATION --scenario shake --grpc $GRPC 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
 
 python3 - "$OUT/results.jsonl" >"$OUT/table.md" <<'PY'
 import json, statistics, sys

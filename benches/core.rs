@@ -49,10 +49,16 @@ fn nearby(c: &mut Criterion) {
                 idx.update(user(i), position(&mut rng), Gender::Female, NOW)
             });
         });
-        for (name, radius) in [("search-1km", 1_000.0), ("search-5km", 5_000.0)] {
+        let mut sparse_rng = StdRng::seed_from_u64(3);
+        let (slat, slng) = population::sparse_point(&mut sparse_rng);
+        for (name, (lat, lng), radius) in [
+            ("search-1km", CITY, 1_000.0),
+            ("search-5km", CITY, 5_000.0),
+            ("search-sparse-10km", (slat, slng), 10_000.0),
+        ] {
             let q = SearchRequest {
                 searcher: user(0),
-                centre: Coordinates::new("position", CITY.0, CITY.1).unwrap(),
+                centre: Coordinates::new("position", lat, lng).unwrap(),
                 radius_m: radius,
                 limit: 50,
                 gender: Gender::Unspecified,

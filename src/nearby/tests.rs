@@ -399,6 +399,7 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
             });
         }
     });
+    assert_coarse_consistent(&idx);
     // Afterwards every user is in exactly one bucket, the one the users map names.
     assert_eq!(idx.len(), users.len());
     let members: usize = idx.cells.iter().map(|b| b.len()).sum();
@@ -407,4 +408,68 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
         let bucket = idx.cells.get(&entry.cell).unwrap();
         assert!(bucket.iter().any(|m| &m.user == entry.key()));
     }
+}
+
+/// The coarse map lists exactly the occupied privacy cells, each once, under its centre's
+/// coarse cell.
+fn assert_coarse_consistent(idx: &NearbyIndex) {
+    let mut listed: Vec<CellIndex> = idx.coarse.iter().flat_map(|e| e.value().clone()).collect();
+    for e in idx.coarse.iter() {
+        assert!(!e.value().is_empty(), "empty coarse list kept");
+        assert!(e.value().iter().all(|c| coarse_of(*c) == *e.key()));
+    }
+    listed.sort_unstable();
+    let mut occupied: Vec<CellIndex> = idx.cells.iter().map(|e| *e.key()).collect();
+    occupied.sort_unstable();
+    assert_eq!(listed, occupied);
+}
+
+#[test]
+fn wide_sparse_searches_find_far_users_exactly_at_the_edge() {
+    let idx = index();
+    let centre = pos(SHANGHAI.0, SHANGHAI.1);
+    // Users along a line north, every 250 m out to 12 km: the coarse phase must find
+    // exactly those whose snapped position is within 10 km.
+    for i in 0..48 {
+        let p = pos(SHANGHAI.0 + f64::from(i) * 250.0 / 111_195.0, SHANGHAI.1);
+        idx.update(uid(&format!("u{i:02}")), p, Gender::Female, 0);
+    }
+    let q = query("me", centre, 10_000.0, 100, Gender::Unspecified);
+    let got: Vec<_> = all_pages(&idx, q, 0)
+        .into_iter()
+        .map(|f| f.user.to_string())
+        .collect();
+    let mut want: Vec<(u64, String)> = (0..48)
+        .filter_map(|i| {
+            let p = pos(SHANGHAI.0 + f64::from(i) * 250.0 / 111_195.0, SHANGHAI.1);
+            let d = distance_m(centre.latlng(), snapped(p.cell(Resolution::Nine)));
+            (d <= 10_000.0).then(|| (distance_key(d), format!("u{i:02}")))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got, want.into_iter().map(|(_, u)| u).collect::<Vec<_>>());
+    assert!(got.len() > 35, "far users found: {}", got.len());
+    assert_coarse_consistent(&idx);
+}
+
+#[test]
+fn the_coarse_map_follows_moves_clears_and_sweeps() {
+    let idx = index();
+    let mut rng = StdRng::seed_from_u64(8);
+    for round in 0..5 {
+        for i in 0..300 {
+            let p = pos(
+                SHANGHAI.0 + rng.random_range(-0.3..0.3),
+                SHANGHAI.1 + rng.random_range(-0.3..0.3),
+            );
+            idx.update(uid(&format!("u{i}")), p, Gender::Male, round * 1_000);
+        }
+        for i in (0..300).step_by(7) {
+            idx.clear(&uid(&format!("u{i}")), round * 1_000);
+        }
+        assert_coarse_consistent(&idx);
+    }
+    idx.sweep(i64::MAX / 2);
+    assert_coarse_consistent(&idx);
+    assert_eq!(idx.coarse.len(), 0);
 }
