@@ -252,6 +252,7 @@ fn lower_thread_priority() {
 /// Serves `/metrics` on `listener` until the returned guard is dropped.
 fn spawn_metrics(app: App, listener: TcpListener) -> Result<AbortOnDrop, ServeError> {
     let handle = telemetry::install_metrics().map_err(ServeError::Metrics)?;
+    let upkeep_handle = handle.clone();
     let render = move || {
         let (app, handle) = (app.clone(), handle.clone());
         async move {
@@ -262,8 +263,22 @@ fn spawn_metrics(app: App, listener: TcpListener) -> Result<AbortOnDrop, ServeEr
     };
     let router = axum::Router::new().route("/metrics", axum::routing::get(render));
     Ok(AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::warn!(error = %e, "metrics listener failed");
+        // Histogram samples are buffered until upkeep folds them in: run it even when
+        // nobody scrapes, or the buffer grows with every request.
+        let upkeep = async {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                upkeep_handle.run_upkeep();
+            }
+        };
+        tokio::select! {
+            served = axum::serve(listener, router) => {
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "metrics listener failed");
+                }
+            }
+            () = upkeep => {}
         }
     })))
 }

@@ -277,7 +277,8 @@ fn check_pairs(reqs: &[ShakeRequest], outcomes: &[Outcome], snap: Resolution) {
     }
 }
 
-async fn run_all(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Outcome> {
+/// Runs every request at once (all released by one barrier) and returns the answers in order.
+async fn run_all_raw(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Result<Outcome>> {
     let barrier = Arc::new(Barrier::new(reqs.len()));
     let handles: Vec<_> = reqs
         .iter()
@@ -286,7 +287,7 @@ async fn run_all(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Outcome> {
             let (m, barrier) = (m.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                m.shake(r).await.unwrap()
+                m.shake(r).await
             })
         })
         .collect();
@@ -295,6 +296,14 @@ async fn run_all(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Outcome> {
         out.push(h.await.unwrap());
     }
     out
+}
+
+async fn run_all(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Outcome> {
+    run_all_raw(m, reqs)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,21 +434,10 @@ async fn retries_deadlines_and_supersedes_racing_claims_never_leave_a_one_sided_
             r
         })
         .collect();
-    let barrier = Arc::new(Barrier::new(reqs.len()));
-    let handles: Vec<_> = reqs
-        .iter()
-        .cloned()
-        .map(|r| {
-            let (m, barrier) = (m.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                (r.user.clone(), m.shake(r).await)
-            })
-        })
-        .collect();
+    let answers = run_all_raw(&m, &reqs).await;
     let mut sides: HashMap<String, HashMap<UserId, UserId>> = HashMap::new();
-    for h in handles {
-        let (user, got) = h.await.unwrap();
+    for (req, got) in reqs.iter().zip(answers) {
+        let user = req.user.clone();
         match got {
             Ok(Outcome::Matched(mm)) => {
                 assert_ne!(mm.partner, user, "self pair");
