@@ -37,6 +37,11 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::transport::{Channel, Endpoint};
 
+/// The same allocator as the server: the harness shares the machine with the target, and
+/// a cheaper client leaves more CPU to whichever target it measures.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Update,
