@@ -661,12 +661,17 @@ impl<'a> Walk<'a> {
             }
             if self.fine_rings < FINE_RINGS {
                 self.fine_rings += 1;
-                self.visited.extend(ring.cells.iter().map(|(c, _)| *c));
                 return true;
             }
             // The ring just computed is the first one outside the fine disk: its bound holds
-            // for everything not yet visited. Go coarse from here.
+            // for everything not yet visited. Go coarse from here. (The visited set is built
+            // only now: most searches never get here.)
             self.beyond_fine_m = ring.lower_bound_m;
+            let origin = self.centre.to_cell(self.index.cfg.privacy_resolution);
+            self.visited = origin
+                .grid_disk::<Vec<_>>(FINE_RINGS - 1)
+                .into_iter()
+                .collect();
             let mut coarse = RingCover::new(self.centre, COARSE_RESOLUTION, self.radius_m);
             self.lookahead_valid = coarse.next_ring(&mut self.lookahead);
             self.coarse = Some(coarse);
