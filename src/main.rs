@@ -58,6 +58,14 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     telemetry::init_logs(cfg.log_format);
+    // Restore the snapshot before binding: no client connects to a half-loaded index.
+    let app = match server::App::new(&cfg, Arc::new(SystemClock)) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("geomatch: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let Some(listener) = bind(cfg.listen, "gRPC").await else {
         return ExitCode::FAILURE;
     };
@@ -67,13 +75,6 @@ async fn main() -> ExitCode {
             None => return ExitCode::FAILURE,
         },
         None => None,
-    };
-    let app = match server::App::new(&cfg, Arc::new(SystemClock)) {
-        Ok(app) => app,
-        Err(e) => {
-            eprintln!("geomatch: {e}");
-            return ExitCode::FAILURE;
-        }
     };
     let listeners = server::Listeners {
         grpc: listener,
