@@ -1,6 +1,6 @@
 //! In-process benches of the hot paths: index update, search, page tokens, shake pairing.
 //!
-//! `cargo bench --bench core`; populations are the standard one (`geomatch::population`):
+//! `cargo bench --bench core` (add `GEOMATCH_BENCH_10M=1` for 10 M users); populations are the standard one (`geomatch::population`):
 //! 80 % Gaussian around ten city centres, 20 % uniform, from a fixed seed.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -40,7 +40,12 @@ fn populated(n: usize) -> NearbyIndex {
 fn nearby(c: &mut Criterion) {
     let mut g = c.benchmark_group("nearby");
     g.measurement_time(Duration::from_secs(3));
-    for n in [10_000, 100_000] {
+    // 10 M users (~3 GB, a minute to build) only when asked: GEOMATCH_BENCH_10M=1.
+    let mut sizes = vec![100_000, 1_000_000];
+    if std::env::var_os("GEOMATCH_BENCH_10M").is_some() {
+        sizes.push(10_000_000);
+    }
+    for n in sizes {
         let idx = populated(n);
         let mut rng = StdRng::seed_from_u64(7);
         g.bench_with_input(BenchmarkId::new("update", n), &n, |b, &n| {
