@@ -93,9 +93,12 @@ async fn reflection_lists_the_services_in_v1alpha_and_v1() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn shutdown_lets_in_flight_calls_finish() {
-    let server = start(&["--shake-window", "200ms"]).await;
+/// A shake call in flight (waiting for a partner) once this returns.
+async fn waiting_shake(
+    server: &common::TestServer,
+) -> tokio::task::JoinHandle<
+    Result<tonic::Response<geomatch::grpc::pb::ShakeResponse>, tonic::Status>,
+> {
     let mut c = server.shake().await;
     let call = tokio::spawn(async move {
         c.shake(geomatch::grpc::pb::ShakeRequest {
@@ -107,6 +110,13 @@ async fn shutdown_lets_in_flight_calls_finish() {
         .await
     });
     server.app.matcher.until_waiting(1).await;
+    call
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_calls_finish() {
+    let server = start(&["--shake-window", "200ms"]).await;
+    let call = waiting_shake(&server).await;
     server.stop().await;
     let r = call.await.unwrap().unwrap().into_inner();
     assert_eq!(
@@ -217,7 +227,6 @@ async fn oversized_messages_are_refused() {
 
 #[tokio::test]
 async fn health_turns_not_serving_when_the_drain_starts() {
-    use geomatch::grpc::pb::{self, shake_client::ShakeClient};
     let server = start(&["--shake-window", "300ms", "--drain-timeout", "1s"]).await;
     let mut health = HealthClient::new(server.channel().await);
     let mut watch = health
@@ -230,17 +239,7 @@ async fn health_turns_not_serving_when_the_drain_starts() {
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
     // Keep a call in flight so the drain lasts a moment.
-    let mut c = ShakeClient::new(server.channel().await);
-    let call = tokio::spawn(async move {
-        c.shake(pb::ShakeRequest {
-            user_id: "alice".into(),
-            position: common::latlng(1.0, 1.0),
-            shake_id: "s".into(),
-            ..Default::default()
-        })
-        .await
-    });
-    server.app.matcher.until_waiting(1).await;
+    let call = waiting_shake(&server).await;
     let stopping = tokio::spawn(server.stop());
     let next = watch.next().await.unwrap().unwrap();
     assert_eq!(next.status(), ServingStatus::NotServing);

@@ -488,7 +488,11 @@ impl NearbyIndex {
                     let Some(bucket) = self.cells.get(&cell) else {
                         continue;
                     };
-                    let eligible = filter.start(&bucket, key).count_matching(self, &filter);
+                    let eligible = filter
+                        .start(&bucket, key)
+                        .iter()
+                        .filter(|m| filter.matches(self, m))
+                        .count();
                     if eligible > 0 {
                         cands.push(Candidate {
                             key,
@@ -560,7 +564,7 @@ impl NearbyIndex {
                 let Some(bucket) = self.cells.get(&c.cell) else {
                     continue;
                 };
-                for m in filter.start(&bucket, key).members {
+                for m in filter.start(&bucket, key) {
                     if !filter.matches(self, m) || seen.contains(&m.user) {
                         continue;
                     }
@@ -737,20 +741,6 @@ struct Filter<'a> {
     now_ms: i64,
 }
 
-/// The members of one bucket a search still has to look at.
-struct Slice<'b> {
-    members: &'b [Member],
-}
-
-impl Slice<'_> {
-    fn count_matching(&self, idx: &NearbyIndex, filter: &Filter<'_>) -> usize {
-        self.members
-            .iter()
-            .filter(|m| filter.matches(idx, m))
-            .count()
-    }
-}
-
 impl Filter<'_> {
     fn matches(&self, idx: &NearbyIndex, m: &Member) -> bool {
         m.user != *self.searcher
@@ -759,14 +749,12 @@ impl Filter<'_> {
     }
 
     /// The part of a bucket at distance `key` that comes after the page cursor.
-    fn start<'b>(&self, bucket: &'b [Member], key: u64) -> Slice<'b> {
+    fn start<'b>(&self, bucket: &'b [Member], key: u64) -> &'b [Member] {
         let from = match self.after {
             Some(c) if c.distance_key == key => bucket.partition_point(|m| m.user <= c.user),
             _ => 0,
         };
-        Slice {
-            members: &bucket[from..],
-        }
+        &bucket[from..]
     }
 }
 

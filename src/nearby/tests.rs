@@ -43,6 +43,11 @@ fn query(
     }
 }
 
+/// The ids of a page's users, in order.
+fn ids(users: &[Found]) -> Vec<&str> {
+    users.iter().map(|f| f.user.as_str()).collect()
+}
+
 /// Walks every page; fails if a page is over-long or a user repeats.
 fn all_pages(idx: &NearbyIndex, mut q: SearchRequest, now: i64) -> Vec<Found> {
     let limit = if q.limit == 0 { 20 } else { q.limit as usize };
@@ -217,13 +222,7 @@ fn the_searcher_is_never_in_its_own_results() {
     let page = idx
         .search(&query("me", p, 0.0, 0, Gender::Unspecified), 0)
         .unwrap();
-    assert_eq!(
-        page.users
-            .iter()
-            .map(|f| f.user.as_str())
-            .collect::<Vec<_>>(),
-        ["you"]
-    );
+    assert_eq!(ids(&page.users), ["you"]);
 }
 
 #[test]
@@ -235,14 +234,7 @@ fn pings_expire_after_the_ttl_and_the_sweep_reclaims_them() {
     let q = query("me", p, 0.0, 0, Gender::Unspecified);
     assert_eq!(idx.search(&q, TTL - 1).unwrap().users.len(), 2);
     let later = idx.search(&q, TTL).unwrap();
-    assert_eq!(
-        later
-            .users
-            .iter()
-            .map(|f| f.user.as_str())
-            .collect::<Vec<_>>(),
-        ["fresh"]
-    );
+    assert_eq!(ids(&later.users), ["fresh"]);
     // Memory is reclaimed by the sweep, not only hidden.
     assert_eq!(idx.sweep(TTL), 1);
     assert_eq!((idx.len(), idx.cell_count()), (1, 1));
@@ -287,13 +279,7 @@ fn users_in_one_privacy_cell_are_indistinguishable_but_for_their_id() {
     let page = idx
         .search(&query("me", searcher, 0.0, 0, Gender::Unspecified), 0)
         .unwrap();
-    assert_eq!(
-        page.users
-            .iter()
-            .map(|f| f.user.as_str())
-            .collect::<Vec<_>>(),
-        ["a", "z"]
-    );
+    assert_eq!(ids(&page.users), ["a", "z"]);
     let d = distance_m(searcher.latlng(), centre);
     assert_eq!(page.users[0].distance_m, band_m(d));
     assert_eq!(page.users[1].distance_m, band_m(d));
