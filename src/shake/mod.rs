@@ -13,8 +13,10 @@
 //! then removes it under its stripe lock. Whoever removes a waiter decides its outcome, so
 //! no shake is paired twice and nobody is paired with a withdrawn ("ghost") shake.
 //!
-//! Lock order: `active` entry, then stripes. The claim path holds stripes only and touches
-//! `active`/`done` after releasing them.
+//! Lock order: `active` entry, then stripes, then `done`. A claim records both outcomes in
+//! `done` while it holds the stripes (so a retry sees the match at once) and touches
+//! `active` only after releasing them; a superseded shake is taken out of its bucket before
+//! its successor becomes visible in `active`.
 
 pub mod rule;
 
@@ -119,8 +121,9 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Why {
+    /// The window passed: the NO_MATCH is remembered for retries.
     Expired,
-    Superseded,
+    /// Every caller went away: nothing to remember, a retry starts afresh.
     Cancelled,
 }
 
@@ -389,7 +392,7 @@ impl Matcher {
     }
 
     fn enter(&self, w: Arc<Waiter>) -> Enter {
-        let superseded = {
+        {
             let slot = self.active.entry(w.user.clone());
             if let Some(done) = self.done.get(&(w.user.clone(), w.shake_id.clone()))
                 && done.expires > Instant::now()
@@ -405,20 +408,20 @@ impl Matcher {
                     joined.callers.fetch_add(1, Ordering::SeqCst);
                     return Enter::Join(joined);
                 }
-                Entry::Occupied(mut o) if o.get().withdrawn.load(Ordering::SeqCst) => {
-                    // Its callers are gone and it is being withdrawn: start afresh.
+                Entry::Occupied(mut o) => {
+                    let old = o.get().clone();
+                    // Superseded (or abandoned by its callers): take it out before the new
+                    // shake becomes visible, so it cannot be claimed once a retry of its id
+                    // could start afresh. A claim that came first has already recorded it.
+                    if !old.withdrawn.load(Ordering::SeqCst) && self.take_out(&old) {
+                        self.record(&old, Outcome::NoMatch);
+                    }
                     o.insert(w.clone());
-                    None
                 }
-                Entry::Occupied(mut o) => Some(o.insert(w.clone())),
                 Entry::Vacant(v) => {
                     v.insert(w.clone());
-                    None
                 }
             }
-        };
-        if let Some(old) = superseded {
-            self.withdraw(&old, Why::Superseded);
         }
         Enter::New(w)
     }
@@ -530,15 +533,18 @@ impl Matcher {
         });
         // Resolve both while the stripes are held, so a concurrent withdrawal of either
         // side sees the outcome rather than racing it.
+        // Record both too: a retry of either shake id sees the match from this moment on.
         partner.resolve(for_partner.clone());
         w.resolve(for_me.clone());
+        self.record(&partner, for_partner);
+        self.record(w, for_me);
         drop(guards);
-        self.finish(&partner, for_partner);
-        self.finish(w, for_me);
+        self.release(&partner);
+        self.release(w);
     }
 
-    /// Remembers a finished outcome for retries, then lets the user shake afresh.
-    fn finish(&self, w: &Arc<Waiter>, outcome: Outcome) {
+    /// Remembers a finished outcome for retries of the same shake id.
+    fn record(&self, w: &Waiter, outcome: Outcome) {
         self.done.insert(
             (w.user.clone(), w.shake_id.clone()),
             Done {
@@ -546,11 +552,27 @@ impl Matcher {
                 expires: Instant::now() + self.cfg.result_ttl,
             },
         );
+    }
+
+    /// Lets the user shake afresh, unless a newer shake of theirs is active already.
+    fn release(&self, w: &Arc<Waiter>) {
         self.active.remove_if(&w.user, |_, a| Arc::ptr_eq(a, w));
     }
 
-    /// Takes `w` out of the waiting set. If it had no outcome yet it gets NO_MATCH.
+    /// Takes `w` out of the waiting set. If it had no outcome yet it gets NO_MATCH, which
+    /// is remembered for retries unless its callers went away.
     fn withdraw(&self, w: &Arc<Waiter>, why: Why) {
+        if self.take_out(w) {
+            if why == Why::Expired {
+                self.record(w, Outcome::NoMatch);
+            }
+            self.release(w);
+        }
+    }
+
+    /// Flags `w`, removes it from its bucket and gives it NO_MATCH unless it already had an
+    /// outcome; returns whether this call decided the outcome. Locks only `w`'s stripe.
+    fn take_out(&self, w: &Arc<Waiter>) -> bool {
         w.withdrawn.store(true, Ordering::SeqCst);
         let removed = {
             let mut stripe = lock(&self.stripes[self.stripe_of(w.bucket)]);
@@ -569,14 +591,7 @@ impl Matcher {
         if removed {
             self.waiting_changed(-1);
         }
-        if w.resolve(Outcome::NoMatch) {
-            if why == Why::Cancelled {
-                // Nobody is left to tell; a retry starts afresh.
-                self.active.remove_if(&w.user, |_, a| Arc::ptr_eq(a, w));
-            } else {
-                self.finish(w, Outcome::NoMatch);
-            }
-        }
+        w.resolve(Outcome::NoMatch)
     }
 
     async fn wait(&self, w: &Arc<Waiter>, caller_deadline: Option<Instant>) -> Result<Outcome> {
