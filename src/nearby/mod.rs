@@ -12,22 +12,25 @@
 //! Writers lock a `users` shard and then a `cells` shard, always in that order; searches
 //! only read `cells`, one shard at a time, and never hold a guard while taking another.
 
+mod bucket;
+mod store;
 mod token;
 
-use dashmap::{DashMap, mapref::entry::Entry};
 use h3o::{CellIndex, LatLng, Resolution};
+use hashbrown::{HashMap, hash_map};
 
 pub use token::{Cursor, MAX_TOKEN_LEN, PageTokens, Scope, TokenError};
 
+use self::{
+    bucket::Member,
+    store::{CellCodec, SHARDS, Shards, Slot, Users, cell_shard},
+};
 use crate::{
     cell::{Ring, RingCover},
     error::{Error, Result},
     geo::{Coordinates, band_m, distance_key, distance_m},
     id::UserId,
 };
-
-/// Sharding of both maps: enough shards that two cores rarely contend.
-const SHARDS: usize = 64;
 
 /// A user's self-declared gender, used only as a search filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -140,6 +143,21 @@ pub struct SearchPage {
     pub next_page_token: Option<String>,
 }
 
+/// What the index holds about one user, as shown to that user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocationStatus {
+    /// The privacy cell the user is indexed in: the finest position held.
+    pub cell: CellIndex,
+    /// Whether others can find the user.
+    pub visible: bool,
+    /// The gender given with the last ping.
+    pub gender: Gender,
+    /// Unix ms of the last ping.
+    pub last_seen_ms: i64,
+    /// Unix ms when the location is forgotten.
+    pub expires_at_ms: i64,
+}
+
 /// Everything the index holds about one user: what a snapshot stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -153,19 +171,6 @@ pub struct Record {
     pub last_seen_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Located {
-    cell: CellIndex,
-    last_seen_ms: i64,
-}
-
-#[derive(Debug, Clone)]
-struct Member {
-    user: UserId,
-    gender: Gender,
-    last_seen_ms: i64,
-}
-
 #[derive(Debug)]
 struct Hit {
     key: u64,
@@ -175,16 +180,20 @@ struct Hit {
     last_seen_ms: i64,
 }
 
+/// Occupied privacy cells, each with its packed, id-sorted member list.
+type Cells = HashMap<CellIndex, Box<[u8]>>;
+
 /// The People Nearby index. Cheap to share behind an `Arc`; every method takes `&self`.
 #[derive(Debug)]
 pub struct NearbyIndex {
     cfg: NearbyConfig,
     tokens: PageTokens,
-    users: DashMap<UserId, Located>,
-    cells: DashMap<CellIndex, Vec<Member>>,
+    codec: CellCodec,
+    users: Users,
+    cells: Shards<Cells>,
     /// Coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy cells whose
     /// centres lie in it. Lets wide searches skip empty country at 1/49 of the cost.
-    coarse: DashMap<CellIndex, Vec<CellIndex>>,
+    coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
 }
 
 /// Resolution of the coarse occupancy map (average edge 1.4 km, 49 privacy cells each): a
@@ -206,11 +215,12 @@ impl NearbyIndex {
     /// An empty index.
     pub fn new(cfg: NearbyConfig, tokens: PageTokens) -> Self {
         Self {
+            codec: CellCodec::new(cfg.privacy_resolution),
             cfg,
             tokens,
-            users: DashMap::with_shard_amount(SHARDS),
-            cells: DashMap::with_shard_amount(SHARDS),
-            coarse: DashMap::with_shard_amount(SHARDS),
+            users: Users::default(),
+            cells: Shards::default(),
+            coarse: Shards::default(),
         }
     }
 
@@ -226,16 +236,16 @@ impl NearbyIndex {
 
     /// Whether the index holds nobody.
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.len() == 0
     }
 
     /// Occupied privacy cells.
     pub fn cell_count(&self) -> usize {
-        self.cells.len()
+        self.cells.sum(HashMap::len)
     }
 
-    fn expired(&self, last_seen_ms: i64, now_ms: i64) -> bool {
-        now_ms >= last_seen_ms.saturating_add(self.cfg.location_ttl_ms)
+    fn ttl_ms(&self) -> u32 {
+        u32::try_from(self.cfg.location_ttl_ms.max(0)).unwrap_or(u32::MAX)
     }
 
     /// Records `user` at `position` (last write wins) and returns where it was indexed.
@@ -247,38 +257,56 @@ impl NearbyIndex {
         now_ms: i64,
     ) -> Placement {
         let cell = position.cell(self.cfg.privacy_resolution);
-        self.place(user, cell, gender, now_ms);
+        let member = Member {
+            user: user.as_str().as_bytes(),
+            last_seen_ms: now_ms,
+            ttl_ms: self.ttl_ms(),
+            gender,
+            visible: true,
+        };
+        self.place(cell, &member);
         Placement {
             cell,
-            expires_at_ms: now_ms.saturating_add(self.cfg.location_ttl_ms),
+            expires_at_ms: member.expires_at_ms(),
         }
     }
 
-    /// Puts `user` in privacy cell `cell`, last seen at `last_seen_ms` (last write wins).
-    fn place(&self, user: UserId, cell: CellIndex, gender: Gender, last_seen_ms: i64) {
-        let located = Located { cell, last_seen_ms };
-        match self.users.entry(user) {
-            Entry::Occupied(mut e) => {
-                let old = *e.get();
-                let member = Member {
-                    user: e.key().clone(),
-                    gender,
-                    last_seen_ms,
-                };
-                if old.cell != cell {
-                    self.bucket_remove(old.cell, &member.user);
+    /// Whether privacy cell `cell` holds `user`.
+    fn bucket_contains(&self, cell: CellIndex, user: &[u8]) -> bool {
+        self.cells
+            .read(cell_shard(cell))
+            .get(&cell)
+            .is_some_and(|b| bucket::contains(b, user))
+    }
+
+    /// The user a `Users` entry stands for, if it is `user`'s (see [`store`]).
+    fn is_entry_of(&self, slot: &Slot, entry: u64, user: &[u8]) -> bool {
+        slot.tagged(entry)
+            && self
+                .codec
+                .unpack(entry)
+                .is_some_and(|cell| self.bucket_contains(cell, user))
+    }
+
+    /// Puts `member` in privacy cell `cell` (last write wins).
+    ///
+    /// Lock order, for every writer: the user's `users` shard, then `cells` shards (one at
+    /// a time), then `coarse`.
+    fn place(&self, cell: CellIndex, member: &Member<'_>) {
+        let slot = self.users.slot(member.user);
+        let mut table = self.users.tables.write(slot.shard);
+        let entry = slot.entry(self.codec, cell);
+        match table.find_mut(slot.hash(), |&e| self.is_entry_of(&slot, e, member.user)) {
+            Some(e) => {
+                if let Some(old) = self.codec.unpack(*e).filter(|&old| old != cell) {
+                    self.bucket_remove(old, member.user, |_| true);
                 }
                 self.bucket_upsert(cell, member);
-                e.insert(located);
+                *e = entry;
             }
-            Entry::Vacant(e) => {
-                let member = Member {
-                    user: e.key().clone(),
-                    gender,
-                    last_seen_ms,
-                };
+            None => {
                 self.bucket_upsert(cell, member);
-                e.insert(located);
+                table.insert_unique(slot.hash(), entry, store::rehash);
             }
         }
     }
@@ -286,104 +314,164 @@ impl NearbyIndex {
     /// Restores a user from a snapshot record, unless the ping has expired by `now_ms` or
     /// the cell is not at this index's privacy resolution. Returns whether it was restored.
     pub fn restore(&self, record: Record, now_ms: i64) -> bool {
-        if record.cell.resolution() != self.cfg.privacy_resolution
-            || self.expired(record.last_seen_ms, now_ms)
-        {
+        let member = Member {
+            user: record.user.as_str().as_bytes(),
+            last_seen_ms: record.last_seen_ms,
+            ttl_ms: self.ttl_ms(),
+            gender: record.gender,
+            visible: true,
+        };
+        if record.cell.resolution() != self.cfg.privacy_resolution || member.expired(now_ms) {
             return false;
         }
-        self.place(record.user, record.cell, record.gender, record.last_seen_ms);
+        self.place(record.cell, &member);
         true
     }
 
-    /// Calls `f` with every user held, one cell bucket at a time, under that bucket's
-    /// shard read lock: searches proceed, and writers to a shard wait only while `f` runs
-    /// over its buckets. `f` must not call back into the index.
+    /// Calls `f` with every user held, one shard of cells at a time, under that shard's
+    /// read lock: searches proceed, and writers to a shard wait only while `f` runs over
+    /// its buckets. `f` must not call back into the index.
     pub fn for_each_record(&self, mut f: impl FnMut(&Record)) {
-        for bucket in self.cells.iter() {
-            for m in bucket.value() {
-                f(&Record {
-                    user: m.user.clone(),
-                    cell: *bucket.key(),
-                    gender: m.gender,
-                    last_seen_ms: m.last_seen_ms,
-                });
+        for shard in 0..SHARDS {
+            let cells = self.cells.read(shard);
+            for (&cell, b) in cells.iter() {
+                for m in bucket::iter(b) {
+                    f(&Record {
+                        user: UserId::trusted(&m.user_str()),
+                        cell,
+                        gender: m.gender,
+                        last_seen_ms: m.last_seen_ms,
+                    });
+                }
             }
         }
+    }
+
+    /// What the index holds about `user`: `None` when nothing, or only an expired ping.
+    pub fn status(&self, user: &UserId, now_ms: i64) -> Option<LocationStatus> {
+        let user = user.as_str().as_bytes();
+        let slot = self.users.slot(user);
+        let table = self.users.tables.read(slot.shard);
+        let &entry = table.find(slot.hash(), |&e| self.is_entry_of(&slot, e, user))?;
+        let cell = self.codec.unpack(entry)?;
+        let cells = self.cells.read(cell_shard(cell));
+        let m = bucket::get(cells.get(&cell)?, user)?;
+        (!m.expired(now_ms)).then(|| LocationStatus {
+            cell,
+            visible: m.visible,
+            gender: m.gender,
+            last_seen_ms: m.last_seen_ms,
+            expires_at_ms: m.expires_at_ms(),
+        })
     }
 
     /// Forgets `user`. Returns whether a visible location existed.
     pub fn clear(&self, user: &UserId, now_ms: i64) -> bool {
-        match self.users.entry(user.clone()) {
-            Entry::Occupied(e) => {
-                let old = *e.get();
-                self.bucket_remove(old.cell, e.key());
-                e.remove();
-                !self.expired(old.last_seen_ms, now_ms)
-            }
-            Entry::Vacant(_) => false,
-        }
+        let user = user.as_str().as_bytes();
+        let slot = self.users.slot(user);
+        let mut table = self.users.tables.write(slot.shard);
+        let Ok(entry) = table.find_entry(slot.hash(), |&e| self.is_entry_of(&slot, e, user)) else {
+            return false;
+        };
+        let removed = self
+            .codec
+            .unpack(*entry.get())
+            .and_then(|cell| self.bucket_remove(cell, user, |_| true));
+        entry.remove();
+        removed.is_some_and(|m| !m.expired(now_ms))
     }
 
-    /// Reclaims every expired user; returns how many. Locks one shard at a time.
+    /// Takes `user` out if it is still in `cell` and expired at `now_ms`.
+    fn remove_expired(&self, user: &[u8], cell: CellIndex, now_ms: i64) -> bool {
+        let slot = self.users.slot(user);
+        let mut table = self.users.tables.write(slot.shard);
+        let Ok(entry) = table.find_entry(slot.hash(), |&e| {
+            self.codec.unpack(e) == Some(cell) && self.is_entry_of(&slot, e, user)
+        }) else {
+            return false;
+        };
+        if self
+            .bucket_remove(cell, user, |m| m.expired(now_ms))
+            .is_none()
+        {
+            return false;
+        }
+        entry.remove();
+        true
+    }
+
+    /// Reclaims every expired user; returns how many.
+    ///
+    /// One shard of cells at a time, it lists the expired members under a read lock, then
+    /// removes them one by one through the writers' path: no lock is held for longer than
+    /// a scan of one shard or one removal, so searches and updates go on throughout.
     pub fn sweep(&self, now_ms: i64) -> usize {
         let mut removed = 0;
-        self.users.retain(|user, loc| {
-            if self.expired(loc.last_seen_ms, now_ms) {
-                self.bucket_remove(loc.cell, user);
-                removed += 1;
-                false
-            } else {
-                true
+        let mut ids: Vec<u8> = Vec::new();
+        let mut doomed: Vec<(CellIndex, usize, usize)> = Vec::new();
+        for shard in 0..SHARDS {
+            ids.clear();
+            doomed.clear();
+            {
+                let cells = self.cells.read(shard);
+                for (&cell, b) in cells.iter() {
+                    for m in bucket::iter(b).filter(|m| m.expired(now_ms)) {
+                        doomed.push((cell, ids.len(), m.user.len()));
+                        ids.extend_from_slice(m.user);
+                    }
+                }
             }
-        });
+            for &(cell, at, len) in &doomed {
+                if self.remove_expired(&ids[at..at + len], cell, now_ms) {
+                    removed += 1;
+                }
+            }
+        }
         removed
     }
 
-    fn bucket_upsert(&self, cell: CellIndex, member: Member) {
-        let mut bucket = match self.cells.entry(cell) {
-            Entry::Occupied(e) => e.into_ref(),
-            Entry::Vacant(e) => {
+    fn bucket_upsert(&self, cell: CellIndex, member: &Member<'_>) {
+        let mut cells = self.cells.write(cell_shard(cell));
+        match cells.entry(cell) {
+            hash_map::Entry::Occupied(mut e) => bucket::upsert(e.get_mut(), member),
+            hash_map::Entry::Vacant(e) => {
                 // Registered while this shard of `cells` is locked, so a concurrent removal
                 // of the same bucket cannot interleave (lock order: cells, then coarse).
-                self.coarse.entry(coarse_of(cell)).or_default().push(cell);
-                e.insert(Vec::new())
+                let key = coarse_of(cell);
+                let mut coarse = self.coarse.write(cell_shard(key));
+                let list = coarse.entry(key).or_default();
+                let mut grown = std::mem::take(list).into_vec();
+                grown.push(cell);
+                *list = grown.into_boxed_slice();
+                e.insert(bucket::single(member));
             }
-        };
-        match bucket.binary_search_by(|m| m.user.cmp(&member.user)) {
-            Ok(i) => bucket[i] = member,
-            Err(i) => bucket.insert(i, member),
         }
     }
 
-    fn bucket_remove(&self, cell: CellIndex, user: &UserId) {
-        let now_empty = match self.cells.get_mut(&cell) {
-            Some(mut bucket) => {
-                if let Ok(i) = bucket.binary_search_by(|m| m.user.cmp(user)) {
-                    bucket.remove(i);
+    /// Takes `user` out of `cell` if `pred` holds for it; drops the bucket once empty.
+    fn bucket_remove(
+        &self,
+        cell: CellIndex,
+        user: &[u8],
+        pred: impl FnOnce(&Member<'_>) -> bool,
+    ) -> Option<Member<'static>> {
+        let mut cells = self.cells.write(cell_shard(cell));
+        let b = cells.get_mut(&cell)?;
+        let removed = bucket::remove_if(b, user, pred)?;
+        if b.is_empty() {
+            cells.remove(&cell);
+            let key = coarse_of(cell);
+            let mut coarse = self.coarse.write(cell_shard(key));
+            if let Some(list) = coarse.get_mut(&key) {
+                let kept: Box<[CellIndex]> = list.iter().copied().filter(|&c| c != cell).collect();
+                if kept.is_empty() {
+                    coarse.remove(&key);
+                } else {
+                    *list = kept;
                 }
-                bucket.is_empty()
             }
-            None => false,
-        };
-        if now_empty {
-            self.cells.remove_if(&cell, |_, b| {
-                if !b.is_empty() {
-                    return false;
-                }
-                let key = coarse_of(cell);
-                let gone = match self.coarse.get_mut(&key) {
-                    Some(mut list) => {
-                        list.retain(|c| *c != cell);
-                        list.is_empty()
-                    }
-                    None => false,
-                };
-                if gone {
-                    self.coarse.remove_if(&key, |_, l| l.is_empty());
-                }
-                true
-            });
         }
+        Some(removed)
     }
 
     fn radius(&self, requested: f64) -> Result<f64> {
@@ -485,14 +573,15 @@ impl NearbyIndex {
                     if filter.after.is_some_and(|c| key < c.distance_key) {
                         continue;
                     }
-                    let Some(bucket) = self.cells.get(&cell) else {
+                    let cells = self.cells.read(cell_shard(cell));
+                    let Some(bucket) = cells.get(&cell) else {
                         continue;
                     };
                     let eligible = filter
-                        .start(&bucket, key)
-                        .iter()
-                        .filter(|m| filter.matches(self, m))
+                        .start(bucket, key)
+                        .filter(|m| filter.matches(m))
                         .count();
+                    drop(cells);
                     if eligible > 0 {
                         cands.push(Candidate {
                             key,
@@ -561,17 +650,22 @@ impl NearbyIndex {
             let first_new = hits.len();
             let single = group_end - group_start == 1;
             'cells: for c in &cands[group_start..group_end] {
-                let Some(bucket) = self.cells.get(&c.cell) else {
+                let cells = self.cells.read(cell_shard(c.cell));
+                let Some(bucket) = cells.get(&c.cell) else {
                     continue;
                 };
-                for m in filter.start(&bucket, key) {
-                    if !filter.matches(self, m) || seen.contains(&m.user) {
+                for m in filter.start(bucket, key) {
+                    if !filter.matches(&m) {
+                        continue;
+                    }
+                    let user = m.user_str();
+                    if seen.contains(user.as_ref()) {
                         continue;
                     }
                     hits.push(Hit {
                         key,
                         distance_m: c.distance_m,
-                        user: m.user.clone(),
+                        user: UserId::trusted(&user),
                         gender: m.gender,
                         last_seen_ms: m.last_seen_ms,
                     });
@@ -698,7 +792,12 @@ impl<'a> Walk<'a> {
         let this_and_rest = (d - self.coarse_circumradius_m).min(later_rings);
         ring.cells.clear();
         ring.lower_bound_m = this_and_rest.max(self.beyond_fine_m).max(0.0);
-        if let Some(list) = self.index.coarse.get(&coarse_cell) {
+        if let Some(list) = self
+            .index
+            .coarse
+            .read(cell_shard(coarse_cell))
+            .get(&coarse_cell)
+        {
             for &cell in list.iter() {
                 if !self.visited.contains(&cell) {
                     ring.cells
@@ -742,19 +841,19 @@ struct Filter<'a> {
 }
 
 impl Filter<'_> {
-    fn matches(&self, idx: &NearbyIndex, m: &Member) -> bool {
-        m.user != *self.searcher
-            && !idx.expired(m.last_seen_ms, self.now_ms)
+    fn matches(&self, m: &Member<'_>) -> bool {
+        m.visible
+            && m.user != self.searcher.as_str().as_bytes()
+            && !m.expired(self.now_ms)
             && (self.gender == Gender::Unspecified || m.gender == self.gender)
     }
 
-    /// The part of a bucket at distance `key` that comes after the page cursor.
-    fn start<'b>(&self, bucket: &'b [Member], key: u64) -> &'b [Member] {
-        let from = match self.after {
-            Some(c) if c.distance_key == key => bucket.partition_point(|m| m.user <= c.user),
-            _ => 0,
-        };
-        &bucket[from..]
+    /// The members of a bucket at distance `key` that come after the page cursor.
+    fn start<'b>(&self, bucket: &'b [u8], key: u64) -> bucket::Iter<'b> {
+        match self.after {
+            Some(c) if c.distance_key == key => bucket::after(bucket, c.user.as_str().as_bytes()),
+            _ => bucket::iter(bucket),
+        }
     }
 }
 

@@ -388,24 +388,47 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
     assert_coarse_consistent(&idx);
     // Afterwards every user is in exactly one bucket, the one the users map names.
     assert_eq!(idx.len(), users.len());
-    let members: usize = idx.cells.iter().map(|b| b.len()).sum();
-    assert_eq!(members, users.len());
-    for entry in idx.users.iter() {
-        let bucket = idx.cells.get(&entry.cell).unwrap();
-        assert!(bucket.iter().any(|m| &m.user == entry.key()));
+    assert_users_consistent(&idx);
+}
+
+/// Every entry of the users map finds its user, in the one bucket that holds it.
+fn assert_users_consistent(idx: &NearbyIndex) {
+    let mut members = Vec::new();
+    for shard in 0..SHARDS {
+        for (&cell, b) in idx.cells.read(shard).iter() {
+            assert!(!b.is_empty(), "empty bucket kept");
+            for m in bucket::iter(b) {
+                members.push((m.user.to_vec(), cell));
+            }
+        }
     }
+    assert_eq!(members.len(), idx.len(), "one entry per member");
+    for (user, cell) in &members {
+        let slot = idx.users.slot(user);
+        let table = idx.users.tables.read(slot.shard);
+        let found = table.find(slot.hash(), |&e| idx.is_entry_of(&slot, e, user));
+        assert_eq!(found.and_then(|&e| idx.codec.unpack(e)), Some(*cell));
+    }
+    let distinct: HashSet<&Vec<u8>> = members.iter().map(|(u, _)| u).collect();
+    assert_eq!(distinct.len(), members.len(), "a user in two buckets");
 }
 
 /// The coarse map lists exactly the occupied privacy cells, each once, under its centre's
 /// coarse cell.
 fn assert_coarse_consistent(idx: &NearbyIndex) {
-    let mut listed: Vec<CellIndex> = idx.coarse.iter().flat_map(|e| e.value().clone()).collect();
-    for e in idx.coarse.iter() {
-        assert!(!e.value().is_empty(), "empty coarse list kept");
-        assert!(e.value().iter().all(|c| coarse_of(*c) == *e.key()));
+    let mut listed = Vec::new();
+    for shard in 0..SHARDS {
+        for (key, list) in idx.coarse.read(shard).iter() {
+            assert!(!list.is_empty(), "empty coarse list kept");
+            assert!(list.iter().all(|c| coarse_of(*c) == *key));
+            listed.extend_from_slice(list);
+        }
     }
     listed.sort_unstable();
-    let mut occupied: Vec<CellIndex> = idx.cells.iter().map(|e| *e.key()).collect();
+    let mut occupied: Vec<CellIndex> = Vec::new();
+    for shard in 0..SHARDS {
+        occupied.extend(idx.cells.read(shard).keys());
+    }
     occupied.sort_unstable();
     assert_eq!(listed, occupied);
 }
@@ -455,7 +478,15 @@ fn the_coarse_map_follows_moves_clears_and_sweeps() {
         }
         assert_coarse_consistent(&idx);
     }
+    assert_users_consistent(&idx);
+    let status = idx.status(&uid("u1"), 4_000).unwrap();
+    assert_eq!(status.last_seen_ms, 4_000);
+    assert_eq!(status.expires_at_ms, 4_000 + TTL);
+    assert!(status.visible);
+    assert_eq!(idx.status(&uid("u0"), 4_000), None, "cleared");
+    assert_eq!(idx.status(&uid("u1"), 4_000 + TTL), None, "expired");
     idx.sweep(i64::MAX / 2);
     assert_coarse_consistent(&idx);
-    assert_eq!(idx.coarse.len(), 0);
+    assert_eq!(idx.coarse.sum(|m| m.len()), 0);
+    assert_eq!(idx.len(), 0);
 }

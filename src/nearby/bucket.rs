@@ -1,0 +1,251 @@
+//! The packed member list of one privacy cell.
+//!
+//! A bucket is one boxed byte string: the cell's members back to back, sorted by user id,
+//! each encoded as
+//!
+//! ```text
+//! [id length: u8][id bytes][last seen, ms: 6 bytes LE][time to live, ms: u32 LE][flags: u8]
+//! ```
+//!
+//! so a 17-byte id costs 29 bytes, with no per-member pointer, padding or allocation. A
+//! search reads a bucket front to back; an update that stays in its cell (the usual case:
+//! a user who moved a few metres) rewrites the member in place.
+
+use super::Gender;
+
+/// Bytes of a member besides its id.
+const FIXED: usize = 1 + 6 + 4 + 1;
+/// Latest last-seen time a member can hold (2^48 ms: the year 10889).
+const MAX_SEEN_MS: i64 = (1 << 48) - 1;
+/// Flag bit: the user is never returned to others.
+const INVISIBLE: u8 = 1 << 2;
+
+/// One member, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Member<'a> {
+    /// The user's id bytes (valid UTF-8: ids are validated strings).
+    pub(super) user: &'a [u8],
+    /// Unix ms of the user's last ping.
+    pub(super) last_seen_ms: i64,
+    /// How long the ping stays visible, from `last_seen_ms`.
+    pub(super) ttl_ms: u32,
+    /// The user's gender.
+    pub(super) gender: Gender,
+    /// Whether others may find the user.
+    pub(super) visible: bool,
+}
+
+impl Member<'_> {
+    /// Unix ms when the ping stops being visible.
+    pub(super) fn expires_at_ms(&self) -> i64 {
+        self.last_seen_ms.saturating_add(i64::from(self.ttl_ms))
+    }
+
+    /// Whether the ping has expired at `now_ms`.
+    pub(super) fn expired(&self, now_ms: i64) -> bool {
+        now_ms >= self.expires_at_ms()
+    }
+
+    /// The member's id as a string.
+    pub(super) fn user_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.user)
+    }
+
+    fn encoded_len(&self) -> usize {
+        FIXED + self.user.len()
+    }
+
+    fn encode_into(&self, out: &mut [u8]) {
+        let n = self.user.len();
+        out[0] = n as u8;
+        out[1..=n].copy_from_slice(self.user);
+        let seen = self.last_seen_ms.clamp(0, MAX_SEEN_MS).to_le_bytes();
+        out[n + 1..n + 7].copy_from_slice(&seen[..6]);
+        out[n + 7..n + 11].copy_from_slice(&self.ttl_ms.to_le_bytes());
+        out[n + 11] = self.gender.wire() | if self.visible { 0 } else { INVISIBLE };
+    }
+}
+
+/// Members of a bucket, in id order.
+#[derive(Debug, Clone)]
+pub(super) struct Iter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = Member<'a>;
+
+    fn next(&mut self) -> Option<Member<'a>> {
+        let (&n, tail) = self.rest.split_first()?;
+        let n = usize::from(n);
+        let (user, tail) = tail.split_at_checked(n)?;
+        let (fixed, tail) = tail.split_at_checked(FIXED - 1)?;
+        self.rest = tail;
+        let mut seen = [0u8; 8];
+        seen[..6].copy_from_slice(&fixed[..6]);
+        let mut ttl = [0u8; 4];
+        ttl.copy_from_slice(&fixed[6..10]);
+        let flags = fixed[10];
+        Some(Member {
+            user,
+            last_seen_ms: i64::from_le_bytes(seen),
+            ttl_ms: u32::from_le_bytes(ttl),
+            gender: Gender::from_wire(flags & 3).unwrap_or_default(),
+            visible: flags & INVISIBLE == 0,
+        })
+    }
+}
+
+/// The members of `bucket`, in id order.
+pub(super) fn iter(bucket: &[u8]) -> Iter<'_> {
+    Iter { rest: bucket }
+}
+
+/// The members of `bucket` whose id sorts after `user`.
+pub(super) fn after<'a>(bucket: &'a [u8], user: &[u8]) -> Iter<'a> {
+    let mut it = iter(bucket);
+    loop {
+        let before = it.rest;
+        match it.next() {
+            Some(m) if m.user <= user => {}
+            _ => return Iter { rest: before },
+        }
+    }
+}
+
+/// Where `user` is, or would go, in `bucket`: `Ok(offset)` of its member, or
+/// `Err(offset)` of the first member that sorts after it.
+fn locate(bucket: &[u8], user: &[u8]) -> Result<usize, usize> {
+    let mut it = iter(bucket);
+    loop {
+        let offset = bucket.len() - it.rest.len();
+        match it.next() {
+            Some(m) if m.user < user => {}
+            Some(m) if m.user == user => return Ok(offset),
+            _ => return Err(offset),
+        }
+    }
+}
+
+/// The member for `user`, if the bucket holds one.
+pub(super) fn get<'a>(bucket: &'a [u8], user: &[u8]) -> Option<Member<'a>> {
+    let offset = locate(bucket, user).ok()?;
+    iter(&bucket[offset..]).next()
+}
+
+/// Whether `bucket` holds `user`.
+pub(super) fn contains(bucket: &[u8], user: &[u8]) -> bool {
+    locate(bucket, user).is_ok()
+}
+
+/// Puts `member` in `bucket` (replacing the same user's member). Rewrites in place when
+/// the user is already there; otherwise builds the bucket anew, exactly sized.
+pub(super) fn upsert(bucket: &mut Box<[u8]>, member: &Member<'_>) {
+    let len = member.encoded_len();
+    match locate(bucket, member.user) {
+        Ok(at) => member.encode_into(&mut bucket[at..at + len]),
+        Err(at) => {
+            let mut grown = vec![0u8; bucket.len() + len];
+            grown[..at].copy_from_slice(&bucket[..at]);
+            member.encode_into(&mut grown[at..at + len]);
+            grown[at + len..].copy_from_slice(&bucket[at..]);
+            *bucket = grown.into_boxed_slice();
+        }
+    }
+}
+
+/// A bucket holding just `member`.
+pub(super) fn single(member: &Member<'_>) -> Box<[u8]> {
+    let mut b = vec![0u8; member.encoded_len()].into_boxed_slice();
+    member.encode_into(&mut b);
+    b
+}
+
+/// Takes `user` out of `bucket` if `pred` holds for its member; returns the member's
+/// expiry and whether it was visible, or `None` when nothing was removed.
+pub(super) fn remove_if(
+    bucket: &mut Box<[u8]>,
+    user: &[u8],
+    pred: impl FnOnce(&Member<'_>) -> bool,
+) -> Option<Member<'static>> {
+    let at = locate(bucket, user).ok()?;
+    let m = iter(&bucket[at..]).next()?;
+    if !pred(&m) {
+        return None;
+    }
+    let removed = Member { user: &[], ..m };
+    let len = m.encoded_len();
+    let mut shrunk = Vec::with_capacity(bucket.len() - len);
+    shrunk.extend_from_slice(&bucket[..at]);
+    shrunk.extend_from_slice(&bucket[at + len..]);
+    *bucket = shrunk.into_boxed_slice();
+    Some(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(user: &str, seen: i64) -> Member<'_> {
+        Member {
+            user: user.as_bytes(),
+            last_seen_ms: seen,
+            ttl_ms: 900_000,
+            gender: Gender::Female,
+            visible: true,
+        }
+    }
+
+    #[test]
+    fn members_stay_sorted_and_round_trip() {
+        let mut b = single(&m("m", 1));
+        for (u, t) in [("c", 2), ("x", 3), ("a", 4), ("m", 5)] {
+            upsert(&mut b, &m(u, t));
+        }
+        let got: Vec<_> = iter(&b)
+            .map(|x| (x.user_str().into_owned(), x.last_seen_ms))
+            .collect();
+        let want = [("a", 4), ("c", 2), ("m", 5), ("x", 3)].map(|(u, t)| (u.to_string(), t));
+        assert_eq!(got, want);
+        assert_eq!(b.len(), 4 * (FIXED + 1), "exactly sized");
+        let after_c: Vec<_> = after(&b, b"c").map(|x| x.user_str().into_owned()).collect();
+        assert_eq!(after_c, ["m", "x"]);
+        assert_eq!(after(&b, b"b").count(), 3);
+        assert_eq!(after(&b, b"z").count(), 0);
+        assert!(contains(&b, b"x") && !contains(&b, b"y"));
+    }
+
+    #[test]
+    fn every_field_survives_encoding() {
+        let long = "é".repeat(64);
+        let want = Member {
+            user: long.as_bytes(),
+            last_seen_ms: MAX_SEEN_MS,
+            ttl_ms: u32::MAX,
+            gender: Gender::Male,
+            visible: false,
+        };
+        let b = single(&want);
+        assert_eq!(get(&b, long.as_bytes()), Some(want));
+        assert_eq!(want.expires_at_ms(), MAX_SEEN_MS + i64::from(u32::MAX));
+        // Out-of-range times are clamped, not wrapped.
+        let b = single(&Member {
+            last_seen_ms: -5,
+            ..want
+        });
+        assert_eq!(iter(&b).next().map(|x| x.last_seen_ms), Some(0));
+    }
+
+    #[test]
+    fn removal_honours_the_predicate() {
+        let mut b = single(&m("a", 1));
+        upsert(&mut b, &m("b", 2));
+        assert!(remove_if(&mut b, b"a", |x| x.last_seen_ms > 1).is_none());
+        assert!(remove_if(&mut b, b"zz", |_| true).is_none());
+        let gone = remove_if(&mut b, b"a", |_| true);
+        assert_eq!(gone.map(|x| x.last_seen_ms), Some(1));
+        assert_eq!(iter(&b).count(), 1);
+        assert!(remove_if(&mut b, b"b", |_| true).is_some());
+        assert!(b.is_empty());
+    }
+}
