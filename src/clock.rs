@@ -41,6 +41,11 @@ impl ManualClock {
     pub fn advance_ms(&self, ms: i64) {
         self.0.fetch_add(ms, Ordering::SeqCst);
     }
+
+    /// Sets the clock to `now_ms` (backwards too).
+    pub fn set(&self, now_ms: i64) {
+        self.0.store(now_ms, Ordering::SeqCst);
+    }
 }
 
 impl Clock for ManualClock {

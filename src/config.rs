@@ -34,6 +34,10 @@ pub struct Config {
     #[arg(long, env = "GEOMATCH_LOCATION_TTL", default_value = "15m", value_parser = duration)]
     pub location_ttl: Duration,
 
+    /// Longest per-ping time to live (`ttl_s`) a client may ask for (at most 49 days).
+    #[arg(long, env = "GEOMATCH_MAX_LOCATION_TTL", default_value = "72h", value_parser = duration)]
+    pub max_location_ttl: Duration,
+
     /// How long a shake waits for a partner (e.g. 2s, 500ms).
     #[arg(long, env = "GEOMATCH_SHAKE_WINDOW", default_value = "2s", value_parser = duration)]
     pub shake_window: Duration,
@@ -194,8 +198,22 @@ impl Config {
                 bail!("{flag} 0: must be longer than zero");
             }
         }
-        if i64::try_from(self.location_ttl.as_millis()).is_err() {
-            bail!("--location-ttl {:?}: too long", self.location_ttl);
+        // Time to live is stored in 32 bits of ms per user.
+        let ttl_cap = Duration::from_millis(u64::from(u32::MAX));
+        for (flag, d) in [
+            ("--location-ttl", self.location_ttl),
+            ("--max-location-ttl", self.max_location_ttl),
+        ] {
+            if d > ttl_cap {
+                bail!("{flag} {d:?}: must be at most {ttl_cap:?}");
+            }
+        }
+        if self.location_ttl > self.max_location_ttl {
+            bail!(
+                "--location-ttl {:?}: must be at most --max-location-ttl ({:?})",
+                self.location_ttl,
+                self.max_location_ttl
+            );
         }
         positive("--default-radius-m", self.default_radius_m)?;
         positive("--max-radius-m", self.max_radius_m)?;
@@ -257,6 +275,8 @@ impl Config {
         NearbyConfig {
             privacy_resolution: self.privacy(),
             location_ttl_ms: i64::try_from(self.location_ttl.as_millis()).unwrap_or(i64::MAX),
+            max_location_ttl_ms: i64::try_from(self.max_location_ttl.as_millis())
+                .unwrap_or(i64::MAX),
             default_radius_m: self.default_radius_m,
             max_radius_m: self.max_radius_m,
             default_limit: self.default_limit,

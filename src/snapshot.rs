@@ -3,8 +3,9 @@
 //! File layout (little-endian):
 //!
 //! ```text
-//! magic "GEOMSNAP" | version u32 = 1 | privacy resolution u8 | taken_at_ms i64
-//! records: user_len u8 | user bytes | cell u64 | gender u8 | last_seen_ms i64   (repeated)
+//! magic "GEOMSNAP" | version u32 = 2 | privacy resolution u8 | taken_at_ms i64
+//! records: user_len u8 | user bytes | cell u64 | gender u8 | last_seen_ms i64
+//!          | ttl_ms u32 | visible u8                                            (repeated)
 //! trailer: record count u64 | BLAKE3 hash (32 bytes) of everything before the hash
 //! ```
 //!
@@ -32,8 +33,9 @@ use crate::{
 };
 
 const MAGIC: &[u8; 8] = b"GEOMSNAP";
-/// The only format version this build reads and writes.
-pub const VERSION: u32 = 1;
+/// The format version this build writes. It also reads version 1 (no per-ping TTL or
+/// visibility: those records get the server's TTL and are visible).
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 1 + 8;
 const HASH_LEN: usize = 32;
 const TRAILER_LEN: usize = 8 + HASH_LEN;
@@ -163,6 +165,8 @@ pub fn encode_to(
         sink.put(&u64::from(r.cell).to_le_bytes());
         sink.put(&[r.gender.wire()]);
         sink.put(&r.last_seen_ms.to_le_bytes());
+        sink.put(&r.ttl_ms.to_le_bytes());
+        sink.put(&[u8::from(r.visible)]);
         count += 1;
     });
     sink.put(&count.to_le_bytes());
@@ -253,6 +257,7 @@ pub fn decode(
     bytes: &[u8],
     path: &Path,
     expected_resolution: u8,
+    default_ttl_ms: u32,
     mut f: impl FnMut(Record),
 ) -> Result<(), SnapshotError> {
     let corrupt = |reason: &str| SnapshotError::Corrupt {
@@ -268,7 +273,7 @@ pub fn decode(
     let mut version = [0; 4];
     version.copy_from_slice(&bytes[8..12]);
     let version = u32::from_le_bytes(version);
-    if version != VERSION {
+    if version != VERSION && version != 1 {
         return Err(SnapshotError::UnsupportedVersion {
             path: path.to_path_buf(),
             found: version,
@@ -305,11 +310,25 @@ pub fn decode(
         let gender =
             Gender::from_wire(r.u8().ok_or_else(bad)?).ok_or_else(|| corrupt("invalid gender"))?;
         let last_seen_ms = r.u64().ok_or_else(bad)? as i64;
+        let (ttl_ms, visible) = if version == 1 {
+            (default_ttl_ms, true)
+        } else {
+            let ttl = r.take(4).ok_or_else(bad)?;
+            let ttl_ms = u32::from_le_bytes([ttl[0], ttl[1], ttl[2], ttl[3]]);
+            let visible = match r.u8().ok_or_else(bad)? {
+                0 => false,
+                1 => true,
+                _ => return Err(corrupt("invalid visibility")),
+            };
+            (ttl_ms, visible)
+        };
         parsed.push(Record {
             user,
             cell,
             gender,
             last_seen_ms,
+            ttl_ms,
+            visible,
         });
     }
     let mut count = [0; 8];
@@ -339,7 +358,7 @@ pub fn load(index: &NearbyIndex, path: &Path, now_ms: i64) -> Result<Option<Stat
         bytes: bytes.len() as u64,
     };
     let resolution = u8::from(index.config().privacy_resolution);
-    decode(&bytes, path, resolution, |record| {
+    decode(&bytes, path, resolution, index.ttl_ms(), |record| {
         if index.restore(record, now_ms) {
             stats.users += 1;
         } else {

@@ -34,6 +34,8 @@ pub mod names {
     pub const SEARCHES: &str = "geomatch_searches_total";
     /// Counter: location clears.
     pub const CLEARS: &str = "geomatch_clears_total";
+    /// Counter: items of `UpdateLocations` streams rejected one by one.
+    pub const PINGS_REJECTED: &str = "geomatch_pings_rejected_total";
     /// Counter: shake calls answered MATCHED.
     pub const MATCHES: &str = "geomatch_shake_matches_total";
     /// Counter: shake calls answered NO_MATCH.
@@ -100,6 +102,10 @@ fn describe() {
     describe_counter!(PINGS, "accepted location pings");
     describe_counter!(SEARCHES, "answered nearby searches");
     describe_counter!(CLEARS, "location clears");
+    describe_counter!(
+        PINGS_REJECTED,
+        "items of UpdateLocations streams rejected one by one"
+    );
     describe_counter!(MATCHES, "shake calls answered MATCHED");
     describe_counter!(NO_MATCHES, "shake calls answered NO_MATCH");
     describe_counter!(EXPIRATIONS, "pings reclaimed after their TTL");

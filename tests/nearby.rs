@@ -20,6 +20,7 @@ fn update(user: &str, lat: f64, lng: f64, gender: Gender) -> pb::UpdateLocationR
         user_id: user.into(),
         position: latlng(lat, lng),
         gender: gender.into(),
+        ..Default::default()
     }
 }
 
@@ -236,6 +237,7 @@ async fn every_bad_input_names_its_field_and_stores_nothing() {
                 user_id: "a".into(),
                 position: None,
                 gender: 0,
+                ..Default::default()
             },
             "position",
         ),
@@ -255,8 +257,23 @@ async fn every_bad_input_names_its_field_and_stores_nothing() {
                 user_id: "a".into(),
                 position: latlng(0.0, 0.0),
                 gender: 7,
+                ..Default::default()
             },
             "gender",
+        ),
+        (
+            pb::UpdateLocationRequest {
+                visibility: 9,
+                ..update("a", 0.0, 0.0, Gender::Female)
+            },
+            "visibility",
+        ),
+        (
+            pb::UpdateLocationRequest {
+                ttl_s: 72 * 3_600 + 1,
+                ..update("a", 0.0, 0.0, Gender::Female)
+            },
+            "ttl_s",
         ),
     ];
     for (req, field) in bad_updates {

@@ -147,6 +147,7 @@ async fn metrics_expose_grpc_and_domain_series() {
         user_id: "alice".into(),
         position: common::latlng(31.23, 121.47),
         gender: 1,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -155,6 +156,7 @@ async fn metrics_expose_grpc_and_domain_series() {
             user_id: "alice".into(),
             position: common::latlng(95.0, 121.47),
             gender: 1,
+            ..Default::default()
         })
         .await;
     assert!(bad.is_err());

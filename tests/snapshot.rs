@@ -29,6 +29,7 @@ fn ping(user: &str, lat: f64) -> pb::UpdateLocationRequest {
         user_id: user.into(),
         position: latlng(lat, 121.47),
         gender: 1,
+        ..Default::default()
     }
 }
 

@@ -45,6 +45,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Update,
+    /// Bulk ingest: streams of [`BULK_BATCH`] pings (geomatch `UpdateLocations`; a pipeline
+    /// of as many GEOADDs on Redis). One op is one ping; latencies are per batch.
+    UpdateBulk,
     #[value(name = "search-dense-1km")]
     SearchDense1km,
     #[value(name = "search-dense-5km")]
@@ -58,6 +61,7 @@ impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Self::Update => "update",
+            Self::UpdateBulk => "update-bulk",
             Self::SearchDense1km => "search-dense-1km",
             Self::SearchDense5km => "search-dense-5km",
             Self::SearchSparse => "search-sparse",
@@ -232,6 +236,7 @@ fn update(i: u64, (lat, lng): (f64, f64)) -> pb::UpdateLocationRequest {
         user_id: population::user_id(i),
         position: Some(pb::LatLng { lat, lng }),
         gender: (i % 3) as i32,
+        ..Default::default()
     }
 }
 
@@ -305,6 +310,35 @@ fn city(rng: &mut StdRng) -> (f64, f64) {
     (lat, lng)
 }
 
+/// Pings per `update-bulk` operation.
+const BULK_BATCH: u64 = 1_000;
+
+/// Pings that make one bulk batch: random users, each moved a few metres.
+fn bulk_batch(ctx: &Ctx, rng: &mut StdRng) -> Vec<(u64, (f64, f64))> {
+    (0..BULK_BATCH)
+        .map(|_| {
+            let i = rng.random_range(0..ctx.users);
+            let (lat, lng) = ctx.positions[i as usize];
+            let moved = population::offset(
+                lat,
+                lng,
+                rng.random_range(-10.0..10.0),
+                rng.random_range(-10.0..10.0),
+            );
+            (i, moved)
+        })
+        .collect()
+}
+
+/// Operations one call of `scenario` counts for.
+fn weight(scenario: Scenario) -> u64 {
+    if scenario == Scenario::UpdateBulk {
+        BULK_BATCH
+    } else {
+        1
+    }
+}
+
 /// The scenario one operation of `scenario` runs (mixed picks one).
 fn pick(scenario: Scenario, rng: &mut StdRng) -> Scenario {
     match scenario {
@@ -336,6 +370,19 @@ async fn redis_op(
     c: &mut redis::aio::MultiplexedConnection,
 ) -> redis::RedisResult<bool> {
     match pick(ctx.scenario, rng) {
+        Scenario::UpdateBulk => {
+            let mut pipe = redis::pipe();
+            for (i, (lat, lng)) in bulk_batch(ctx, rng) {
+                pipe.cmd("GEOADD")
+                    .arg(REDIS_KEY)
+                    .arg(lng)
+                    .arg(lat.clamp(-85.05, 85.05))
+                    .arg(population::user_id(i))
+                    .ignore();
+            }
+            pipe.query_async::<()>(c).await?;
+            Ok(true)
+        }
         Scenario::Update => {
             let i = rng.random_range(0..ctx.users);
             let (lat, lng) = ctx.positions[i as usize];
@@ -374,6 +421,17 @@ async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
     let scenario = pick(ctx.scenario, rng);
     let mut nearby = NearbyClient::new(ch.clone());
     match scenario {
+        Scenario::UpdateBulk => {
+            let batch: Vec<_> = bulk_batch(ctx, rng)
+                .into_iter()
+                .map(|(i, moved)| update(i, moved))
+                .collect();
+            let summary = nearby
+                .update_locations(tokio_stream::iter(batch))
+                .await?
+                .into_inner();
+            Ok(summary.accepted == BULK_BATCH)
+        }
         Scenario::Update => {
             let i = rng.random_range(0..ctx.users);
             let (lat, lng) = ctx.positions[i as usize];
@@ -445,10 +503,11 @@ impl Stats {
         }
     }
 
-    fn record(&mut self, latency: Duration, result: OpResult) {
+    /// Records one call that counted for `weight` operations.
+    fn record(&mut self, latency: Duration, result: OpResult, weight: u64) {
         match result {
             Ok(good) => {
-                self.ops += 1;
+                self.ops += weight;
                 self.misses += u64::from(!good);
                 let _ = self.hist.record((latency.as_micros() as u64).max(1));
             }
@@ -656,8 +715,8 @@ async fn run(
                     while Instant::now() < end {
                         let t = Instant::now();
                         let r = one_op(&ctx, &mut rng, &conn).await;
-                        mine.record(t.elapsed(), r);
-                        ops.fetch_add(1, Ordering::Relaxed);
+                        mine.record(t.elapsed(), r, weight(ctx.scenario));
+                        ops.fetch_add(weight(ctx.scenario), Ordering::Relaxed);
                     }
                     total.lock().unwrap().merge(&mine);
                 }));
@@ -700,8 +759,11 @@ async fn run(
                     Ok(permit) => workers.push(tokio::spawn(async move {
                         let r = one_op(&ctx, &mut op_rng, &conn).await;
                         // Latency from the scheduled send time: a stalled server shows up here.
-                        total.lock().unwrap().record(scheduled.elapsed(), r);
-                        ops.fetch_add(1, Ordering::Relaxed);
+                        total
+                            .lock()
+                            .unwrap()
+                            .record(scheduled.elapsed(), r, weight(ctx.scenario));
+                        ops.fetch_add(weight(ctx.scenario), Ordering::Relaxed);
                         drop(permit);
                     })),
                     // Over the in-flight bound: counted as an error, never silently delayed.

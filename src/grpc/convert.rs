@@ -6,7 +6,7 @@ use crate::{
     error::{Error, Result},
     geo::Coordinates,
     id::{ShakeId, UserId},
-    nearby::{Found, Gender},
+    nearby::{Found, Gender, LocationStatus, Ping},
     shake::{Match, Outcome},
 };
 
@@ -34,6 +34,46 @@ pub(super) fn gender(value: i32) -> Result<Gender> {
                 "unknown value {value}; expected GENDER_UNSPECIFIED, GENDER_FEMALE or GENDER_MALE"
             ),
         )),
+    }
+}
+
+pub(super) fn visible(value: i32) -> Result<bool> {
+    match pb::Visibility::try_from(value) {
+        Ok(pb::Visibility::Visible) => Ok(true),
+        Ok(pb::Visibility::Invisible) => Ok(false),
+        Err(_) => Err(Error::invalid(
+            "visibility",
+            format!("unknown value {value}; expected VISIBILITY_VISIBLE or VISIBILITY_INVISIBLE"),
+        )),
+    }
+}
+
+pub(super) fn ping(req: pb::UpdateLocationRequest) -> Result<Ping> {
+    Ok(Ping {
+        user: user_id(&req.user_id)?,
+        position: position(req.position)?,
+        gender: gender(req.gender)?,
+        visible: visible(req.visibility)?,
+        ttl_s: req.ttl_s,
+    })
+}
+
+pub(super) fn location_status(s: Option<LocationStatus>) -> pb::GetLocationStatusResponse {
+    let Some(s) = s else {
+        return pb::GetLocationStatusResponse::default();
+    };
+    let visibility = if s.visible {
+        pb::Visibility::Visible
+    } else {
+        pb::Visibility::Invisible
+    };
+    pb::GetLocationStatusResponse {
+        found: true,
+        cell: s.cell.to_string(),
+        visibility: visibility.into(),
+        last_seen_ms: s.last_seen_ms,
+        expires_at_ms: s.expires_at_ms,
+        gender: gender_to_pb(s.gender).into(),
     }
 }
 

@@ -3,14 +3,18 @@
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, pb, status::overloaded};
 use crate::{
     clock::Clock,
-    nearby::{NearbyIndex, SearchRequest},
+    error::Error,
+    nearby::{NearbyIndex, Placement, SearchRequest},
     telemetry::names,
 };
+
+/// Rejections an `UpdateLocations` summary reports in detail (all are counted).
+const MAX_REPORTED_REJECTIONS: usize = 16;
 
 /// Serves `geomatch.v1.Nearby` from a [`NearbyIndex`].
 #[derive(Debug, Clone)]
@@ -31,6 +35,14 @@ impl NearbyService {
         }
     }
 
+    /// Validates and applies one ping (unary or streamed).
+    fn ping(&self, req: pb::UpdateLocationRequest) -> Result<Placement, Error> {
+        let ping = convert::ping(req)?;
+        let placed = self.index.ping(&ping, self.clock.now_ms())?;
+        metrics::counter!(names::PINGS).increment(1);
+        Ok(placed)
+    }
+
     fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
         self.in_flight
             .try_acquire()
@@ -45,19 +57,60 @@ impl pb::nearby_server::Nearby for NearbyService {
         request: Request<pb::UpdateLocationRequest>,
     ) -> Result<Response<pb::UpdateLocationResponse>, Status> {
         let _permit = self.admit()?;
-        let req = request.into_inner();
-        let user = convert::user_id(&req.user_id)?;
-        let position = convert::position(req.position)?;
-        let gender = convert::gender(req.gender)?;
-        let placed = self
-            .index
-            .update(user, position, gender, self.clock.now_ms());
-        metrics::counter!(names::PINGS).increment(1);
+        let placed = self.ping(request.into_inner())?;
         tracing::debug!(cell = %placed.cell, "location updated");
         Ok(Response::new(pb::UpdateLocationResponse {
             cell: placed.cell.to_string(),
             expires_at_ms: placed.expires_at_ms,
         }))
+    }
+
+    async fn update_locations(
+        &self,
+        request: Request<Streaming<pb::UpdateLocationRequest>>,
+    ) -> Result<Response<pb::UpdateLocationsSummary>, Status> {
+        let _permit = self.admit()?;
+        let mut stream = request.into_inner();
+        let mut summary = pb::UpdateLocationsSummary::default();
+        let mut index = 0u64;
+        // A transport or decoding error ends the call; the items before it stay applied.
+        while let Some(item) = stream.message().await? {
+            match self.ping(item) {
+                Ok(_) => summary.accepted += 1,
+                Err(e) => {
+                    summary.rejected += 1;
+                    if summary.rejections.len() < MAX_REPORTED_REJECTIONS {
+                        let (field, reason) = match e {
+                            Error::InvalidArgument { field, reason } => (field, reason),
+                            other => ("", other.to_string()),
+                        };
+                        summary.rejections.push(pb::Rejection {
+                            index,
+                            field: field.to_string(),
+                            reason,
+                        });
+                    }
+                }
+            }
+            index += 1;
+        }
+        metrics::counter!(names::PINGS_REJECTED).increment(summary.rejected);
+        tracing::debug!(
+            accepted = summary.accepted,
+            rejected = summary.rejected,
+            "bulk update done"
+        );
+        Ok(Response::new(summary))
+    }
+
+    async fn get_location_status(
+        &self,
+        request: Request<pb::GetLocationStatusRequest>,
+    ) -> Result<Response<pb::GetLocationStatusResponse>, Status> {
+        let _permit = self.admit()?;
+        let user = convert::user_id(&request.get_ref().user_id)?;
+        let status = self.index.status(&user, self.clock.now_ms());
+        Ok(Response::new(convert::location_status(status)))
     }
 
     async fn clear_location(

@@ -70,8 +70,11 @@ impl Gender {
 pub struct NearbyConfig {
     /// Resolution of the privacy cells users are snapped to (and indexed by).
     pub privacy_resolution: Resolution,
-    /// How long a ping stays visible after the user's last update, in ms.
+    /// How long a ping stays visible after the user's last update, in ms, unless the ping
+    /// asks for its own time to live.
     pub location_ttl_ms: i64,
+    /// Longest time to live a ping may ask for, in ms (at most `u32::MAX`, 49 days).
+    pub max_location_ttl_ms: i64,
     /// Radius used when a search asks for 0, in metres.
     pub default_radius_m: f64,
     /// Largest radius a search may ask for, in metres.
@@ -87,12 +90,29 @@ impl Default for NearbyConfig {
         Self {
             privacy_resolution: Resolution::Nine,
             location_ttl_ms: 15 * 60 * 1_000,
+            max_location_ttl_ms: 72 * 3_600 * 1_000,
             default_radius_m: 1_000.0,
             max_radius_m: 10_000.0,
             default_limit: 20,
             max_limit: 100,
         }
     }
+}
+
+/// A location ping with its options.
+#[derive(Debug, Clone)]
+pub struct Ping {
+    /// Who.
+    pub user: UserId,
+    /// Where, exactly (only the privacy cell is kept).
+    pub position: Coordinates,
+    /// Their gender, for search filters.
+    pub gender: Gender,
+    /// Whether others may find them; an invisible user can still search.
+    pub visible: bool,
+    /// How long the ping stays, in seconds; 0 = the server's location TTL. At most the
+    /// configured maximum.
+    pub ttl_s: u32,
 }
 
 /// Where an update put the user.
@@ -169,6 +189,10 @@ pub struct Record {
     pub gender: Gender,
     /// Unix ms of their last ping.
     pub last_seen_ms: i64,
+    /// How long the ping stays, from `last_seen_ms`, in ms.
+    pub ttl_ms: u32,
+    /// Whether others may find them.
+    pub visible: bool,
 }
 
 #[derive(Debug)]
@@ -244,11 +268,13 @@ impl NearbyIndex {
         self.cells.sum(HashMap::len)
     }
 
-    fn ttl_ms(&self) -> u32 {
+    /// The server's location TTL in ms (configuration keeps it within `u32`).
+    pub fn ttl_ms(&self) -> u32 {
         u32::try_from(self.cfg.location_ttl_ms.max(0)).unwrap_or(u32::MAX)
     }
 
-    /// Records `user` at `position` (last write wins) and returns where it was indexed.
+    /// Records `user` at `position`, visible for the server's TTL (last write wins), and
+    /// returns where it was indexed.
     pub fn update(
         &self,
         user: UserId,
@@ -257,12 +283,53 @@ impl NearbyIndex {
         now_ms: i64,
     ) -> Placement {
         let cell = position.cell(self.cfg.privacy_resolution);
+        self.put(cell, user.as_str(), gender, true, self.ttl_ms(), now_ms)
+    }
+
+    /// Records a ping with its options (last write wins) and returns where it was indexed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `ttl_s` when it exceeds the configured maximum;
+    /// nothing is stored then.
+    pub fn ping(&self, ping: &Ping, now_ms: i64) -> Result<Placement> {
+        let ttl_ms = if ping.ttl_s == 0 {
+            self.ttl_ms()
+        } else {
+            let max_s = self.cfg.max_location_ttl_ms / 1_000;
+            if i64::from(ping.ttl_s) > max_s {
+                return Err(Error::invalid(
+                    "ttl_s",
+                    format!("must be at most {max_s} s, got {}", ping.ttl_s),
+                ));
+            }
+            ping.ttl_s.saturating_mul(1_000)
+        };
+        let cell = ping.position.cell(self.cfg.privacy_resolution);
+        Ok(self.put(
+            cell,
+            ping.user.as_str(),
+            ping.gender,
+            ping.visible,
+            ttl_ms,
+            now_ms,
+        ))
+    }
+
+    fn put(
+        &self,
+        cell: CellIndex,
+        user: &str,
+        gender: Gender,
+        visible: bool,
+        ttl_ms: u32,
+        now_ms: i64,
+    ) -> Placement {
         let member = Member {
-            user: user.as_str().as_bytes(),
+            user: user.as_bytes(),
             last_seen_ms: now_ms,
-            ttl_ms: self.ttl_ms(),
+            ttl_ms,
             gender,
-            visible: true,
+            visible,
         };
         self.place(cell, &member);
         Placement {
@@ -317,9 +384,9 @@ impl NearbyIndex {
         let member = Member {
             user: record.user.as_str().as_bytes(),
             last_seen_ms: record.last_seen_ms,
-            ttl_ms: self.ttl_ms(),
+            ttl_ms: record.ttl_ms,
             gender: record.gender,
-            visible: true,
+            visible: record.visible,
         };
         if record.cell.resolution() != self.cfg.privacy_resolution || member.expired(now_ms) {
             return false;
@@ -341,6 +408,8 @@ impl NearbyIndex {
                         cell,
                         gender: m.gender,
                         last_seen_ms: m.last_seen_ms,
+                        ttl_ms: m.ttl_ms,
+                        visible: m.visible,
                     });
                 }
             }

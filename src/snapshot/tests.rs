@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use super::*;
 use crate::{
     geo::Coordinates,
-    nearby::{NearbyConfig, PageTokens},
+    nearby::{NearbyConfig, PageTokens, Ping},
 };
 
 const TTL: i64 = 15 * 60 * 1_000;
@@ -98,7 +98,7 @@ fn torn_files_are_refused_at_every_length() {
     let path = Path::new("torn.snap");
     for len in 0..bytes.len() {
         let target = index();
-        let err = decode(&bytes[..len], path, 9, |r| {
+        let err = decode(&bytes[..len], path, 9, 1_000, |r| {
             target.restore(r, 0);
         })
         .unwrap_err();
@@ -118,7 +118,7 @@ fn every_flipped_byte_is_caught() {
         let mut bad = bytes.clone();
         bad[i] ^= 0x40;
         let mut called = false;
-        let got = decode(&bad, Path::new("x"), 9, |_| called = true);
+        let got = decode(&bad, Path::new("x"), 9, 1_000, |_| called = true);
         assert!(got.is_err(), "flip at {i} accepted");
         assert!(!called, "records handed out from a damaged file");
     }
@@ -129,19 +129,19 @@ fn unknown_versions_and_other_resolutions_are_named() {
     let idx = populated(3, 1_000_000);
     let (mut bytes, _) = encode(&idx, 1_000_000);
     let path = Path::new("v.snap");
-    let msg = decode(&bytes, path, u8::from(Resolution::Eight), |_| {})
+    let msg = decode(&bytes, path, u8::from(Resolution::Eight), 1_000, |_| {})
         .unwrap_err()
         .to_string();
     assert!(msg.contains("privacy resolution 9"), "{msg}");
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
-    let err = decode(&bytes, path, 9, |_| {}).unwrap_err();
+    let err = decode(&bytes, path, 9, 1_000, |_| {}).unwrap_err();
     assert!(
         matches!(err, SnapshotError::UnsupportedVersion { found: 7, .. }),
         "{err}"
     );
     assert!(err.to_string().contains("unsupported snapshot version 7"));
     let not_ours = [b"\x89PNG not a snapshot ".as_slice(); 8].concat();
-    let err = decode(&not_ours, path, 9, |_| {}).unwrap_err();
+    let err = decode(&not_ours, path, 9, 1_000, |_| {}).unwrap_err();
     assert!(err.to_string().contains("bad magic"), "{err}");
 }
 
@@ -155,4 +155,75 @@ fn a_leftover_temp_file_is_ignored_and_replaced() {
     assert!(!tmp_path(&path).exists());
     let restored = index();
     assert_eq!(load(&restored, &path, now).unwrap().unwrap().users, 100);
+}
+
+#[test]
+fn visibility_and_per_ping_ttl_survive_a_round_trip() {
+    let now = 1_700_000_000_000;
+    let idx = index();
+    for (i, (visible, ttl_s)) in [(true, 0), (false, 60), (false, 3 * 86_400), (true, 7)]
+        .into_iter()
+        .enumerate()
+    {
+        let ping = Ping {
+            user: UserId::new("u", &format!("p{i}")).unwrap(),
+            position: Coordinates::new("p", 31.2, 121.4 + i as f64 * 0.01).unwrap(),
+            gender: Gender::Male,
+            visible,
+            ttl_s,
+        };
+        idx.ping(&ping, now).unwrap();
+    }
+    let (bytes, n) = encode(&idx, now);
+    assert_eq!(n, 4);
+    let back = index();
+    decode(&bytes, Path::new("x"), 9, 1_000, |r| {
+        assert!(back.restore(r, now));
+    })
+    .unwrap();
+    let got = records(&back);
+    assert_eq!(got, records(&idx));
+    let flags: Vec<(bool, u32)> = got.iter().map(|r| (r.visible, r.ttl_ms)).collect();
+    assert_eq!(
+        flags,
+        [
+            (true, TTL as u32),
+            (false, 60_000),
+            (false, 3 * 86_400_000),
+            (true, 7_000)
+        ]
+    );
+}
+
+#[test]
+fn version_1_files_still_load_visible_with_the_server_ttl() {
+    let cell = h3o::LatLng::new(31.2, 121.4)
+        .unwrap()
+        .to_cell(Resolution::Nine);
+    let mut body = Vec::new();
+    body.extend_from_slice(MAGIC);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.push(9);
+    body.extend_from_slice(&5i64.to_le_bytes());
+    body.push(3);
+    body.extend_from_slice(b"old");
+    body.extend_from_slice(&u64::from(cell).to_le_bytes());
+    body.push(Gender::Female.wire());
+    body.extend_from_slice(&1_234i64.to_le_bytes());
+    body.extend_from_slice(&1u64.to_le_bytes());
+    let hash = blake3::hash(&body);
+    body.extend_from_slice(hash.as_bytes());
+    let mut got = Vec::new();
+    decode(&body, Path::new("v1"), 9, 4_321, |r| got.push(r)).unwrap();
+    assert_eq!(
+        got,
+        [Record {
+            user: UserId::new("u", "old").unwrap(),
+            cell,
+            gender: Gender::Female,
+            last_seen_ms: 1_234,
+            ttl_ms: 4_321,
+            visible: true,
+        }]
+    );
 }
