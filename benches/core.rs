@@ -10,7 +10,10 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use geomatch::{
     geo::Coordinates,
     id::{ShakeId, UserId},
-    nearby::{Cursor, Gender, NearbyConfig, NearbyIndex, PageTokens, Scope, SearchRequest},
+    nearby::{
+        Cursor, Gender, NearbyConfig, NearbyIndex, PageTokens, Scope, SearchRequest, WatchConfig,
+        WatchRequest,
+    },
     population,
     shake::{Matcher, ShakeConfig, ShakeRequest},
 };
@@ -77,6 +80,80 @@ fn nearby(c: &mut Criterion) {
     g.finish();
 }
 
+/// Update cost (a random user jumps to a fresh standard-population position) with no
+/// watches open; with 10 000 watches (1 km) away from the population (sparse points), which
+/// updates must not pay for; and with 10 000 among it (standard-population positions),
+/// where every update legitimately makes events for the watches around its old and new
+/// position. Events are drained outside the timed loop; the count per update is printed.
+fn watch(c: &mut Criterion) {
+    use std::task::{Context, Poll, Waker};
+
+    let mut g = c.benchmark_group("watch");
+    g.measurement_time(Duration::from_secs(3));
+    let n = 100_000;
+    for (name, watchers) in [("none", 0usize), ("elsewhere", 10_000), ("among", 10_000)] {
+        let cfg = NearbyConfig {
+            watch: WatchConfig {
+                buffer: 1 << 16,
+                ..WatchConfig::default()
+            },
+            ..NearbyConfig::default()
+        };
+        let idx = NearbyIndex::new(cfg, PageTokens::new([1; 32]));
+        let mut rng = StdRng::seed_from_u64(42);
+        for i in 0..n {
+            idx.update(user(i), position(&mut rng), Gender::Female, NOW);
+        }
+        let mut watches: Vec<_> = (0..watchers)
+            .map(|i| {
+                let w = UserId::new("user_id", &format!("watcher:{i}")).unwrap();
+                let at = if name == "elsewhere" {
+                    let (lat, lng) = population::sparse_point(&mut rng);
+                    Coordinates::new("position", lat, lng).unwrap()
+                } else {
+                    position(&mut rng)
+                };
+                idx.update(w.clone(), at, Gender::Male, NOW);
+                let req = WatchRequest {
+                    watcher: w,
+                    radius_m: 1_000.0,
+                    gender: Gender::Unspecified,
+                };
+                idx.watch(&req, NOW).unwrap()
+            })
+            .collect();
+        let mut cx = Context::from_waker(Waker::noop());
+        let (mut events, mut updates) = (0u64, 0u64);
+        g.bench_with_input(
+            BenchmarkId::new("update-with-10k-watches", name),
+            &n,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    updates += iters;
+                    let t = std::time::Instant::now();
+                    for _ in 0..iters {
+                        let i = rng.random_range(0..n);
+                        idx.update(user(i), position(&mut rng), Gender::Female, NOW);
+                    }
+                    let took = t.elapsed();
+                    for w in &mut watches {
+                        while let Poll::Ready(Some(e)) = w.poll_event(&mut cx) {
+                            assert!(e.is_ok(), "a watch fell behind");
+                            events += 1;
+                        }
+                    }
+                    took
+                });
+            },
+        );
+        eprintln!(
+            "watch/{name}: {:.2} events per update",
+            events as f64 / updates.max(1) as f64
+        );
+    }
+    g.finish();
+}
+
 fn tokens(c: &mut Criterion) {
     let t = PageTokens::new([1; 32]);
     let scope = Scope {
@@ -129,5 +206,5 @@ fn shake(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, nearby, tokens, shake);
+criterion_group!(benches, nearby, watch, tokens, shake);
 criterion_main!(benches);

@@ -7,7 +7,27 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use h3o::Resolution;
 
-use crate::{nearby::NearbyConfig, shake::ShakeConfig};
+use crate::{
+    nearby::{NearbyConfig, WatchConfig},
+    shake::ShakeConfig,
+};
+
+/// A share: "10%" or "0.1".
+fn fraction(s: &str) -> Result<f64, String> {
+    let (number, scale) = match s.strip_suffix('%') {
+        Some(p) => (p, 100.0),
+        None => (s, 1.0),
+    };
+    let v: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a share such as 10% or 0.1"))?;
+    let v = v / scale;
+    if !(0.0..=10.0).contains(&v) {
+        return Err(format!("{s:?}: must be between 0% and 1000%"));
+    }
+    Ok(v)
+}
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
@@ -122,6 +142,20 @@ pub struct Config {
         default_value_t = 200_000
     )]
     pub max_concurrent_shakes: usize,
+
+    /// WatchNearby hysteresis: a user who entered leaves only beyond the radius plus this
+    /// share of it (e.g. 10% or 0.1), and at least one privacy cell's width.
+    #[arg(long, env = "GEOMATCH_WATCH_HYSTERESIS", default_value = "10%", value_parser = fraction)]
+    pub watch_hysteresis: f64,
+
+    /// Events a WatchNearby stream may have queued; a consumer further behind has its
+    /// stream ended with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GEOMATCH_WATCH_BUFFER", default_value_t = 1_024)]
+    pub watch_buffer: usize,
+
+    /// WatchNearby streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GEOMATCH_MAX_WATCHES", default_value_t = 65_536)]
+    pub max_watches: usize,
 
     /// Interval of HTTP/2 keepalive pings to idle clients.
     #[arg(long, env = "GEOMATCH_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
@@ -252,6 +286,9 @@ impl Config {
         if self.max_concurrent_requests == 0 || self.max_concurrent_shakes == 0 {
             bail!("--max-concurrent-requests / --max-concurrent-shakes: at least 1");
         }
+        if self.watch_buffer == 0 || self.max_watches == 0 {
+            bail!("--watch-buffer / --max-watches: at least 1");
+        }
         for (flag, d) in [
             ("--keepalive-interval", self.keepalive_interval),
             ("--keepalive-timeout", self.keepalive_timeout),
@@ -281,6 +318,11 @@ impl Config {
             max_radius_m: self.max_radius_m,
             default_limit: self.default_limit,
             max_limit: self.max_limit,
+            watch: WatchConfig {
+                buffer: self.watch_buffer,
+                hysteresis: self.watch_hysteresis,
+                max_watches: self.max_watches,
+            },
         }
     }
 

@@ -14,6 +14,18 @@ pub enum Error {
         /// Human-readable reason, safe to show to the caller.
         reason: String,
     },
+    /// The request is valid but the state it needs does not hold (for example: watching
+    /// before having a location).
+    #[error("{field}: {reason}")]
+    FailedPrecondition {
+        /// Wire path of the field the precondition is about.
+        field: &'static str,
+        /// Human-readable reason, safe to show to the caller.
+        reason: String,
+    },
+    /// A bounded resource is full; the caller may retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The caller's own deadline passed before the operation finished.
     #[error("the caller's deadline passed")]
     DeadlineExceeded,

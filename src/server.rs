@@ -155,6 +155,7 @@ impl App {
         metrics::gauge!(names::INDEXED_USERS).set(self.nearby.len() as f64);
         metrics::gauge!(names::OCCUPIED_CELLS).set(self.nearby.cell_count() as f64);
         metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
+        metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
     }
 }
 
@@ -345,9 +346,12 @@ pub async fn serve(
     let draining = Arc::new(tokio::sync::Notify::new());
     let drain = {
         let (health, draining) = (health.clone(), draining.clone());
+        let nearby = app.nearby.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down: draining");
+            // Watch streams never end by themselves: end them, so clients reconnect elsewhere.
+            nearby.close_watches();
             health
                 .set_not_serving::<NearbyServer<NearbyService>>()
                 .await;

@@ -34,6 +34,12 @@ pub mod names {
     pub const SEARCHES: &str = "geomatch_searches_total";
     /// Counter: location clears.
     pub const CLEARS: &str = "geomatch_clears_total";
+    /// Counter: WatchNearby streams opened.
+    pub const WATCHES_OPENED: &str = "geomatch_watches_opened_total";
+    /// Counter: WatchNearby streams ended because their consumer fell behind.
+    pub const WATCH_OVERFLOWS: &str = "geomatch_watch_overflows_total";
+    /// Gauge: WatchNearby streams open.
+    pub const WATCHES: &str = "geomatch_watches";
     /// Counter: items of `UpdateLocations` streams rejected one by one.
     pub const PINGS_REJECTED: &str = "geomatch_pings_rejected_total";
     /// Counter: shake calls answered MATCHED.
@@ -102,6 +108,12 @@ fn describe() {
     describe_counter!(PINGS, "accepted location pings");
     describe_counter!(SEARCHES, "answered nearby searches");
     describe_counter!(CLEARS, "location clears");
+    describe_counter!(WATCHES_OPENED, "WatchNearby streams opened");
+    describe_counter!(
+        WATCH_OVERFLOWS,
+        "WatchNearby streams ended because their consumer fell behind"
+    );
+    describe_gauge!(WATCHES, "WatchNearby streams open");
     describe_counter!(
         PINGS_REJECTED,
         "items of UpdateLocations streams rejected one by one"

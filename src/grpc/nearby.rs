@@ -9,9 +9,45 @@ use super::{convert, pb, status::overloaded};
 use crate::{
     clock::Clock,
     error::Error,
-    nearby::{NearbyIndex, Placement, SearchRequest},
+    nearby::{NearbyIndex, Placement, SearchRequest, Watch, WatchEnd, WatchEvent, WatchRequest},
     telemetry::names,
 };
+
+/// A WatchNearby response stream. Dropping it (the client went away) closes the watch.
+#[derive(Debug)]
+pub struct WatchStream(Watch);
+
+impl tokio_stream::Stream for WatchStream {
+    type Item = Result<pb::NearbyEvent, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use pb::nearby_event::Kind;
+        self.0.poll_event(cx).map(|event| {
+            event.map(|e| match e {
+                Ok(WatchEvent::Enter(f)) => Ok(pb::NearbyEvent {
+                    kind: Kind::Enter.into(),
+                    user: Some(convert::found(f)),
+                }),
+                Ok(WatchEvent::Leave(f)) => Ok(pb::NearbyEvent {
+                    kind: Kind::Leave.into(),
+                    user: Some(convert::found(f)),
+                }),
+                Ok(WatchEvent::SnapshotEnd) => Ok(pb::NearbyEvent {
+                    kind: Kind::SnapshotEnd.into(),
+                    user: None,
+                }),
+                Err(end @ WatchEnd::Overflow(_)) => {
+                    metrics::counter!(names::WATCH_OVERFLOWS).increment(1);
+                    Err(Status::resource_exhausted(end.to_string()))
+                }
+                Err(end @ WatchEnd::Closing) => Err(Status::unavailable(end.to_string())),
+            })
+        })
+    }
+}
 
 /// Rejections an `UpdateLocations` summary reports in detail (all are counted).
 const MAX_REPORTED_REJECTIONS: usize = 16;
@@ -101,6 +137,23 @@ impl pb::nearby_server::Nearby for NearbyService {
             "bulk update done"
         );
         Ok(Response::new(summary))
+    }
+
+    type WatchNearbyStream = WatchStream;
+
+    async fn watch_nearby(
+        &self,
+        request: Request<pb::WatchNearbyRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let req = request.into_inner();
+        let watch = WatchRequest {
+            watcher: convert::user_id(&req.user_id)?,
+            radius_m: req.radius_m,
+            gender: convert::gender(req.gender)?,
+        };
+        let watch = self.index.watch(&watch, self.clock.now_ms())?;
+        metrics::counter!(names::WATCHES_OPENED).increment(1);
+        Ok(Response::new(WatchStream(watch)))
     }
 
     async fn get_location_status(

@@ -26,6 +26,18 @@ pub fn to_status(err: Error) -> Status {
                 ErrorDetails::with_bad_request_violation(field, reason),
             )
         }
+        Error::FailedPrecondition { field, reason } => {
+            metrics::counter!(names::REJECTIONS, "reason" => field).increment(1);
+            Status::with_error_details(
+                Code::FailedPrecondition,
+                format!("{field}: {reason}"),
+                ErrorDetails::with_precondition_failure_violation("STATE", field, reason),
+            )
+        }
+        Error::ResourceExhausted(what) => {
+            metrics::counter!(names::REJECTIONS, "reason" => "exhausted").increment(1);
+            Status::resource_exhausted(what)
+        }
         Error::DeadlineExceeded => Status::deadline_exceeded(Error::DeadlineExceeded.to_string()),
     }
 }

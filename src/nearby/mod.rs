@@ -15,15 +15,20 @@
 mod bucket;
 mod store;
 mod token;
+mod watch;
+
+use std::sync::Arc;
 
 use h3o::{CellIndex, LatLng, Resolution};
 use hashbrown::{HashMap, hash_map};
 
 pub use token::{Cursor, MAX_TOKEN_LEN, PageTokens, Scope, TokenError};
+pub use watch::{Watch, WatchConfig, WatchEnd, WatchEvent};
 
 use self::{
     bucket::Member,
     store::{CellCodec, SHARDS, Shards, Slot, Users, cell_shard},
+    watch::{Change, Watchers},
 };
 use crate::{
     cell::{Ring, RingCover},
@@ -83,6 +88,8 @@ pub struct NearbyConfig {
     pub default_limit: u32,
     /// Largest page size a search may ask for.
     pub max_limit: u32,
+    /// Limits of WatchNearby streams.
+    pub watch: WatchConfig,
 }
 
 impl Default for NearbyConfig {
@@ -95,6 +102,7 @@ impl Default for NearbyConfig {
             max_radius_m: 10_000.0,
             default_limit: 20,
             max_limit: 100,
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -113,6 +121,17 @@ pub struct Ping {
     /// How long the ping stays, in seconds; 0 = the server's location TTL. At most the
     /// configured maximum.
     pub ttl_s: u32,
+}
+
+/// A WatchNearby request, as received.
+#[derive(Debug, Clone)]
+pub struct WatchRequest {
+    /// The watcher: the watch is centred on their own latest position.
+    pub watcher: UserId,
+    /// Radius in metres; 0 = default. Same limits as a search.
+    pub radius_m: f64,
+    /// Only users of this gender; `Unspecified` = everyone.
+    pub gender: Gender,
 }
 
 /// Where an update put the user.
@@ -204,6 +223,17 @@ struct Hit {
     last_seen_ms: i64,
 }
 
+impl Hit {
+    fn found(self) -> Found {
+        Found {
+            distance_m: band_m(self.distance_m),
+            user: self.user,
+            gender: self.gender,
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+}
+
 /// Occupied privacy cells, each with its packed, id-sorted member list.
 type Cells = HashMap<CellIndex, Box<[u8]>>;
 
@@ -218,6 +248,7 @@ pub struct NearbyIndex {
     /// Coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy cells whose
     /// centres lie in it. Lets wide searches skip empty country at 1/49 of the cost.
     coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
+    watchers: Arc<Watchers>,
 }
 
 /// Resolution of the coarse occupancy map (average edge 1.4 km, 49 privacy cells each): a
@@ -240,11 +271,12 @@ impl NearbyIndex {
     pub fn new(cfg: NearbyConfig, tokens: PageTokens) -> Self {
         Self {
             codec: CellCodec::new(cfg.privacy_resolution),
-            cfg,
             tokens,
             users: Users::default(),
             cells: Shards::default(),
             coarse: Shards::default(),
+            watchers: Arc::new(Watchers::new(cfg.watch.clone(), cfg.privacy_resolution)),
+            cfg,
         }
     }
 
@@ -282,8 +314,7 @@ impl NearbyIndex {
         gender: Gender,
         now_ms: i64,
     ) -> Placement {
-        let cell = position.cell(self.cfg.privacy_resolution);
-        self.put(cell, user.as_str(), gender, true, self.ttl_ms(), now_ms)
+        self.put(position, user.as_str(), gender, true, self.ttl_ms(), now_ms)
     }
 
     /// Records a ping with its options (last write wins) and returns where it was indexed.
@@ -304,9 +335,8 @@ impl NearbyIndex {
             }
             ping.ttl_s.saturating_mul(1_000)
         };
-        let cell = ping.position.cell(self.cfg.privacy_resolution);
         Ok(self.put(
-            cell,
+            ping.position,
             ping.user.as_str(),
             ping.gender,
             ping.visible,
@@ -317,7 +347,7 @@ impl NearbyIndex {
 
     fn put(
         &self,
-        cell: CellIndex,
+        position: Coordinates,
         user: &str,
         gender: Gender,
         visible: bool,
@@ -331,7 +361,8 @@ impl NearbyIndex {
             gender,
             visible,
         };
-        self.place(cell, &member);
+        let cell = position.cell(self.cfg.privacy_resolution);
+        self.place(cell, &member, Some(position.latlng()));
         Placement {
             cell,
             expires_at_ms: member.expires_at_ms(),
@@ -359,22 +390,45 @@ impl NearbyIndex {
     ///
     /// Lock order, for every writer: the user's `users` shard, then `cells` shards (one at
     /// a time), then `coarse`.
-    fn place(&self, cell: CellIndex, member: &Member<'_>) {
+    ///
+    /// Watches around the old and new cell hear of the change, and when `exact` is given
+    /// (a live ping), the user's own watches move there; both while the user's `users`
+    /// shard is held, so each watch sees one user's changes in order.
+    fn place(&self, cell: CellIndex, member: &Member<'_>, exact: Option<LatLng>) {
         let slot = self.users.slot(member.user);
         let mut table = self.users.tables.write(slot.shard);
         let entry = slot.entry(self.codec, cell);
-        match table.find_mut(slot.hash(), |&e| self.is_entry_of(&slot, e, member.user)) {
+        let old = match table.find_mut(slot.hash(), |&e| self.is_entry_of(&slot, e, member.user)) {
             Some(e) => {
-                if let Some(old) = self.codec.unpack(*e).filter(|&old| old != cell) {
+                let old = self.codec.unpack(*e);
+                if let Some(old) = old.filter(|&old| old != cell) {
                     self.bucket_remove(old, member.user, |_| true);
                 }
                 self.bucket_upsert(cell, member);
                 *e = entry;
+                old
             }
             None => {
                 self.bucket_upsert(cell, member);
                 table.insert_unique(slot.hash(), entry, store::rehash);
+                None
             }
+        };
+        self.watchers.changed(&Change {
+            user: member.user,
+            old,
+            new: Some((cell, member)),
+        });
+        if let (Some(centre), Ok(user)) = (exact, std::str::from_utf8(member.user)) {
+            self.watchers.follow(user, centre, |w, centre, radius| {
+                let filter = Filter {
+                    searcher: w.user(),
+                    gender: w.gender(),
+                    after: None,
+                    now_ms: member.last_seen_ms,
+                };
+                self.within(centre, radius, &filter)
+            });
         }
     }
 
@@ -391,7 +445,7 @@ impl NearbyIndex {
         if record.cell.resolution() != self.cfg.privacy_resolution || member.expired(now_ms) {
             return false;
         }
-        self.place(record.cell, &member);
+        self.place(record.cell, &member, None);
         true
     }
 
@@ -434,6 +488,64 @@ impl NearbyIndex {
         })
     }
 
+    /// Opens a live watch of the users around `req.watcher`'s latest position: ENTER for
+    /// everyone within the radius now (nearest first), SNAPSHOT_END, then ENTER / LEAVE
+    /// as users arrive, move out (beyond the radius plus hysteresis), clear, expire (when
+    /// the sweep reclaims them) or turn invisible. Until the watcher's next ping gives an
+    /// exact position, the watch is centred on their privacy cell.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `radius_m`; [`Error::FailedPrecondition`] naming
+    /// `user_id` when the watcher has no location; [`Error::ResourceExhausted`] when the
+    /// configured number of watches is open.
+    pub fn watch(&self, req: &WatchRequest, now_ms: i64) -> Result<Watch> {
+        let radius = self.radius(req.radius_m)?;
+        let Some(own) = self.status(&req.watcher, now_ms) else {
+            return Err(Error::FailedPrecondition {
+                field: "user_id",
+                reason: "has no location: send UpdateLocation first".into(),
+            });
+        };
+        let centre = LatLng::from(own.cell);
+        self.watchers
+            .open(
+                req.watcher.clone(),
+                radius,
+                req.gender,
+                centre,
+                |w, centre| {
+                    let filter = Filter {
+                        searcher: w.user(),
+                        gender: w.gender(),
+                        after: None,
+                        now_ms,
+                    };
+                    self.within(centre, radius, &filter)
+                },
+            )
+            .ok_or_else(|| {
+                Error::ResourceExhausted(format!(
+                    "too many watches open (at most {}); retry later",
+                    self.cfg.watch.max_watches
+                ))
+            })
+    }
+
+    /// Watches open now.
+    pub fn watch_count(&self) -> usize {
+        self.watchers.len()
+    }
+
+    /// Resolves once exactly `n` watches are open (for tests and orderly shutdown).
+    pub async fn until_watch_count(&self, n: usize) {
+        self.watchers.until_len(n).await;
+    }
+
+    /// Ends every open watch: each stream reports [`WatchEnd::Closing`].
+    pub fn close_watches(&self) {
+        self.watchers.close_all();
+    }
+
     /// Forgets `user`. Returns whether a visible location existed.
     pub fn clear(&self, user: &UserId, now_ms: i64) -> bool {
         let user = user.as_str().as_bytes();
@@ -442,11 +554,14 @@ impl NearbyIndex {
         let Ok(entry) = table.find_entry(slot.hash(), |&e| self.is_entry_of(&slot, e, user)) else {
             return false;
         };
-        let removed = self
-            .codec
-            .unpack(*entry.get())
-            .and_then(|cell| self.bucket_remove(cell, user, |_| true));
+        let cell = self.codec.unpack(*entry.get());
+        let removed = cell.and_then(|cell| self.bucket_remove(cell, user, |_| true));
         entry.remove();
+        self.watchers.changed(&Change {
+            user,
+            old: cell,
+            new: None,
+        });
         removed.is_some_and(|m| !m.expired(now_ms))
     }
 
@@ -466,6 +581,11 @@ impl NearbyIndex {
             return false;
         }
         entry.remove();
+        self.watchers.changed(&Change {
+            user,
+            old: Some(cell),
+            new: None,
+        });
         true
     }
 
@@ -617,13 +737,42 @@ impl NearbyIndex {
             after: after.as_ref(),
             now_ms,
         };
+        let mut hits = self.find(centre, radius, need, &filter);
+        let next_page_token = (hits.len() > limit).then(|| {
+            let last = &hits[limit - 1];
+            self.tokens.encode(
+                &scope,
+                &Cursor {
+                    distance_key: last.key,
+                    user: last.user.clone(),
+                },
+            )
+        });
+        hits.truncate(limit);
+        Ok(SearchPage {
+            users: hits.into_iter().map(Hit::found).collect(),
+            next_page_token,
+        })
+    }
+
+    /// Every user `filter` admits within `radius_m` of `centre`, nearest first (ties by
+    /// id): what a watch starts from.
+    fn within(&self, centre: LatLng, radius_m: f64, filter: &Filter<'_>) -> Vec<Found> {
+        self.find(centre, radius_m, usize::MAX, filter)
+            .into_iter()
+            .map(Hit::found)
+            .collect()
+    }
+
+    /// The first `need` users `filter` admits within `radius` of `centre`, in result order.
+    fn find(&self, centre: LatLng, radius: f64, need: usize, filter: &Filter<'_>) -> Vec<Hit> {
         let mut cover = Walk::new(self, centre, radius);
         let mut ring = Ring::default();
         let mut cands: Vec<Candidate> = Vec::new();
         let mut counted = 0usize;
         let mut pending = cover.next_ring(&mut ring);
         let mut recheck = false;
-        let hits = loop {
+        loop {
             // Pass 1: walk rings, counting eligible users per cell without copying them, until
             // `need` are nearer than anything the next ring can hold (or the radius is covered).
             while pending {
@@ -665,50 +814,24 @@ impl NearbyIndex {
             }
             // Pass 2: copy out just the users that make the page, nearest cells first.
             cands.sort_unstable_by_key(|c| (c.key, c.cell));
-            let hits = self.collect(&cands, need, &filter);
+            let hits = self.collect(&cands, need, filter);
             // Buckets may have changed between the passes (moves, expiry): make sure the
             // page is still provably complete, or walk on.
             let complete = !pending
                 || (hits.len() >= need && hits[need - 1].key < distance_key(ring.lower_bound_m));
             if complete {
-                break hits;
+                return hits;
             }
             recheck = true;
-        };
-
-        let mut hits = hits;
-        let next_page_token = (hits.len() > limit).then(|| {
-            let last = &hits[limit - 1];
-            self.tokens.encode(
-                &scope,
-                &Cursor {
-                    distance_key: last.key,
-                    user: last.user.clone(),
-                },
-            )
-        });
-        hits.truncate(limit);
-        let users = hits
-            .into_iter()
-            .map(|h| Found {
-                distance_m: band_m(h.distance_m),
-                user: h.user,
-                gender: h.gender,
-                last_seen_ms: h.last_seen_ms,
-            })
-            .collect();
-        Ok(SearchPage {
-            users,
-            next_page_token,
-        })
+        }
     }
 
     /// Copies the first `need` eligible users out of `cands` (sorted by distance), in result
     /// order. Cells at exactly the same distance are merged by user id; a user seen twice
     /// (moved between two cells during the search) is kept once, at the nearer cell.
     fn collect(&self, cands: &[Candidate], need: usize, filter: &Filter<'_>) -> Vec<Hit> {
-        let mut hits: Vec<Hit> = Vec::with_capacity(need);
-        let mut seen = std::collections::HashSet::with_capacity(need);
+        let mut hits: Vec<Hit> = Vec::with_capacity(need.min(1_024));
+        let mut seen = std::collections::HashSet::with_capacity(need.min(1_024));
         let mut group_start = 0;
         while group_start < cands.len() && hits.len() < need {
             let key = cands[group_start].key;
@@ -928,3 +1051,6 @@ impl Filter<'_> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod watch_tests;
