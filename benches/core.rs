@@ -15,7 +15,7 @@ use geomatch::{
         WatchRequest,
     },
     population,
-    shake::{Matcher, ShakeConfig, ShakeRequest},
+    shake::{Fallback, Matcher, ShakeConfig, ShakeRequest},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -193,6 +193,7 @@ fn shake(c: &mut Criterion) {
                 max_distance_m: 0.0,
                 exclude: Vec::new(),
                 deadline: None,
+                fallback: Fallback::None,
             };
             rt.block_on(async {
                 let m2 = m.clone();

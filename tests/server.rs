@@ -195,6 +195,7 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once() {
         shake_id: "s".into(),
         max_distance_m: 1.0,
         exclude_user_ids: vec!["x".into()],
+        ..Default::default()
     };
     let mut a = ShakeClient::new(server.channel().await);
     let first_req = req("alice");
@@ -219,6 +220,7 @@ async fn oversized_messages_are_refused() {
             shake_id: "s".into(),
             max_distance_m: 0.0,
             exclude_user_ids: (0..40).map(|i| format!("{i:0100}")).collect(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -44,6 +44,7 @@ async fn two_shakes_pair_and_retries_return_the_same_answer() {
     assert_eq!(first.partner_user_id, "bob");
     assert_eq!(second.partner_user_id, "alice");
     assert_eq!(first.match_id, second.match_id);
+    assert_eq!(first.tier(), pb::shake_response::Tier::Nearby);
     assert!(!first.match_id.is_empty());
     assert_eq!(first.distance_m, second.distance_m);
     // A retry of the same shake_id returns the same outcome at once.
@@ -53,6 +54,41 @@ async fn two_shakes_pair_and_retries_return_the_same_answer() {
         .unwrap()
         .into_inner();
     assert_eq!(retry, second);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn fallback_shakes_far_apart_pair_in_the_anywhere_tier() {
+    use pb::shake_request::Fallback;
+    use pb::shake_response::Tier;
+    let server = start(&["--shake-window", "600ms"]).await;
+    let mut a = server.shake().await;
+    let mut b = server.shake().await;
+    let anywhere = |user: &str, north_m: f64| pb::ShakeRequest {
+        fallback: Fallback::Anywhere.into(),
+        ..shake(user, "s", north_m)
+    };
+    let req_a = anywhere("alice", 0.0);
+    let first = tokio::spawn(async move { a.shake(req_a).await.unwrap().into_inner() });
+    server.app.matcher.until_waiting(1).await;
+    // 1 200 km north: far beyond any max_distance_m.
+    let second = b
+        .shake(anywhere("bob", 1_200_000.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.outcome(), second.outcome()),
+        (Outcome::Matched, Outcome::Matched)
+    );
+    assert_eq!(
+        (first.tier(), second.tier()),
+        (Tier::Anywhere, Tier::Anywhere)
+    );
+    assert_eq!(first.match_id, second.match_id);
+    assert_eq!(first.partner_user_id, "bob");
+    assert!(first.distance_m >= 1_100_000, "{}", first.distance_m);
     server.stop().await;
 }
 
@@ -151,6 +187,13 @@ async fn bad_shakes_name_their_field() {
                 ..ok.clone()
             },
             "user_id",
+        ),
+        (
+            pb::ShakeRequest {
+                fallback: 7,
+                ..ok.clone()
+            },
+            "fallback",
         ),
         (
             pb::ShakeRequest {

@@ -473,7 +473,7 @@ async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
                 position: Some(pb::LatLng { lat, lng }),
                 shake_id: format!("{n}"),
                 max_distance_m: 100.0,
-                exclude_user_ids: Vec::new(),
+                ..Default::default()
             };
             let mut a = ShakeClient::new(ch.clone());
             let mut b = ShakeClient::new(ch.clone());

@@ -7,7 +7,7 @@ use crate::{
     geo::Coordinates,
     id::{ShakeId, UserId},
     nearby::{Found, Gender, LocationStatus, Ping},
-    shake::{Match, Outcome},
+    shake::{Fallback, Match, Outcome, Tier},
 };
 
 pub(super) fn user_id(value: &str) -> Result<UserId> {
@@ -77,6 +77,17 @@ pub(super) fn location_status(s: Option<LocationStatus>) -> pb::GetLocationStatu
     }
 }
 
+pub(super) fn fallback(value: i32) -> Result<Fallback> {
+    match pb::shake_request::Fallback::try_from(value) {
+        Ok(pb::shake_request::Fallback::None) => Ok(Fallback::None),
+        Ok(pb::shake_request::Fallback::Anywhere) => Ok(Fallback::Anywhere),
+        Err(_) => Err(Error::invalid(
+            "fallback",
+            format!("unknown value {value}; expected NONE or ANYWHERE"),
+        )),
+    }
+}
+
 pub(super) fn excludes(values: &[String]) -> Result<Vec<UserId>> {
     values
         .iter()
@@ -108,11 +119,17 @@ pub(super) fn outcome(o: Outcome) -> pb::ShakeResponse {
             partner,
             distance_m,
             match_id,
+            tier,
         }) => pb::ShakeResponse {
             outcome: PbOutcome::Matched.into(),
             partner_user_id: partner.to_string(),
             distance_m,
             match_id,
+            tier: match tier {
+                Tier::Nearby => pb::shake_response::Tier::Nearby,
+                Tier::Anywhere => pb::shake_response::Tier::Anywhere,
+            }
+            .into(),
         },
         Outcome::NoMatch => pb::ShakeResponse {
             outcome: PbOutcome::NoMatch.into(),

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::{convert, pb, status::overloaded};
 use crate::{
-    shake::{Matcher, Outcome, ShakeRequest},
+    shake::{Matcher, Outcome, ShakeRequest, Tier},
     telemetry::names,
 };
 
@@ -55,10 +55,17 @@ impl pb::shake_server::Shake for ShakeService {
             max_distance_m: req.max_distance_m,
             exclude: convert::excludes(&req.exclude_user_ids)?,
             deadline,
+            fallback: convert::fallback(req.fallback)?,
         };
         let outcome = self.matcher.shake(shake).await?;
-        match outcome {
-            Outcome::Matched(_) => metrics::counter!(names::MATCHES).increment(1),
+        match &outcome {
+            Outcome::Matched(m) => {
+                let tier = match m.tier {
+                    Tier::Nearby => "nearby",
+                    Tier::Anywhere => "anywhere",
+                };
+                metrics::counter!(names::MATCHES, "tier" => tier).increment(1);
+            }
             Outcome::NoMatch => metrics::counter!(names::NO_MATCHES).increment(1),
         }
         Ok(Response::new(convert::outcome(outcome)))

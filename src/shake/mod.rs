@@ -13,7 +13,14 @@
 //! then removes it under its stripe lock. Whoever removes a waiter decides its outcome, so
 //! no shake is paired twice and nobody is paired with a withdrawn ("ghost") shake.
 //!
-//! Lock order: `active` entry, then stripes, then `done`. A claim records both outcomes in
+//! Fallback (WeChat's worldwide shake): a shake that asked for [`Fallback::Anywhere`] and
+//! is still unpaired at half its window joins the `anywhere` pool and pairs with the
+//! nearest compatible shake there, ignoring distance. The pool only proposes: the pair is
+//! made under the stripe locks of both shakes' buckets, after checking both are still
+//! waiting there, exactly like a nearby claim, so the two tiers can never both claim one
+//! shake.
+//!
+//! Lock order: `active` entry, then stripes, then `anywhere`, then `done`. A claim records both outcomes in
 //! `done` while it holds the stripes (so a retry sees the match at once) and touches
 //! `active` only after releasing them; a superseded shake is taken out of its bucket before
 //! its successor becomes visible in `active`.
@@ -97,6 +104,28 @@ pub struct ShakeRequest {
     /// partner is found) the call fails with [`Error::DeadlineExceeded`] and, unless
     /// another call is waiting on the same shake, the shake is withdrawn.
     pub deadline: Option<Instant>,
+    /// What to do when nobody nearby shakes within half the window.
+    pub fallback: Fallback,
+}
+
+/// A shake's fallback when nobody nearby shakes in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fallback {
+    /// Only nearby partners.
+    #[default]
+    None,
+    /// After half the window without a nearby partner, also any other such shake
+    /// anywhere, nearest first.
+    Anywhere,
+}
+
+/// Which tier a match was made in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Within both sides' distance.
+    Nearby,
+    /// Between two fallback shakes, at any distance.
+    Anywhere,
 }
 
 /// A successful pairing, as seen by one side.
@@ -108,6 +137,8 @@ pub struct Match {
     pub distance_m: u32,
     /// Identical on both sides.
     pub match_id: String,
+    /// How they were paired.
+    pub tier: Tier,
 }
 
 /// How a shake ended.
@@ -140,6 +171,10 @@ struct Waiter {
     result: watch::Sender<Option<Outcome>>,
     withdrawn: AtomicBool,
     callers: AtomicUsize,
+    /// Asked for [`Fallback::Anywhere`].
+    anywhere: bool,
+    /// Has reached half its window and entered the `anywhere` pool (or tried to).
+    fell_back: AtomicBool,
 }
 
 impl Waiter {
@@ -187,6 +222,9 @@ enum Enter {
 pub struct Matcher {
     cfg: ShakeConfig,
     stripes: Box<[Mutex<Stripe>]>,
+    /// Fallback shakes past half their window, still waiting (stale entries are dropped
+    /// whenever the pool is scanned).
+    anywhere: Mutex<Vec<Arc<Waiter>>>,
     active: DashMap<UserId, Arc<Waiter>>,
     done: DashMap<(UserId, ShakeId), Done>,
     seq: AtomicU64,
@@ -245,6 +283,7 @@ impl Matcher {
         Self {
             cfg,
             stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            anywhere: Mutex::new(Vec::new()),
             active: DashMap::new(),
             done: DashMap::new(),
             seq: AtomicU64::new(0),
@@ -365,6 +404,8 @@ impl Matcher {
             result: watch::Sender::new(None),
             withdrawn: AtomicBool::new(false),
             callers: AtomicUsize::new(1),
+            anywhere: req.fallback == Fallback::Anywhere,
+            fell_back: AtomicBool::new(false),
         });
         let (waiter, fresh) = match self.enter(waiter) {
             Enter::Done(outcome) => return Ok(outcome),
@@ -515,32 +556,129 @@ impl Matcher {
             partner
         };
         self.waiting_changed(-1);
+        self.leave_pool(&[&partner]);
+        self.pair(w, &partner, d, Tier::Nearby);
+        drop(guards);
+        self.release(&partner);
+        self.release(w);
+    }
+
+    /// Resolves and records both sides of a pair. Called with both shakes out of their
+    /// buckets and their stripes still locked, so a concurrent withdrawal of either side
+    /// sees the outcome rather than racing it, and a retry of either shake id sees the
+    /// match from this moment on.
+    fn pair(&self, a: &Waiter, b: &Waiter, d: f64, tier: Tier) {
         let match_id = format!(
             "{:016x}{:016x}",
             self.match_prefix,
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
         let distance_m = band_m(d);
-        let for_partner = Outcome::Matched(Match {
-            partner: w.user.clone(),
+        let for_b = Outcome::Matched(Match {
+            partner: a.user.clone(),
             distance_m,
             match_id: match_id.clone(),
+            tier,
         });
-        let for_me = Outcome::Matched(Match {
-            partner: partner.user.clone(),
+        let for_a = Outcome::Matched(Match {
+            partner: b.user.clone(),
             distance_m,
             match_id,
+            tier,
         });
-        // Resolve both while the stripes are held, so a concurrent withdrawal of either
-        // side sees the outcome rather than racing it.
-        // Record both too: a retry of either shake id sees the match from this moment on.
-        partner.resolve(for_partner.clone());
-        w.resolve(for_me.clone());
-        self.record(&partner, for_partner);
-        self.record(w, for_me);
-        drop(guards);
-        self.release(&partner);
-        self.release(w);
+        b.resolve(for_b.clone());
+        a.resolve(for_a.clone());
+        self.record(b, for_b);
+        self.record(a, for_a);
+    }
+
+    /// Drops `gone` from the `anywhere` pool (call with their stripes locked).
+    fn leave_pool(&self, gone: &[&Arc<Waiter>]) {
+        if gone.iter().any(|w| w.fell_back.load(Ordering::SeqCst)) {
+            let mut pool = self.anywhere.lock().unwrap_or_else(PoisonError::into_inner);
+            pool.retain(|p| !gone.iter().any(|g| Arc::ptr_eq(p, g)));
+        }
+    }
+
+    /// `x` has waited half its window without a nearby partner: pair it with the nearest
+    /// compatible shake in the `anywhere` pool, or put it there.
+    fn fall_back(&self, x: &Arc<Waiter>) {
+        if !x.anywhere || x.fell_back.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Each round either pairs, parks `x`, or finds its candidate gone and drops it
+        // from the pool; the bound only guards against a pathological stream of races.
+        for _ in 0..64 {
+            if x.withdrawn.load(Ordering::SeqCst) || x.outcome().is_some() {
+                return;
+            }
+            let y = {
+                let mut pool = self.anywhere.lock().unwrap_or_else(PoisonError::into_inner);
+                pool.retain(|c| !c.withdrawn.load(Ordering::SeqCst) && c.outcome().is_none());
+                let me = x.shaker().anywhere();
+                let best = pool
+                    .iter()
+                    .filter(|c| c.callers.load(Ordering::SeqCst) > 0)
+                    .map(|c| (c, distance_m(x.snapped, c.snapped)))
+                    .filter(|(c, d)| compatible(&me, &c.shaker().anywhere(), *d))
+                    .min_by_key(|(c, d)| preference(distance_key(*d), c.seq))
+                    .map(|(c, _)| c.clone());
+                match best {
+                    Some(y) => y,
+                    None => {
+                        pool.push(x.clone());
+                        return;
+                    }
+                }
+            };
+            let (sx, sy) = (self.stripe_of(x.bucket), self.stripe_of(y.bucket));
+            let (first, second) = (sx.min(sy), sx.max(sy));
+            let mut g1 = lock(&self.stripes[first]);
+            let mut g2 = (second != first).then(|| lock(&self.stripes[second]));
+            let waiting = |stripe: &Stripe, w: &Arc<Waiter>| {
+                stripe
+                    .get(&w.bucket)
+                    .and_then(|b| b.iter().position(|c| Arc::ptr_eq(c, w)))
+            };
+            let stripe_for = |s: usize| if s == first { 0 } else { 1 };
+            let slot = |g1: &Stripe, g2: Option<&Stripe>, s: usize, w: &Arc<Waiter>| match (
+                stripe_for(s),
+                g2,
+            ) {
+                (1, Some(g2)) => waiting(g2, w),
+                _ => waiting(g1, w),
+            };
+            if slot(&g1, g2.as_deref(), sx, x).is_none() {
+                // Claimed nearby or withdrawn meanwhile: its outcome is decided.
+                return;
+            }
+            if slot(&g1, g2.as_deref(), sy, &y).is_none() || y.withdrawn.load(Ordering::SeqCst) {
+                drop(g2);
+                drop(g1);
+                self.leave_pool(&[&y]);
+                continue;
+            }
+            for (s, w) in [(sx, x), (sy, &y)] {
+                let stripe: &mut Stripe = match (stripe_for(s), g2.as_mut()) {
+                    (1, Some(g2)) => g2,
+                    _ => &mut g1,
+                };
+                if let Some(bucket) = stripe.get_mut(&w.bucket) {
+                    bucket.retain(|c| !Arc::ptr_eq(c, w));
+                    if bucket.is_empty() {
+                        stripe.remove(&w.bucket);
+                    }
+                }
+                self.waiting_changed(-1);
+            }
+            self.leave_pool(&[x, &y]);
+            self.pair(x, &y, distance_m(x.snapped, y.snapped), Tier::Anywhere);
+            drop(g2);
+            drop(g1);
+            self.release(&y);
+            self.release(x);
+            return;
+        }
     }
 
     /// Remembers a finished outcome for retries of the same shake id.
@@ -586,6 +724,9 @@ impl Matcher {
                     stripe.remove(&w.bucket);
                 }
             }
+            if removed {
+                self.leave_pool(&[w]);
+            }
             removed
         };
         if removed {
@@ -597,6 +738,22 @@ impl Matcher {
     async fn wait(&self, w: &Arc<Waiter>, caller_deadline: Option<Instant>) -> Result<Outcome> {
         let mut rx = w.result.subscribe();
         let caller_first = caller_deadline.filter(|d| *d < w.deadline);
+        if w.anywhere {
+            let half = w.deadline - self.cfg.window / 2;
+            if caller_first.is_none_or(|d| half < d) {
+                tokio::select! {
+                    biased;
+                    got = rx.wait_for(Option::is_some) => {
+                        if let Ok(slot) = got
+                            && let Some(outcome) = slot.clone()
+                        {
+                            return Ok(outcome);
+                        }
+                    }
+                    () = tokio::time::sleep_until(half) => self.fall_back(w),
+                }
+            }
+        }
         tokio::select! {
             biased;
             got = rx.wait_for(Option::is_some) => {

@@ -13,6 +13,16 @@ pub struct Shaker<'a> {
     pub excludes: &'a [UserId],
 }
 
+impl Shaker<'_> {
+    /// The same shake in the ANYWHERE tier: any distance.
+    pub fn anywhere(self) -> Self {
+        Self {
+            max_distance_m: f64::INFINITY,
+            ..self
+        }
+    }
+}
+
 /// Whether two shakes `distance_m` apart (snapped to snapped) may pair: different users,
 /// within both sides' maximum distance, and excluded by neither side.
 pub fn compatible(a: &Shaker<'_>, b: &Shaker<'_>, distance_m: f64) -> bool {

@@ -28,6 +28,7 @@ fn at(user: &str, shake_id: &str, north_m: f64) -> ShakeRequest {
         max_distance_m: 0.0,
         exclude: Vec::new(),
         deadline: None,
+        fallback: Fallback::None,
     }
 }
 
@@ -271,7 +272,14 @@ fn check_pairs(reqs: &[ShakeRequest], outcomes: &[Outcome], snap: Resolution) {
                 r.max_distance_m
             }
         };
-        assert!(d <= max(ra) && d <= max(rb), "pair {d} m apart");
+        assert_eq!(matched(&outcomes[a]).tier, matched(&outcomes[b]).tier);
+        match matched(&outcomes[a]).tier {
+            Tier::Nearby => assert!(d <= max(ra) && d <= max(rb), "pair {d} m apart"),
+            Tier::Anywhere => assert!(
+                ra.fallback == Fallback::Anywhere && rb.fallback == Fallback::Anywhere,
+                "ANYWHERE pair without both asking"
+            ),
+        }
         assert!(!ra.exclude.contains(&rb.user) && !rb.exclude.contains(&ra.user));
         assert_eq!(matched(&outcomes[a]).distance_m, band_m(d));
     }
@@ -419,6 +427,17 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_deadlines_and_supersedes_racing_claims_never_leave_a_one_sided_match() {
+    races_never_leave_a_one_sided_match(500.0, Fallback::None, 40).await;
+}
+
+/// The same races in the ANYWHERE tier: shakes far apart, caller deadlines around the
+/// half-window moment (50 ms) at which they fall back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fallback_claims_racing_cancels_never_leave_a_one_sided_match() {
+    races_never_leave_a_one_sided_match(2_000_000.0, Fallback::Anywhere, 100).await;
+}
+
+async fn races_never_leave_a_one_sided_match(spread_m: f64, fallback: Fallback, cut_ms: u64) {
     let m = Arc::new(Matcher::new(cfg(Duration::from_millis(100))));
     let mut rng = StdRng::seed_from_u64(3);
     let reqs: Vec<_> = (0..400)
@@ -427,9 +446,11 @@ async fn retries_deadlines_and_supersedes_racing_claims_never_leave_a_one_sided_
             // deadlines all race the claims.
             let user = format!("u{}", rng.random_range(0..60));
             let id = ["a", "b"][rng.random_range(0..2)];
-            let mut r = at(&user, id, rng.random_range(0.0..500.0));
+            let mut r = at(&user, id, rng.random_range(0.0..spread_m));
+            r.fallback = fallback;
             if rng.random_bool(0.4) {
-                r.deadline = Some(Instant::now() + Duration::from_millis(rng.random_range(0..40)));
+                r.deadline =
+                    Some(Instant::now() + Duration::from_millis(rng.random_range(0..cut_ms)));
             }
             r
         })
@@ -466,4 +487,115 @@ async fn retries_deadlines_and_supersedes_racing_claims_never_leave_a_one_sided_
             );
         }
     }
+    assert!(
+        m.anywhere.lock().unwrap().is_empty(),
+        "no leaked pool entries"
+    );
+}
+
+/// A fallback shake `north_km` kilometres north of Shanghai.
+fn far(user: &str, north_km: f64) -> ShakeRequest {
+    ShakeRequest {
+        fallback: Fallback::Anywhere,
+        ..at(user, "s", north_km * 1_000.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_shakes_far_apart_pair_anywhere_at_half_the_window() {
+    let window = Duration::from_secs(2);
+    let m = Arc::new(Matcher::new(cfg(window)));
+    let start = Instant::now();
+    let a = spawn_waiting(&m, far("a", 0.0), 1).await;
+    let b = spawn_waiting(&m, far("b", 1_000.0), 2).await;
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(start.elapsed() < window, "paired before the window passed");
+    let (ma, mb) = (matched(&a), matched(&b));
+    assert_eq!((ma.tier, mb.tier), (Tier::Anywhere, Tier::Anywhere));
+    assert_eq!(ma.match_id, mb.match_id);
+    assert_eq!(ma.partner.as_str(), "b");
+    let d = distance_m(
+        snapped(far("a", 0.0).position.cell(Resolution::Nine)),
+        snapped(far("b", 1_000.0).position.cell(Resolution::Nine)),
+    );
+    assert_eq!(ma.distance_m, band_m(d));
+    assert!(m.anywhere.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nearby_partner_comes_first_and_is_reported_as_nearby() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let a = spawn_waiting(&m, far("a", 0.0), 1).await;
+    let b = m.shake(at("b", "s", 100.0)).await.unwrap();
+    assert_eq!(matched(&b).tier, Tier::Nearby);
+    assert_eq!(matched(&a.await.unwrap()).tier, Tier::Nearby);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_needs_both_sides_and_honours_exclusions() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    // One side did not ask for ANYWHERE.
+    let a = spawn_waiting(&m, far("a", 0.0), 1).await;
+    let b = m.shake(at("b", "s", 900_000.0)).await.unwrap();
+    assert_eq!((a.await.unwrap(), b), (Outcome::NoMatch, Outcome::NoMatch));
+    // Both asked, but one excludes the other.
+    let c = spawn_waiting(&m, far("c", 0.0), 1).await;
+    let mut d = far("d", 900.0);
+    d.exclude = vec![UserId::new("x", "c").unwrap()];
+    let d = m.shake(d).await.unwrap();
+    assert_eq!((c.await.unwrap(), d), (Outcome::NoMatch, Outcome::NoMatch));
+    assert!(m.anywhere.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_nearest_fallback_shake_wins() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
+    let near = spawn_waiting(&m, far("near", 500.0), 1).await;
+    let mut r = far("far", 2_000.0);
+    r.exclude = vec![UserId::new("x", "near").unwrap()];
+    let far_one = spawn_waiting(&m, r, 2).await;
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let me = m.shake(far("me", 0.0)).await.unwrap();
+    assert_eq!(matched(&me).partner.as_str(), "near");
+    assert_eq!(matched(&near.await.unwrap()).partner.as_str(), "me");
+    assert_eq!(far_one.await.unwrap(), Outcome::NoMatch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_schedules_with_fallback_keep_the_pairing_invariants() {
+    let m = Arc::new(Matcher::new(cfg(Duration::from_millis(300))));
+    let mut rng = StdRng::seed_from_u64(21);
+    let users: Vec<String> = (0..200).map(|i| format!("u{i}")).collect();
+    let reqs: Vec<_> = (0..600)
+        .map(|i| {
+            let user = &users[rng.random_range(0..users.len())];
+            // Half near Shanghai, half scattered over 2 000 km; half ask for ANYWHERE.
+            let north = if rng.random_bool(0.5) {
+                rng.random_range(0.0..3_000.0)
+            } else {
+                rng.random_range(0.0..2_000_000.0)
+            };
+            let mut r = at(user, &format!("s{i}"), north);
+            r.max_distance_m = [0.0, 200.0, 2_000.0][rng.random_range(0..3)];
+            if rng.random_bool(0.5) {
+                r.fallback = Fallback::Anywhere;
+            }
+            r.exclude = (0..rng.random_range(0..3))
+                .map(|_| UserId::new("x", &users[rng.random_range(0..users.len())]).unwrap())
+                .collect();
+            r
+        })
+        .collect();
+    let outcomes = run_all(&m, &reqs).await;
+    check_pairs(&reqs, &outcomes, Resolution::Nine);
+    let anywhere = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Matched(mm) if mm.tier == Tier::Anywhere))
+        .count();
+    assert!(anywhere > 0, "some pairs were made in the ANYWHERE tier");
+    assert_eq!(m.waiting(), 0);
+    assert!(
+        m.anywhere.lock().unwrap().is_empty(),
+        "no leaked pool entries"
+    );
 }
