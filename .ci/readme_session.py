@@ -31,6 +31,9 @@ METRIC_SERIES = [
     "geomatch_shake_matches_total",
     "geomatch_shake_no_matches_total",
     "geomatch_rejections_total",
+    "geomatch_pings_rejected_total",
+    "geomatch_watches_opened_total",
+    "geomatch_watches",
 ]
 
 

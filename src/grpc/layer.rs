@@ -54,6 +54,24 @@ const KNOWN: &[(&str, &str, &str, &str)] = &[
         "unary",
     ),
     (
+        "/geomatch.v1.Nearby/UpdateLocations",
+        "geomatch.v1.Nearby",
+        "UpdateLocations",
+        "client_stream",
+    ),
+    (
+        "/geomatch.v1.Nearby/GetLocationStatus",
+        "geomatch.v1.Nearby",
+        "GetLocationStatus",
+        "unary",
+    ),
+    (
+        "/geomatch.v1.Nearby/WatchNearby",
+        "geomatch.v1.Nearby",
+        "WatchNearby",
+        "server_stream",
+    ),
+    (
         "/geomatch.v1.Shake/Shake",
         "geomatch.v1.Shake",
         "Shake",
