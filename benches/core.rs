@@ -19,6 +19,10 @@ use geomatch::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+/// The server's allocator, so allocation costs are the ones it pays.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CITY: (f64, f64) = (31.2304, 121.4737);
 const NOW: i64 = 1_700_000_000_000;
 
@@ -76,6 +80,40 @@ fn nearby(c: &mut Criterion) {
                 b.iter(|| idx.search(black_box(q), NOW).unwrap());
             });
         }
+    }
+    g.finish();
+}
+
+/// Dense 1 km search at equal local density: the cities' spread grows with the square
+/// root of the population (5 km at 1 M users), so a search sees the same crowd at every
+/// size and only the index's size changes.
+fn equal_density(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nearby-equal-density");
+    g.measurement_time(Duration::from_secs(3));
+    let mut sizes = vec![100_000usize, 1_000_000];
+    if std::env::var_os("GEOMATCH_BENCH_10M").is_some() {
+        sizes.push(10_000_000);
+    }
+    for n in sizes {
+        let sigma = 5_000.0 * (n as f64 / 1e6).sqrt();
+        let idx = NearbyIndex::new(NearbyConfig::default(), PageTokens::new([1; 32]));
+        let mut rng = StdRng::seed_from_u64(42);
+        for i in 0..n {
+            let (lat, lng) = population::position_spread(&mut rng, sigma);
+            let p = Coordinates::new("position", lat, lng).unwrap();
+            idx.update(user(i), p, Gender::Female, NOW);
+        }
+        let q = SearchRequest {
+            searcher: user(0),
+            centre: Coordinates::new("position", CITY.0, CITY.1).unwrap(),
+            radius_m: 1_000.0,
+            limit: 50,
+            gender: Gender::Unspecified,
+            page_token: String::new(),
+        };
+        g.bench_with_input(BenchmarkId::new("search-1km", n), &q, |b, q| {
+            b.iter(|| idx.search(black_box(q), NOW).unwrap());
+        });
     }
     g.finish();
 }
@@ -207,5 +245,5 @@ fn shake(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, nearby, watch, tokens, shake);
+criterion_group!(benches, nearby, equal_density, watch, tokens, shake);
 criterion_main!(benches);

@@ -45,9 +45,15 @@ pub fn offset(lat: f64, lng: f64, dx_m: f64, dy_m: f64) -> (f64, f64) {
 
 /// One user's position.
 pub fn position(rng: &mut impl Rng) -> (f64, f64) {
+    position_spread(rng, SIGMA_M)
+}
+
+/// One user's position, with the cities spread by `sigma_m` instead of 5 km: scaling
+/// sigma with the square root of the population keeps local density equal across sizes.
+pub fn position_spread(rng: &mut impl Rng, sigma_m: f64) -> (f64, f64) {
     if rng.random_bool(0.8) {
         let (_, lat, lng) = CITIES[rng.random_range(0..CITIES.len())];
-        offset(lat, lng, gaussian(rng) * SIGMA_M, gaussian(rng) * SIGMA_M)
+        offset(lat, lng, gaussian(rng) * sigma_m, gaussian(rng) * sigma_m)
     } else {
         (rng.random_range(20.0..45.0), rng.random_range(100.0..125.0))
     }

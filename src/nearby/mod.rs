@@ -795,9 +795,12 @@ impl NearbyIndex {
                     let Some(bucket) = cells.get(&cell) else {
                         continue;
                     };
+                    // Counting stops at `need`: the walk only ever compares counts with
+                    // `need`, and a crowded cell then costs what a page does.
                     let eligible = filter
                         .start(bucket, key)
                         .filter(|m| filter.matches(m))
+                        .take(need)
                         .count();
                     drop(cells);
                     if eligible > 0 {
@@ -1001,7 +1004,8 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// A cell within the radius with at least one eligible user.
+/// A cell within the radius with at least one eligible user (counted up to the `need` of
+/// the search).
 #[derive(Debug)]
 struct Candidate {
     key: u64,
@@ -1035,9 +1039,17 @@ struct Filter<'a> {
 impl Filter<'_> {
     fn matches(&self, m: &Member<'_>) -> bool {
         m.visible
-            && m.user != self.searcher.as_str().as_bytes()
+            && !self.is_searcher(m.user)
             && !m.expired(self.now_ms)
             && (self.gender == Gender::Unspecified || m.gender == self.gender)
+    }
+
+    /// Whether `user` is the searcher. Compared from the end, inline: ids of one scheme
+    /// share their prefix and differ in the last bytes, and this runs for every member a
+    /// search reads.
+    fn is_searcher(&self, user: &[u8]) -> bool {
+        let me = self.searcher.as_str().as_bytes();
+        user.len() == me.len() && user.iter().rev().zip(me.iter().rev()).all(|(a, b)| a == b)
     }
 
     /// The members of a bucket at distance `key` that come after the page cursor.
