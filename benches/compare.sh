@@ -63,7 +63,7 @@ for peer in $REDIS_PORT $VALKEY_PORT; do
     echo "peer :$peer used_memory: $(redis-cli -p $peer info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r') bytes" | tee -a "$OUT/memory.txt"
 done
 
-for scenario in update search-dense-1km search-dense-5km search-sparse mixed; do
+for scenario in update update-bulk search-dense-1km search-dense-5km search-sparse mixed; do
     for run in $(seq "$RUNS"); do
         $LOAD --skip-load --duration $DURATION --scenario $scenario --grpc $GRPC --server-pid $GEOMATCH_PID 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
         for peer in $REDIS_PORT $VALKEY_PORT; do
@@ -84,7 +84,7 @@ for r in rows:
 med = lambda xs, k: statistics.median(x[k] for x in xs)
 print("| scenario | geomatch ops/s | redis ops/s | valkey ops/s | ratio vs faster peer | geomatch p99 µs | peer p99 µs |")
 print("|---|---|---|---|---|---|---|")
-for scenario in ["update", "search-dense-1km", "search-dense-5km", "search-sparse", "mixed", "shake"]:
+for scenario in ["update", "update-bulk", "search-dense-1km", "search-dense-5km", "search-sparse", "mixed", "shake"]:
     g = by.get((scenario, "grpc"))
     if not g:
         continue

@@ -8,9 +8,41 @@ use clap::{Parser, ValueEnum};
 use h3o::Resolution;
 
 use crate::{
+    limits::{Limits, RateConfig, TravelConfig},
     nearby::{NearbyConfig, WatchConfig},
     shake::ShakeConfig,
 };
+
+/// A quarter of the machine's memory at 256 bytes per user (10 M when unknown).
+fn default_max_users() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    total_kib.map_or(10_000_000, |kib| (kib * 1024 / 4 / 256) as usize)
+}
+
+/// A distance: "5km", "800m" or plain metres.
+fn metres(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (number, scale) = if let Some(k) = t.strip_suffix("km") {
+        (k, 1_000.0)
+    } else if let Some(m) = t.strip_suffix('m') {
+        (m, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a distance such as 5km or 800m"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?}: must be a distance >= 0"));
+    }
+    Ok(v * scale)
+}
 
 /// A share: "10%" or "0.1".
 fn fraction(s: &str) -> Result<f64, String> {
@@ -142,6 +174,43 @@ pub struct Config {
         default_value_t = 200_000
     )]
     pub max_concurrent_shakes: usize,
+
+    /// Most users the index holds; pings from new users beyond it get RESOURCE_EXHAUSTED
+    /// while existing users keep updating. Default: a quarter of this machine's memory at
+    /// 256 bytes per user.
+    #[arg(long, env = "GEOMATCH_MAX_USERS", default_value_t = default_max_users())]
+    pub max_users: usize,
+
+    /// Jumps up to this far are never impossible travel (GPS and cell-tower noise), e.g.
+    /// 5km or 800m.
+    #[arg(long, env = "GEOMATCH_MAX_JUMP", default_value = "5km", value_parser = metres)]
+    pub max_jump: f64,
+
+    /// Longer jumps faster than this many m/s (since the user's last ping, search or
+    /// shake) are refused with FAILED_PRECONDITION; 0 disables the check.
+    #[arg(long, env = "GEOMATCH_MAX_SPEED", default_value_t = 300.0)]
+    pub max_speed: f64,
+
+    /// SearchNearby calls a user may make back to back (token bucket); 0 disables.
+    #[arg(long, env = "GEOMATCH_SEARCH_BURST", default_value_t = 40)]
+    pub search_burst: u32,
+
+    /// SearchNearby calls per user per minute, sustained.
+    #[arg(long, env = "GEOMATCH_SEARCH_PER_MINUTE", default_value_t = 30)]
+    pub search_per_minute: u32,
+
+    /// Shake calls a user may make back to back (token bucket); 0 disables.
+    #[arg(long, env = "GEOMATCH_SHAKE_BURST", default_value_t = 20)]
+    pub shake_burst: u32,
+
+    /// Shake calls per user per minute, sustained.
+    #[arg(long, env = "GEOMATCH_SHAKE_PER_MINUTE", default_value_t = 20)]
+    pub shake_per_minute: u32,
+
+    /// Users each abuse control (each rate limit, the travel check) tracks at most;
+    /// beyond it new users pass untracked (never refused).
+    #[arg(long, env = "GEOMATCH_MAX_TRACKED_USERS", default_value_t = 4_000_000)]
+    pub max_tracked_users: usize,
 
     /// WatchNearby hysteresis: a user who entered leaves only beyond the radius plus this
     /// share of it (e.g. 10% or 0.1), and at least one privacy cell's width.
@@ -286,6 +355,15 @@ impl Config {
         if self.max_concurrent_requests == 0 || self.max_concurrent_shakes == 0 {
             bail!("--max-concurrent-requests / --max-concurrent-shakes: at least 1");
         }
+        if !self.max_speed.is_finite() || self.max_speed < 0.0 {
+            bail!(
+                "--max-speed {}: must be a speed in m/s >= 0",
+                self.max_speed
+            );
+        }
+        if self.max_users == 0 {
+            bail!("--max-users 0: must be at least 1");
+        }
         if self.watch_buffer == 0 || self.max_watches == 0 {
             bail!("--watch-buffer / --max-watches: at least 1");
         }
@@ -318,12 +396,31 @@ impl Config {
             max_radius_m: self.max_radius_m,
             default_limit: self.default_limit,
             max_limit: self.max_limit,
+            max_users: self.max_users,
             watch: WatchConfig {
                 buffer: self.watch_buffer,
                 hysteresis: self.watch_hysteresis,
                 max_watches: self.max_watches,
             },
         }
+    }
+
+    /// The abuse controls (call [`Self::validate`] first).
+    pub fn limits(&self) -> Limits {
+        let rate = |burst, per_minute| RateConfig {
+            burst,
+            per_minute,
+            max_tracked: self.max_tracked_users,
+        };
+        Limits::new(
+            rate(self.search_burst, self.search_per_minute),
+            rate(self.shake_burst, self.shake_per_minute),
+            TravelConfig {
+                max_jump_m: self.max_jump,
+                max_speed_mps: self.max_speed,
+                max_tracked: self.max_tracked_users,
+            },
+        )
     }
 
     /// The matcher's settings (call [`Self::validate`] first).

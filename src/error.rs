@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 /// Everything that can go wrong inside geomatch's domain.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Error)]
 pub enum Error {
     /// A request field is missing or out of range. `field` is the wire path of the field
     /// (for example `position.lat`), so a client can tell exactly what to fix.
@@ -23,6 +23,26 @@ pub enum Error {
         /// Human-readable reason, safe to show to the caller.
         reason: String,
     },
+    /// The caller is over its rate limit for `what`.
+    #[error("{what}: rate limit exceeded, retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// The limited call.
+        what: &'static str,
+        /// When the next call will be allowed.
+        retry_after: std::time::Duration,
+    },
+    /// The position is farther from the user's last one than anyone could have travelled.
+    #[error(
+        "position: impossible travel: {:.0} km from the last position in {seconds:.0} s; \
+         the position was not used",
+        distance_m / 1_000.0
+    )]
+    ImpossibleTravel {
+        /// How far, metres.
+        distance_m: f64,
+        /// In how long, seconds.
+        seconds: f64,
+    },
     /// A bounded resource is full; the caller may retry later.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -32,6 +52,36 @@ pub enum Error {
 }
 
 impl Error {
+    /// The request field the error is about, if any.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidArgument { field, .. } | Self::FailedPrecondition { field, .. } => {
+                Some(field)
+            }
+            Self::ImpossibleTravel { .. } => Some("position"),
+            Self::RateLimited { .. } | Self::ResourceExhausted(_) | Self::DeadlineExceeded => None,
+        }
+    }
+
+    /// The reason, without the field name.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::InvalidArgument { reason, .. } | Self::FailedPrecondition { reason, .. } => {
+                reason.clone()
+            }
+            other => {
+                let text = other.to_string();
+                match other.field() {
+                    Some(f) => text
+                        .strip_prefix(f)
+                        .and_then(|t| t.strip_prefix(": "))
+                        .map_or(text.clone(), str::to_string),
+                    None => text,
+                }
+            }
+        }
+    }
+
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {

@@ -8,6 +8,8 @@
 //! - [`clock`]: injected wall-clock time.
 //! - [`nearby`]: the People Nearby location index and its page tokens.
 //! - [`shake`]: the Shake matcher.
+//! - [`limits`]: abuse controls: per-user rate limits and the impossible-travel check.
+//! - `shard`: the padded `RwLock` shards every in-memory map uses.
 //! - [`config`]: command-line and environment configuration.
 //! - [`grpc`]: the only module that knows tonic/prost: generated code, adapters, status mapping.
 //! - [`telemetry`]: log setup.
@@ -22,9 +24,11 @@ pub mod error;
 pub mod geo;
 pub mod grpc;
 pub mod id;
+pub mod limits;
 pub mod nearby;
 pub mod population;
 pub mod server;
 pub mod shake;
+mod shard;
 pub mod snapshot;
 pub mod telemetry;

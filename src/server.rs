@@ -20,6 +20,7 @@ use crate::{
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
         stamp_deadline,
     },
+    limits::Limits,
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
     snapshot::{self, SnapshotError},
@@ -53,6 +54,8 @@ pub struct App {
     pub nearby: Arc<NearbyIndex>,
     /// The Shake matcher.
     pub matcher: Arc<Matcher>,
+    /// Rate limits and the impossible-travel check.
+    pub limits: Arc<Limits>,
     /// Wall-clock time for TTLs.
     pub clock: Arc<dyn Clock>,
     /// The configuration the state was built from.
@@ -74,6 +77,7 @@ impl App {
         let app = Self {
             nearby: Arc::new(NearbyIndex::new(cfg.nearby(), tokens)),
             matcher: Arc::new(Matcher::new(cfg.shake())),
+            limits: Arc::new(cfg.limits()),
             clock,
             config: Arc::new(cfg.clone()),
             snapshot_lock: Arc::default(),
@@ -138,12 +142,14 @@ impl App {
         let started = std::time::Instant::now();
         let users = self.nearby.sweep(self.clock.now_ms());
         let shakes = self.matcher.sweep(tokio::time::Instant::now());
+        let tracked = self.limits.sweep(self.clock.now_ms());
         let took = started.elapsed();
         metrics::counter!(names::EXPIRATIONS).increment(users as u64);
         metrics::histogram!(names::SWEEP_SECONDS).record(took.as_secs_f64());
         tracing::debug!(
             expired_users = users,
             forgotten_shakes = shakes,
+            forgotten_limits = tracked,
             took_ms = took.as_millis() as u64,
             "sweep done"
         );
@@ -327,6 +333,7 @@ pub async fn serve(
     let snapshotter = Snapshotter::spawn(app.clone());
     let nearby = NearbyServer::new(NearbyService::new(
         app.nearby.clone(),
+        app.limits.clone(),
         app.clock.clone(),
         cfg.max_concurrent_requests,
     ))
@@ -334,6 +341,8 @@ pub async fn serve(
     let shake = InterceptedService::new(
         ShakeServer::new(ShakeService::new(
             app.matcher.clone(),
+            app.limits.clone(),
+            app.clock.clone(),
             cfg.max_concurrent_shakes,
         ))
         .max_decoding_message_size(cfg.max_message_bytes),

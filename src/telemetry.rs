@@ -34,6 +34,8 @@ pub mod names {
     pub const SEARCHES: &str = "geomatch_searches_total";
     /// Counter: location clears.
     pub const CLEARS: &str = "geomatch_clears_total";
+    /// Counter: requests refused as impossible travel.
+    pub const IMPOSSIBLE_TRAVEL: &str = "geomatch_impossible_travel_total";
     /// Counter: WatchNearby streams opened.
     pub const WATCHES_OPENED: &str = "geomatch_watches_opened_total";
     /// Counter: WatchNearby streams ended because their consumer fell behind.
@@ -109,6 +111,10 @@ fn describe() {
     describe_counter!(SEARCHES, "answered nearby searches");
     describe_counter!(CLEARS, "location clears");
     describe_counter!(WATCHES_OPENED, "WatchNearby streams opened");
+    describe_counter!(
+        IMPOSSIBLE_TRAVEL,
+        "requests refused as impossible travel (position unchanged)"
+    );
     describe_counter!(
         WATCH_OVERFLOWS,
         "WatchNearby streams ended because their consumer fell behind"

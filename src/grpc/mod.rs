@@ -2,6 +2,8 @@
 //! protobuf ones. Nothing outside this module names tonic or prost.
 
 mod convert;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod layer;
 mod nearby;
 mod shake;

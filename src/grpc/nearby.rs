@@ -9,6 +9,7 @@ use super::{convert, pb, status::overloaded};
 use crate::{
     clock::Clock,
     error::Error,
+    limits::Limits,
     nearby::{NearbyIndex, Placement, SearchRequest, Watch, WatchEnd, WatchEvent, WatchRequest},
     telemetry::names,
 };
@@ -56,6 +57,7 @@ const MAX_REPORTED_REJECTIONS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct NearbyService {
     index: Arc<NearbyIndex>,
+    limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
     in_flight: Arc<Semaphore>,
 }
@@ -63,9 +65,15 @@ pub struct NearbyService {
 impl NearbyService {
     /// An adapter over `index`, reading time from `clock`, serving at most `max_in_flight`
     /// calls at once (more are shed with RESOURCE_EXHAUSTED).
-    pub fn new(index: Arc<NearbyIndex>, clock: Arc<dyn Clock>, max_in_flight: usize) -> Self {
+    pub fn new(
+        index: Arc<NearbyIndex>,
+        limits: Arc<Limits>,
+        clock: Arc<dyn Clock>,
+        max_in_flight: usize,
+    ) -> Self {
         Self {
             index,
+            limits,
             clock,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
         }
@@ -74,7 +82,10 @@ impl NearbyService {
     /// Validates and applies one ping (unary or streamed).
     fn ping(&self, req: pb::UpdateLocationRequest) -> Result<Placement, Error> {
         let ping = convert::ping(req)?;
-        let placed = self.index.ping(&ping, self.clock.now_ms())?;
+        self.index.ping_ttl_ms(&ping)?;
+        let now = self.clock.now_ms();
+        self.limits.ping(&ping.user, &ping.position, now)?;
+        let placed = self.index.ping(&ping, now)?;
         metrics::counter!(names::PINGS).increment(1);
         Ok(placed)
     }
@@ -116,14 +127,10 @@ impl pb::nearby_server::Nearby for NearbyService {
                 Err(e) => {
                     summary.rejected += 1;
                     if summary.rejections.len() < MAX_REPORTED_REJECTIONS {
-                        let (field, reason) = match e {
-                            Error::InvalidArgument { field, reason } => (field, reason),
-                            other => ("", other.to_string()),
-                        };
                         summary.rejections.push(pb::Rejection {
                             index,
-                            field: field.to_string(),
-                            reason,
+                            field: e.field().unwrap_or_default().to_string(),
+                            reason: e.reason(),
                         });
                     }
                 }
@@ -191,7 +198,11 @@ impl pb::nearby_server::Nearby for NearbyService {
             gender: convert::gender(req.gender)?,
             page_token: req.page_token,
         };
-        let page = self.index.search(&query, self.clock.now_ms())?;
+        let now = self.clock.now_ms();
+        let page = self.index.search(&query, now)?;
+        // Limits apply to valid requests only (a rejected one leaves no trace); a refused
+        // search returns nothing.
+        self.limits.search(&query.searcher, &query.centre, now)?;
         metrics::counter!(names::SEARCHES).increment(1);
         Ok(Response::new(pb::SearchNearbyResponse {
             users: page.users.into_iter().map(convert::found).collect(),

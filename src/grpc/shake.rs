@@ -14,6 +14,8 @@ use tokio::sync::Semaphore;
 
 use super::{convert, pb, status::overloaded};
 use crate::{
+    clock::Clock,
+    limits::Limits,
     shake::{Matcher, Outcome, ShakeRequest, Tier},
     telemetry::names,
 };
@@ -22,15 +24,24 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ShakeService {
     matcher: Arc<Matcher>,
+    limits: Arc<Limits>,
+    clock: Arc<dyn Clock>,
     in_flight: Arc<Semaphore>,
 }
 
 impl ShakeService {
-    /// An adapter over `matcher` with at most `max_in_flight` calls at once (more are shed
-    /// with RESOURCE_EXHAUSTED).
-    pub fn new(matcher: Arc<Matcher>, max_in_flight: usize) -> Self {
+    /// An adapter over `matcher`, applying `limits` with time from `clock`, with at most
+    /// `max_in_flight` calls at once (more are shed with RESOURCE_EXHAUSTED).
+    pub fn new(
+        matcher: Arc<Matcher>,
+        limits: Arc<Limits>,
+        clock: Arc<dyn Clock>,
+        max_in_flight: usize,
+    ) -> Self {
         Self {
             matcher,
+            limits,
+            clock,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
         }
     }
@@ -57,6 +68,9 @@ impl pb::shake_server::Shake for ShakeService {
             deadline,
             fallback: convert::fallback(req.fallback)?,
         };
+        self.matcher.validate(&shake)?;
+        self.limits
+            .shake(&shake.user, &shake.position, self.clock.now_ms())?;
         let outcome = self.matcher.shake(shake).await?;
         match &outcome {
             Outcome::Matched(m) => {

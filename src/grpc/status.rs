@@ -34,6 +34,24 @@ pub fn to_status(err: Error) -> Status {
                 ErrorDetails::with_precondition_failure_violation("STATE", field, reason),
             )
         }
+        Error::RateLimited { retry_after, .. } => {
+            metrics::counter!(names::REJECTIONS, "reason" => "rate_limited").increment(1);
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                err.to_string(),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            )
+        }
+        Error::ImpossibleTravel { .. } => {
+            metrics::counter!(names::IMPOSSIBLE_TRAVEL).increment(1);
+            metrics::counter!(names::REJECTIONS, "reason" => "impossible_travel").increment(1);
+            let reason = err.to_string();
+            Status::with_error_details(
+                Code::FailedPrecondition,
+                reason.clone(),
+                ErrorDetails::with_precondition_failure_violation("TRAVEL", "position", reason),
+            )
+        }
         Error::ResourceExhausted(what) => {
             metrics::counter!(names::REJECTIONS, "reason" => "exhausted").increment(1);
             Status::resource_exhausted(what)

@@ -17,7 +17,10 @@ mod store;
 mod token;
 mod watch;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use h3o::{CellIndex, LatLng, Resolution};
 use hashbrown::{HashMap, hash_map};
@@ -90,6 +93,9 @@ pub struct NearbyConfig {
     pub max_limit: u32,
     /// Limits of WatchNearby streams.
     pub watch: WatchConfig,
+    /// Most users held at once: pings from new users beyond it are refused (existing users
+    /// keep updating). [`NearbyIndex::update`] (loading, tests) does not check it.
+    pub max_users: usize,
 }
 
 impl Default for NearbyConfig {
@@ -103,6 +109,7 @@ impl Default for NearbyConfig {
             default_limit: 20,
             max_limit: 100,
             watch: WatchConfig::default(),
+            max_users: usize::MAX,
         }
     }
 }
@@ -249,6 +256,8 @@ pub struct NearbyIndex {
     /// centres lie in it. Lets wide searches skip empty country at 1/49 of the cost.
     coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
     watchers: Arc<Watchers>,
+    /// Users held (kept with every insert and removal, under the user's `users` shard).
+    held: AtomicUsize,
 }
 
 /// Resolution of the coarse occupancy map (average edge 1.4 km, 49 privacy cells each): a
@@ -276,6 +285,7 @@ impl NearbyIndex {
             cells: Shards::default(),
             coarse: Shards::default(),
             watchers: Arc::new(Watchers::new(cfg.watch.clone(), cfg.privacy_resolution)),
+            held: AtomicUsize::new(0),
             cfg,
         }
     }
@@ -287,7 +297,7 @@ impl NearbyIndex {
 
     /// Users held, including expired ones the sweep has not reclaimed yet.
     pub fn len(&self) -> usize {
-        self.users.len()
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Whether the index holds nobody.
@@ -314,59 +324,70 @@ impl NearbyIndex {
         gender: Gender,
         now_ms: i64,
     ) -> Placement {
-        self.put(position, user.as_str(), gender, true, self.ttl_ms(), now_ms)
+        let member = Member {
+            user: user.as_str().as_bytes(),
+            last_seen_ms: now_ms,
+            ttl_ms: self.ttl_ms(),
+            gender,
+            visible: true,
+        };
+        let cell = position.cell(self.cfg.privacy_resolution);
+        self.place(cell, &member, Some(position.latlng()), usize::MAX);
+        Placement {
+            cell,
+            expires_at_ms: member.expires_at_ms(),
+        }
+    }
+
+    /// The time to live a ping asks for, checked against the configured maximum.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `ttl_s`.
+    pub fn ping_ttl_ms(&self, ping: &Ping) -> Result<u32> {
+        if ping.ttl_s == 0 {
+            return Ok(self.ttl_ms());
+        }
+        let max_s = self.cfg.max_location_ttl_ms / 1_000;
+        if i64::from(ping.ttl_s) > max_s {
+            return Err(Error::invalid(
+                "ttl_s",
+                format!("must be at most {max_s} s, got {}", ping.ttl_s),
+            ));
+        }
+        Ok(ping.ttl_s.saturating_mul(1_000))
     }
 
     /// Records a ping with its options (last write wins) and returns where it was indexed.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `ttl_s` when it exceeds the configured maximum;
-    /// nothing is stored then.
+    /// [`Error::ResourceExhausted`] when the user is new and the index holds
+    /// [`NearbyConfig::max_users`] already. Nothing is stored then.
     pub fn ping(&self, ping: &Ping, now_ms: i64) -> Result<Placement> {
-        let ttl_ms = if ping.ttl_s == 0 {
-            self.ttl_ms()
-        } else {
-            let max_s = self.cfg.max_location_ttl_ms / 1_000;
-            if i64::from(ping.ttl_s) > max_s {
-                return Err(Error::invalid(
-                    "ttl_s",
-                    format!("must be at most {max_s} s, got {}", ping.ttl_s),
-                ));
-            }
-            ping.ttl_s.saturating_mul(1_000)
-        };
-        Ok(self.put(
-            ping.position,
-            ping.user.as_str(),
-            ping.gender,
-            ping.visible,
-            ttl_ms,
-            now_ms,
-        ))
-    }
-
-    fn put(
-        &self,
-        position: Coordinates,
-        user: &str,
-        gender: Gender,
-        visible: bool,
-        ttl_ms: u32,
-        now_ms: i64,
-    ) -> Placement {
+        let ttl_ms = self.ping_ttl_ms(ping)?;
         let member = Member {
-            user: user.as_bytes(),
+            user: ping.user.as_str().as_bytes(),
             last_seen_ms: now_ms,
             ttl_ms,
-            gender,
-            visible,
+            gender: ping.gender,
+            visible: ping.visible,
         };
-        let cell = position.cell(self.cfg.privacy_resolution);
-        self.place(cell, &member, Some(position.latlng()));
-        Placement {
+        let cell = ping.position.cell(self.cfg.privacy_resolution);
+        if !self.place(
+            cell,
+            &member,
+            Some(ping.position.latlng()),
+            self.cfg.max_users,
+        ) {
+            return Err(Error::ResourceExhausted(format!(
+                "the index is full ({} users): new users are refused until others expire or clear",
+                self.cfg.max_users
+            )));
+        }
+        Ok(Placement {
             cell,
             expires_at_ms: member.expires_at_ms(),
-        }
+        })
     }
 
     /// Whether privacy cell `cell` holds `user`.
@@ -394,7 +415,16 @@ impl NearbyIndex {
     /// Watches around the old and new cell hear of the change, and when `exact` is given
     /// (a live ping), the user's own watches move there; both while the user's `users`
     /// shard is held, so each watch sees one user's changes in order.
-    fn place(&self, cell: CellIndex, member: &Member<'_>, exact: Option<LatLng>) {
+    ///
+    /// A user not held yet is refused (returns `false`, nothing changes) when `max_users`
+    /// are held already.
+    fn place(
+        &self,
+        cell: CellIndex,
+        member: &Member<'_>,
+        exact: Option<LatLng>,
+        max_users: usize,
+    ) -> bool {
         let slot = self.users.slot(member.user);
         let mut table = self.users.tables.write(slot.shard);
         let entry = slot.entry(self.codec, cell);
@@ -409,6 +439,11 @@ impl NearbyIndex {
                 old
             }
             None => {
+                // Reserve first, so concurrent newcomers can never overshoot the cap.
+                if self.held.fetch_add(1, Ordering::Relaxed) >= max_users {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    return false;
+                }
                 self.bucket_upsert(cell, member);
                 table.insert_unique(slot.hash(), entry, store::rehash);
                 None
@@ -430,10 +465,12 @@ impl NearbyIndex {
                 self.within(centre, radius, &filter)
             });
         }
+        true
     }
 
     /// Restores a user from a snapshot record, unless the ping has expired by `now_ms` or
-    /// the cell is not at this index's privacy resolution. Returns whether it was restored.
+    /// the cell is not at this index's privacy resolution, or the index is full. Returns
+    /// whether it was restored.
     pub fn restore(&self, record: Record, now_ms: i64) -> bool {
         let member = Member {
             user: record.user.as_str().as_bytes(),
@@ -445,8 +482,7 @@ impl NearbyIndex {
         if record.cell.resolution() != self.cfg.privacy_resolution || member.expired(now_ms) {
             return false;
         }
-        self.place(record.cell, &member, None);
-        true
+        self.place(record.cell, &member, None, self.cfg.max_users)
     }
 
     /// Calls `f` with every user held, one shard of cells at a time, under that shard's
@@ -557,6 +593,7 @@ impl NearbyIndex {
         let cell = self.codec.unpack(*entry.get());
         let removed = cell.and_then(|cell| self.bucket_remove(cell, user, |_| true));
         entry.remove();
+        self.held.fetch_sub(1, Ordering::Relaxed);
         self.watchers.changed(&Change {
             user,
             old: cell,
@@ -581,6 +618,7 @@ impl NearbyIndex {
             return false;
         }
         entry.remove();
+        self.held.fetch_sub(1, Ordering::Relaxed);
         self.watchers.changed(&Change {
             user,
             old: Some(cell),

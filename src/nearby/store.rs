@@ -8,60 +8,14 @@
 //!   who share a cell have bit-identical entries at identical probe positions, so either
 //!   entry serves either user: lookups stay exact.
 
-use std::{
-    hash::BuildHasher,
-    sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
-};
+use std::hash::BuildHasher;
 
 use h3o::{CellIndex, Resolution};
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-/// Shards per map: enough that two cores rarely contend.
-pub(super) const SHARDS: usize = 64;
+pub(super) use crate::shard::{SHARDS, Shards};
+
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
-
-/// One lock on its own cache lines, so neighbouring shards do not false-share.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Padded<T>(RwLock<T>);
-
-/// [`SHARDS`] independently locked values.
-#[derive(Debug)]
-pub(super) struct Shards<T> {
-    shards: Box<[Padded<T>]>,
-}
-
-impl<T: Default> Default for Shards<T> {
-    fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
-        }
-    }
-}
-
-impl<T> Shards<T> {
-    /// Shard `i`, shared. A panic while a shard was held leaves its data as it was (every
-    /// critical section is a handful of infallible steps), so poisoning is ignored.
-    pub(super) fn read(&self, i: usize) -> RwLockReadGuard<'_, T> {
-        self.shards[i % SHARDS]
-            .0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Shard `i`, exclusive.
-    pub(super) fn write(&self, i: usize) -> RwLockWriteGuard<'_, T> {
-        self.shards[i % SHARDS]
-            .0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Sum of `f` over the shards, each read in turn.
-    pub(super) fn sum(&self, f: impl Fn(&T) -> usize) -> usize {
-        (0..SHARDS).map(|i| f(&self.read(i))).sum()
-    }
-}
 
 /// The shard of a map keyed by cell.
 pub(super) fn cell_shard(cell: CellIndex) -> usize {
@@ -126,6 +80,7 @@ impl Users {
     }
 
     /// Entries held.
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.tables.sum(HashTable::len)
     }

@@ -403,6 +403,11 @@ fn assert_users_consistent(idx: &NearbyIndex) {
         }
     }
     assert_eq!(members.len(), idx.len(), "one entry per member");
+    assert_eq!(
+        idx.users.len(),
+        idx.len(),
+        "the count matches the users map"
+    );
     for (user, cell) in &members {
         let slot = idx.users.slot(user);
         let table = idx.users.tables.read(slot.shard);
@@ -489,4 +494,67 @@ fn the_coarse_map_follows_moves_clears_and_sweeps() {
     assert_coarse_consistent(&idx);
     assert_eq!(idx.coarse.sum(|m| m.len()), 0);
     assert_eq!(idx.len(), 0);
+}
+
+#[test]
+fn the_user_cap_holds_exactly_under_concurrent_newcomers() {
+    let idx = NearbyIndex::new(
+        NearbyConfig {
+            max_users: 1_000,
+            ..NearbyConfig::default()
+        },
+        PageTokens::new([3; 32]),
+    );
+    let threads = 8;
+    let barrier = Barrier::new(threads);
+    let refused: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (idx, barrier) = (&idx, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    (0..500)
+                        .filter(|i| {
+                            let ping = Ping {
+                                user: uid(&format!("t{t}-u{i}")),
+                                position: pos(SHANGHAI.0, SHANGHAI.1),
+                                gender: Gender::Female,
+                                visible: true,
+                                ttl_s: 0,
+                            };
+                            idx.ping(&ping, 0).is_err()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(idx.len(), 1_000);
+    assert_eq!(refused, threads * 500 - 1_000);
+    assert_users_consistent(&idx);
+    // A held user still updates at the cap.
+    let someone = idx
+        .search(
+            &query(
+                "x",
+                pos(SHANGHAI.0, SHANGHAI.1),
+                1_000.0,
+                1,
+                Gender::Unspecified,
+            ),
+            0,
+        )
+        .unwrap()
+        .users[0]
+        .user
+        .clone();
+    let again = Ping {
+        user: someone,
+        position: pos(SHANGHAI.0 + 0.001, SHANGHAI.1),
+        gender: Gender::Male,
+        visible: true,
+        ttl_s: 0,
+    };
+    assert!(idx.ping(&again, 1).is_ok());
 }

@@ -369,15 +369,11 @@ impl Matcher {
         })
     }
 
-    /// Shakes: pairs at once with the best waiting partner, or waits up to the window.
-    ///
-    /// Retrying the same `(user, shake_id)` joins the wait or returns the remembered
-    /// outcome; a new `shake_id` from a waiting user supersedes the old shake (NO_MATCH).
-    /// Dropping the returned future withdraws the shake if no other call is waiting on it.
+    /// Checks a request without acting on it; returns its effective maximum distance.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `max_distance_m` or `exclude_user_ids`.
-    pub async fn shake(&self, req: ShakeRequest) -> Result<Outcome> {
+    pub fn validate(&self, req: &ShakeRequest) -> Result<f64> {
         let max_distance_m = self.max_distance(req.max_distance_m)?;
         if req.exclude.len() > self.cfg.max_excludes {
             return Err(Error::invalid(
@@ -389,6 +385,19 @@ impl Matcher {
                 ),
             ));
         }
+        Ok(max_distance_m)
+    }
+
+    /// Shakes: pairs at once with the best waiting partner, or waits up to the window.
+    ///
+    /// Retrying the same `(user, shake_id)` joins the wait or returns the remembered
+    /// outcome; a new `shake_id` from a waiting user supersedes the old shake (NO_MATCH).
+    /// Dropping the returned future withdraws the shake if no other call is waiting on it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `max_distance_m` or `exclude_user_ids`.
+    pub async fn shake(&self, req: ShakeRequest) -> Result<Outcome> {
+        let max_distance_m = self.validate(&req)?;
         let deadline = Instant::now() + self.cfg.window;
         let caller_deadline = req.deadline;
         let snapped = snapped(req.position.cell(self.cfg.privacy_resolution));

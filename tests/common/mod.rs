@@ -26,10 +26,24 @@ pub struct TestServer {
     handle: JoinHandle<Result<(), ServeError>>,
 }
 
+/// Abuse controls are off unless a test sets these flags itself: most tests move the same
+/// users about at will.
+const LIMITS_OFF: [(&str, &str); 3] = [
+    ("--max-speed", "0"),
+    ("--search-burst", "0"),
+    ("--shake-burst", "0"),
+];
+
 /// Parses and validates flags as the binary would.
 pub fn config(args: &[&str]) -> Config {
-    let cfg =
-        Config::try_parse_from(std::iter::once("geomatch").chain(args.iter().copied())).unwrap();
+    let defaults = LIMITS_OFF
+        .iter()
+        .filter(|(flag, _)| !args.contains(flag))
+        .flat_map(|(flag, value)| [*flag, *value]);
+    let argv = std::iter::once("geomatch")
+        .chain(defaults)
+        .chain(args.iter().copied());
+    let cfg = Config::try_parse_from(argv).unwrap();
     cfg.validate().unwrap();
     cfg
 }
