@@ -15,7 +15,7 @@ use geomatch::{
         WatchRequest,
     },
     population,
-    shake::{Fallback, Matcher, ShakeConfig, ShakeRequest},
+    shake::{Fallback, Matcher, Outcome, ShakeConfig, ShakeRequest, Tier},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -245,5 +245,49 @@ fn shake(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, nearby, equal_density, watch, tokens, shake);
+/// CPU cost of one ANYWHERE pairing: two fallback shakes 1 000 km apart, each waiting half
+/// the window (virtual time: the runtime's clock is paused and skips the wait) before the
+/// pool pairs them. Compare with `shake/pair`, a nearby pairing.
+fn shake_anywhere(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let m = Arc::new(Matcher::new(ShakeConfig::default()));
+    let mut i = 0usize;
+    c.bench_function("shake/pair-anywhere", |b| {
+        b.iter(|| {
+            i += 2;
+            let req = |u: usize, lat: f64| ShakeRequest {
+                user: user(u),
+                position: Coordinates::new("position", lat, CITY.1).unwrap(),
+                shake_id: ShakeId::new("shake_id", "s").unwrap(),
+                max_distance_m: 0.0,
+                exclude: Vec::new(),
+                deadline: None,
+                fallback: Fallback::Anywhere,
+            };
+            rt.block_on(async {
+                let m2 = m.clone();
+                let first = tokio::spawn(async move { m2.shake(req(i, CITY.0)).await });
+                m.until_waiting(1).await;
+                let second = m.shake(req(i + 1, CITY.0 + 9.0)).await.unwrap();
+                first.await.unwrap().unwrap();
+                assert!(matches!(&second, Outcome::Matched(mm) if mm.tier == Tier::Anywhere));
+                second
+            })
+        });
+    });
+}
+
+criterion_group!(
+    benches,
+    nearby,
+    equal_density,
+    watch,
+    tokens,
+    shake,
+    shake_anywhere
+);
 criterion_main!(benches);

@@ -209,7 +209,7 @@ pub struct Config {
 
     /// Users each abuse control (each rate limit, the travel check) tracks at most;
     /// beyond it new users pass untracked (never refused).
-    #[arg(long, env = "GEOMATCH_MAX_TRACKED_USERS", default_value_t = 4_000_000)]
+    #[arg(long, env = "GEOMATCH_MAX_TRACKED_USERS", default_value_t = 1_000_000)]
     pub max_tracked_users: usize,
 
     /// WatchNearby hysteresis: a user who entered leaves only beyond the radius plus this

@@ -27,6 +27,10 @@ const MAX_SURFACE_DISTANCE_M: f64 = 20_037_509.0;
 /// in more than an hour, and it keeps the map to the users active in the last hour.
 const TRAVEL_MEMORY_S: f64 = 3_600.0;
 
+/// Where the index last placed a user, and when: the travel check's view of a pinging
+/// user, so pings need no entry of their own.
+pub type Known = Option<(LatLng, i64)>;
+
 fn shard_of(h: u64) -> usize {
     (h >> 58) as usize % SHARDS
 }
@@ -206,17 +210,44 @@ impl TravelGuard {
     /// [`Jump`] when the move is longer than the jump allowance and faster than the speed
     /// limit; nothing is recorded then.
     pub fn check(&self, user: &str, to: LatLng, now_ms: i64) -> Result<(), Jump> {
+        self.check_with(user, to, now_ms, None, true)
+    }
+
+    /// [`Self::check`], also weighing `known` (a position and its unix ms held elsewhere,
+    /// such as the user's indexed location) when it is more recent than this guard's own
+    /// record, and recording `to` only if `record` (a ping's position is held by the index
+    /// already, so pings cost this guard no memory).
+    ///
+    /// # Errors
+    /// As [`Self::check`].
+    pub fn check_with(
+        &self,
+        user: &str,
+        to: LatLng,
+        now_ms: i64,
+        known: Option<(LatLng, i64)>,
+        record: bool,
+    ) -> Result<(), Jump> {
         if !self.enabled() {
             return Ok(());
         }
         let h = self.hasher.hash_one(user);
-        let now_s = (now_ms.max(0) / 1_000).min(i64::from(u32::MAX)) as u32;
+        let to_s = |ms: i64| (ms.max(0) / 1_000).min(i64::from(u32::MAX)) as u32;
+        let now_s = to_s(now_ms);
         let mut map = self.seen.write(shard_of(h));
-        if let Some(prev) = map.get(&h)
-            && let Ok(from) = LatLng::new(f64::from(prev.lat), f64::from(prev.lng))
-        {
+        let own = map.get(&h).and_then(|prev| {
+            LatLng::new(f64::from(prev.lat), f64::from(prev.lng))
+                .ok()
+                .map(|p| (p, prev.at_s))
+        });
+        let known = known.map(|(p, ms)| (p, to_s(ms)));
+        let last = match (own, known) {
+            (Some(a), Some(b)) => Some(if b.1 > a.1 { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        if let Some((from, at_s)) = last {
             let d = distance_m(from, to);
-            let seconds = f64::from(now_s.saturating_sub(prev.at_s));
+            let seconds = f64::from(now_s.saturating_sub(at_s));
             if d > self.cfg.max_jump_m
                 && d > self.cfg.max_speed_mps * seconds
                 && seconds < self.horizon_s()
@@ -226,7 +257,8 @@ impl TravelGuard {
                     seconds,
                 });
             }
-        } else if map.len() >= self.cfg.max_tracked / SHARDS {
+        }
+        if !record || (own.is_none() && map.len() >= self.cfg.max_tracked / SHARDS) {
             return Ok(());
         }
         map.insert(
@@ -290,6 +322,12 @@ impl Limits {
         }
     }
 
+    /// Whether the travel check is on (callers skip looking up the user's known position
+    /// otherwise).
+    pub fn checks_travel(&self) -> bool {
+        self.travel.enabled()
+    }
+
     /// No limits at all (tests and tools).
     pub fn off() -> Self {
         let rate = RateConfig {
@@ -308,39 +346,47 @@ impl Limits {
         )
     }
 
-    fn travel(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
+    fn travel(
+        &self,
+        user: &UserId,
+        at: &Coordinates,
+        now_ms: i64,
+        known: Known,
+        record: bool,
+    ) -> Result<()> {
         self.travel
-            .check(user.as_str(), at.latlng(), now_ms)
+            .check_with(user.as_str(), at.latlng(), now_ms, known, record)
             .map_err(|j| Error::ImpossibleTravel {
                 distance_m: j.distance_m,
                 seconds: j.seconds,
             })
     }
 
-    /// A location ping: the travel check.
+    /// A location ping: the travel check against the user's indexed location (`known`)
+    /// and last search or shake. Records nothing: the index will hold the ping.
     ///
     /// # Errors
     /// [`Error::ImpossibleTravel`].
-    pub fn ping(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
-        self.travel(user, at, now_ms)
+    pub fn ping(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
+        self.travel(user, at, now_ms, known, false)
     }
 
     /// A search: the rate limit, then the travel check.
     ///
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
-    pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
+    pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
         rate(&self.search, "SearchNearby", user, now_ms)?;
-        self.travel(user, at, now_ms)
+        self.travel(user, at, now_ms, known, true)
     }
 
     /// A shake: the rate limit, then the travel check.
     ///
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
-    pub fn shake(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
+    pub fn shake(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
         rate(&self.shake, "Shake", user, now_ms)?;
-        self.travel(user, at, now_ms)
+        self.travel(user, at, now_ms, known, true)
     }
 
     /// Reclaims entries that no longer matter; returns how many.
@@ -447,6 +493,38 @@ mod tests {
         );
         // A user never seen may be anywhere.
         assert_eq!(g.check("v", ll(BEIJING.0, BEIJING.1), T0), Ok(()));
+    }
+
+    #[test]
+    fn a_known_position_counts_when_newer_and_pings_record_nothing() {
+        let g = guard(300.0);
+        let shanghai = ll(SHANGHAI.0, SHANGHAI.1);
+        let beijing = ll(BEIJING.0, BEIJING.1);
+        // A ping checked against the index's position: refused, and nothing recorded.
+        let known = Some((shanghai, T0));
+        assert!(
+            g.check_with("u", beijing, T0 + 60_000, known, false)
+                .is_err()
+        );
+        assert_eq!(
+            g.check_with("u", shanghai, T0 + 60_000, known, false),
+            Ok(())
+        );
+        assert!(g.is_empty(), "pings cost the guard nothing");
+        // A search from Beijing hours later is recorded; a ping from Shanghai a minute
+        // after it is checked against the search (newer than the index's position).
+        let later = T0 + 5 * 3_600_000;
+        assert_eq!(g.check_with("u", beijing, later, known, true), Ok(()));
+        assert!(
+            g.check_with("u", shanghai, later + 60_000, known, false)
+                .is_err()
+        );
+        // Once the index holds a newer position, that one counts.
+        let moved = Some((shanghai, later + 4 * 3_600_000));
+        assert_eq!(
+            g.check_with("u", shanghai, later + 4 * 3_600_000 + 1_000, moved, false),
+            Ok(())
+        );
     }
 
     #[test]

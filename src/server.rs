@@ -341,6 +341,7 @@ pub async fn serve(
     let shake = InterceptedService::new(
         ShakeServer::new(ShakeService::new(
             app.matcher.clone(),
+            app.nearby.clone(),
             app.limits.clone(),
             app.clock.clone(),
             cfg.max_concurrent_shakes,

@@ -50,6 +50,20 @@ impl tokio_stream::Stream for WatchStream {
     }
 }
 
+/// The user's indexed position, for the travel check (not looked up when it is off).
+pub(super) fn known(
+    index: &NearbyIndex,
+    limits: &Limits,
+    user: &crate::id::UserId,
+    now_ms: i64,
+) -> crate::limits::Known {
+    if limits.checks_travel() {
+        index.known_position(user, now_ms)
+    } else {
+        None
+    }
+}
+
 /// Rejections an `UpdateLocations` summary reports in detail (all are counted).
 const MAX_REPORTED_REJECTIONS: usize = 16;
 
@@ -84,7 +98,8 @@ impl NearbyService {
         let ping = convert::ping(req)?;
         self.index.ping_ttl_ms(&ping)?;
         let now = self.clock.now_ms();
-        self.limits.ping(&ping.user, &ping.position, now)?;
+        let known = known(&self.index, &self.limits, &ping.user, now);
+        self.limits.ping(&ping.user, &ping.position, now, known)?;
         let placed = self.index.ping(&ping, now)?;
         metrics::counter!(names::PINGS).increment(1);
         Ok(placed)
@@ -202,7 +217,9 @@ impl pb::nearby_server::Nearby for NearbyService {
         let page = self.index.search(&query, now)?;
         // Limits apply to valid requests only (a rejected one leaves no trace); a refused
         // search returns nothing.
-        self.limits.search(&query.searcher, &query.centre, now)?;
+        let known = known(&self.index, &self.limits, &query.searcher, now);
+        self.limits
+            .search(&query.searcher, &query.centre, now, known)?;
         metrics::counter!(names::SEARCHES).increment(1);
         Ok(Response::new(pb::SearchNearbyResponse {
             users: page.users.into_iter().map(convert::found).collect(),

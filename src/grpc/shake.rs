@@ -16,6 +16,7 @@ use super::{convert, pb, status::overloaded};
 use crate::{
     clock::Clock,
     limits::Limits,
+    nearby::NearbyIndex,
     shake::{Matcher, Outcome, ShakeRequest, Tier},
     telemetry::names,
 };
@@ -24,6 +25,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ShakeService {
     matcher: Arc<Matcher>,
+    /// Where users last pinged, for the travel check.
+    index: Arc<NearbyIndex>,
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
     in_flight: Arc<Semaphore>,
@@ -34,12 +37,14 @@ impl ShakeService {
     /// `max_in_flight` calls at once (more are shed with RESOURCE_EXHAUSTED).
     pub fn new(
         matcher: Arc<Matcher>,
+        index: Arc<NearbyIndex>,
         limits: Arc<Limits>,
         clock: Arc<dyn Clock>,
         max_in_flight: usize,
     ) -> Self {
         Self {
             matcher,
+            index,
             limits,
             clock,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
@@ -69,8 +74,10 @@ impl pb::shake_server::Shake for ShakeService {
             fallback: convert::fallback(req.fallback)?,
         };
         self.matcher.validate(&shake)?;
+        let now = self.clock.now_ms();
+        let known = super::nearby::known(&self.index, &self.limits, &shake.user, now);
         self.limits
-            .shake(&shake.user, &shake.position, self.clock.now_ms())?;
+            .shake(&shake.user, &shake.position, now, known)?;
         let outcome = self.matcher.shake(shake).await?;
         match &outcome {
             Outcome::Matched(m) => {

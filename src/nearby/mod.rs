@@ -582,6 +582,13 @@ impl NearbyIndex {
         self.watchers.close_all();
     }
 
+    /// Where the index last placed `user` (their privacy cell's centre) and when, unless
+    /// nothing or only an expired ping is held.
+    pub fn known_position(&self, user: &UserId, now_ms: i64) -> Option<(LatLng, i64)> {
+        self.status(user, now_ms)
+            .map(|s| (LatLng::from(s.cell), s.last_seen_ms))
+    }
+
     /// Forgets `user`. Returns whether a visible location existed.
     pub fn clear(&self, user: &UserId, now_ms: i64) -> bool {
         let user = user.as_str().as_bytes();
