@@ -1111,3 +1111,6 @@ mod tests;
 
 #[cfg(test)]
 mod watch_tests;
+
+#[cfg(test)]
+mod proptests;

@@ -599,3 +599,124 @@ async fn random_schedules_with_fallback_keep_the_pairing_invariants() {
         "no leaked pool entries"
     );
 }
+
+mod model {
+    //! Property test: random concurrent schedules (users repeating, random reach,
+    //! exclusions, fallback, and caller deadlines that cancel waiters while newcomers
+    //! claim them) always keep the pairing invariants.
+
+    use proptest::{collection::vec, prelude::*};
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    struct Spec {
+        user: u8,
+        north_m: u32,
+        reach: usize,
+        anywhere: bool,
+        exclude: Vec<u8>,
+        deadline_ms: Option<u64>,
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (
+            0u8..24,
+            0u32..4_000,
+            0usize..3,
+            any::<bool>(),
+            vec(0u8..24, 0..3),
+            proptest::option::weighted(0.3, 0u64..120),
+        )
+            .prop_map(
+                |(user, north_m, reach, anywhere, exclude, deadline_ms)| Spec {
+                    user,
+                    north_m,
+                    reach,
+                    anywhere,
+                    exclude,
+                    deadline_ms,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_schedules_keep_the_pairing_invariants(specs in vec(spec(), 2..60)) {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(4)
+                .enable_time()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let m = Arc::new(Matcher::new(cfg(Duration::from_millis(100))));
+                let reqs: Vec<ShakeRequest> = specs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let mut r = at(&format!("u{}", s.user), &format!("s{i}"), f64::from(s.north_m));
+                        r.max_distance_m = [0.0, 300.0, 5_000.0][s.reach];
+                        if s.anywhere {
+                            r.fallback = Fallback::Anywhere;
+                        }
+                        r.exclude = s
+                            .exclude
+                            .iter()
+                            .map(|x| UserId::new("x", &format!("u{x}")).unwrap())
+                            .collect();
+                        r.deadline = s
+                            .deadline_ms
+                            .map(|ms| Instant::now() + Duration::from_millis(ms));
+                        r
+                    })
+                    .collect();
+                let answers = run_all_raw(&m, &reqs).await;
+                m.until_waiting(0).await;
+                let mut sides: HashMap<String, Vec<usize>> = HashMap::new();
+                for (i, a) in answers.iter().enumerate() {
+                    match a {
+                        Ok(Outcome::Matched(mm)) => sides.entry(mm.match_id.clone()).or_default().push(i),
+                        Ok(Outcome::NoMatch) | Err(Error::DeadlineExceeded) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                for (id, who) in &sides {
+                    // Every match has at most two callers who heard it, of two different users.
+                    assert!(who.len() <= 2, "match {id} told to {} callers", who.len());
+                    let a = &reqs[who[0]];
+                    let ma = matched(answers[who[0]].as_ref().unwrap());
+                    assert_ne!(ma.partner, a.user, "self pair");
+                    assert!(!a.exclude.contains(&ma.partner), "excluded partner");
+                    // The partner's side was recorded, naming this user back, whether or not
+                    // its caller stayed: no ghost pairs, symmetric.
+                    let back = m.done.iter().any(|d| {
+                        d.key().0 == ma.partner
+                            && matches!(&d.outcome, Outcome::Matched(x) if &x.match_id == id && x.partner == a.user && x.tier == ma.tier)
+                    });
+                    assert!(back, "{} matched {} in {id}, one-sided", a.user, ma.partner);
+                    if who.len() == 2 {
+                        let b = &reqs[who[1]];
+                        assert_eq!(ma.partner, b.user);
+                        assert!(!b.exclude.contains(&a.user), "excluded partner");
+                        let d = distance_m(
+                            snapped(a.position.cell(Resolution::Nine)),
+                            snapped(b.position.cell(Resolution::Nine)),
+                        );
+                        match ma.tier {
+                            Tier::Nearby => {
+                                let max = |r: &ShakeRequest| if r.max_distance_m == 0.0 { 1_000.0 } else { r.max_distance_m };
+                                assert!(d <= max(a) && d <= max(b), "nearby pair {d} m apart");
+                            }
+                            Tier::Anywhere => assert!(
+                                a.fallback == Fallback::Anywhere && b.fallback == Fallback::Anywhere
+                            ),
+                        }
+                    }
+                }
+                assert!(m.anywhere.lock().unwrap().is_empty(), "no leaked pool entries");
+            });
+        }
+    }
+}
