@@ -226,6 +226,11 @@ pub struct Config {
     #[arg(long, env = "GEOMATCH_MAX_WATCHES", default_value_t = 65_536)]
     pub max_watches: usize,
 
+    /// A call that waited longer than this between arriving and its handler starting is
+    /// shed with RESOURCE_EXHAUSTED (overload: answer fast or not at all); 0 disables.
+    #[arg(long, env = "GEOMATCH_MAX_QUEUE_DELAY", default_value = "20ms", value_parser = duration)]
+    pub max_queue_delay: Duration,
+
     /// Interval of HTTP/2 keepalive pings to idle clients.
     #[arg(long, env = "GEOMATCH_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub keepalive_interval: Duration,

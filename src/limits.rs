@@ -27,6 +27,9 @@ const MAX_SURFACE_DISTANCE_M: f64 = 20_037_509.0;
 /// in more than an hour, and it keeps the map to the users active in the last hour.
 const TRAVEL_MEMORY_S: f64 = 3_600.0;
 
+/// A search or shake this close to the user's indexed position is represented by it.
+const REPRESENTED_M: f64 = 1_000.0;
+
 /// Where the index last placed a user, and when: the travel check's view of a pinging
 /// user, so pings need no entry of their own.
 pub type Known = Option<(LatLng, i64)>;
@@ -377,7 +380,8 @@ impl Limits {
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
     pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
         rate(&self.search, "SearchNearby", user, now_ms)?;
-        self.travel(user, at, now_ms, known, true)
+        let record = self.worth_recording(at, known);
+        self.travel(user, at, now_ms, known, record)
     }
 
     /// A shake: the rate limit, then the travel check.
@@ -386,7 +390,17 @@ impl Limits {
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
     pub fn shake(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
         rate(&self.shake, "Shake", user, now_ms)?;
-        self.travel(user, at, now_ms, known, true)
+        let record = self.worth_recording(at, known);
+        self.travel(user, at, now_ms, known, record)
+    }
+
+    /// Whether a search or shake at `at` tells the travel check more than the user's
+    /// indexed position does: a user searching where they pinged (the usual case) costs
+    /// the guard no memory. Positions within [`REPRESENTED_M`] (or half the jump
+    /// allowance, if smaller) of the indexed one are represented by it.
+    fn worth_recording(&self, at: &Coordinates, known: Known) -> bool {
+        let within = REPRESENTED_M.min(self.travel.cfg.max_jump_m / 2.0);
+        known.is_none_or(|(p, _)| distance_m(p, at.latlng()) > within)
     }
 
     /// Reclaims entries that no longer matter; returns how many.

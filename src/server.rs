@@ -336,6 +336,7 @@ pub async fn serve(
         app.limits.clone(),
         app.clock.clone(),
         cfg.max_concurrent_requests,
+        cfg.max_queue_delay,
     ))
     .max_decoding_message_size(cfg.max_message_bytes);
     let shake = InterceptedService::new(
@@ -345,6 +346,7 @@ pub async fn serve(
             app.limits.clone(),
             app.clock.clone(),
             cfg.max_concurrent_shakes,
+            cfg.max_queue_delay,
         ))
         .max_decoding_message_size(cfg.max_message_bytes),
         stamp_deadline,

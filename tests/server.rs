@@ -253,3 +253,34 @@ async fn health_turns_not_serving_when_the_drain_starts() {
     );
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn calls_that_queued_too_long_are_shed_at_once() {
+    use geomatch::grpc::pb;
+    // A limit no call can meet: every call is shed, with a message saying why.
+    let server = start(&["--max-queue-delay", "1ns"]).await;
+    let mut c = server.nearby().await;
+    let err = c
+        .search_nearby(pb::SearchNearbyRequest {
+            user_id: "alice".into(),
+            position: common::latlng(31.23, 121.47),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("waited"), "{err:?}");
+    let mut s = server.shake().await;
+    let err = s
+        .shake(pb::ShakeRequest {
+            user_id: "alice".into(),
+            shake_id: "s".into(),
+            position: common::latlng(31.23, 121.47),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert_eq!(server.app.nearby.len(), 0);
+    server.stop().await;
+}

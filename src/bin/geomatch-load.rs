@@ -55,6 +55,12 @@ enum Scenario {
     SearchSparse,
     Shake,
     Mixed,
+    /// Churn for a long run (gRPC only): a window of active users slides through the
+    /// population (users join, move, clear, and expire once they fall behind it), with
+    /// searches and bulk pings from active users and shakes from a fixed pool of pairs.
+    /// Refusals by the abuse controls count as "unexpected", not errors; RSS is sampled
+    /// every 10 s, and the server's waiting shakes and watches must be back to zero after.
+    Soak,
 }
 
 impl Scenario {
@@ -67,6 +73,7 @@ impl Scenario {
             Self::SearchSparse => "search-sparse",
             Self::Shake => "shake",
             Self::Mixed => "mixed",
+            Self::Soak => "soak",
         }
     }
 }
@@ -110,6 +117,16 @@ struct Args {
     /// Report this process's resident memory (e.g. the server's pid) in the JSON line.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// soak: users active at once (the sliding window).
+    #[arg(long, default_value_t = 100_000)]
+    soak_active: u64,
+    /// soak: how long the window takes to move by its own size (users' turnover).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    soak_turnover: Duration,
+    /// The server's metrics address (loopback), to check after a soak that no shakes are
+    /// left waiting and no watches open.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 fn ensure_loopback(addr: SocketAddr) -> anyhow::Result<()> {
@@ -288,6 +305,183 @@ struct Ctx {
     users: u64,
     positions: Arc<Vec<(f64, f64)>>,
     pair_seq: Arc<AtomicU64>,
+    started: Instant,
+    soak_active: u64,
+    soak_turnover: Duration,
+}
+
+impl Ctx {
+    /// A user of the soak's current window.
+    fn active_user(&self, rng: &mut StdRng) -> u64 {
+        let turns = self.started.elapsed().as_secs_f64() / self.soak_turnover.as_secs_f64();
+        let base = (turns * self.soak_active as f64) as u64;
+        (base + rng.random_range(0..self.soak_active.max(1))) % self.users.max(1)
+    }
+
+    /// User `i` moved a few metres from their population position.
+    fn moved(&self, i: u64, rng: &mut StdRng) -> (f64, f64) {
+        let (lat, lng) = self.positions[i as usize];
+        population::offset(
+            lat,
+            lng,
+            rng.random_range(-10.0..10.0),
+            rng.random_range(-10.0..10.0),
+        )
+    }
+}
+
+type ShakeAnswer = Result<tonic::Response<pb::ShakeResponse>, tonic::Status>;
+
+/// Users `{who}:0` and `{who}:1` shake at once at the same spot (shake id `n`), within
+/// 100 m of each other: every call should match.
+async fn shake_pair(
+    ch: &Channel,
+    who: &str,
+    n: u64,
+    (lat, lng): (f64, f64),
+) -> (ShakeAnswer, ShakeAnswer) {
+    let req = |side: u64| pb::ShakeRequest {
+        user_id: format!("{who}:{side}"),
+        position: Some(pb::LatLng { lat, lng }),
+        shake_id: format!("{n}"),
+        max_distance_m: 100.0,
+        ..Default::default()
+    };
+    let mut a = ShakeClient::new(ch.clone());
+    let mut b = ShakeClient::new(ch.clone());
+    tokio::join!(a.shake(req(0)), b.shake(req(1)))
+}
+
+/// Pairs of soak shakers: each pair always shakes at its own fixed spot.
+const SOAK_SHAKE_PAIRS: u64 = 20_000;
+
+/// One soak operation. Refusals by the abuse controls (RESOURCE_EXHAUSTED,
+/// FAILED_PRECONDITION) are `Ok(false)`; anything else unexpected is an error.
+async fn soak_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, tonic::Status> {
+    let refusal = |s: tonic::Status| match s.code() {
+        tonic::Code::ResourceExhausted | tonic::Code::FailedPrecondition => Ok(false),
+        _ => Err(s),
+    };
+    let mut nearby = NearbyClient::new(ch.clone());
+    match rng.random_range(0..100) {
+        0..45 => {
+            let i = ctx.active_user(rng);
+            let p = ctx.moved(i, rng);
+            match nearby.update_location(update(i, p)).await {
+                Ok(_) => Ok(true),
+                Err(s) => refusal(s),
+            }
+        }
+        45..50 => {
+            let i = ctx.active_user(rng);
+            nearby
+                .clear_location(pb::ClearLocationRequest {
+                    user_id: population::user_id(i),
+                })
+                .await?;
+            Ok(true)
+        }
+        50..80 => {
+            let i = ctx.active_user(rng);
+            let (lat, lng) = ctx.moved(i, rng);
+            let req = pb::SearchNearbyRequest {
+                user_id: population::user_id(i),
+                position: Some(pb::LatLng { lat, lng }),
+                radius_m: [1_000.0, 3_000.0][rng.random_range(0..2)],
+                limit: 20,
+                ..Default::default()
+            };
+            match nearby.search_nearby(req).await {
+                Ok(_) => Ok(true),
+                Err(s) => refusal(s),
+            }
+        }
+        80..90 => {
+            let batch: Vec<_> = (0..50)
+                .map(|_| {
+                    let i = ctx.active_user(rng);
+                    update(i, ctx.moved(i, rng))
+                })
+                .collect();
+            let s = nearby
+                .update_locations(tokio_stream::iter(batch))
+                .await?
+                .into_inner();
+            Ok(s.rejected == 0)
+        }
+        _ => {
+            let k = rng.random_range(0..SOAK_SHAKE_PAIRS);
+            let mut spot = StdRng::seed_from_u64(k);
+            let (lat, lng) = (
+                spot.random_range(20.0..45.0),
+                spot.random_range(100.0..125.0),
+            );
+            let n = ctx.pair_seq.fetch_add(1, Ordering::Relaxed);
+            match shake_pair(ch, &format!("soak-shaker:{k}"), n, (lat, lng)).await {
+                (Ok(_), Ok(_)) => Ok(true),
+                (Err(s), _) | (_, Err(s)) => refusal(s),
+            }
+        }
+    }
+}
+
+/// The soak's verdicts: RSS flat after warm-up (the first fifth of the run, which covers
+/// the loaded population expiring), and nothing left waiting once the load stops.
+async fn soak_report(args: &Args, samples: &[(u64, u64)]) -> anyhow::Result<()> {
+    let warm = args.duration.as_secs() / 5;
+    let after: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= warm)
+        .map(|(_, b)| *b)
+        .collect();
+    let mb = |b: u64| b as f64 / 1e6;
+    let series: Vec<String> = samples
+        .iter()
+        .map(|(t, b)| format!("[{t},{:.1}]", mb(*b)))
+        .collect();
+    let (lo, hi) = (
+        after.iter().copied().min().unwrap_or(0),
+        after.iter().copied().max().unwrap_or(0),
+    );
+    let spread = if lo > 0 {
+        hi as f64 / lo as f64 - 1.0
+    } else {
+        0.0
+    };
+    let mut waiting = String::new();
+    if let Some(addr) = args.metrics_addr {
+        if !addr.ip().is_loopback() {
+            bail!("--metrics-addr {addr}: loopback only");
+        }
+        // Past the shake window and the server's 5 s gauge refresh.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let shakes = scrape(addr, "geomatch_waiting_shakes").await?;
+        let watches = scrape(addr, "geomatch_watches").await.unwrap_or(0.0);
+        waiting = format!(",\"waiting_shakes_after\":{shakes},\"watches_after\":{watches}");
+    }
+    println!(
+        "{{\"soak_rss_mb\":[{}],\"rss_spread_after_warmup\":{spread:.3},\"rss_flat\":{}{waiting}}}",
+        series.join(","),
+        spread <= 0.10
+    );
+    Ok(())
+}
+
+/// Fetches the server's /metrics and returns the value of `series` (no labels).
+async fn scrape(addr: SocketAddr, series: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .with_context(|| format!("{series} not in /metrics"))
 }
 
 fn search(rng: &mut StdRng, (lat, lng): (f64, f64), radius_m: f64) -> pb::SearchNearbyRequest {
@@ -411,12 +605,15 @@ async fn redis_op(
             redis_search(c, population::sparse_point(rng), 10_000.0).await?;
             Ok(true)
         }
-        Scenario::Shake | Scenario::Mixed => Ok(false),
+        Scenario::Shake | Scenario::Mixed | Scenario::Soak => Ok(false),
     }
 }
 
 async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, tonic::Status> {
     let scenario = pick(ctx.scenario, rng);
+    if scenario == Scenario::Soak {
+        return soak_op(ctx, rng, ch).await;
+    }
     let mut nearby = NearbyClient::new(ch.clone());
     match scenario {
         Scenario::UpdateBulk => {
@@ -463,19 +660,10 @@ async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
             nearby.search_nearby(req).await?;
             Ok(true)
         }
-        Scenario::Shake | Scenario::Mixed => {
+        Scenario::Shake | Scenario::Mixed | Scenario::Soak => {
             let n = ctx.pair_seq.fetch_add(1, Ordering::Relaxed);
             let (lat, lng) = (rng.random_range(20.0..45.0), rng.random_range(100.0..125.0));
-            let req = |side: u64| pb::ShakeRequest {
-                user_id: format!("shaker:{n}:{side}"),
-                position: Some(pb::LatLng { lat, lng }),
-                shake_id: format!("{n}"),
-                max_distance_m: 100.0,
-                ..Default::default()
-            };
-            let mut a = ShakeClient::new(ch.clone());
-            let mut b = ShakeClient::new(ch.clone());
-            let (ra, rb) = tokio::join!(a.shake(req(0)), b.shake(req(1)));
+            let (ra, rb) = shake_pair(ch, &format!("shaker:{n}"), n, (lat, lng)).await;
             let (ra, rb) = (ra?.into_inner(), rb?.into_inner());
             Ok(ra.outcome() == Outcome::Matched
                 && rb.outcome() == Outcome::Matched
@@ -646,6 +834,9 @@ async fn main() -> anyhow::Result<()> {
         users: args.users,
         positions: Arc::new(population::positions(args.users, args.seed)),
         pair_seq: Arc::new(AtomicU64::new(args.seed << 40)),
+        started: Instant::now(),
+        soak_active: args.soak_active,
+        soak_turnover: args.soak_turnover,
     };
     let mut printed_header = false;
     if !channels.is_empty() {
@@ -653,8 +844,8 @@ async fn main() -> anyhow::Result<()> {
         run(&args, &ctx, "grpc", &conns, &mut printed_header).await?;
     }
     if !redis.is_empty() {
-        if args.scenario == Scenario::Shake {
-            bail!("scenario shake has no Redis equivalent");
+        if matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
+            bail!("scenario {} has no Redis equivalent", args.scenario.name());
         }
         let conns: Vec<Conn> = redis.iter().cloned().map(Conn::Redis).collect();
         run(&args, &ctx, "redis", &conns, &mut printed_header).await?;
@@ -695,6 +886,24 @@ async fn run(
             eprintln!();
         })
     };
+    // Soak: the server's RSS every 10 s.
+    let samples = (args.scenario == Scenario::Soak && target == "grpc")
+        .then_some(args.server_pid)
+        .flatten()
+        .map(|pid| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                while !done.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    if let Some(b) = rss_bytes(pid) {
+                        out.push((started.elapsed().as_secs(), b));
+                    }
+                }
+                out
+            })
+        });
     let mut workers = Vec::new();
     match args.rate {
         None => {
@@ -776,6 +985,9 @@ async fn run(
     let elapsed = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = progress.await;
+    if let Some(samples) = samples {
+        soak_report(args, &samples.await?).await?;
+    }
 
     let stats = total.lock().unwrap();
     let ops_per_s = stats.ops as f64 / elapsed;

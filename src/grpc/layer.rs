@@ -6,7 +6,7 @@ use std::{
     future::Future,
     pin::Pin,
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tonic::codegen::http;
@@ -24,6 +24,29 @@ impl<S> Layer<S> for RpcLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         RpcService { inner }
+    }
+}
+
+/// When the server took a call off the connection: handlers compare it with the time
+/// they start, to shed calls that queued too long (see [`admit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
+
+/// Sheds a call that waited more than `max` between arrival and its handler starting
+/// (0 = never): under overload, better an immediate RESOURCE_EXHAUSTED than an answer
+/// nobody waits for, and the queue drains at once when the load drops.
+///
+/// # Errors
+/// RESOURCE_EXHAUSTED naming the wait.
+pub fn admit(extensions: &http::Extensions, max: Duration) -> Result<(), tonic::Status> {
+    if max.is_zero() {
+        return Ok(());
+    }
+    match extensions.get::<Arrival>() {
+        Some(Arrival(at)) if at.elapsed() > max => {
+            Err(super::status::queued_too_long(at.elapsed(), max))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -149,7 +172,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(Arrival(Instant::now()));
         let (service, method, kind) = classify(req.uri().path());
         metrics::counter!(names::GRPC_STARTED, "grpc_type" => kind, "grpc_service" => service, "grpc_method" => method)
             .increment(1);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, codegen::http};
 
 use super::{convert, pb, status::overloaded};
 use crate::{
@@ -74,6 +74,7 @@ pub struct NearbyService {
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
     in_flight: Arc<Semaphore>,
+    max_queue: std::time::Duration,
 }
 
 impl NearbyService {
@@ -84,12 +85,14 @@ impl NearbyService {
         limits: Arc<Limits>,
         clock: Arc<dyn Clock>,
         max_in_flight: usize,
+        max_queue: std::time::Duration,
     ) -> Self {
         Self {
             index,
             limits,
             clock,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_queue,
         }
     }
 
@@ -105,7 +108,11 @@ impl NearbyService {
         Ok(placed)
     }
 
-    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+    fn admit(
+        &self,
+        extensions: &http::Extensions,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        super::layer::admit(extensions, self.max_queue)?;
         self.in_flight
             .try_acquire()
             .map_err(|_| overloaded("requests"))
@@ -118,7 +125,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::UpdateLocationRequest>,
     ) -> Result<Response<pb::UpdateLocationResponse>, Status> {
-        let _permit = self.admit()?;
+        let _permit = self.admit(request.extensions())?;
         let placed = self.ping(request.into_inner())?;
         tracing::debug!(cell = %placed.cell, "location updated");
         Ok(Response::new(pb::UpdateLocationResponse {
@@ -131,7 +138,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<Streaming<pb::UpdateLocationRequest>>,
     ) -> Result<Response<pb::UpdateLocationsSummary>, Status> {
-        let _permit = self.admit()?;
+        let _permit = self.admit(request.extensions())?;
         let mut stream = request.into_inner();
         let mut summary = pb::UpdateLocationsSummary::default();
         let mut index = 0u64;
@@ -182,7 +189,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::GetLocationStatusRequest>,
     ) -> Result<Response<pb::GetLocationStatusResponse>, Status> {
-        let _permit = self.admit()?;
+        let _permit = self.admit(request.extensions())?;
         let user = convert::user_id(&request.get_ref().user_id)?;
         let status = self.index.status(&user, self.clock.now_ms());
         Ok(Response::new(convert::location_status(status)))
@@ -192,7 +199,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::ClearLocationRequest>,
     ) -> Result<Response<pb::ClearLocationResponse>, Status> {
-        let _permit = self.admit()?;
+        let _permit = self.admit(request.extensions())?;
         let user = convert::user_id(&request.get_ref().user_id)?;
         let existed = self.index.clear(&user, self.clock.now_ms());
         metrics::counter!(names::CLEARS).increment(1);
@@ -203,7 +210,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::SearchNearbyRequest>,
     ) -> Result<Response<pb::SearchNearbyResponse>, Status> {
-        let _permit = self.admit()?;
+        let _permit = self.admit(request.extensions())?;
         let req = request.into_inner();
         let query = SearchRequest {
             searcher: convert::user_id(&req.user_id)?,

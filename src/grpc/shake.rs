@@ -30,6 +30,7 @@ pub struct ShakeService {
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
     in_flight: Arc<Semaphore>,
+    max_queue: Duration,
 }
 
 impl ShakeService {
@@ -41,6 +42,7 @@ impl ShakeService {
         limits: Arc<Limits>,
         clock: Arc<dyn Clock>,
         max_in_flight: usize,
+        max_queue: Duration,
     ) -> Self {
         Self {
             matcher,
@@ -48,6 +50,7 @@ impl ShakeService {
             limits,
             clock,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_queue,
         }
     }
 }
@@ -58,6 +61,7 @@ impl pb::shake_server::Shake for ShakeService {
         &self,
         request: Request<pb::ShakeRequest>,
     ) -> Result<Response<pb::ShakeResponse>, Status> {
+        super::layer::admit(request.extensions(), self.max_queue)?;
         let _permit = self
             .in_flight
             .try_acquire()

@@ -13,6 +13,16 @@ pub fn overloaded(what: &'static str) -> Status {
     ))
 }
 
+/// Sheds a call that waited too long for a worker.
+pub fn queued_too_long(waited: std::time::Duration, max: std::time::Duration) -> Status {
+    metrics::counter!(names::REJECTIONS, "reason" => "overloaded").increment(1);
+    Status::resource_exhausted(format!(
+        "server overloaded: the call waited {} ms for a worker (limit {} ms), retry with backoff",
+        waited.as_millis(),
+        max.as_millis()
+    ))
+}
+
 /// Maps a domain error to the status a client sees. INVALID_ARGUMENT carries a
 /// `google.rpc.BadRequest` field violation naming the field.
 pub fn to_status(err: Error) -> Status {
