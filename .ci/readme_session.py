@@ -34,6 +34,7 @@ METRIC_SERIES = [
     "geomatch_pings_rejected_total",
     "geomatch_watches_opened_total",
     "geomatch_watches",
+    "geomatch_accepted_handling_seconds_bucket",
 ]
 
 

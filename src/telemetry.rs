@@ -22,6 +22,9 @@ pub mod names {
     pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
     /// Histogram: RPC latency in seconds, by `grpc_type`, `grpc_service`, `grpc_method`.
     pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+    /// Histogram: latency of calls answered OK only (shed and refused calls are fast and
+    /// would hide the accepted calls' tail under overload).
+    pub const ACCEPTED_SECONDS: &str = "geomatch_accepted_handling_seconds";
     /// Gauge: users held by the index (including expired ones not yet swept).
     pub const INDEXED_USERS: &str = "geomatch_indexed_users";
     /// Gauge: occupied privacy cells.
@@ -104,6 +107,11 @@ fn describe() {
     describe_counter!(GRPC_STARTED, "RPCs started on the server");
     describe_counter!(GRPC_HANDLED, "RPCs completed on the server, by status code");
     describe_histogram!(GRPC_HANDLING_SECONDS, Unit::Seconds, "RPC latency");
+    describe_histogram!(
+        ACCEPTED_SECONDS,
+        Unit::Seconds,
+        "latency of RPCs answered OK, from arrival at the server"
+    );
     describe_gauge!(INDEXED_USERS, "users held by the index");
     describe_gauge!(OCCUPIED_CELLS, "occupied privacy cells");
     describe_gauge!(WAITING_SHAKES, "shakes waiting for a partner");

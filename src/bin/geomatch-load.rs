@@ -549,7 +549,9 @@ type OpResult = Result<bool, String>;
 /// Runs one operation; `Ok(true)` when it did what the scenario expects.
 async fn one_op(ctx: &Ctx, rng: &mut StdRng, conn: &Conn) -> OpResult {
     match conn {
-        Conn::Grpc(ch) => grpc_op(ctx, rng, ch).await.map_err(|e| e.to_string()),
+        Conn::Grpc(ch) => grpc_op(ctx, rng, ch)
+            .await
+            .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
         Conn::Redis(c) => redis_op(ctx, rng, &mut c.clone())
             .await
             .map_err(|e| e.to_string()),
@@ -674,8 +676,15 @@ async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
 
 struct Stats {
     hist: Histogram<u64>,
+    /// Open loop: latency from the actual send, which leaves out the harness's own lag
+    /// behind the schedule (the server's share).
+    sent_hist: Histogram<u64>,
     ops: u64,
     errors: u64,
+    /// Errors that were the server shedding load (RESOURCE_EXHAUSTED).
+    shed: u64,
+    /// Open loop: scheduled calls not sent because `--concurrency` were in flight.
+    dropped: u64,
     misses: u64,
 }
 
@@ -683,28 +692,43 @@ impl Stats {
     fn new() -> Self {
         Self {
             hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            sent_hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
             ops: 0,
             errors: 0,
+            shed: 0,
+            dropped: 0,
             misses: 0,
         }
     }
 
     /// Records one call that counted for `weight` operations.
     fn record(&mut self, latency: Duration, result: OpResult, weight: u64) {
+        self.record_sent(latency, latency, result, weight);
+    }
+
+    /// Records one call: `latency` from its scheduled time, `sent` from its actual send.
+    fn record_sent(&mut self, latency: Duration, sent: Duration, result: OpResult, weight: u64) {
         match result {
             Ok(good) => {
                 self.ops += weight;
                 self.misses += u64::from(!good);
                 let _ = self.hist.record((latency.as_micros() as u64).max(1));
+                let _ = self.sent_hist.record((sent.as_micros() as u64).max(1));
             }
-            Err(_) => self.errors += 1,
+            Err(e) => {
+                self.errors += 1;
+                self.shed += u64::from(e.contains("ResourceExhausted"));
+            }
         }
     }
 
     fn merge(&mut self, other: &Stats) {
         let _ = self.hist.add(&other.hist);
+        let _ = self.sent_hist.add(&other.sent_hist);
         self.ops += other.ops;
         self.errors += other.errors;
+        self.shed += other.shed;
+        self.dropped += other.dropped;
         self.misses += other.misses;
     }
 }
@@ -963,17 +987,24 @@ async fn run(
                 let mut op_rng = StdRng::seed_from_u64(rng.random());
                 match in_flight.clone().try_acquire_owned() {
                     Ok(permit) => workers.push(tokio::spawn(async move {
+                        let sent = Instant::now();
                         let r = one_op(&ctx, &mut op_rng, &conn).await;
                         // Latency from the scheduled send time: a stalled server shows up here.
-                        total
-                            .lock()
-                            .unwrap()
-                            .record(scheduled.elapsed(), r, weight(ctx.scenario));
+                        total.lock().unwrap().record_sent(
+                            scheduled.elapsed(),
+                            sent.elapsed(),
+                            r,
+                            weight(ctx.scenario),
+                        );
                         ops.fetch_add(weight(ctx.scenario), Ordering::Relaxed);
                         drop(permit);
                     })),
                     // Over the in-flight bound: counted as an error, never silently delayed.
-                    Err(_) => total.lock().unwrap().errors += 1,
+                    Err(_) => {
+                        let mut t = total.lock().unwrap();
+                        t.errors += 1;
+                        t.dropped += 1;
+                    }
                 }
                 i += 1;
             }
@@ -1017,8 +1048,20 @@ async fn run(
         None
     };
     let rss = rss.map_or(String::new(), |b| format!(",\"rss_bytes\":{b}"));
+    // Open loop adds what an overload run needs: the server's share of the latency (from
+    // the actual send), and errors split into server sheds and harness drops.
+    let open = if args.rate.is_some() {
+        format!(
+            ",\"p99_sent_us\":{},\"shed\":{},\"dropped\":{}",
+            stats.sent_hist.value_at_quantile(0.99),
+            stats.shed,
+            stats.dropped
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{{\"scenario\":\"{}\",\"target\":\"{target}\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}}}",
+        "{{\"scenario\":\"{}\",\"target\":\"{target}\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}{open}}}",
         args.scenario.name(),
         q(0.5),
         q(0.99),

@@ -197,6 +197,10 @@ where
                 .increment(1);
             metrics::histogram!(names::GRPC_HANDLING_SECONDS, "grpc_type" => kind, "grpc_service" => service, "grpc_method" => method)
                 .record(elapsed.as_secs_f64());
+            if code == "OK" {
+                metrics::histogram!(names::ACCEPTED_SECONDS, "grpc_method" => method)
+                    .record(elapsed.as_secs_f64());
+            }
             span.record("code", code);
             span.record("latency_us", elapsed.as_micros() as u64);
             tracing::debug!(parent: &span, "rpc finished");
