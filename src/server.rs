@@ -162,6 +162,14 @@ impl App {
         metrics::gauge!(names::OCCUPIED_CELLS).set(self.nearby.cell_count() as f64);
         metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
+        metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);
+        for (control, n) in [
+            ("search", self.limits.search.len()),
+            ("shake", self.limits.shake.len()),
+            ("travel", self.limits.travel.len()),
+        ] {
+            metrics::gauge!(names::LIMITS_TRACKED, "control" => control).set(n as f64);
+        }
     }
 }
 

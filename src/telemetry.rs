@@ -43,6 +43,10 @@ pub mod names {
     pub const WATCHES_OPENED: &str = "geomatch_watches_opened_total";
     /// Counter: WatchNearby streams ended because their consumer fell behind.
     pub const WATCH_OVERFLOWS: &str = "geomatch_watch_overflows_total";
+    /// Gauge: finished shake outcomes kept for retries.
+    pub const SHAKE_OUTCOMES_KEPT: &str = "geomatch_shake_outcomes_kept";
+    /// Gauge: users tracked by the abuse controls, by control.
+    pub const LIMITS_TRACKED: &str = "geomatch_limits_tracked";
     /// Gauge: WatchNearby streams open.
     pub const WATCHES: &str = "geomatch_watches";
     /// Counter: items of `UpdateLocations` streams rejected one by one.
@@ -128,6 +132,14 @@ fn describe() {
         "WatchNearby streams ended because their consumer fell behind"
     );
     describe_gauge!(WATCHES, "WatchNearby streams open");
+    describe_gauge!(
+        SHAKE_OUTCOMES_KEPT,
+        "finished shake outcomes kept for retries"
+    );
+    describe_gauge!(
+        LIMITS_TRACKED,
+        "users tracked by the abuse controls (search, shake, travel)"
+    );
     describe_counter!(
         PINGS_REJECTED,
         "items of UpdateLocations streams rejected one by one"
