@@ -510,14 +510,7 @@ fn bulk_batch(ctx: &Ctx, rng: &mut StdRng) -> Vec<(u64, (f64, f64))> {
     (0..BULK_BATCH)
         .map(|_| {
             let i = rng.random_range(0..ctx.users);
-            let (lat, lng) = ctx.positions[i as usize];
-            let moved = population::offset(
-                lat,
-                lng,
-                rng.random_range(-10.0..10.0),
-                rng.random_range(-10.0..10.0),
-            );
-            (i, moved)
+            (i, ctx.moved(i, rng))
         })
         .collect()
 }
@@ -579,13 +572,7 @@ async fn redis_op(
         }
         Scenario::Update => {
             let i = rng.random_range(0..ctx.users);
-            let (lat, lng) = ctx.positions[i as usize];
-            let (lat, lng) = population::offset(
-                lat,
-                lng,
-                rng.random_range(-10.0..10.0),
-                rng.random_range(-10.0..10.0),
-            );
+            let (lat, lng) = ctx.moved(i, rng);
             redis::cmd("GEOADD")
                 .arg(REDIS_KEY)
                 .arg(lng)
@@ -631,14 +618,7 @@ async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
         }
         Scenario::Update => {
             let i = rng.random_range(0..ctx.users);
-            let (lat, lng) = ctx.positions[i as usize];
-            let moved = population::offset(
-                lat,
-                lng,
-                rng.random_range(-10.0..10.0),
-                rng.random_range(-10.0..10.0),
-            );
-            nearby.update_location(update(i, moved)).await?;
+            nearby.update_location(update(i, ctx.moved(i, rng))).await?;
             Ok(true)
         }
         Scenario::SearchDense1km | Scenario::SearchDense5km => {

@@ -6,7 +6,7 @@ use crate::{
     error::{Error, Result},
     geo::Coordinates,
     id::{ShakeId, UserId},
-    nearby::{Found, Gender, LocationStatus, Ping},
+    nearby::{Found, Gender, LocationStatus, Ping, SearchRequest},
     shake::{Fallback, Match, Outcome, Tier},
 };
 
@@ -86,6 +86,17 @@ pub(super) fn fallback(value: i32) -> Result<Fallback> {
             format!("unknown value {value}; expected NONE or ANYWHERE"),
         )),
     }
+}
+
+pub(super) fn search(req: pb::SearchNearbyRequest) -> Result<SearchRequest> {
+    Ok(SearchRequest {
+        searcher: user_id(&req.user_id)?,
+        centre: position(req.position)?,
+        radius_m: req.radius_m,
+        limit: req.limit,
+        gender: gender(req.gender)?,
+        page_token: req.page_token,
+    })
 }
 
 pub(super) fn excludes(values: &[String]) -> Result<Vec<UserId>> {

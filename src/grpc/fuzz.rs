@@ -59,19 +59,8 @@ pub fn requests(data: &[u8]) -> Verdicts {
         );
     }
     if let Ok(req) = pb::SearchNearbyRequest::decode(data) {
-        let r = (|| {
-            let q = SearchRequest {
-                searcher: convert::user_id(&req.user_id)?,
-                centre: convert::position(req.position)?,
-                radius_m: req.radius_m,
-                limit: req.limit,
-                gender: convert::gender(req.gender)?,
-                page_token: req.page_token,
-            };
-            // The index is empty: this validates radius, limit and token, and stores
-            // nothing.
-            f.index.search(&q, 0).map(drop)
-        })();
+        // The index is empty: this validates radius, limit and token, and stores nothing.
+        let r = convert::search(req).and_then(|q| f.index.search(&q, 0).map(drop));
         tally(&mut v, r);
     }
     if let Ok(req) = pb::ShakeRequest::decode(data) {

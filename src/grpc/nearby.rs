@@ -10,7 +10,7 @@ use crate::{
     clock::Clock,
     error::Error,
     limits::Limits,
-    nearby::{NearbyIndex, Placement, SearchRequest, Watch, WatchEnd, WatchEvent, WatchRequest},
+    nearby::{NearbyIndex, Placement, Watch, WatchEnd, WatchEvent, WatchRequest},
     telemetry::names,
 };
 
@@ -212,14 +212,7 @@ impl pb::nearby_server::Nearby for NearbyService {
     ) -> Result<Response<pb::SearchNearbyResponse>, Status> {
         let _permit = self.admit(request.extensions())?;
         let req = request.into_inner();
-        let query = SearchRequest {
-            searcher: convert::user_id(&req.user_id)?,
-            centre: convert::position(req.position)?,
-            radius_m: req.radius_m,
-            limit: req.limit,
-            gender: convert::gender(req.gender)?,
-            page_token: req.page_token,
-        };
+        let query = convert::search(req)?;
         let now = self.clock.now_ms();
         let page = self.index.search(&query, now)?;
         // Limits apply to valid requests only (a rejected one leaves no trace); a refused

@@ -750,29 +750,14 @@ impl Matcher {
         if w.anywhere {
             let half = w.deadline - self.cfg.window / 2;
             if caller_first.is_none_or(|d| half < d) {
-                tokio::select! {
-                    biased;
-                    got = rx.wait_for(Option::is_some) => {
-                        if let Ok(slot) = got
-                            && let Some(outcome) = slot.clone()
-                        {
-                            return Ok(outcome);
-                        }
-                    }
-                    () = tokio::time::sleep_until(half) => self.fall_back(w),
-                }
-            }
-        }
-        tokio::select! {
-            biased;
-            got = rx.wait_for(Option::is_some) => {
-                if let Ok(slot) = got
-                    && let Some(outcome) = slot.clone()
-                {
+                if let Some(outcome) = outcome_before(&mut rx, half).await {
                     return Ok(outcome);
                 }
+                self.fall_back(w);
             }
-            () = tokio::time::sleep_until(caller_first.unwrap_or(w.deadline)) => {}
+        }
+        if let Some(outcome) = outcome_before(&mut rx, caller_first.unwrap_or(w.deadline)).await {
+            return Ok(outcome);
         }
         if caller_first.is_some() {
             // This caller gives up; its guard withdraws the shake if nobody else waits on it.
@@ -780,6 +765,18 @@ impl Matcher {
         }
         self.withdraw(w, Why::Expired);
         Ok(w.outcome().unwrap_or(Outcome::NoMatch))
+    }
+}
+
+/// The shake's outcome if it is decided before `until`.
+async fn outcome_before(
+    rx: &mut watch::Receiver<Option<Outcome>>,
+    until: Instant,
+) -> Option<Outcome> {
+    tokio::select! {
+        biased;
+        got = rx.wait_for(Option::is_some) => got.ok().and_then(|slot| slot.clone()),
+        () = tokio::time::sleep_until(until) => None,
     }
 }
 
