@@ -345,6 +345,11 @@ impl Matcher {
     pub fn sweep(&self, now: Instant) -> usize {
         let before = self.done.len();
         self.done.retain(|_, d| d.expires > now);
+        // Rebuild the tables: removals leave tombstones, and under steady churn they would
+        // eventually make a more-than-half-full table double (hashbrown grows rather than
+        // rehashing in place then), a one-time jump in memory the soak test caught. A
+        // rebuild at each sweep keeps every shard sized to what it holds.
+        self.done.shrink_to_fit();
         before.saturating_sub(self.done.len())
     }
 
