@@ -654,6 +654,9 @@ async fn grpc_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
     }
 }
 
+/// Errors a run reports word for word (on stderr).
+const FIRST_ERRORS: usize = 5;
+
 struct Stats {
     hist: Histogram<u64>,
     /// Open loop: latency from the actual send, which leaves out the harness's own lag
@@ -666,6 +669,8 @@ struct Stats {
     /// Open loop: scheduled calls not sent because `--concurrency` were in flight.
     dropped: u64,
     misses: u64,
+    /// The first few errors, as reported (code and message), to say what went wrong.
+    first_errors: Vec<String>,
 }
 
 impl Stats {
@@ -678,6 +683,7 @@ impl Stats {
             shed: 0,
             dropped: 0,
             misses: 0,
+            first_errors: Vec::new(),
         }
     }
 
@@ -698,6 +704,9 @@ impl Stats {
             Err(e) => {
                 self.errors += 1;
                 self.shed += u64::from(e.contains("ResourceExhausted"));
+                if self.first_errors.len() < FIRST_ERRORS {
+                    self.first_errors.push(e);
+                }
             }
         }
     }
@@ -709,6 +718,11 @@ impl Stats {
         self.errors += other.errors;
         self.shed += other.shed;
         self.dropped += other.dropped;
+        for e in &other.first_errors {
+            if self.first_errors.len() < FIRST_ERRORS {
+                self.first_errors.push(e.clone());
+            }
+        }
         self.misses += other.misses;
     }
 }
@@ -1001,6 +1015,9 @@ async fn run(
     }
 
     let stats = total.lock().unwrap();
+    for e in &stats.first_errors {
+        eprintln!("{target} error: {e}");
+    }
     let ops_per_s = stats.ops as f64 / elapsed;
     let q = |p: f64| stats.hist.value_at_quantile(p);
     let mode = args
