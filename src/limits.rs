@@ -331,24 +331,6 @@ impl Limits {
         self.travel.enabled()
     }
 
-    /// No limits at all (tests and tools).
-    pub fn off() -> Self {
-        let rate = RateConfig {
-            burst: 0,
-            per_minute: 0,
-            max_tracked: 0,
-        };
-        Self::new(
-            rate,
-            rate,
-            TravelConfig {
-                max_jump_m: 0.0,
-                max_speed_mps: 0.0,
-                max_tracked: 0,
-            },
-        )
-    }
-
     fn travel(
         &self,
         user: &UserId,
