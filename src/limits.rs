@@ -17,7 +17,7 @@ use crate::{
     error::{Error, Result},
     geo::{Coordinates, distance_m},
     id::UserId,
-    shard::{SHARDS, Shards},
+    shard::{SHARDS, Shards, retain_compact},
 };
 
 /// Half the Earth's circumference: no two points are farther apart, metres.
@@ -131,10 +131,9 @@ impl RateLimiter {
         let full = f64::from(self.cfg.burst);
         (0..SHARDS)
             .map(|i| {
-                let mut map = self.buckets.write(i);
-                let before = map.len();
-                map.retain(|_, b| self.refilled(*b, now_ms) < full);
-                before - map.len()
+                retain_compact(&mut self.buckets.write(i), |_, b| {
+                    self.refilled(*b, now_ms) < full
+                })
             })
             .sum()
     }
@@ -285,10 +284,9 @@ impl TravelGuard {
         let horizon = self.horizon_s();
         (0..SHARDS)
             .map(|i| {
-                let mut map = self.seen.write(i);
-                let before = map.len();
-                map.retain(|_, s| now_s - f64::from(s.at_s) < horizon);
-                before - map.len()
+                retain_compact(&mut self.seen.write(i), |_, s| {
+                    now_s - f64::from(s.at_s) < horizon
+                })
             })
             .sum()
     }

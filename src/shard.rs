@@ -48,3 +48,70 @@ impl<T> Shards<T> {
         (0..SHARDS).map(|i| f(&self.read(i))).sum()
     }
 }
+
+/// Keeps the entries of `map` that `keep` accepts and returns how many went. When any
+/// did, the table is rebuilt at its new size.
+///
+/// A removal in a nearly full hash table leaves a tombstone, and hashbrown only clears
+/// them when it must grow: if the table is then more than half full it doubles rather
+/// than rehashing in place. A map that churns at a steady size (inserts between sweeps,
+/// removals at each sweep) therefore doubles once, at a moment set by the churn, and
+/// keeps the memory. Rebuilding after each sweep's removals clears the tombstones, one
+/// shard at a time, so the transient copy is one shard's table.
+pub(crate) fn retain_compact<K, V, S>(
+    map: &mut hashbrown::HashMap<K, V, S>,
+    keep: impl FnMut(&K, &mut V) -> bool,
+) -> usize
+where
+    K: std::hash::Hash + Eq,
+    S: std::hash::BuildHasher + Clone,
+{
+    let before = map.len();
+    map.retain(keep);
+    let removed = before - map.len();
+    if removed > 0 {
+        let mut fresh =
+            hashbrown::HashMap::with_capacity_and_hasher(map.len(), map.hasher().clone());
+        fresh.extend(map.drain());
+        *map = fresh;
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_compact_keeps_what_passes_and_counts_what_went() {
+        let mut map: hashbrown::HashMap<u32, u32> = (0..1000).map(|i| (i, i * 2)).collect();
+        let removed = retain_compact(&mut map, |k, _| k % 3 == 0);
+        assert_eq!(removed, 666);
+        assert_eq!(map.len(), 334);
+        assert!(map.iter().all(|(k, v)| k % 3 == 0 && *v == k * 2));
+        assert_eq!(retain_compact(&mut map, |_, _| true), 0);
+        assert_eq!(map.len(), 334);
+    }
+
+    /// A map churning at a steady size (inserts between sweeps, the oldest removed at
+    /// each sweep) is back to the table its contents need after every sweep.
+    #[test]
+    fn steady_churn_stays_at_the_fitted_size() {
+        let fitted = |n: usize| hashbrown::HashMap::<u64, u64>::with_capacity(n).capacity();
+        let live = 3_000u64;
+        let mut map: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
+        let mut next = 0u64;
+        for round in 0..200 {
+            for _ in 0..live / 10 {
+                map.insert(next, round);
+                next += 1;
+            }
+            let oldest = next.saturating_sub(live);
+            let removed = retain_compact(&mut map, |k, _| *k >= oldest);
+            assert_eq!(map.len(), live.min(next) as usize);
+            if removed > 0 {
+                assert_eq!(map.capacity(), fitted(map.len()), "round {round}");
+            }
+        }
+    }
+}

@@ -29,6 +29,7 @@ pub mod rule;
 
 use std::{
     collections::HashMap,
+    hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -37,6 +38,7 @@ use std::{
 };
 
 use dashmap::{DashMap, mapref::entry::Entry};
+use hashbrown::DefaultHashBuilder;
 use h3o::{CellIndex, LatLng, Resolution};
 use tokio::{
     sync::{Notify, watch},
@@ -48,6 +50,7 @@ use crate::{
     error::{Error, Result},
     geo::{Coordinates, band_m, distance_key, distance_m, snapped},
     id::{ShakeId, UserId},
+    shard::{SHARDS, Shards, retain_compact},
 };
 use rule::{Shaker, compatible, preference};
 
@@ -211,6 +214,58 @@ struct Done {
 
 type Stripe = HashMap<CellIndex, Vec<Arc<Waiter>>>;
 
+/// Finished outcomes kept for retries of the same `(user, shake_id)`, sharded.
+///
+/// Hundreds of thousands of entries churn through it at a steady size (every shake adds
+/// one, every sweep removes those past the retry window), so each sweep rebuilds the
+/// shards it removed from ([`retain_compact`]) rather than letting removal tombstones
+/// double the tables.
+#[derive(Debug, Default)]
+struct Outcomes {
+    shards: Shards<hashbrown::HashMap<(UserId, ShakeId), Done>>,
+    hasher: DefaultHashBuilder,
+}
+
+impl Outcomes {
+    fn shard(&self, user: &UserId, shake_id: &ShakeId) -> usize {
+        (self.hasher.hash_one((user, shake_id)) >> 58) as usize
+    }
+
+    /// The outcome of `(user, shake_id)` if it is still within its retry window.
+    fn get(&self, user: &UserId, shake_id: &ShakeId, now: Instant) -> Option<Outcome> {
+        let key = (user.clone(), shake_id.clone());
+        let shard = self.shards.read(self.shard(user, shake_id));
+        shard
+            .get(&key)
+            .filter(|d| d.expires > now)
+            .map(|d| d.outcome.clone())
+    }
+
+    fn insert(&self, user: &UserId, shake_id: &ShakeId, done: Done) {
+        let key = (user.clone(), shake_id.clone());
+        self.shards
+            .write(self.shard(user, shake_id))
+            .insert(key, done);
+    }
+
+    fn len(&self) -> usize {
+        self.shards.sum(hashbrown::HashMap::len)
+    }
+
+    /// Whether any kept outcome, by its user, passes `f`.
+    #[cfg(test)]
+    fn any(&self, f: impl Fn(&UserId, &Outcome) -> bool) -> bool {
+        (0..SHARDS).any(|i| self.shards.read(i).iter().any(|((u, _), d)| f(u, &d.outcome)))
+    }
+
+    /// Drops outcomes past their window, one shard at a time; returns how many.
+    fn sweep(&self, now: Instant) -> usize {
+        (0..SHARDS)
+            .map(|i| retain_compact(&mut self.shards.write(i), |_, d| d.expires > now))
+            .sum()
+    }
+}
+
 enum Enter {
     Done(Outcome),
     Join(Arc<Waiter>),
@@ -226,7 +281,7 @@ pub struct Matcher {
     /// whenever the pool is scanned).
     anywhere: Mutex<Vec<Arc<Waiter>>>,
     active: DashMap<UserId, Arc<Waiter>>,
-    done: DashMap<(UserId, ShakeId), Done>,
+    done: Outcomes,
     seq: AtomicU64,
     match_prefix: u64,
     waiting: AtomicUsize,
@@ -285,7 +340,7 @@ impl Matcher {
             stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             anywhere: Mutex::new(Vec::new()),
             active: DashMap::new(),
-            done: DashMap::new(),
+            done: Outcomes::default(),
             seq: AtomicU64::new(0),
             match_prefix,
             waiting: AtomicUsize::new(0),
@@ -343,14 +398,7 @@ impl Matcher {
 
     /// Forgets finished outcomes older than the retry window; returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
-        let before = self.done.len();
-        self.done.retain(|_, d| d.expires > now);
-        // Rebuild the tables: removals leave tombstones, and under steady churn they would
-        // eventually make a more-than-half-full table double (hashbrown grows rather than
-        // rehashing in place then), a one-time jump in memory the soak test caught. A
-        // rebuild at each sweep keeps every shard sized to what it holds.
-        self.done.shrink_to_fit();
-        before.saturating_sub(self.done.len())
+        self.done.sweep(now)
     }
 
     fn max_distance(&self, requested: f64) -> Result<f64> {
@@ -449,10 +497,8 @@ impl Matcher {
     fn enter(&self, w: Arc<Waiter>) -> Enter {
         {
             let slot = self.active.entry(w.user.clone());
-            if let Some(done) = self.done.get(&(w.user.clone(), w.shake_id.clone()))
-                && done.expires > Instant::now()
-            {
-                return Enter::Done(done.outcome.clone());
+            if let Some(outcome) = self.done.get(&w.user, &w.shake_id, Instant::now()) {
+                return Enter::Done(outcome);
             }
             match slot {
                 Entry::Occupied(o)
@@ -698,7 +744,8 @@ impl Matcher {
     /// Remembers a finished outcome for retries of the same shake id.
     fn record(&self, w: &Waiter, outcome: Outcome) {
         self.done.insert(
-            (w.user.clone(), w.shake_id.clone()),
+            &w.user,
+            &w.shake_id,
             Done {
                 outcome,
                 expires: Instant::now() + self.cfg.result_ttl,

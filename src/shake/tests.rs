@@ -477,9 +477,9 @@ async fn races_never_leave_a_one_sided_match(spread_m: f64, fallback: Fallback, 
         for (user, partner) in seen {
             // Whether or not the partner's caller stayed to hear it, the partner's side of
             // the match was recorded: nobody was paired with a ghost.
-            let recorded = m.done.iter().any(|d| {
-                &d.key().0 == partner
-                    && matches!(&d.outcome, Outcome::Matched(x) if &x.match_id == id && &x.partner == user)
+            let recorded = m.done.any(|u, o| {
+                u == partner
+                    && matches!(o, Outcome::Matched(x) if &x.match_id == id && &x.partner == user)
             });
             assert!(
                 recorded,
@@ -691,9 +691,9 @@ mod model {
                     assert!(!a.exclude.contains(&ma.partner), "excluded partner");
                     // The partner's side was recorded, naming this user back, whether or not
                     // its caller stayed: no ghost pairs, symmetric.
-                    let back = m.done.iter().any(|d| {
-                        d.key().0 == ma.partner
-                            && matches!(&d.outcome, Outcome::Matched(x) if &x.match_id == id && x.partner == a.user && x.tier == ma.tier)
+                    let back = m.done.any(|u, o| {
+                        *u == ma.partner
+                            && matches!(o, Outcome::Matched(x) if &x.match_id == id && x.partner == a.user && x.tier == ma.tier)
                     });
                     assert!(back, "{} matched {} in {id}, one-sided", a.user, ma.partner);
                     if who.len() == 2 {
