@@ -913,8 +913,12 @@ async fn run(
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 let mut tick = tokio::time::interval(Duration::from_secs(10));
-                while !done.load(Ordering::Relaxed) {
+                loop {
                     tick.tick().await;
+                    // Only samples taken under load: the last tick may fall after it.
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
                     if let Some(b) = rss_bytes(pid) {
                         out.push((started.elapsed().as_secs(), b));
                     }
