@@ -38,8 +38,8 @@ use std::{
 };
 
 use dashmap::{DashMap, mapref::entry::Entry};
-use hashbrown::DefaultHashBuilder;
 use h3o::{CellIndex, LatLng, Resolution};
+use hashbrown::DefaultHashBuilder;
 use tokio::{
     sync::{Notify, watch},
     time::Instant,
@@ -255,7 +255,12 @@ impl Outcomes {
     /// Whether any kept outcome, by its user, passes `f`.
     #[cfg(test)]
     fn any(&self, f: impl Fn(&UserId, &Outcome) -> bool) -> bool {
-        (0..SHARDS).any(|i| self.shards.read(i).iter().any(|((u, _), d)| f(u, &d.outcome)))
+        (0..SHARDS).any(|i| {
+            self.shards
+                .read(i)
+                .iter()
+                .any(|((u, _), d)| f(u, &d.outcome))
+        })
     }
 
     /// Drops outcomes past their window, one shard at a time; returns how many.
