@@ -135,7 +135,7 @@ pub(super) fn outcome(o: Outcome) -> pb::ShakeResponse {
             outcome: PbOutcome::Matched.into(),
             partner_user_id: partner.to_string(),
             distance_m,
-            match_id,
+            match_id: match_id.to_string(),
             tier: match tier {
                 Tier::Nearby => pb::shake_response::Tier::Nearby,
                 Tier::Anywhere => pb::shake_response::Tier::Anywhere,

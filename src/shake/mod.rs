@@ -29,7 +29,7 @@ pub mod rule;
 
 use std::{
     collections::HashMap,
-    hash::BuildHasher,
+    fmt,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -39,7 +39,6 @@ use std::{
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use h3o::{CellIndex, LatLng, Resolution};
-use hashbrown::DefaultHashBuilder;
 use tokio::{
     sync::{Notify, watch},
     time::Instant,
@@ -131,6 +130,21 @@ pub enum Tier {
     Anywhere,
 }
 
+/// Names one pairing, identically on both sides: the matcher's random 64-bit prefix and a
+/// sequence number, shown as 32 hex digits. Held as two integers, not a string, because
+/// every outcome kept for retries holds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MatchId {
+    prefix: u64,
+    seq: u64,
+}
+
+impl fmt::Display for MatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}{:016x}", self.prefix, self.seq)
+    }
+}
+
 /// A successful pairing, as seen by one side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Match {
@@ -139,7 +153,7 @@ pub struct Match {
     /// Banded distance between both sides' snapped positions, metres.
     pub distance_m: u32,
     /// Identical on both sides.
-    pub match_id: String,
+    pub match_id: MatchId,
     /// How they were paired.
     pub tier: Tier,
 }
@@ -217,24 +231,41 @@ type Stripe = HashMap<CellIndex, Vec<Arc<Waiter>>>;
 /// Finished outcomes kept for retries of the same `(user, shake_id)`, sharded.
 ///
 /// Hundreds of thousands of entries churn through it at a steady size (every shake adds
-/// one, every sweep removes those past the retry window), so each sweep rebuilds the
-/// shards it removed from ([`retain_compact`]) rather than letting removal tombstones
-/// double the tables.
+/// one, every sweep removes those past the retry window), so it is kept small and each
+/// sweep rebuilds the shards it removed from ([`retain_compact`]) rather than letting
+/// removal tombstones double the tables.
+///
+/// An entry is keyed by a 128-bit BLAKE3 digest of the user and shake ids rather than the
+/// ids themselves: 16 bytes inline instead of two shared strings kept alive for the retry
+/// window. Two different `(user, shake_id)` pairs share a digest with probability about
+/// 2⁻¹²⁸ per pair, and finding such a pair on purpose is as hard as breaking BLAKE3.
 #[derive(Debug, Default)]
 struct Outcomes {
-    shards: Shards<hashbrown::HashMap<(UserId, ShakeId), Done>>,
-    hasher: DefaultHashBuilder,
+    shards: Shards<hashbrown::HashMap<u128, Done>>,
 }
 
 impl Outcomes {
-    fn shard(&self, user: &UserId, shake_id: &ShakeId) -> usize {
-        (self.hasher.hash_one((user, shake_id)) >> 58) as usize
+    fn key(user: &UserId, shake_id: &ShakeId) -> u128 {
+        let (user, shake) = (user.as_str().as_bytes(), shake_id.as_str().as_bytes());
+        let mut h = blake3::Hasher::new();
+        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+        h.update(&(user.len() as u64).to_le_bytes());
+        h.update(user);
+        h.update(shake);
+        let digest = h.finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest.as_bytes()[..16]);
+        u128::from_le_bytes(key)
+    }
+
+    fn shard(key: u128) -> usize {
+        (key >> 122) as usize
     }
 
     /// The outcome of `(user, shake_id)` if it is still within its retry window.
     fn get(&self, user: &UserId, shake_id: &ShakeId, now: Instant) -> Option<Outcome> {
-        let key = (user.clone(), shake_id.clone());
-        let shard = self.shards.read(self.shard(user, shake_id));
+        let key = Self::key(user, shake_id);
+        let shard = self.shards.read(Self::shard(key));
         shard
             .get(&key)
             .filter(|d| d.expires > now)
@@ -242,25 +273,19 @@ impl Outcomes {
     }
 
     fn insert(&self, user: &UserId, shake_id: &ShakeId, done: Done) {
-        let key = (user.clone(), shake_id.clone());
-        self.shards
-            .write(self.shard(user, shake_id))
-            .insert(key, done);
+        let key = Self::key(user, shake_id);
+        self.shards.write(Self::shard(key)).insert(key, done);
     }
 
     fn len(&self) -> usize {
         self.shards.sum(hashbrown::HashMap::len)
     }
 
-    /// Whether any kept outcome, by its user, passes `f`.
+    /// The outcome kept for `user`'s shake `shake_id`, if any and still in its window.
     #[cfg(test)]
-    fn any(&self, f: impl Fn(&UserId, &Outcome) -> bool) -> bool {
-        (0..SHARDS).any(|i| {
-            self.shards
-                .read(i)
-                .iter()
-                .any(|((u, _), d)| f(u, &d.outcome))
-        })
+    fn kept(&self, user: &UserId, shake_id: &str) -> Option<Outcome> {
+        let shake_id = ShakeId::new("shake_id", shake_id).ok()?;
+        self.get(user, &shake_id, Instant::now())
     }
 
     /// Drops outcomes past their window, one shard at a time; returns how many.
@@ -633,16 +658,15 @@ impl Matcher {
     /// sees the outcome rather than racing it, and a retry of either shake id sees the
     /// match from this moment on.
     fn pair(&self, a: &Waiter, b: &Waiter, d: f64, tier: Tier) {
-        let match_id = format!(
-            "{:016x}{:016x}",
-            self.match_prefix,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
+        let match_id = MatchId {
+            prefix: self.match_prefix,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+        };
         let distance_m = band_m(d);
         let for_b = Outcome::Matched(Match {
             partner: a.user.clone(),
             distance_m,
-            match_id: match_id.clone(),
+            match_id,
             tier,
         });
         let for_a = Outcome::Matched(Match {

@@ -248,10 +248,10 @@ async fn bad_distances_and_excludes_are_rejected() {
 /// exactly two different users who name each other, within both sides' distance, and
 /// excluded by neither.
 fn check_pairs(reqs: &[ShakeRequest], outcomes: &[Outcome], snap: Resolution) {
-    let mut by_match: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut by_match: HashMap<MatchId, Vec<usize>> = HashMap::new();
     for (i, o) in outcomes.iter().enumerate() {
         if let Outcome::Matched(mm) = o {
-            by_match.entry(mm.match_id.as_str()).or_default().push(i);
+            by_match.entry(mm.match_id).or_default().push(i);
         }
     }
     for (id, sides) in &by_match {
@@ -456,13 +456,13 @@ async fn races_never_leave_a_one_sided_match(spread_m: f64, fallback: Fallback, 
         })
         .collect();
     let answers = run_all_raw(&m, &reqs).await;
-    let mut sides: HashMap<String, HashMap<UserId, UserId>> = HashMap::new();
+    let mut sides: HashMap<MatchId, HashMap<UserId, UserId>> = HashMap::new();
     for (req, got) in reqs.iter().zip(answers) {
         let user = req.user.clone();
         match got {
             Ok(Outcome::Matched(mm)) => {
                 assert_ne!(mm.partner, user, "self pair");
-                let seen = sides.entry(mm.match_id.clone()).or_default();
+                let seen = sides.entry(mm.match_id).or_default();
                 if let Some(prev) = seen.insert(user.clone(), mm.partner.clone()) {
                     assert_eq!(prev, mm.partner, "{user} told two partners for one match");
                 }
@@ -477,9 +477,8 @@ async fn races_never_leave_a_one_sided_match(spread_m: f64, fallback: Fallback, 
         for (user, partner) in seen {
             // Whether or not the partner's caller stayed to hear it, the partner's side of
             // the match was recorded: nobody was paired with a ghost.
-            let recorded = m.done.any(|u, o| {
-                u == partner
-                    && matches!(o, Outcome::Matched(x) if &x.match_id == id && &x.partner == user)
+            let recorded = ["a", "b"].iter().any(|s| {
+                matches!(m.done.kept(partner, s), Some(Outcome::Matched(x)) if &x.match_id == id && &x.partner == user)
             });
             assert!(
                 recorded,
@@ -674,10 +673,10 @@ mod model {
                     .collect();
                 let answers = run_all_raw(&m, &reqs).await;
                 m.until_waiting(0).await;
-                let mut sides: HashMap<String, Vec<usize>> = HashMap::new();
+                let mut sides: HashMap<MatchId, Vec<usize>> = HashMap::new();
                 for (i, a) in answers.iter().enumerate() {
                     match a {
-                        Ok(Outcome::Matched(mm)) => sides.entry(mm.match_id.clone()).or_default().push(i),
+                        Ok(Outcome::Matched(mm)) => sides.entry(mm.match_id).or_default().push(i),
                         Ok(Outcome::NoMatch) | Err(Error::DeadlineExceeded) => {}
                         Err(e) => panic!("{e}"),
                     }
@@ -691,9 +690,8 @@ mod model {
                     assert!(!a.exclude.contains(&ma.partner), "excluded partner");
                     // The partner's side was recorded, naming this user back, whether or not
                     // its caller stayed: no ghost pairs, symmetric.
-                    let back = m.done.any(|u, o| {
-                        *u == ma.partner
-                            && matches!(o, Outcome::Matched(x) if &x.match_id == id && x.partner == a.user && x.tier == ma.tier)
+                    let back = reqs.iter().filter(|r| r.user == ma.partner).any(|r| {
+                        matches!(m.done.kept(&r.user, r.shake_id.as_str()), Some(Outcome::Matched(x)) if &x.match_id == id && x.partner == a.user && x.tier == ma.tier)
                     });
                     assert!(back, "{} matched {} in {id}, one-sided", a.user, ma.partner);
                     if who.len() == 2 {
@@ -719,4 +717,26 @@ mod model {
             });
         }
     }
+}
+
+#[test]
+fn match_ids_show_as_32_hex_digits() {
+    let id = MatchId {
+        prefix: 0xdead_beef,
+        seq: 42,
+    };
+    assert_eq!(id.to_string(), "00000000deadbeef000000000000002a");
+}
+
+#[test]
+fn outcome_keys_tell_apart_ids_that_concatenate_alike() {
+    let key = |u: &str, s: &str| {
+        Outcomes::key(
+            &UserId::new("user_id", u).unwrap(),
+            &ShakeId::new("shake_id", s).unwrap(),
+        )
+    };
+    assert_ne!(key("ab", "c"), key("a", "bc"));
+    assert_ne!(key("a", "b"), key("b", "a"));
+    assert_eq!(key("a", "b"), key("a", "b"));
 }
