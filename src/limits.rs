@@ -17,7 +17,7 @@ use crate::{
     error::{Error, Result},
     geo::{Coordinates, distance_m},
     id::UserId,
-    shard::{SHARDS, Shards, retain_compact},
+    shard::{SHARDS, Shards},
 };
 
 /// Half the Earth's circumference: no two points are farther apart, metres.
@@ -129,13 +129,8 @@ impl RateLimiter {
     /// many.
     pub fn sweep(&self, now_ms: i64) -> usize {
         let full = f64::from(self.cfg.burst);
-        (0..SHARDS)
-            .map(|i| {
-                retain_compact(&mut self.buckets.write(i), |_, b| {
-                    self.refilled(*b, now_ms) < full
-                })
-            })
-            .sum()
+        self.buckets
+            .retain_compact(|_, b| self.refilled(*b, now_ms) < full)
     }
 
     /// Users tracked now.
@@ -282,13 +277,8 @@ impl TravelGuard {
         }
         let now_s = now_ms.max(0) as f64 / 1_000.0;
         let horizon = self.horizon_s();
-        (0..SHARDS)
-            .map(|i| {
-                retain_compact(&mut self.seen.write(i), |_, s| {
-                    now_s - f64::from(s.at_s) < horizon
-                })
-            })
-            .sum()
+        self.seen
+            .retain_compact(|_, s| now_s - f64::from(s.at_s) < horizon)
     }
 
     /// Users tracked now.

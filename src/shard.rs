@@ -49,6 +49,19 @@ impl<T> Shards<T> {
     }
 }
 
+impl<K, V, S> Shards<hashbrown::HashMap<K, V, S>>
+where
+    K: std::hash::Hash + Eq,
+    S: std::hash::BuildHasher + Clone,
+{
+    /// [`retain_compact`] over every shard, one at a time; returns how many entries went.
+    pub(crate) fn retain_compact(&self, mut keep: impl FnMut(&K, &mut V) -> bool) -> usize {
+        (0..SHARDS)
+            .map(|i| retain_compact(&mut self.write(i), &mut keep))
+            .sum()
+    }
+}
+
 /// Keeps the entries of `map` that `keep` accepts and returns how many went. When any
 /// did, the table is rebuilt at its new size.
 ///

@@ -49,7 +49,7 @@ use crate::{
     error::{Error, Result},
     geo::{Coordinates, band_m, distance_key, distance_m, snapped},
     id::{ShakeId, UserId},
-    shard::{SHARDS, Shards, retain_compact},
+    shard::Shards,
 };
 use rule::{Shaker, compatible, preference};
 
@@ -232,8 +232,8 @@ type Stripe = HashMap<CellIndex, Vec<Arc<Waiter>>>;
 ///
 /// Hundreds of thousands of entries churn through it at a steady size (every shake adds
 /// one, every sweep removes those past the retry window), so it is kept small and each
-/// sweep rebuilds the shards it removed from ([`retain_compact`]) rather than letting
-/// removal tombstones double the tables.
+/// sweep rebuilds the shards it removed from ([`crate::shard::retain_compact`]) rather
+/// than letting removal tombstones double the tables.
 ///
 /// An entry is keyed by a 128-bit BLAKE3 digest of the user and shake ids rather than the
 /// ids themselves: 16 bytes inline instead of two shared strings kept alive for the retry
@@ -290,9 +290,7 @@ impl Outcomes {
 
     /// Drops outcomes past their window, one shard at a time; returns how many.
     fn sweep(&self, now: Instant) -> usize {
-        (0..SHARDS)
-            .map(|i| retain_compact(&mut self.shards.write(i), |_, d| d.expires > now))
-            .sum()
+        self.shards.retain_compact(|_, d| d.expires > now)
     }
 }
 
