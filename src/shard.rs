@@ -63,14 +63,16 @@ where
 }
 
 /// Keeps the entries of `map` that `keep` accepts and returns how many went. When any
-/// did, the table is rebuilt at its new size.
+/// did, the table is rebuilt, sized for as many entries as it held before the removals.
 ///
 /// A removal in a nearly full hash table leaves a tombstone, and hashbrown only clears
 /// them when it must grow: if the table is then more than half full it doubles rather
 /// than rehashing in place. A map that churns at a steady size (inserts between sweeps,
 /// removals at each sweep) therefore doubles once, at a moment set by the churn, and
 /// keeps the memory. Rebuilding after each sweep's removals clears the tombstones, one
-/// shard at a time, so the transient copy is one shard's table.
+/// shard at a time, so the transient copy is one shard's table. Sizing the rebuilt table
+/// for the pre-sweep count leaves room for the next interval's inserts, so a steady
+/// churn neither grows the table between sweeps nor reallocates it at a new size.
 pub(crate) fn retain_compact<K, V, S>(
     map: &mut hashbrown::HashMap<K, V, S>,
     keep: impl FnMut(&K, &mut V) -> bool,
@@ -83,8 +85,7 @@ where
     map.retain(keep);
     let removed = before - map.len();
     if removed > 0 {
-        let mut fresh =
-            hashbrown::HashMap::with_capacity_and_hasher(map.len(), map.hasher().clone());
+        let mut fresh = hashbrown::HashMap::with_capacity_and_hasher(before, map.hasher().clone());
         fresh.extend(map.drain());
         *map = fresh;
     }
@@ -107,24 +108,32 @@ mod tests {
     }
 
     /// A map churning at a steady size (inserts between sweeps, the oldest removed at
-    /// each sweep) is back to the table its contents need after every sweep.
+    /// each sweep) keeps one table size from its first sweep on: the rebuilt table has
+    /// room for the next interval's inserts, so it neither grows nor shrinks.
     #[test]
-    fn steady_churn_stays_at_the_fitted_size() {
-        let fitted = |n: usize| hashbrown::HashMap::<u64, u64>::with_capacity(n).capacity();
+    fn steady_churn_keeps_one_table_size() {
         let live = 3_000u64;
         let mut map: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
         let mut next = 0u64;
+        let mut steady = None;
         for round in 0..200 {
             for _ in 0..live / 10 {
                 map.insert(next, round);
                 next += 1;
+                if let Some(cap) = steady {
+                    assert_eq!(map.capacity(), cap, "grew between sweeps in round {round}");
+                }
             }
+            let peak = map.len();
             let oldest = next.saturating_sub(live);
             let removed = retain_compact(&mut map, |k, _| *k >= oldest);
             assert_eq!(map.len(), live.min(next) as usize);
             if removed > 0 {
-                assert_eq!(map.capacity(), fitted(map.len()), "round {round}");
+                let fitted = hashbrown::HashMap::<u64, u64>::with_capacity(peak).capacity();
+                assert_eq!(map.capacity(), fitted, "round {round}");
+                assert_eq!(*steady.get_or_insert(fitted), fitted, "round {round}");
             }
         }
+        assert!(steady.is_some());
     }
 }
