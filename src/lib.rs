@@ -32,3 +32,4 @@ pub mod shake;
 mod shard;
 pub mod snapshot;
 pub mod telemetry;
+mod wait;

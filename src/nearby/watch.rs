@@ -239,15 +239,7 @@ impl Watchers {
 
     /// Resolves once exactly `n` watches are open.
     pub(super) async fn until_len(&self, n: usize) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.len() == n {
-                return;
-            }
-            changed.await;
-        }
+        crate::wait::until(&self.changed, || self.len() == n).await;
     }
 
     fn tier(&self, w: &Watcher) -> &AtomicUsize {

@@ -402,15 +402,7 @@ impl Matcher {
         }
         self.watchers.fetch_add(1, Ordering::SeqCst);
         let _watching = Watching(&self.watchers);
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.waiting() == n {
-                return;
-            }
-            notified.await;
-        }
+        crate::wait::until(&self.changed, || self.waiting() == n).await;
     }
 
     fn waiting_changed(&self, delta: isize) {
