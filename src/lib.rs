@@ -1,35 +1,34 @@
 //! geomatch: location matching over gRPC.
 //!
-//! Crate map:
+//! Crate map, one room per concept (ARCHITECTURE.md draws the data flow and lock orders):
+//! - [`base`]: the floor: validated ids ([`id`]), injected time ([`clock`]), sharded
+//!   locks, waiting on a notification. Imports nothing else of the crate.
 //! - [`error`]: the domain error type (no transport types).
-//! - [`geo`]: validated coordinates, distances, privacy snapping and distance bands.
-//! - [`cell`]: H3 policy: covering a radius with cells, ring by ring, provably exactly.
-//! - [`id`]: validated user and shake ids.
-//! - [`clock`]: injected wall-clock time.
-//! - [`nearby`]: the People Nearby location index and its page tokens.
+//! - [`geo`]: coordinates, distances, privacy bands, the H3 cell policy, and the
+//!   validated request values (radius, page size, time to live).
+//! - [`nearby`]: People Nearby: the location index, its search, page tokens, watches and
+//!   snapshots.
 //! - [`shake`]: the Shake matcher.
-//! - [`limits`]: abuse controls: per-user rate limits and the impossible-travel check.
-//! - `shard`: the padded `RwLock` shards every in-memory map uses.
-//! - [`config`]: command-line and environment configuration.
-//! - [`grpc`]: the only module that knows tonic/prost: generated code, adapters, status mapping.
-//! - [`telemetry`]: log setup.
-//! - [`snapshot`]: crash-safe, checksummed snapshots of the index.
+//! - [`guard`]: abuse controls: per-user rate limits and the impossible-travel check.
+//! - [`grpc`]: the only module that knows tonic/prost: generated code, admission,
+//!   adapters, conversions, status mapping.
+//! - [`telemetry`]: logs, metric names and the Prometheus recorder.
+//! - [`config`]: command-line and environment configuration, turned into each room's
+//!   settings.
+//! - [`server`]: wires the rooms together, runs the background tasks and serves until
+//!   shutdown.
 //! - [`population`]: the standard, seeded benchmark population.
-//! - [`server`]: wires the domain and the gRPC services together and serves until shutdown.
 
-pub mod cell;
-pub mod clock;
+pub mod base;
 pub mod config;
 pub mod error;
 pub mod geo;
 pub mod grpc;
-pub mod id;
-pub mod limits;
+pub mod guard;
 pub mod nearby;
 pub mod population;
 pub mod server;
 pub mod shake;
-mod shard;
-pub mod snapshot;
 pub mod telemetry;
-mod wait;
+
+pub use base::{clock, id};

@@ -10,9 +10,8 @@ use common::{T0, config, latlng, start, start_at};
 use geomatch::{
     clock::ManualClock,
     grpc::pb::{self, nearby_client::NearbyClient},
-    nearby::{NearbyConfig, NearbyIndex, PageTokens},
+    nearby::{NearbyConfig, NearbyIndex, PageTokens, snapshot},
     server::{App, ServeError},
-    snapshot,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::io::{AsyncBufReadExt as _, BufReader};

@@ -9,7 +9,7 @@ use super::{convert, pb, status::overloaded};
 use crate::{
     clock::Clock,
     error::Error,
-    limits::Limits,
+    guard::Limits,
     nearby::{NearbyIndex, Placement, Watch, WatchEnd, WatchEvent, WatchRequest},
     telemetry::names,
 };
@@ -56,7 +56,7 @@ pub(super) fn known(
     limits: &Limits,
     user: &crate::id::UserId,
     now_ms: i64,
-) -> crate::limits::Known {
+) -> crate::guard::Known {
     if limits.checks_travel() {
         index.known_position(user, now_ms)
     } else {

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use super::{convert, pb, status::overloaded};
 use crate::{
     clock::Clock,
-    limits::Limits,
+    guard::Limits,
     nearby::NearbyIndex,
     shake::{Matcher, Outcome, ShakeRequest, Tier},
     telemetry::names,

@@ -13,6 +13,7 @@
 //! only read `cells`, one shard at a time, and never hold a guard while taking another.
 
 mod bucket;
+pub mod snapshot;
 mod store;
 mod token;
 mod watch;
@@ -34,8 +35,8 @@ use self::{
     watch::{Change, Watchers},
 };
 use crate::{
-    cell::{Ring, RingCover},
     error::{Error, Result},
+    geo::cell::{Ring, RingCover},
     geo::{Coordinates, band_m, distance_key, distance_m},
     id::UserId,
 };
@@ -962,7 +963,7 @@ impl<'a> Walk<'a> {
             fine_rings: 0,
             visited: std::collections::HashSet::new(),
             coarse: None,
-            coarse_circumradius_m: crate::cell::max_circumradius_m(COARSE_RESOLUTION),
+            coarse_circumradius_m: crate::geo::cell::max_circumradius_m(COARSE_RESOLUTION),
             beyond_fine_m: 0.0,
             current: Vec::new(),
             lookahead: Ring::default(),

@@ -13,7 +13,7 @@ use std::hash::BuildHasher;
 use h3o::{CellIndex, Resolution};
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-pub(super) use crate::shard::{SHARDS, Shards};
+pub(super) use crate::base::shard::{SHARDS, Shards};
 
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
 

@@ -38,7 +38,7 @@ use super::{
     store::{Shards, cell_shard},
 };
 use crate::{
-    cell::{RingCover, max_circumradius_m},
+    geo::cell::{RingCover, max_circumradius_m},
     geo::{band_m, distance_m},
     id::UserId,
 };
@@ -239,7 +239,7 @@ impl Watchers {
 
     /// Resolves once exactly `n` watches are open.
     pub(super) async fn until_len(&self, n: usize) {
-        crate::wait::until(&self.changed, || self.len() == n).await;
+        crate::base::wait::until(&self.changed, || self.len() == n).await;
     }
 
     fn tier(&self, w: &Watcher) -> &AtomicUsize {

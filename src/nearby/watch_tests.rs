@@ -315,7 +315,7 @@ fn concurrent_changes_leave_the_watch_consistent_with_the_index() {
 /// circumradii of the centre of any privacy cell filed under it.
 #[test]
 fn area_cells_lie_near_the_privacy_cells_filed_under_them() {
-    use crate::cell::max_circumradius_m;
+    use crate::geo::cell::max_circumradius_m;
     let mut rng = StdRng::seed_from_u64(11);
     for _ in 0..20_000 {
         let p = LatLng::new(

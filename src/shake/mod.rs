@@ -45,11 +45,11 @@ use tokio::{
 };
 
 use crate::{
-    cell::RingCover,
+    base::shard::Shards,
     error::{Error, Result},
+    geo::cell::RingCover,
     geo::{Coordinates, band_m, distance_key, distance_m, snapped},
     id::{ShakeId, UserId},
-    shard::Shards,
 };
 use rule::{Shaker, compatible, preference};
 
@@ -232,7 +232,7 @@ type Stripe = HashMap<CellIndex, Vec<Arc<Waiter>>>;
 ///
 /// Hundreds of thousands of entries churn through it at a steady size (every shake adds
 /// one, every sweep removes those past the retry window), so it is kept small and each
-/// sweep rebuilds the shards it removed from ([`crate::shard::retain_compact`]) rather
+/// sweep rebuilds the shards it removed from ([`crate::base::shard::retain_compact`]) rather
 /// than letting removal tombstones double the tables.
 ///
 /// An entry is keyed by a 128-bit BLAKE3 digest of the user and shake ids rather than the
@@ -402,7 +402,7 @@ impl Matcher {
         }
         self.watchers.fetch_add(1, Ordering::SeqCst);
         let _watching = Watching(&self.watchers);
-        crate::wait::until(&self.changed, || self.waiting() == n).await;
+        crate::base::wait::until(&self.changed, || self.waiting() == n).await;
     }
 
     fn waiting_changed(&self, delta: isize) {

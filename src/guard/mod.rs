@@ -14,10 +14,10 @@ use h3o::LatLng;
 use hashbrown::{DefaultHashBuilder, HashMap};
 
 use crate::{
+    base::shard::{SHARDS, Shards},
     error::{Error, Result},
     geo::{Coordinates, distance_m},
     id::UserId,
-    shard::{SHARDS, Shards},
 };
 
 /// Half the Earth's circumference: no two points are farther apart, metres.

@@ -369,4 +369,5 @@ pub fn load(index: &NearbyIndex, path: &Path, now_ms: i64) -> Result<Option<Stat
 }
 
 #[cfg(test)]
+#[path = "snapshot_tests.rs"]
 mod tests;

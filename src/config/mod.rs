@@ -4,13 +4,14 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use h3o::Resolution;
 
 use crate::{
-    limits::{Limits, RateConfig, TravelConfig},
+    guard::{Limits, RateConfig, TravelConfig},
     nearby::{NearbyConfig, WatchConfig},
     shake::ShakeConfig,
+    telemetry::LogFormat,
 };
 
 /// A quarter of the machine's memory at 256 bytes per user (10 M when unknown).
@@ -63,15 +64,6 @@ fn fraction(s: &str) -> Result<f64, String> {
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// geomatch: People Nearby and Shake over gRPC.

@@ -20,10 +20,10 @@ use crate::{
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
         stamp_deadline,
     },
-    limits::Limits,
+    guard::Limits,
+    nearby::snapshot::{self, SnapshotError},
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
-    snapshot::{self, SnapshotError},
     telemetry::{self, names},
 };
 

@@ -6,6 +6,8 @@
 use geo::{Distance as _, Haversine, Point};
 use h3o::{CellIndex, LatLng, Resolution};
 
+pub mod cell;
+
 use crate::error::{Error, Result};
 
 /// A validated WGS84 position: finite, latitude in `-90..=90`, longitude in `-180..=180`.

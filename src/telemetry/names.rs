@@ -1,0 +1,51 @@
+//! Metric names: the contract with dashboards and alert rules, spelled once.
+
+/// Counter: RPCs started, by `grpc_type`, `grpc_service`, `grpc_method`.
+pub const GRPC_STARTED: &str = "grpc_server_started_total";
+/// Counter: RPCs completed, by `grpc_type`, `grpc_service`, `grpc_method`, `grpc_code`.
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+/// Histogram: RPC latency in seconds, by `grpc_type`, `grpc_service`, `grpc_method`.
+pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+/// Histogram: latency of calls answered OK only (shed and refused calls are fast and
+/// would hide the accepted calls' tail under overload).
+pub const ACCEPTED_SECONDS: &str = "geomatch_accepted_handling_seconds";
+/// Gauge: users held by the index (including expired ones not yet swept).
+pub const INDEXED_USERS: &str = "geomatch_indexed_users";
+/// Gauge: occupied privacy cells.
+pub const OCCUPIED_CELLS: &str = "geomatch_occupied_cells";
+/// Gauge: shakes waiting for a partner.
+pub const WAITING_SHAKES: &str = "geomatch_waiting_shakes";
+/// Counter: accepted location pings.
+pub const PINGS: &str = "geomatch_pings_total";
+/// Counter: answered searches.
+pub const SEARCHES: &str = "geomatch_searches_total";
+/// Counter: location clears.
+pub const CLEARS: &str = "geomatch_clears_total";
+/// Counter: requests refused as impossible travel.
+pub const IMPOSSIBLE_TRAVEL: &str = "geomatch_impossible_travel_total";
+/// Counter: WatchNearby streams opened.
+pub const WATCHES_OPENED: &str = "geomatch_watches_opened_total";
+/// Counter: WatchNearby streams ended because their consumer fell behind.
+pub const WATCH_OVERFLOWS: &str = "geomatch_watch_overflows_total";
+/// Gauge: finished shake outcomes kept for retries.
+pub const SHAKE_OUTCOMES_KEPT: &str = "geomatch_shake_outcomes_kept";
+/// Gauge: users tracked by the abuse controls, by control.
+pub const LIMITS_TRACKED: &str = "geomatch_limits_tracked";
+/// Gauge: WatchNearby streams open.
+pub const WATCHES: &str = "geomatch_watches";
+/// Counter: items of `UpdateLocations` streams rejected one by one.
+pub const PINGS_REJECTED: &str = "geomatch_pings_rejected_total";
+/// Counter: shake calls answered MATCHED.
+pub const MATCHES: &str = "geomatch_shake_matches_total";
+/// Counter: shake calls answered NO_MATCH.
+pub const NO_MATCHES: &str = "geomatch_shake_no_matches_total";
+/// Counter: pings reclaimed by the sweep after their TTL.
+pub const EXPIRATIONS: &str = "geomatch_expirations_total";
+/// Counter: requests refused, by `reason` (the offending field, or the status).
+pub const REJECTIONS: &str = "geomatch_rejections_total";
+/// Histogram: duration of one expiry sweep, seconds.
+pub const SWEEP_SECONDS: &str = "geomatch_sweep_duration_seconds";
+/// Histogram: duration of one snapshot write, seconds.
+pub const SNAPSHOT_SECONDS: &str = "geomatch_snapshot_duration_seconds";
+/// Gauge: size of the last snapshot written, bytes.
+pub const SNAPSHOT_BYTES: &str = "geomatch_snapshot_size_bytes";
