@@ -77,7 +77,7 @@ fn nearby(c: &mut Criterion) {
                 page_token: String::new(),
             };
             g.bench_with_input(BenchmarkId::new(name, n), &q, |b, q| {
-                b.iter(|| idx.search(black_box(q), NOW).unwrap());
+                b.iter(|| idx.search(&idx.query(black_box(q)).unwrap(), NOW));
             });
         }
     }
@@ -112,7 +112,7 @@ fn equal_density(c: &mut Criterion) {
             page_token: String::new(),
         };
         g.bench_with_input(BenchmarkId::new("search-1km", n), &q, |b, q| {
-            b.iter(|| idx.search(black_box(q), NOW).unwrap());
+            b.iter(|| idx.search(&idx.query(black_box(q)).unwrap(), NOW));
         });
     }
     g.finish();
@@ -154,7 +154,7 @@ fn watch(c: &mut Criterion) {
                 idx.update(w.clone(), at, Gender::Male, NOW);
                 let req = WatchRequest {
                     watcher: w,
-                    radius_m: 1_000.0,
+                    radius: idx.config().radius.apply(1_000.0).unwrap(),
                     gender: Gender::Unspecified,
                 };
                 idx.watch(&req, NOW).unwrap()
@@ -235,9 +235,10 @@ fn shake(c: &mut Criterion) {
             };
             rt.block_on(async {
                 let m2 = m.clone();
-                let first = tokio::spawn(async move { m2.shake(req(i)).await });
+                let first =
+                    tokio::spawn(async move { m2.shake(m2.validate(req(i)).unwrap()).await });
                 m.until_waiting(1).await;
-                let second = m.shake(req(i + 1)).await.unwrap();
+                let second = m.shake(m.validate(req(i + 1)).unwrap()).await.unwrap();
                 first.await.unwrap().unwrap();
                 second
             })
@@ -270,9 +271,15 @@ fn shake_anywhere(c: &mut Criterion) {
             };
             rt.block_on(async {
                 let m2 = m.clone();
-                let first = tokio::spawn(async move { m2.shake(req(i, CITY.0)).await });
+                let first =
+                    tokio::spawn(
+                        async move { m2.shake(m2.validate(req(i, CITY.0)).unwrap()).await },
+                    );
                 m.until_waiting(1).await;
-                let second = m.shake(req(i + 1, CITY.0 + 9.0)).await.unwrap();
+                let second = m
+                    .shake(m.validate(req(i + 1, CITY.0 + 9.0)).unwrap())
+                    .await
+                    .unwrap();
                 first.await.unwrap().unwrap();
                 assert!(matches!(&second, Outcome::Matched(mm) if mm.tier == Tier::Anywhere));
                 second

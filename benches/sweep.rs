@@ -64,7 +64,7 @@ fn search_until(idx: &NearbyIndex, now: i64, stop: &AtomicBool, start: &Barrier)
     start.wait();
     while !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
-        let page = idx.search(&q, now).unwrap();
+        let page = idx.search(&idx.query(&q).unwrap(), now);
         h.record(t.elapsed().as_nanos() as u64).unwrap();
         assert_eq!(page.users.len(), 50);
     }
@@ -77,7 +77,7 @@ fn us(ns: u64) -> f64 {
 
 fn main() {
     let cfg = NearbyConfig::default();
-    let ttl = cfg.location_ttl_ms;
+    let ttl = i64::from(cfg.ttl.server().ms());
     let idx = NearbyIndex::new(cfg, PageTokens::new([1; 32]));
 
     // Positions are generated before measuring, so only the index's growth is counted.

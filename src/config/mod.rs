@@ -8,7 +8,8 @@ use clap::Parser;
 use h3o::Resolution;
 
 use crate::{
-    guard::{Limits, RateConfig, TravelConfig},
+    geo::value::{PageRule, RadiusRule, TtlRule},
+    guard::{GuardConfig, RateConfig, TravelConfig},
     nearby::{NearbyConfig, WatchConfig},
     shake::ShakeConfig,
     telemetry::LogFormat,
@@ -386,13 +387,19 @@ impl Config {
     pub fn nearby(&self) -> NearbyConfig {
         NearbyConfig {
             privacy_resolution: self.privacy(),
-            location_ttl_ms: i64::try_from(self.location_ttl.as_millis()).unwrap_or(i64::MAX),
-            max_location_ttl_ms: i64::try_from(self.max_location_ttl.as_millis())
-                .unwrap_or(i64::MAX),
-            default_radius_m: self.default_radius_m,
-            max_radius_m: self.max_radius_m,
-            default_limit: self.default_limit,
-            max_limit: self.max_limit,
+            ttl: TtlRule {
+                default: self.location_ttl,
+                max: self.max_location_ttl,
+            },
+            radius: RadiusRule {
+                default_m: self.default_radius_m,
+                max_m: self.max_radius_m,
+                ..RadiusRule::SEARCH
+            },
+            page: PageRule {
+                default: self.default_limit,
+                max: self.max_limit,
+            },
             max_users: self.max_users,
             watch: WatchConfig {
                 buffer: self.watch_buffer,
@@ -402,22 +409,22 @@ impl Config {
         }
     }
 
-    /// The abuse controls (call [`Self::validate`] first).
-    pub fn limits(&self) -> Limits {
+    /// The abuse controls' settings (call [`Self::validate`] first).
+    pub fn guard(&self) -> GuardConfig {
         let rate = |burst, per_minute| RateConfig {
             burst,
             per_minute,
             max_tracked: self.max_tracked_users,
         };
-        Limits::new(
-            rate(self.search_burst, self.search_per_minute),
-            rate(self.shake_burst, self.shake_per_minute),
-            TravelConfig {
+        GuardConfig {
+            search: rate(self.search_burst, self.search_per_minute),
+            shake: rate(self.shake_burst, self.shake_per_minute),
+            travel: TravelConfig {
                 max_jump_m: self.max_jump,
                 max_speed_mps: self.max_speed,
                 max_tracked: self.max_tracked_users,
             },
-        )
+        }
     }
 
     /// The matcher's settings (call [`Self::validate`] first).
@@ -428,8 +435,11 @@ impl Config {
                 .unwrap_or(Resolution::Seven),
             window: self.shake_window,
             result_ttl: self.shake_result_ttl,
-            default_max_distance_m: self.default_shake_distance_m,
-            max_distance_m: self.max_shake_distance_m,
+            max_distance: RadiusRule {
+                default_m: self.default_shake_distance_m,
+                max_m: self.max_shake_distance_m,
+                ..RadiusRule::SHAKE
+            },
             max_excludes: self.max_shake_excludes,
         }
     }

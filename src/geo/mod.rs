@@ -7,6 +7,7 @@ use geo::{Distance as _, Haversine, Point};
 use h3o::{CellIndex, LatLng, Resolution};
 
 pub mod cell;
+pub mod value;
 
 use crate::error::{Error, Result};
 

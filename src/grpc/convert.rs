@@ -1,20 +1,28 @@
-//! Protobuf <-> domain conversions. Every field is validated into a domain type here or by
-//! the domain constructor it is handed to; a missing message field is INVALID_ARGUMENT.
+//! Protobuf <-> domain conversions. Every request is decoded and validated here into the
+//! domain type its room acts on (by that room's rules), once; a missing message field is
+//! INVALID_ARGUMENT. The services and the fuzz entry points share these functions.
+
+use tokio::time::Instant;
 
 use super::pb;
 use crate::{
     error::{Error, Result},
-    geo::Coordinates,
+    geo::{
+        Coordinates,
+        value::{RadiusRule, TtlRule},
+    },
     id::{ShakeId, UserId},
-    nearby::{Found, Gender, LocationStatus, Ping, SearchRequest},
-    shake::{Fallback, Match, Outcome, Tier},
+    nearby::{
+        Found, Gender, LocationStatus, NearbyIndex, Ping, Query, SearchRequest, WatchRequest,
+    },
+    shake::{Fallback, Match, Matcher, Outcome, ShakeRequest, Tier, ValidShake},
 };
 
 pub(super) fn user_id(value: &str) -> Result<UserId> {
     UserId::new("user_id", value)
 }
 
-pub(super) fn shake_id(value: &str) -> Result<ShakeId> {
+fn shake_id(value: &str) -> Result<ShakeId> {
     ShakeId::new("shake_id", value)
 }
 
@@ -37,7 +45,7 @@ pub(super) fn gender(value: i32) -> Result<Gender> {
     }
 }
 
-pub(super) fn visible(value: i32) -> Result<bool> {
+fn visible(value: i32) -> Result<bool> {
     match pb::Visibility::try_from(value) {
         Ok(pb::Visibility::Visible) => Ok(true),
         Ok(pb::Visibility::Invisible) => Ok(false),
@@ -48,13 +56,40 @@ pub(super) fn visible(value: i32) -> Result<bool> {
     }
 }
 
-pub(super) fn ping(req: pb::UpdateLocationRequest) -> Result<Ping> {
+/// A location ping, its time to live checked by `ttl`.
+pub(super) fn ping(req: pb::UpdateLocationRequest, ttl: &TtlRule) -> Result<Ping> {
     Ok(Ping {
         user: user_id(&req.user_id)?,
         position: position(req.position)?,
         gender: gender(req.gender)?,
         visible: visible(req.visibility)?,
-        ttl_s: req.ttl_s,
+        ttl: ttl.apply(req.ttl_s)?,
+    })
+}
+
+/// A WatchNearby request, its radius checked by `radius`.
+pub(super) fn watch(req: &pb::WatchNearbyRequest, radius: &RadiusRule) -> Result<WatchRequest> {
+    Ok(WatchRequest {
+        watcher: user_id(&req.user_id)?,
+        radius: radius.apply(req.radius_m)?,
+        gender: gender(req.gender)?,
+    })
+}
+
+/// A shake, checked by the matcher's rules; `deadline` is the caller's own.
+pub(super) fn shake(
+    req: pb::ShakeRequest,
+    matcher: &Matcher,
+    deadline: Option<Instant>,
+) -> Result<ValidShake> {
+    matcher.validate(ShakeRequest {
+        user: user_id(&req.user_id)?,
+        position: position(req.position)?,
+        shake_id: shake_id(&req.shake_id)?,
+        max_distance_m: req.max_distance_m,
+        exclude: excludes(&req.exclude_user_ids)?,
+        deadline,
+        fallback: fallback(req.fallback)?,
     })
 }
 
@@ -77,7 +112,7 @@ pub(super) fn location_status(s: Option<LocationStatus>) -> pb::GetLocationStatu
     }
 }
 
-pub(super) fn fallback(value: i32) -> Result<Fallback> {
+fn fallback(value: i32) -> Result<Fallback> {
     match pb::shake_request::Fallback::try_from(value) {
         Ok(pb::shake_request::Fallback::None) => Ok(Fallback::None),
         Ok(pb::shake_request::Fallback::Anywhere) => Ok(Fallback::Anywhere),
@@ -88,8 +123,9 @@ pub(super) fn fallback(value: i32) -> Result<Fallback> {
     }
 }
 
-pub(super) fn search(req: pb::SearchNearbyRequest) -> Result<SearchRequest> {
-    Ok(SearchRequest {
+/// A search, checked by the index's rules and page-token key.
+pub(super) fn search(req: pb::SearchNearbyRequest, index: &NearbyIndex) -> Result<Query> {
+    index.query(&SearchRequest {
         searcher: user_id(&req.user_id)?,
         centre: position(req.position)?,
         radius_m: req.radius_m,
@@ -99,7 +135,7 @@ pub(super) fn search(req: pb::SearchNearbyRequest) -> Result<SearchRequest> {
     })
 }
 
-pub(super) fn excludes(values: &[String]) -> Result<Vec<UserId>> {
+fn excludes(values: &[String]) -> Result<Vec<UserId>> {
     values
         .iter()
         .map(|v| UserId::new("exclude_user_ids", v))

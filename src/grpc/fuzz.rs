@@ -14,8 +14,8 @@ use super::{convert, pb};
 use crate::{
     error::Error,
     id::UserId,
-    nearby::{NearbyConfig, NearbyIndex, PageTokens, SearchRequest, WatchRequest},
-    shake::{Matcher, ShakeConfig, ShakeRequest},
+    nearby::{NearbyConfig, NearbyIndex, PageTokens, SearchRequest},
+    shake::{Matcher, ShakeConfig},
 };
 
 struct Fixture {
@@ -53,38 +53,20 @@ pub fn requests(data: &[u8]) -> Verdicts {
     let f = fixture();
     let mut v = Verdicts::default();
     if let Ok(req) = pb::UpdateLocationRequest::decode(data) {
-        tally(
-            &mut v,
-            convert::ping(req).and_then(|p| f.index.ping_ttl_ms(&p).map(drop)),
-        );
+        tally(&mut v, convert::ping(req, &f.index.config().ttl).map(drop));
     }
     if let Ok(req) = pb::SearchNearbyRequest::decode(data) {
         // The index is empty: this validates radius, limit and token, and stores nothing.
-        let r = convert::search(req).and_then(|q| f.index.search(&q, 0).map(drop));
+        let r = convert::search(req, &f.index).map(|q| drop(f.index.search(&q, 0)));
         tally(&mut v, r);
     }
     if let Ok(req) = pb::ShakeRequest::decode(data) {
-        let r = (|| {
-            let s = ShakeRequest {
-                user: convert::user_id(&req.user_id)?,
-                position: convert::position(req.position)?,
-                shake_id: convert::shake_id(&req.shake_id)?,
-                max_distance_m: req.max_distance_m,
-                exclude: convert::excludes(&req.exclude_user_ids)?,
-                deadline: None,
-                fallback: convert::fallback(req.fallback)?,
-            };
-            f.matcher.validate(&s).map(drop)
-        })();
+        let r = convert::shake(req, &f.matcher, None).map(drop);
         tally(&mut v, r);
     }
     if let Ok(req) = pb::WatchNearbyRequest::decode(data) {
         let r = (|| {
-            let w = WatchRequest {
-                watcher: convert::user_id(&req.user_id)?,
-                radius_m: req.radius_m,
-                gender: convert::gender(req.gender)?,
-            };
+            let w = convert::watch(&req, &f.index.config().radius)?;
             // Nobody has a location in the fixture: a valid request ends in
             // FAILED_PRECONDITION, never in an open watch.
             match f.index.watch(&w, 0) {
@@ -122,7 +104,7 @@ pub fn page_token(token: &str) -> bool {
         gender: crate::nearby::Gender::Unspecified,
         page_token: token.to_string(),
     };
-    f.index.search(&q, 0).is_ok()
+    f.index.query(&q).is_ok()
 }
 
 #[cfg(test)]

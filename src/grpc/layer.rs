@@ -6,7 +6,7 @@ use std::{
     future::Future,
     pin::Pin,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tonic::codegen::http;
@@ -27,28 +27,11 @@ impl<S> Layer<S> for RpcLayer {
     }
 }
 
-/// When the server took a call off the connection: handlers compare it with the time
-/// they start, to shed calls that queued too long (see [`admit`]).
+/// When the server took a call off the connection: admission compares it with the time
+/// the call is first served, to shed calls that queued too long (see
+/// [`AdmissionLayer`](super::admission::AdmissionLayer)).
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival(pub Instant);
-
-/// Sheds a call that waited more than `max` between arrival and its handler starting
-/// (0 = never): under overload, better an immediate RESOURCE_EXHAUSTED than an answer
-/// nobody waits for, and the queue drains at once when the load drops.
-///
-/// # Errors
-/// RESOURCE_EXHAUSTED naming the wait.
-pub fn admit(extensions: &http::Extensions, max: Duration) -> Result<(), tonic::Status> {
-    if max.is_zero() {
-        return Ok(());
-    }
-    match extensions.get::<Arrival>() {
-        Some(Arrival(at)) if at.elapsed() > max => {
-            Err(super::status::queued_too_long(at.elapsed(), max))
-        }
-        _ => Ok(()),
-    }
-}
 
 /// Records metrics and a span around each call of the inner service.
 #[derive(Debug, Clone)]

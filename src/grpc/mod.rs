@@ -1,6 +1,7 @@
 //! The gRPC edge: generated code, service adapters, and the one place domain types meet
 //! protobuf ones. Nothing outside this module names tonic or prost.
 
+pub mod admission;
 mod convert;
 #[doc(hidden)]
 pub mod fuzz;

@@ -1,16 +1,18 @@
-//! `geomatch.v1.Nearby` adapter: decode, validate, call the index, encode.
+//! `geomatch.v1.Nearby` adapter. Every handler runs in one order: decode and validate into
+//! a domain request ([`convert`]), guard (rate limit, travel check), act on the index,
+//! encode. A refused request costs no index work. Admission (load shedding) happened
+//! before, in [`AdmissionLayer`](super::admission::AdmissionLayer).
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status, Streaming, codegen::http};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, pb, status::overloaded};
+use super::{convert, pb};
 use crate::{
     clock::Clock,
     error::Error,
     guard::Limits,
-    nearby::{NearbyIndex, Placement, Watch, WatchEnd, WatchEvent, WatchRequest},
+    nearby::{NearbyIndex, Placement, Watch, WatchEnd, WatchEvent},
     telemetry::names,
 };
 
@@ -50,20 +52,6 @@ impl tokio_stream::Stream for WatchStream {
     }
 }
 
-/// The user's indexed position, for the travel check (not looked up when it is off).
-pub(super) fn known(
-    index: &NearbyIndex,
-    limits: &Limits,
-    user: &crate::id::UserId,
-    now_ms: i64,
-) -> crate::guard::Known {
-    if limits.checks_travel() {
-        index.known_position(user, now_ms)
-    } else {
-        None
-    }
-}
-
 /// Rejections an `UpdateLocations` summary reports in detail (all are counted).
 const MAX_REPORTED_REJECTIONS: usize = 16;
 
@@ -73,49 +61,26 @@ pub struct NearbyService {
     index: Arc<NearbyIndex>,
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
-    in_flight: Arc<Semaphore>,
-    max_queue: std::time::Duration,
 }
 
 impl NearbyService {
-    /// An adapter over `index`, reading time from `clock`, serving at most `max_in_flight`
-    /// calls at once (more are shed with RESOURCE_EXHAUSTED).
-    pub fn new(
-        index: Arc<NearbyIndex>,
-        limits: Arc<Limits>,
-        clock: Arc<dyn Clock>,
-        max_in_flight: usize,
-        max_queue: std::time::Duration,
-    ) -> Self {
+    /// An adapter over `index`, guarded by `limits`, reading time from `clock`.
+    pub fn new(index: Arc<NearbyIndex>, limits: Arc<Limits>, clock: Arc<dyn Clock>) -> Self {
         Self {
             index,
             limits,
             clock,
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-            max_queue,
         }
     }
 
-    /// Validates and applies one ping (unary or streamed).
+    /// Validates, guards and applies one ping (unary or streamed).
     fn ping(&self, req: pb::UpdateLocationRequest) -> Result<Placement, Error> {
-        let ping = convert::ping(req)?;
-        self.index.ping_ttl_ms(&ping)?;
+        let ping = convert::ping(req, &self.index.config().ttl)?;
         let now = self.clock.now_ms();
-        let known = known(&self.index, &self.limits, &ping.user, now);
-        self.limits.ping(&ping.user, &ping.position, now, known)?;
+        self.limits.ping(&ping.user, &ping.position, now)?;
         let placed = self.index.ping(&ping, now)?;
         metrics::counter!(names::PINGS).increment(1);
         Ok(placed)
-    }
-
-    fn admit(
-        &self,
-        extensions: &http::Extensions,
-    ) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
-        super::layer::admit(extensions, self.max_queue)?;
-        self.in_flight
-            .try_acquire()
-            .map_err(|_| overloaded("requests"))
     }
 }
 
@@ -125,7 +90,6 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::UpdateLocationRequest>,
     ) -> Result<Response<pb::UpdateLocationResponse>, Status> {
-        let _permit = self.admit(request.extensions())?;
         let placed = self.ping(request.into_inner())?;
         tracing::debug!(cell = %placed.cell, "location updated");
         Ok(Response::new(pb::UpdateLocationResponse {
@@ -138,7 +102,6 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<Streaming<pb::UpdateLocationRequest>>,
     ) -> Result<Response<pb::UpdateLocationsSummary>, Status> {
-        let _permit = self.admit(request.extensions())?;
         let mut stream = request.into_inner();
         let mut summary = pb::UpdateLocationsSummary::default();
         let mut index = 0u64;
@@ -174,13 +137,8 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::WatchNearbyRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let req = request.into_inner();
-        let watch = WatchRequest {
-            watcher: convert::user_id(&req.user_id)?,
-            radius_m: req.radius_m,
-            gender: convert::gender(req.gender)?,
-        };
-        let watch = self.index.watch(&watch, self.clock.now_ms())?;
+        let req = convert::watch(request.get_ref(), &self.index.config().radius)?;
+        let watch = self.index.watch(&req, self.clock.now_ms())?;
         metrics::counter!(names::WATCHES_OPENED).increment(1);
         Ok(Response::new(WatchStream(watch)))
     }
@@ -189,7 +147,6 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::GetLocationStatusRequest>,
     ) -> Result<Response<pb::GetLocationStatusResponse>, Status> {
-        let _permit = self.admit(request.extensions())?;
         let user = convert::user_id(&request.get_ref().user_id)?;
         let status = self.index.status(&user, self.clock.now_ms());
         Ok(Response::new(convert::location_status(status)))
@@ -199,7 +156,6 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::ClearLocationRequest>,
     ) -> Result<Response<pb::ClearLocationResponse>, Status> {
-        let _permit = self.admit(request.extensions())?;
         let user = convert::user_id(&request.get_ref().user_id)?;
         let existed = self.index.clear(&user, self.clock.now_ms());
         metrics::counter!(names::CLEARS).increment(1);
@@ -210,16 +166,12 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::SearchNearbyRequest>,
     ) -> Result<Response<pb::SearchNearbyResponse>, Status> {
-        let _permit = self.admit(request.extensions())?;
-        let req = request.into_inner();
-        let query = convert::search(req)?;
+        let query = convert::search(request.into_inner(), &self.index)?;
         let now = self.clock.now_ms();
-        let page = self.index.search(&query, now)?;
-        // Limits apply to valid requests only (a rejected one leaves no trace); a refused
-        // search returns nothing.
-        let known = known(&self.index, &self.limits, &query.searcher, now);
-        self.limits
-            .search(&query.searcher, &query.centre, now, known)?;
+        // Limits apply to valid requests only (a rejected one leaves no trace), and before
+        // the search: a refused one costs no search work.
+        self.limits.search(&query.searcher, &query.centre, now)?;
+        let page = self.index.search(&query, now);
         metrics::counter!(names::SEARCHES).increment(1);
         Ok(Response::new(pb::SearchNearbyResponse {
             users: page.users.into_iter().map(convert::found).collect(),

@@ -1,23 +1,19 @@
-//! `geomatch.v1.Shake` adapter. The handler future is dropped when the client cancels,
+//! `geomatch.v1.Shake` adapter, in the handlers' one order: decode and validate, guard,
+//! shake, encode. The handler future is dropped when the client cancels,
 //! which withdraws the waiting shake at once. A caller's `grpc-timeout` is stamped into
 //! the request on arrival by [`stamp_deadline`] and ends the wait with DEADLINE_EXCEEDED
 //! just before tonic's own enforcement would (which reports a less useful CANCELLED).
 
-use std::sync::Arc;
-
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use tokio::sync::Semaphore;
-
-use super::{convert, pb, status::overloaded};
+use super::{convert, pb};
 use crate::{
     clock::Clock,
     guard::Limits,
-    nearby::NearbyIndex,
-    shake::{Matcher, Outcome, ShakeRequest, Tier},
+    shake::{Matcher, Outcome, Tier},
     telemetry::names,
 };
 
@@ -25,32 +21,17 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ShakeService {
     matcher: Arc<Matcher>,
-    /// Where users last pinged, for the travel check.
-    index: Arc<NearbyIndex>,
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
-    in_flight: Arc<Semaphore>,
-    max_queue: Duration,
 }
 
 impl ShakeService {
-    /// An adapter over `matcher`, applying `limits` with time from `clock`, with at most
-    /// `max_in_flight` calls at once (more are shed with RESOURCE_EXHAUSTED).
-    pub fn new(
-        matcher: Arc<Matcher>,
-        index: Arc<NearbyIndex>,
-        limits: Arc<Limits>,
-        clock: Arc<dyn Clock>,
-        max_in_flight: usize,
-        max_queue: Duration,
-    ) -> Self {
+    /// An adapter over `matcher`, guarded by `limits`, reading time from `clock`.
+    pub fn new(matcher: Arc<Matcher>, limits: Arc<Limits>, clock: Arc<dyn Clock>) -> Self {
         Self {
             matcher,
-            index,
             limits,
             clock,
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-            max_queue,
         }
     }
 }
@@ -61,27 +42,10 @@ impl pb::shake_server::Shake for ShakeService {
         &self,
         request: Request<pb::ShakeRequest>,
     ) -> Result<Response<pb::ShakeResponse>, Status> {
-        super::layer::admit(request.extensions(), self.max_queue)?;
-        let _permit = self
-            .in_flight
-            .try_acquire()
-            .map_err(|_| overloaded("shakes"))?;
         let deadline = request.extensions().get::<CallerDeadline>().map(|d| d.0);
-        let req = request.into_inner();
-        let shake = ShakeRequest {
-            user: convert::user_id(&req.user_id)?,
-            position: convert::position(req.position)?,
-            shake_id: convert::shake_id(&req.shake_id)?,
-            max_distance_m: req.max_distance_m,
-            exclude: convert::excludes(&req.exclude_user_ids)?,
-            deadline,
-            fallback: convert::fallback(req.fallback)?,
-        };
-        self.matcher.validate(&shake)?;
+        let shake = convert::shake(request.into_inner(), &self.matcher, deadline)?;
         let now = self.clock.now_ms();
-        let known = super::nearby::known(&self.index, &self.limits, &shake.user, now);
-        self.limits
-            .shake(&shake.user, &shake.position, now, known)?;
+        self.limits.shake(shake.user(), &shake.position(), now)?;
         let outcome = self.matcher.shake(shake).await?;
         match &outcome {
             Outcome::Matched(m) => {

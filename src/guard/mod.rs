@@ -1,4 +1,5 @@
-//! Abuse controls: per-user rate limits and the impossible-travel check.
+//! Abuse controls: per-user rate limits and the impossible-travel check, applied to a
+//! validated request before any work is done for it ([`Limits`]).
 //!
 //! Both key users by a 64-bit keyed hash of their id (seeded at start-up; no id is stored),
 //! so an entry costs 24 bytes. Two users whose hashes collide would share an entry; with a
@@ -8,13 +9,13 @@
 //! each map is capped: beyond the cap, new users are let through untracked rather than
 //! refused, so a flood of fresh ids cannot lock real users out (it is counted instead).
 
-use std::{hash::BuildHasher, time::Duration};
+use std::{fmt, hash::BuildHasher, sync::Arc, time::Duration};
 
 use h3o::LatLng;
 use hashbrown::{DefaultHashBuilder, HashMap};
 
 use crate::{
-    base::shard::{SHARDS, Shards},
+    base::shard::{SHARDS, Shards, shard_of},
     error::{Error, Result},
     geo::{Coordinates, distance_m},
     id::UserId,
@@ -34,8 +35,21 @@ const REPRESENTED_M: f64 = 1_000.0;
 /// user, so pings need no entry of their own.
 pub type Known = Option<(LatLng, i64)>;
 
-fn shard_of(h: u64) -> usize {
-    (h >> 58) as usize % SHARDS
+/// Where users last were, as another room holds it (the index): the travel check asks
+/// it rather than keeping its own copy of every pinging user. The server injects it.
+pub trait KnownPositions: Send + Sync + fmt::Debug {
+    /// Where `user` was last placed and when (unix ms), unless nothing recent is held.
+    fn known_position(&self, user: &UserId, now_ms: i64) -> Known;
+}
+
+/// Knows nobody: for controls without an index (tests, benches).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPositions;
+
+impl KnownPositions for NoPositions {
+    fn known_position(&self, _: &UserId, _: i64) -> Known {
+        None
+    }
 }
 
 /// A token bucket per user: `burst` calls at once, refilled at `per_minute`.
@@ -98,7 +112,7 @@ impl RateLimiter {
             return Ok(());
         }
         let h = self.hasher.hash_one(user);
-        let mut map = self.buckets.write(shard_of(h));
+        let mut map = self.buckets.write(shard_of(h, SHARDS));
         let tokens = match map.get(&h) {
             Some(b) => self.refilled(*b, now_ms),
             None if map.len() >= self.cfg.max_tracked / SHARDS => return Ok(()),
@@ -231,7 +245,7 @@ impl TravelGuard {
         let h = self.hasher.hash_one(user);
         let to_s = |ms: i64| (ms.max(0) / 1_000).min(i64::from(u32::MAX)) as u32;
         let now_s = to_s(now_ms);
-        let mut map = self.seen.write(shard_of(h));
+        let mut map = self.seen.write(shard_of(h, SHARDS));
         let own = map.get(&h).and_then(|prev| {
             LatLng::new(f64::from(prev.lat), f64::from(prev.lng))
                 .ok()
@@ -292,7 +306,18 @@ impl TravelGuard {
     }
 }
 
-/// The abuse controls one service applies, as domain errors.
+/// Settings of every abuse control.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuardConfig {
+    /// SearchNearby calls per user.
+    pub search: RateConfig,
+    /// Shake calls per user.
+    pub shake: RateConfig,
+    /// The impossible-travel check.
+    pub travel: TravelConfig,
+}
+
+/// The abuse controls the services apply, as domain errors.
 #[derive(Debug)]
 pub struct Limits {
     /// SearchNearby calls per user.
@@ -301,22 +326,28 @@ pub struct Limits {
     pub shake: RateLimiter,
     /// Positions of pings, searches and shakes alike.
     pub travel: TravelGuard,
+    /// Users' indexed positions, for the travel check.
+    known: Arc<dyn KnownPositions>,
 }
 
 impl Limits {
-    /// Controls with these settings.
-    pub fn new(search: RateConfig, shake: RateConfig, travel: TravelConfig) -> Self {
+    /// Controls with these settings, asking `known` for users' indexed positions.
+    pub fn new(cfg: GuardConfig, known: Arc<dyn KnownPositions>) -> Self {
         Self {
-            search: RateLimiter::new(search),
-            shake: RateLimiter::new(shake),
-            travel: TravelGuard::new(travel),
+            search: RateLimiter::new(cfg.search),
+            shake: RateLimiter::new(cfg.shake),
+            travel: TravelGuard::new(cfg.travel),
+            known,
         }
     }
 
-    /// Whether the travel check is on (callers skip looking up the user's known position
-    /// otherwise).
-    pub fn checks_travel(&self) -> bool {
-        self.travel.enabled()
+    /// The user's indexed position, looked up only when the travel check is on.
+    fn known(&self, user: &UserId, now_ms: i64) -> Known {
+        if self.travel.enabled() {
+            self.known.known_position(user, now_ms)
+        } else {
+            None
+        }
     }
 
     fn travel(
@@ -335,12 +366,13 @@ impl Limits {
             })
     }
 
-    /// A location ping: the travel check against the user's indexed location (`known`)
-    /// and last search or shake. Records nothing: the index will hold the ping.
+    /// A location ping: the travel check against the user's indexed location and last
+    /// search or shake. Records nothing: the index will hold the ping.
     ///
     /// # Errors
     /// [`Error::ImpossibleTravel`].
-    pub fn ping(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
+    pub fn ping(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
+        let known = self.known(user, now_ms);
         self.travel(user, at, now_ms, known, false)
     }
 
@@ -348,8 +380,9 @@ impl Limits {
     ///
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
-    pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
+    pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
         rate(&self.search, "SearchNearby", user, now_ms)?;
+        let known = self.known(user, now_ms);
         let record = self.worth_recording(at, known);
         self.travel(user, at, now_ms, known, record)
     }
@@ -358,8 +391,9 @@ impl Limits {
     ///
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
-    pub fn shake(&self, user: &UserId, at: &Coordinates, now_ms: i64, known: Known) -> Result<()> {
+    pub fn shake(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
         rate(&self.shake, "Shake", user, now_ms)?;
+        let known = self.known(user, now_ms);
         let record = self.worth_recording(at, known);
         self.travel(user, at, now_ms, known, record)
     }

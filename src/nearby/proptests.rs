@@ -9,7 +9,7 @@ use proptest::{collection::vec, prelude::*};
 
 use super::*;
 use crate::{
-    geo::{distance_m, snapped},
+    geo::{band_m, distance_key, distance_m, snapped},
     population::offset,
 };
 
@@ -99,10 +99,10 @@ proptest! {
                         position: at(east, north),
                         gender: Gender::from_wire(gender).unwrap(),
                         visible,
-                        ttl_s: u32::from(ttl_s),
+                        ttl: idx.cfg.ttl.apply(u32::from(ttl_s)).unwrap(),
                     };
                     let placed = idx.ping(&ping, now).unwrap();
-                    let ttl = if ttl_s == 0 { idx.cfg.location_ttl_ms } else { i64::from(ttl_s) * 1_000 };
+                    let ttl = if ttl_s == 0 { i64::from(idx.ttl_ms()) } else { i64::from(ttl_s) * 1_000 };
                     prop_assert_eq!(placed.expires_at_ms, now + ttl);
                     model.insert(ping.user.to_string(), Held {
                         cell: placed.cell,
@@ -153,7 +153,7 @@ proptest! {
                         page_token: String::new(),
                     };
                     loop {
-                        let page = idx.search(&q, now).unwrap();
+                        let page = idx.search_raw(&q, now).unwrap();
                         prop_assert!(page.users.len() <= page_size);
                         for f in &page.users {
                             let d = distance_m(centre.latlng(), LatLng::from(model[f.user.as_str()].cell));

@@ -170,7 +170,7 @@ fn visibility_and_per_ping_ttl_survive_a_round_trip() {
             position: Coordinates::new("p", 31.2, 121.4 + i as f64 * 0.01).unwrap(),
             gender: Gender::Male,
             visible,
-            ttl_s,
+            ttl: idx.config().ttl.apply(ttl_s).unwrap(),
         };
         idx.ping(&ping, now).unwrap();
     }

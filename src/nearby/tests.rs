@@ -5,11 +5,19 @@ use std::{
     sync::{Arc, Barrier},
 };
 
-use h3o::LatLng;
+use h3o::{LatLng, Resolution};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
-use crate::geo::{distance_m, snapped};
+use crate::geo::{band_m, distance_key, distance_m, snapped};
+use maps::{SHARDS, coarse_of};
+
+impl NearbyIndex {
+    /// Validates and runs a search as received, as the gRPC edge does.
+    pub(super) fn search_raw(&self, req: &SearchRequest, now_ms: i64) -> Result<SearchPage> {
+        Ok(self.search(&self.query(req)?, now_ms))
+    }
+}
 
 const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
 const TTL: i64 = 15 * 60 * 1_000;
@@ -53,7 +61,7 @@ fn all_pages(idx: &NearbyIndex, mut q: SearchRequest, now: i64) -> Vec<Found> {
     let limit = if q.limit == 0 { 20 } else { q.limit as usize };
     let mut out = Vec::new();
     for _ in 0..100_000 {
-        let page = idx.search(&q, now).unwrap();
+        let page = idx.search_raw(&q, now).unwrap();
         assert!(page.users.len() <= limit);
         if page.next_page_token.is_some() {
             assert_eq!(page.users.len(), limit, "a page before the last is full");
@@ -202,11 +210,11 @@ fn last_write_wins_and_a_moved_user_is_in_exactly_one_cell() {
     assert_eq!(placed.expires_at_ms, 2_000 + TTL);
     assert_eq!((idx.len(), idx.cell_count()), (1, 1));
     let near_old = idx
-        .search(&query("me", old, 1_000.0, 0, Gender::Unspecified), 2_000)
+        .search_raw(&query("me", old, 1_000.0, 0, Gender::Unspecified), 2_000)
         .unwrap();
     assert!(near_old.users.is_empty());
     let near_new = idx
-        .search(&query("me", new, 1_000.0, 0, Gender::Unspecified), 2_000)
+        .search_raw(&query("me", new, 1_000.0, 0, Gender::Unspecified), 2_000)
         .unwrap();
     assert_eq!(near_new.users.len(), 1);
     assert_eq!(near_new.users[0].gender, Gender::Male);
@@ -220,7 +228,7 @@ fn the_searcher_is_never_in_its_own_results() {
     idx.update(uid("me"), p, Gender::Female, 0);
     idx.update(uid("you"), p, Gender::Female, 0);
     let page = idx
-        .search(&query("me", p, 0.0, 0, Gender::Unspecified), 0)
+        .search_raw(&query("me", p, 0.0, 0, Gender::Unspecified), 0)
         .unwrap();
     assert_eq!(ids(&page.users), ["you"]);
 }
@@ -232,8 +240,8 @@ fn pings_expire_after_the_ttl_and_the_sweep_reclaims_them() {
     idx.update(uid("old"), p, Gender::Female, 0);
     idx.update(uid("fresh"), p, Gender::Female, 60_000);
     let q = query("me", p, 0.0, 0, Gender::Unspecified);
-    assert_eq!(idx.search(&q, TTL - 1).unwrap().users.len(), 2);
-    let later = idx.search(&q, TTL).unwrap();
+    assert_eq!(idx.search_raw(&q, TTL - 1).unwrap().users.len(), 2);
+    let later = idx.search_raw(&q, TTL).unwrap();
     assert_eq!(ids(&later.users), ["fresh"]);
     // Memory is reclaimed by the sweep, not only hidden.
     assert_eq!(idx.sweep(TTL), 1);
@@ -277,7 +285,7 @@ fn users_in_one_privacy_cell_are_indistinguishable_but_for_their_id() {
     );
     assert_eq!(idx.cell_count(), 1);
     let page = idx
-        .search(&query("me", searcher, 0.0, 0, Gender::Unspecified), 0)
+        .search_raw(&query("me", searcher, 0.0, 0, Gender::Unspecified), 0)
         .unwrap();
     assert_eq!(ids(&page.users), ["a", "z"]);
     let d = distance_m(searcher.latlng(), centre);
@@ -293,7 +301,7 @@ fn gender_filter_keeps_only_that_gender() {
     idx.update(uid("m"), p, Gender::Male, 0);
     idx.update(uid("u"), p, Gender::Unspecified, 0);
     let only = |g| {
-        idx.search(&query("me", p, 0.0, 0, g), 0)
+        idx.search_raw(&query("me", p, 0.0, 0, g), 0)
             .unwrap()
             .users
             .into_iter()
@@ -312,7 +320,7 @@ fn bad_queries_name_their_field_and_tokens_are_bound_to_the_query() {
     for i in 0..5 {
         idx.update(uid(&format!("u{i}")), p, Gender::Female, 0);
     }
-    let field = |q: &SearchRequest| match idx.search(q, 0) {
+    let field = |q: &SearchRequest| match idx.search_raw(q, 0) {
         Err(Error::InvalidArgument { field, .. }) => field,
         other => panic!("{other:?}"),
     };
@@ -331,15 +339,15 @@ fn bad_queries_name_their_field_and_tokens_are_bound_to_the_query() {
     assert_eq!(field(&q), "page_token");
     // A real token replayed with another radius is refused.
     q.page_token = String::new();
-    let token = idx.search(&q, 0).unwrap().next_page_token.unwrap();
+    let token = idx.search_raw(&q, 0).unwrap().next_page_token.unwrap();
     q.page_token = token.clone();
-    assert!(idx.search(&q, 0).is_ok());
+    assert!(idx.search_raw(&q, 0).is_ok());
     q.radius_m = 500.0;
     assert_eq!(field(&q), "page_token");
     // The page size may change between pages.
     q.radius_m = 0.0;
     q.limit = 3;
-    assert_eq!(idx.search(&q, 0).unwrap().users.len(), 3);
+    assert_eq!(idx.search_raw(&q, 0).unwrap().users.len(), 3);
 }
 
 #[test]
@@ -375,7 +383,7 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
                 barrier.wait();
                 for _ in 0..300 {
                     let page = idx
-                        .search(&query("me", a, 2_000.0, 100, Gender::Unspecified), 0)
+                        .search_raw(&query("me", a, 2_000.0, 100, Gender::Unspecified), 0)
                         .unwrap();
                     let mut seen = HashSet::new();
                     for f in &page.users {
@@ -395,7 +403,7 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
 fn assert_users_consistent(idx: &NearbyIndex) {
     let mut members = Vec::new();
     for shard in 0..SHARDS {
-        for (&cell, b) in idx.cells.read(shard).iter() {
+        for (&cell, b) in idx.maps.cells.read(shard).iter() {
             assert!(!b.is_empty(), "empty bucket kept");
             for m in bucket::iter(b) {
                 members.push((m.user.to_vec(), cell));
@@ -404,15 +412,15 @@ fn assert_users_consistent(idx: &NearbyIndex) {
     }
     assert_eq!(members.len(), idx.len(), "one entry per member");
     assert_eq!(
-        idx.users.len(),
+        idx.maps.users.len(),
         idx.len(),
         "the count matches the users map"
     );
     for (user, cell) in &members {
-        let slot = idx.users.slot(user);
-        let table = idx.users.tables.read(slot.shard);
-        let found = table.find(slot.hash(), |&e| idx.is_entry_of(&slot, e, user));
-        assert_eq!(found.and_then(|&e| idx.codec.unpack(e)), Some(*cell));
+        let slot = idx.maps.users.slot(user);
+        let table = idx.maps.users.tables.read(slot.shard);
+        let found = table.find(slot.hash(), |&e| idx.maps.is_entry_of(&slot, e, user));
+        assert_eq!(found.and_then(|&e| idx.maps.codec.unpack(e)), Some(*cell));
     }
     let distinct: HashSet<&Vec<u8>> = members.iter().map(|(u, _)| u).collect();
     assert_eq!(distinct.len(), members.len(), "a user in two buckets");
@@ -423,7 +431,7 @@ fn assert_users_consistent(idx: &NearbyIndex) {
 fn assert_coarse_consistent(idx: &NearbyIndex) {
     let mut listed = Vec::new();
     for shard in 0..SHARDS {
-        for (key, list) in idx.coarse.read(shard).iter() {
+        for (key, list) in idx.maps.coarse.read(shard).iter() {
             assert!(!list.is_empty(), "empty coarse list kept");
             assert!(list.iter().all(|c| coarse_of(*c) == *key));
             listed.extend_from_slice(list);
@@ -432,7 +440,7 @@ fn assert_coarse_consistent(idx: &NearbyIndex) {
     listed.sort_unstable();
     let mut occupied: Vec<CellIndex> = Vec::new();
     for shard in 0..SHARDS {
-        occupied.extend(idx.cells.read(shard).keys());
+        occupied.extend(idx.maps.cells.read(shard).keys());
     }
     occupied.sort_unstable();
     assert_eq!(listed, occupied);
@@ -492,7 +500,7 @@ fn the_coarse_map_follows_moves_clears_and_sweeps() {
     assert_eq!(idx.status(&uid("u1"), 4_000 + TTL), None, "expired");
     idx.sweep(i64::MAX / 2);
     assert_coarse_consistent(&idx);
-    assert_eq!(idx.coarse.sum(|m| m.len()), 0);
+    assert_eq!(idx.maps.coarse.sum(|m| m.len()), 0);
     assert_eq!(idx.len(), 0);
 }
 
@@ -520,7 +528,7 @@ fn the_user_cap_holds_exactly_under_concurrent_newcomers() {
                                 position: pos(SHANGHAI.0, SHANGHAI.1),
                                 gender: Gender::Female,
                                 visible: true,
-                                ttl_s: 0,
+                                ttl: idx.config().ttl.server(),
                             };
                             idx.ping(&ping, 0).is_err()
                         })
@@ -535,7 +543,7 @@ fn the_user_cap_holds_exactly_under_concurrent_newcomers() {
     assert_users_consistent(&idx);
     // A held user still updates at the cap.
     let someone = idx
-        .search(
+        .search_raw(
             &query(
                 "x",
                 pos(SHANGHAI.0, SHANGHAI.1),
@@ -554,7 +562,7 @@ fn the_user_cap_holds_exactly_under_concurrent_newcomers() {
         position: pos(SHANGHAI.0 + 0.001, SHANGHAI.1),
         gender: Gender::Male,
         visible: true,
-        ttl_s: 0,
+        ttl: idx.config().ttl.server(),
     };
     assert!(idx.ping(&again, 1).is_ok());
 }

@@ -35,7 +35,7 @@ use tokio::sync::{Notify, mpsc};
 use super::{
     Found, Gender,
     bucket::Member,
-    store::{Shards, cell_shard},
+    maps::{Shards, cell_shard},
 };
 use crate::{
     geo::cell::{RingCover, max_circumradius_m},
@@ -251,7 +251,7 @@ impl Watchers {
     }
 
     fn user_shard(&self, user: &str) -> usize {
-        self.hasher.hash_one(user) as usize
+        self.by_user.of(self.hasher.hash_one(user))
     }
 
     /// The leave radius of a watch of `radius_m`.
@@ -394,7 +394,7 @@ impl Watchers {
     /// Ends every watch (server shutdown): each stream reports [`WatchEnd::Closing`].
     pub(super) fn close_all(&self) {
         let mut all = Vec::new();
-        for shard in 0..super::store::SHARDS {
+        for shard in 0..self.by_user.len() {
             for list in self.by_user.read(shard).values() {
                 all.extend(list.iter().cloned());
             }

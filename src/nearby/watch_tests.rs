@@ -7,6 +7,7 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
+use h3o::Resolution;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
@@ -54,7 +55,7 @@ fn watch(idx: &NearbyIndex, who: &str, radius_m: f64) -> Watch {
     idx.watch(
         &WatchRequest {
             watcher: uid(who),
-            radius_m,
+            radius: idx.config().radius.apply(radius_m).unwrap(),
             gender: Gender::Unspecified,
         },
         NOW,
@@ -96,7 +97,7 @@ fn a_watch_starts_with_everyone_inside_nearest_first() {
             position: at(100.0, 0.0),
             gender: Gender::Female,
             visible: false,
-            ttl_s: 0,
+            ttl: idx.config().ttl.server(),
         },
         NOW,
     )
@@ -138,7 +139,7 @@ fn arrivals_departures_clears_and_expiry_are_reported_once() {
         position: at(-200.0, 0.0),
         gender: Gender::Male,
         visible: false,
-        ttl_s: 0,
+        ttl: idx.config().ttl.server(),
     };
     idx.ping(&hide, NOW).unwrap();
     assert_eq!(marks(&mut w), ["+x", "-x"]);
@@ -146,7 +147,7 @@ fn arrivals_departures_clears_and_expiry_are_reported_once() {
     idx.update(uid("old"), at(0.0, -300.0), Gender::Male, NOW - 1_000);
     assert_eq!(marks(&mut w), ["+old"]);
     // "old" expires first and is swept; the LEAVE comes with the sweep.
-    assert_eq!(idx.sweep(NOW - 1_000 + idx.cfg.location_ttl_ms), 1);
+    assert_eq!(idx.sweep(NOW - 1_000 + i64::from(idx.ttl_ms())), 1);
     assert_eq!(marks(&mut w), ["-old"]);
     // An expired user the watcher's own move finds is reported then, without the sweep.
     idx.update(uid("late"), at(0.0, -300.0), Gender::Male, NOW - 1_000);
@@ -155,7 +156,7 @@ fn arrivals_departures_clears_and_expiry_are_reported_once() {
         uid("me"),
         at(0.0, 0.0),
         Gender::Male,
-        NOW + idx.cfg.location_ttl_ms,
+        NOW + i64::from(idx.ttl_ms()),
     );
     assert_eq!(marks(&mut w), ["-late"]);
 }
@@ -221,7 +222,7 @@ fn watching_needs_a_location_a_valid_radius_and_a_free_slot() {
     });
     let req = |who: &str, radius_m| WatchRequest {
         watcher: uid(who),
-        radius_m,
+        radius: idx.config().radius.apply(radius_m).unwrap(),
         gender: Gender::Unspecified,
     };
     assert!(matches!(
@@ -232,8 +233,9 @@ fn watching_needs_a_location_a_valid_radius_and_a_free_slot() {
         })
     ));
     idx.update(uid("a"), at(0.0, 0.0), Gender::Male, NOW);
+    // The radius is checked by the index's rule before a watch request exists.
     assert!(matches!(
-        idx.watch(&req("a", 50_000.0), NOW),
+        idx.config().radius.apply(50_000.0),
         Err(Error::InvalidArgument {
             field: "radius_m",
             ..

@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     grpc::{
         NearbyService, ShakeService,
+        admission::AdmissionLayer,
         layer::RpcLayer,
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
         stamp_deadline,
@@ -74,10 +75,11 @@ impl App {
     /// `--snapshot-ignore-corrupt`, which starts empty instead).
     pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
         let tokens = PageTokens::random().map_err(ServeError::Random)?;
+        let nearby = Arc::new(NearbyIndex::new(cfg.nearby(), tokens));
         let app = Self {
-            nearby: Arc::new(NearbyIndex::new(cfg.nearby(), tokens)),
+            limits: Arc::new(Limits::new(cfg.guard(), nearby.clone())),
+            nearby,
             matcher: Arc::new(Matcher::new(cfg.shake())),
-            limits: Arc::new(cfg.limits()),
             clock,
             config: Arc::new(cfg.clone()),
             snapshot_lock: Arc::default(),
@@ -343,18 +345,13 @@ pub async fn serve(
         app.nearby.clone(),
         app.limits.clone(),
         app.clock.clone(),
-        cfg.max_concurrent_requests,
-        cfg.max_queue_delay,
     ))
     .max_decoding_message_size(cfg.max_message_bytes);
     let shake = InterceptedService::new(
         ShakeServer::new(ShakeService::new(
             app.matcher.clone(),
-            app.nearby.clone(),
             app.limits.clone(),
             app.clock.clone(),
-            cfg.max_concurrent_shakes,
-            cfg.max_queue_delay,
         ))
         .max_decoding_message_size(cfg.max_message_bytes),
         stamp_deadline,
@@ -387,6 +384,11 @@ pub async fn serve(
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
         .layer(RpcLayer)
+        .layer(AdmissionLayer::new(
+            cfg.max_queue_delay,
+            cfg.max_concurrent_requests,
+            cfg.max_concurrent_shakes,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -6,7 +6,20 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::sync::Barrier;
 
+use h3o::Resolution;
+
 use super::*;
+use crate::{
+    geo::{Coordinates, band_m, distance_m},
+    id::ShakeId,
+};
+
+impl Matcher {
+    /// Validates and runs a shake as received, as the gRPC edge does.
+    async fn shake_raw(&self, req: ShakeRequest) -> Result<Outcome> {
+        self.shake(self.validate(req)?).await
+    }
+}
 
 const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
 /// Degrees of latitude per metre, near enough for placing test users.
@@ -45,7 +58,7 @@ async fn spawn_waiting(
     now_waiting: usize,
 ) -> tokio::task::JoinHandle<Outcome> {
     let m2 = m.clone();
-    let h = tokio::spawn(async move { m2.shake(req).await.unwrap() });
+    let h = tokio::spawn(async move { m2.shake_raw(req).await.unwrap() });
     m.until_waiting(now_waiting).await;
     h
 }
@@ -54,7 +67,7 @@ async fn spawn_waiting(
 async fn two_nearby_shakes_pair_with_one_match_id() {
     let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
     let a = spawn_waiting(&m, at("alice", "s1", 0.0), 1).await;
-    let b = m.shake(at("bob", "s2", 300.0)).await.unwrap();
+    let b = m.shake_raw(at("bob", "s2", 300.0)).await.unwrap();
     let a = a.await.unwrap();
     let (ma, mb) = (matched(&a), matched(&b));
     assert_eq!(ma.partner.as_str(), "bob");
@@ -69,7 +82,7 @@ async fn two_nearby_shakes_pair_with_one_match_id() {
 async fn a_lone_shake_gets_no_match_when_the_window_passes() {
     let m = Matcher::new(cfg(Duration::from_secs(2)));
     let start = Instant::now();
-    let o = m.shake(at("alice", "s1", 0.0)).await.unwrap();
+    let o = m.shake_raw(at("alice", "s1", 0.0)).await.unwrap();
     assert_eq!(o, Outcome::NoMatch);
     assert_eq!(Instant::now() - start, Duration::from_secs(2));
     assert_eq!(m.waiting(), 0);
@@ -81,7 +94,7 @@ async fn a_shorter_caller_deadline_ends_the_wait_early() {
     let start = Instant::now();
     let mut req = at("alice", "s1", 0.0);
     req.deadline = Some(start + Duration::from_millis(300));
-    assert_eq!(m.shake(req).await, Err(Error::DeadlineExceeded));
+    assert_eq!(m.shake_raw(req).await, Err(Error::DeadlineExceeded));
     assert_eq!(Instant::now() - start, Duration::from_millis(300));
     assert_eq!(m.waiting(), 0, "withdrawn with the caller");
     assert_eq!(m.remembered(), 0, "a retry starts afresh");
@@ -96,7 +109,7 @@ async fn both_sides_max_distance_must_hold() {
     // 3 km away: within bob's 5 km but not alice's 100 m.
     let mut far = at("bob", "s2", 3_000.0);
     far.max_distance_m = 5_000.0;
-    let b = m.shake(far).await.unwrap();
+    let b = m.shake_raw(far).await.unwrap();
     assert_eq!(b, Outcome::NoMatch);
     assert_eq!(a.await.unwrap(), Outcome::NoMatch);
 }
@@ -110,7 +123,7 @@ async fn exclusions_are_symmetric() {
     // Bob does not exclude alice, but alice excludes bob: bob waits instead of pairing.
     let b = spawn_waiting(&m, at("bob", "s2", 10.0), 2).await;
     // Carol may pair with either; she gets the one that waited longest: alice.
-    let c = m.shake(at("carol", "s3", 5.0)).await.unwrap();
+    let c = m.shake_raw(at("carol", "s3", 5.0)).await.unwrap();
     let a = a.await.unwrap();
     assert_eq!(matched(&c).partner.as_str(), "alice");
     assert_eq!(matched(&a).partner.as_str(), "carol");
@@ -134,11 +147,11 @@ async fn nearest_waiter_wins_then_longest_waiting() {
     let far = spawn_waiting(&m, far, 1).await;
     let near = spawn_waiting(&m, at("near", "s2", 0.0), 2).await;
     let near_too = spawn_waiting(&m, near_later, 3).await;
-    let got = m.shake(at("newcomer", "s4", 0.0)).await.unwrap();
+    let got = m.shake_raw(at("newcomer", "s4", 0.0)).await.unwrap();
     assert_eq!(matched(&got).partner.as_str(), "near");
     assert_eq!(matched(&near.await.unwrap()).partner.as_str(), "newcomer");
     // The next newcomer takes the remaining nearest one.
-    let got = m.shake(at("second", "s5", 0.0)).await.unwrap();
+    let got = m.shake_raw(at("second", "s5", 0.0)).await.unwrap();
     assert_eq!(matched(&got).partner.as_str(), "near-later");
     assert_eq!(matched(&near_too.await.unwrap()).partner.as_str(), "second");
     assert_eq!(far.await.unwrap(), Outcome::NoMatch);
@@ -149,13 +162,14 @@ async fn a_user_never_pairs_with_themselves_and_a_new_shake_supersedes() {
     let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
     let first = spawn_waiting(&m, at("alice", "s1", 0.0), 1).await;
     let second = m.clone();
-    let second = tokio::spawn(async move { second.shake(at("alice", "s2", 0.0)).await.unwrap() });
+    let second =
+        tokio::spawn(async move { second.shake_raw(at("alice", "s2", 0.0)).await.unwrap() });
     // The superseded shake ends with NO_MATCH at once, long before its window.
     let start = Instant::now();
     assert_eq!(first.await.unwrap(), Outcome::NoMatch);
     assert_eq!(Instant::now(), start);
     m.until_waiting(1).await;
-    let bob = m.shake(at("bob", "s3", 0.0)).await.unwrap();
+    let bob = m.shake_raw(at("bob", "s3", 0.0)).await.unwrap();
     assert_eq!(matched(&bob).partner.as_str(), "alice");
     assert_eq!(
         matched(&second.await.unwrap()).match_id,
@@ -169,24 +183,24 @@ async fn retries_return_the_same_outcome_and_join_a_wait() {
     let a1 = spawn_waiting(&m, at("alice", "s1", 0.0), 1).await;
     // A retry while waiting joins the same wait rather than queueing a second shake.
     let m2 = m.clone();
-    let a2 = tokio::spawn(async move { m2.shake(at("alice", "s1", 0.0)).await.unwrap() });
+    let a2 = tokio::spawn(async move { m2.shake_raw(at("alice", "s1", 0.0)).await.unwrap() });
     tokio::task::yield_now().await;
     assert_eq!(m.waiting(), 1);
-    let b = m.shake(at("bob", "s2", 0.0)).await.unwrap();
+    let b = m.shake_raw(at("bob", "s2", 0.0)).await.unwrap();
     let (a1, a2) = (a1.await.unwrap(), a2.await.unwrap());
     assert_eq!(a1, a2);
     assert_eq!(matched(&a1).match_id, matched(&b).match_id);
     // After it ended, retries (from either side) get the same answer for the retry window.
     tokio::time::advance(Duration::from_secs(59)).await;
     m.sweep(Instant::now());
-    assert_eq!(m.shake(at("alice", "s1", 0.0)).await.unwrap(), a1);
-    assert_eq!(m.shake(at("bob", "s2", 0.0)).await.unwrap(), b);
+    assert_eq!(m.shake_raw(at("alice", "s1", 0.0)).await.unwrap(), a1);
+    assert_eq!(m.shake_raw(at("bob", "s2", 0.0)).await.unwrap(), b);
     // NO_MATCH is remembered too.
-    let lone = m.shake(at("carol", "s3", 50_000.0)).await.unwrap();
+    let lone = m.shake_raw(at("carol", "s3", 50_000.0)).await.unwrap();
     assert_eq!(lone, Outcome::NoMatch);
     let before = Instant::now();
     assert_eq!(
-        m.shake(at("carol", "s3", 50_000.0)).await.unwrap(),
+        m.shake_raw(at("carol", "s3", 50_000.0)).await.unwrap(),
         Outcome::NoMatch
     );
     assert_eq!(
@@ -208,12 +222,12 @@ async fn a_cancelled_shake_is_withdrawn_at_once_and_never_paired() {
     assert!(ghost.await.unwrap_err().is_cancelled());
     assert_eq!(m.waiting(), 0, "withdrawn as soon as the call was dropped");
     assert_eq!(
-        m.shake(at("bob", "s2", 0.0)).await.unwrap(),
+        m.shake_raw(at("bob", "s2", 0.0)).await.unwrap(),
         Outcome::NoMatch
     );
     // The cancelled shake left no outcome behind: a retry starts afresh.
     let retry = spawn_waiting(&m, at("ghost", "s1", 0.0), 1).await;
-    let carol = m.shake(at("carol", "s3", 0.0)).await.unwrap();
+    let carol = m.shake_raw(at("carol", "s3", 0.0)).await.unwrap();
     assert_eq!(matched(&carol).partner.as_str(), "ghost");
     assert_eq!(matched(&retry.await.unwrap()).partner.as_str(), "carol");
 }
@@ -224,7 +238,7 @@ async fn bad_distances_and_excludes_are_rejected() {
     for d in [-1.0, f64::NAN, f64::INFINITY, 50_000.1] {
         let mut r = at("alice", "s1", 0.0);
         r.max_distance_m = d;
-        match m.shake(r).await {
+        match m.shake_raw(r).await {
             Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "max_distance_m"),
             other => panic!("{d}: {other:?}"),
         }
@@ -234,7 +248,7 @@ async fn bad_distances_and_excludes_are_rejected() {
         .map(|i| UserId::new("x", &format!("u{i}")).unwrap())
         .collect();
     assert!(matches!(
-        m.shake(r).await,
+        m.shake_raw(r).await,
         Err(Error::InvalidArgument {
             field: "exclude_user_ids",
             ..
@@ -295,7 +309,7 @@ async fn run_all_raw(m: &Arc<Matcher>, reqs: &[ShakeRequest]) -> Vec<Result<Outc
             let (m, barrier) = (m.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                m.shake(r).await
+                m.shake_raw(r).await
             })
         })
         .collect();
@@ -382,7 +396,7 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
         for w in &waiters {
             let m2 = m.clone();
             let w = w.clone();
-            handles.push(tokio::spawn(async move { m2.shake(w).await.unwrap() }));
+            handles.push(tokio::spawn(async move { m2.shake_raw(w).await.unwrap() }));
         }
         m.until_waiting(20).await;
         // Cancel every waiter while 10 newcomers claim concurrently.
@@ -395,7 +409,7 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
                     barrier.wait().await;
                     let mut r2 = r.clone();
                     r2.deadline = Some(Instant::now() + Duration::from_millis(200));
-                    (r, m.shake(r2).await.unwrap_or(Outcome::NoMatch))
+                    (r, m.shake_raw(r2).await.unwrap_or(Outcome::NoMatch))
                 })
             })
             .collect();
@@ -411,7 +425,7 @@ async fn cancelling_waiters_racing_claims_never_yield_a_ghost() {
                 let partner = waiters.iter().find(|w| w.user == mm.partner);
                 let partner =
                     partner.map_or_else(|| at(mm.partner.as_str(), "s", 0.0), Clone::clone);
-                let retry = m.shake(partner).await.unwrap();
+                let retry = m.shake_raw(partner).await.unwrap();
                 assert_eq!(
                     matched(&retry).match_id,
                     mm.match_id,
@@ -525,7 +539,7 @@ async fn fallback_shakes_far_apart_pair_anywhere_at_half_the_window() {
 async fn a_nearby_partner_comes_first_and_is_reported_as_nearby() {
     let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
     let a = spawn_waiting(&m, far("a", 0.0), 1).await;
-    let b = m.shake(at("b", "s", 100.0)).await.unwrap();
+    let b = m.shake_raw(at("b", "s", 100.0)).await.unwrap();
     assert_eq!(matched(&b).tier, Tier::Nearby);
     assert_eq!(matched(&a.await.unwrap()).tier, Tier::Nearby);
 }
@@ -535,13 +549,13 @@ async fn fallback_needs_both_sides_and_honours_exclusions() {
     let m = Arc::new(Matcher::new(cfg(Duration::from_secs(2))));
     // One side did not ask for ANYWHERE.
     let a = spawn_waiting(&m, far("a", 0.0), 1).await;
-    let b = m.shake(at("b", "s", 900_000.0)).await.unwrap();
+    let b = m.shake_raw(at("b", "s", 900_000.0)).await.unwrap();
     assert_eq!((a.await.unwrap(), b), (Outcome::NoMatch, Outcome::NoMatch));
     // Both asked, but one excludes the other.
     let c = spawn_waiting(&m, far("c", 0.0), 1).await;
     let mut d = far("d", 900.0);
     d.exclude = vec![UserId::new("x", "c").unwrap()];
-    let d = m.shake(d).await.unwrap();
+    let d = m.shake_raw(d).await.unwrap();
     assert_eq!((c.await.unwrap(), d), (Outcome::NoMatch, Outcome::NoMatch));
     assert!(m.anywhere.lock().unwrap().is_empty());
 }
@@ -554,7 +568,7 @@ async fn the_nearest_fallback_shake_wins() {
     r.exclude = vec![UserId::new("x", "near").unwrap()];
     let far_one = spawn_waiting(&m, r, 2).await;
     tokio::time::advance(Duration::from_millis(100)).await;
-    let me = m.shake(far("me", 0.0)).await.unwrap();
+    let me = m.shake_raw(far("me", 0.0)).await.unwrap();
     assert_eq!(matched(&me).partner.as_str(), "near");
     assert_eq!(matched(&near.await.unwrap()).partner.as_str(), "me");
     assert_eq!(far_one.await.unwrap(), Outcome::NoMatch);

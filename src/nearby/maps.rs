@@ -1,0 +1,420 @@
+//! The index's three sharded maps and the one place that keeps them consistent: every
+//! write (a ping, a restore, a clear, an expiry) goes through [`Maps::upsert`] or
+//! [`Maps::remove`], which update all three under one lock order.
+//!
+//! * `users` ([`Users`]): user id -> privacy cell, **without storing the id**. Each entry is one
+//!   `u64`: 26 bits of the id's hash and the privacy cell packed into 38 bits. A lookup
+//!   probes entries with the id's hash and confirms a candidate by finding the id in that
+//!   cell's bucket, where it is stored (once). Two users whose 26-bit hashes are equal and
+//!   who share a cell have bit-identical entries at identical probe positions, so either
+//!   entry serves either user: lookups stay exact.
+//! * `cells`: privacy cell -> its packed, id-sorted member list ([`super::bucket`]).
+//! * `coarse`: coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy
+//!   cells whose centres lie in it, so wide searches skip empty country.
+//!
+//! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
+//! time), then `coarse`. Searches only read `cells` and `coarse`, one shard at a time, and
+//! never hold a guard while taking another. A writer's `changed` callback runs while the
+//! user's `users` shard is held, so observers (watches) see one user's changes in order.
+
+use std::{
+    hash::BuildHasher,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use h3o::{CellIndex, LatLng, Resolution};
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
+
+use super::{
+    LocationStatus, Record,
+    bucket::{self, Member},
+};
+pub(super) use crate::base::shard::{SHARDS, Shards};
+use crate::{base::shard::shard_of, id::UserId};
+
+/// The shard of a map keyed by cell.
+pub(super) fn cell_shard(cell: CellIndex) -> usize {
+    shard_of(u64::from(cell), SHARDS)
+}
+
+/// Resolution of the coarse occupancy map (average edge 1.4 km, 49 privacy cells each): a
+/// 10 km search visits about 560 coarse cells instead of 5 400 privacy cells.
+pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
+
+/// The coarse cell holding the privacy cell's centre (geometric containment, which the
+/// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
+pub(super) fn coarse_of(cell: CellIndex) -> CellIndex {
+    LatLng::from(cell).to_cell(COARSE_RESOLUTION)
+}
+
+/// Occupied privacy cells, each with its packed, id-sorted member list.
+pub(super) type Cells = HashMap<CellIndex, Box<[u8]>>;
+
+/// Bits of an id's hash kept in its entry.
+const HASH_BITS: u32 = 26;
+const CELL_BITS: u32 = 64 - HASH_BITS;
+
+/// Where a user's entry lives: its shard and the part of its hash the entry keeps.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Slot {
+    /// Shard of [`Users::tables`].
+    pub(super) shard: usize,
+    tag: u64,
+}
+
+impl Slot {
+    /// The hash the shard's table files the entry under: a function of the kept bits only,
+    /// so equal entries always sit on equal probe sequences.
+    pub(super) fn hash(&self) -> u64 {
+        table_hash(self.tag)
+    }
+
+    /// The entry recording this user in `cell`.
+    pub(super) fn entry(&self, codec: CellCodec, cell: CellIndex) -> u64 {
+        (self.tag << CELL_BITS) | codec.pack(cell)
+    }
+
+    /// Whether `entry` carries this user's hash bits.
+    pub(super) fn tagged(&self, entry: u64) -> bool {
+        entry >> CELL_BITS == self.tag
+    }
+}
+
+fn table_hash(tag: u64) -> u64 {
+    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Rehashes an entry when its table grows.
+pub(super) fn rehash(entry: &u64) -> u64 {
+    table_hash(entry >> CELL_BITS)
+}
+
+/// User id -> privacy cell, in one `u64` per user (see the module docs).
+#[derive(Debug, Default)]
+pub(super) struct Users {
+    /// The entries, sharded by id hash.
+    pub(super) tables: Shards<HashTable<u64>>,
+    hasher: DefaultHashBuilder,
+}
+
+impl Users {
+    /// Where `user`'s entry lives.
+    pub(super) fn slot(&self, user: &[u8]) -> Slot {
+        let h = self.hasher.hash_one(user);
+        Slot {
+            shard: shard_of(h, SHARDS),
+            tag: h & ((1 << HASH_BITS) - 1),
+        }
+    }
+
+    /// Entries held.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.tables.sum(HashTable::len)
+    }
+}
+
+/// Packs privacy cells of one resolution into [`CELL_BITS`] bits: the base cell and the
+/// resolution's digits, without the header and the unused digits, which are implied.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CellCodec {
+    unused_digit_bits: u32,
+    header: u64,
+}
+
+impl CellCodec {
+    /// Packs cells at `res` (at most resolution 10: 7 + 3 x 10 = 37 bits).
+    pub(super) fn new(res: Resolution) -> Self {
+        let r = u64::from(u8::from(res));
+        Self {
+            unused_digit_bits: 3 * (15 - r as u32),
+            // Mode 1 (cell) and the resolution.
+            header: (1 << 59) | (r << 52),
+        }
+    }
+
+    fn pack(&self, cell: CellIndex) -> u64 {
+        let digits = u64::from(cell) & ((1 << 52) - 1);
+        digits >> self.unused_digit_bits
+    }
+
+    /// The cell packed in `entry`. `None` only for entries not made by [`Slot::entry`].
+    pub(super) fn unpack(&self, entry: u64) -> Option<CellIndex> {
+        let packed = entry & ((1 << CELL_BITS) - 1);
+        let unused = (1u64 << self.unused_digit_bits) - 1;
+        CellIndex::try_from(self.header | (packed << self.unused_digit_bits) | unused).ok()
+    }
+}
+
+/// The three maps (see the module docs).
+#[derive(Debug)]
+pub(super) struct Maps {
+    /// Resolution of the privacy cells.
+    pub(super) res: Resolution,
+    pub(super) codec: CellCodec,
+    pub(super) users: Users,
+    pub(super) cells: Shards<Cells>,
+    pub(super) coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
+    /// Users held (kept with every insert and removal, under the user's `users` shard).
+    held: AtomicUsize,
+}
+
+impl Maps {
+    /// Empty maps for privacy cells at `res`.
+    pub(super) fn new(res: Resolution) -> Self {
+        Self {
+            res,
+            codec: CellCodec::new(res),
+            users: Users::default(),
+            cells: Shards::default(),
+            coarse: Shards::default(),
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Users held, including expired ones not yet removed.
+    pub(super) fn len(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Occupied privacy cells.
+    pub(super) fn cell_count(&self) -> usize {
+        self.cells.sum(HashMap::len)
+    }
+
+    /// Whether privacy cell `cell` holds `user`.
+    fn bucket_contains(&self, cell: CellIndex, user: &[u8]) -> bool {
+        self.cells
+            .read(cell_shard(cell))
+            .get(&cell)
+            .is_some_and(|b| bucket::contains(b, user))
+    }
+
+    /// Whether a `Users` entry stands for `user` (see the module docs).
+    pub(super) fn is_entry_of(&self, slot: &Slot, entry: u64, user: &[u8]) -> bool {
+        slot.tagged(entry)
+            && self
+                .codec
+                .unpack(entry)
+                .is_some_and(|cell| self.bucket_contains(cell, user))
+    }
+
+    /// Puts `member` in privacy cell `cell` (last write wins), then calls `changed` with
+    /// the cell the user was in before (if any) while the user's `users` shard is still
+    /// held.
+    ///
+    /// A user not held yet is refused (returns `false`, nothing changes, `changed` is not
+    /// called) when `max_users` are held already.
+    pub(super) fn upsert(
+        &self,
+        cell: CellIndex,
+        member: &Member<'_>,
+        max_users: usize,
+        changed: impl FnOnce(Option<CellIndex>),
+    ) -> bool {
+        let slot = self.users.slot(member.user);
+        let mut table = self.users.tables.write(slot.shard);
+        let entry = slot.entry(self.codec, cell);
+        let old = match table.find_mut(slot.hash(), |&e| self.is_entry_of(&slot, e, member.user)) {
+            Some(e) => {
+                let old = self.codec.unpack(*e);
+                if let Some(old) = old.filter(|&old| old != cell) {
+                    self.bucket_remove(old, member.user, |_| true);
+                }
+                self.bucket_upsert(cell, member);
+                *e = entry;
+                old
+            }
+            None => {
+                // Reserve first, so concurrent newcomers can never overshoot the cap.
+                if self.held.fetch_add(1, Ordering::Relaxed) >= max_users {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    return false;
+                }
+                self.bucket_upsert(cell, member);
+                table.insert_unique(slot.hash(), entry, rehash);
+                None
+            }
+        };
+        changed(old);
+        true
+    }
+
+    /// Takes `user` out of every map if `remove_if` agrees, given the cell it is in and its
+    /// member there; then calls `changed` with that cell, the user's `users` shard still
+    /// held. Returns the removed member, or `None` when the user was not held or
+    /// `remove_if` refused.
+    pub(super) fn remove(
+        &self,
+        user: &[u8],
+        remove_if: impl FnOnce(CellIndex, &Member<'_>) -> bool,
+        changed: impl FnOnce(Option<CellIndex>),
+    ) -> Option<Option<Member<'static>>> {
+        let slot = self.users.slot(user);
+        let mut table = self.users.tables.write(slot.shard);
+        let entry = table
+            .find_entry(slot.hash(), |&e| self.is_entry_of(&slot, e, user))
+            .ok()?;
+        let cell = self.codec.unpack(*entry.get());
+        let removed = match cell {
+            Some(cell) => {
+                let mut refused = false;
+                let removed = self.bucket_remove(cell, user, |m| {
+                    refused = !remove_if(cell, m);
+                    !refused
+                });
+                if refused {
+                    return None;
+                }
+                removed
+            }
+            None => None,
+        };
+        entry.remove();
+        self.held.fetch_sub(1, Ordering::Relaxed);
+        changed(cell);
+        Some(removed)
+    }
+
+    /// What the maps hold about `user`, unless nothing or only an expired ping.
+    pub(super) fn status(&self, user: &[u8], now_ms: i64) -> Option<LocationStatus> {
+        let slot = self.users.slot(user);
+        let table = self.users.tables.read(slot.shard);
+        let &entry = table.find(slot.hash(), |&e| self.is_entry_of(&slot, e, user))?;
+        let cell = self.codec.unpack(entry)?;
+        let cells = self.cells.read(cell_shard(cell));
+        let m = bucket::get(cells.get(&cell)?, user)?;
+        (!m.expired(now_ms)).then(|| LocationStatus {
+            cell,
+            visible: m.visible,
+            gender: m.gender,
+            last_seen_ms: m.last_seen_ms,
+            expires_at_ms: m.expires_at_ms(),
+        })
+    }
+
+    /// Calls `f` with every user held, one shard of cells at a time, under that shard's
+    /// read lock. `f` must not call back into the maps.
+    pub(super) fn for_each_record(&self, mut f: impl FnMut(&Record)) {
+        for shard in 0..SHARDS {
+            let cells = self.cells.read(shard);
+            for (&cell, b) in cells.iter() {
+                for m in bucket::iter(b) {
+                    f(&Record {
+                        user: UserId::trusted(&m.user_str()),
+                        cell,
+                        gender: m.gender,
+                        last_seen_ms: m.last_seen_ms,
+                        ttl_ms: m.ttl_ms,
+                        visible: m.visible,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Removes every user expired at `now_ms`, calling `changed` for each (with its
+    /// `users` shard held); returns how many.
+    ///
+    /// One shard of cells at a time, it lists the expired members under a read lock, then
+    /// removes them one by one through [`Self::remove`]: no lock is held for longer than
+    /// a scan of one shard or one removal, so searches and updates go on throughout.
+    pub(super) fn sweep(&self, now_ms: i64, mut changed: impl FnMut(&[u8], CellIndex)) -> usize {
+        let mut removed = 0;
+        let mut ids: Vec<u8> = Vec::new();
+        let mut doomed: Vec<(CellIndex, usize, usize)> = Vec::new();
+        for shard in 0..SHARDS {
+            ids.clear();
+            doomed.clear();
+            {
+                let cells = self.cells.read(shard);
+                for (&cell, b) in cells.iter() {
+                    for m in bucket::iter(b).filter(|m| m.expired(now_ms)) {
+                        doomed.push((cell, ids.len(), m.user.len()));
+                        ids.extend_from_slice(m.user);
+                    }
+                }
+            }
+            for &(cell, at, len) in &doomed {
+                let user = &ids[at..at + len];
+                // Still in that cell and still expired (it may have pinged meanwhile).
+                let gone = self.remove(
+                    user,
+                    |now_in, m| now_in == cell && m.expired(now_ms),
+                    |_| changed(user, cell),
+                );
+                if gone.is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    fn bucket_upsert(&self, cell: CellIndex, member: &Member<'_>) {
+        let mut cells = self.cells.write(cell_shard(cell));
+        match cells.entry(cell) {
+            hash_map::Entry::Occupied(mut e) => bucket::upsert(e.get_mut(), member),
+            hash_map::Entry::Vacant(e) => {
+                // Registered while this shard of `cells` is locked, so a concurrent removal
+                // of the same bucket cannot interleave (lock order: cells, then coarse).
+                let key = coarse_of(cell);
+                let mut coarse = self.coarse.write(cell_shard(key));
+                let list = coarse.entry(key).or_default();
+                let mut grown = std::mem::take(list).into_vec();
+                grown.push(cell);
+                *list = grown.into_boxed_slice();
+                e.insert(bucket::single(member));
+            }
+        }
+    }
+
+    /// Takes `user` out of `cell` if `pred` holds for it; drops the bucket once empty.
+    fn bucket_remove(
+        &self,
+        cell: CellIndex,
+        user: &[u8],
+        pred: impl FnOnce(&Member<'_>) -> bool,
+    ) -> Option<Member<'static>> {
+        let mut cells = self.cells.write(cell_shard(cell));
+        let b = cells.get_mut(&cell)?;
+        let removed = bucket::remove_if(b, user, pred)?;
+        if b.is_empty() {
+            cells.remove(&cell);
+            let key = coarse_of(cell);
+            let mut coarse = self.coarse.write(cell_shard(key));
+            if let Some(list) = coarse.get_mut(&key) {
+                let kept: Box<[CellIndex]> = list.iter().copied().filter(|&c| c != cell).collect();
+                if kept.is_empty() {
+                    coarse.remove(&key);
+                } else {
+                    *list = kept;
+                }
+            }
+        }
+        Some(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use h3o::LatLng;
+
+    use super::*;
+
+    #[test]
+    fn cells_of_every_supported_resolution_pack_losslessly() {
+        for r in 5..=10u8 {
+            let res = Resolution::try_from(r).unwrap();
+            let codec = CellCodec::new(res);
+            let users = Users::default();
+            for (lat, lng) in [(31.23, 121.47), (-89.9, 179.9), (0.0, 0.0), (64.1, -21.9)] {
+                let cell = LatLng::new(lat, lng).unwrap().to_cell(res);
+                let slot = users.slot(b"someone");
+                let entry = slot.entry(codec, cell);
+                assert!(slot.tagged(entry));
+                assert_eq!(codec.unpack(entry), Some(cell), "res {r} at {lat},{lng}");
+            }
+        }
+    }
+}
