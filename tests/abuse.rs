@@ -3,38 +3,14 @@
 
 mod common;
 
-use common::{latlng, start};
+use common::{
+    build::{clear, ping, search, shake, status},
+    fixtures::{BEIJING, SHANGHAI, north_of},
+    start,
+};
 use geomatch::grpc::pb;
 use tonic::Code;
 use tonic_types::StatusExt as _;
-
-const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
-const BEIJING: (f64, f64) = (39.9042, 116.4074);
-
-fn ping(user: &str, (lat, lng): (f64, f64)) -> pb::UpdateLocationRequest {
-    pb::UpdateLocationRequest {
-        user_id: user.into(),
-        position: latlng(lat, lng),
-        ..Default::default()
-    }
-}
-
-fn search(user: &str, (lat, lng): (f64, f64)) -> pb::SearchNearbyRequest {
-    pb::SearchNearbyRequest {
-        user_id: user.into(),
-        position: latlng(lat, lng),
-        ..Default::default()
-    }
-}
-
-fn shake(user: &str, id: &str, (lat, lng): (f64, f64)) -> pb::ShakeRequest {
-    pb::ShakeRequest {
-        user_id: user.into(),
-        shake_id: id.into(),
-        position: latlng(lat, lng),
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn searches_over_the_rate_get_resource_exhausted_with_a_retry_delay() {
@@ -100,9 +76,7 @@ async fn impossible_travel_is_refused_everywhere_and_leaves_the_location_alone()
         "{err:?}"
     );
     let status = c
-        .get_location_status(pb::GetLocationStatusRequest {
-            user_id: "u".into(),
-        })
+        .get_location_status(status("u"))
         .await
         .unwrap()
         .into_inner();
@@ -120,7 +94,7 @@ async fn impossible_travel_is_refused_everywhere_and_leaves_the_location_alone()
     assert_eq!((summary.accepted, summary.rejected), (0, 1));
     assert_eq!(summary.rejections[0].field, "position");
     // Short hops are ordinary GPS noise, however fast.
-    c.update_location(ping("u", (SHANGHAI.0 + 0.03, SHANGHAI.1)))
+    c.update_location(ping("u", north_of(SHANGHAI, 3_000.0)))
         .await
         .unwrap();
     // A phone off for hours may reappear in another city.
@@ -147,14 +121,10 @@ async fn at_the_user_cap_new_users_are_refused_and_existing_ones_keep_updating()
     let err = c.update_location(ping("c", SHANGHAI)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(server.app.nearby.len(), 2, "nothing stored");
-    c.update_location(ping("a", (SHANGHAI.0 + 0.001, SHANGHAI.1)))
+    c.update_location(ping("a", north_of(SHANGHAI, 100.0)))
         .await
         .unwrap();
-    c.clear_location(pb::ClearLocationRequest {
-        user_id: "b".into(),
-    })
-    .await
-    .unwrap();
+    c.clear_location(clear("b")).await.unwrap();
     c.update_location(ping("c", SHANGHAI)).await.unwrap();
     assert_eq!(server.app.nearby.len(), 2);
     server.stop().await;

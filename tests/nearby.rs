@@ -5,48 +5,28 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{T0, bad_field, latlng, start};
+use common::{
+    T0, bad_field,
+    build::{PingExt as _, SearchExt as _, clear, latlng, ping, search},
+    fixtures::{SHANGHAI, point, privacy_cell, scattered},
+    found, start,
+};
 use geomatch::{
     geo::{band_m, distance_key, distance_m, snapped},
     grpc::pb::{self, Gender},
 };
-use h3o::{LatLng, Resolution};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-
-const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
-
-fn update(user: &str, lat: f64, lng: f64, gender: Gender) -> pb::UpdateLocationRequest {
-    pb::UpdateLocationRequest {
-        user_id: user.into(),
-        position: latlng(lat, lng),
-        gender: gender.into(),
-        ..Default::default()
-    }
-}
-
-fn search(user: &str, lat: f64, lng: f64, radius_m: f64, limit: u32) -> pb::SearchNearbyRequest {
-    pb::SearchNearbyRequest {
-        user_id: user.into(),
-        position: latlng(lat, lng),
-        radius_m,
-        limit,
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn update_reports_the_privacy_cell_and_expiry() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
     let r = c
-        .update_location(update("alice", SHANGHAI.0, SHANGHAI.1, Gender::Female))
+        .update_location(ping("alice", SHANGHAI))
         .await
         .unwrap()
         .into_inner();
-    let cell = LatLng::new(SHANGHAI.0, SHANGHAI.1)
-        .unwrap()
-        .to_cell(Resolution::Nine);
-    assert_eq!(r.cell, cell.to_string());
+    assert_eq!(r.cell, privacy_cell(SHANGHAI).to_string());
     assert_eq!(r.expires_at_ms, T0 + 15 * 60 * 1_000);
     server.stop().await;
 }
@@ -59,27 +39,23 @@ async fn walking_all_pages_matches_brute_force() {
     let mut model: HashMap<String, (f64, f64, i32)> = HashMap::new();
     for i in 0..1_500 {
         let id = format!("user:{i:012}");
-        let (lat, lng) = (
-            SHANGHAI.0 + rng.random_range(-0.04..0.04),
-            SHANGHAI.1 + rng.random_range(-0.04..0.04),
-        );
+        let (lat, lng) = scattered(&mut rng, SHANGHAI, 0.04);
         let gender = [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)];
-        c.update_location(update(&id, lat, lng, gender))
+        c.update_location(ping(&id, (lat, lng)).with_gender(gender))
             .await
             .unwrap();
         model.insert(id, (lat, lng, gender.into()));
     }
     for _ in 0..25 {
-        let (lat, lng) = (
-            SHANGHAI.0 + rng.random_range(-0.03..0.03),
-            SHANGHAI.1 + rng.random_range(-0.03..0.03),
-        );
+        let (lat, lng) = scattered(&mut rng, SHANGHAI, 0.03);
         let radius = [0.0, 300.0, 1_000.0, 3_000.0][rng.random_range(0..4)];
         let limit = [0, 3, 50, 100][rng.random_range(0..4)];
         let gender = rng.random_range(0..3);
         let searcher = format!("user:{:012}", rng.random_range(0..1_500));
-        let mut req = search(&searcher, lat, lng, radius, limit);
-        req.gender = gender;
+        let mut req = search(&searcher, (lat, lng))
+            .radius(radius)
+            .limit(limit)
+            .with_gender(gender);
 
         let mut got = Vec::new();
         loop {
@@ -91,13 +67,13 @@ async fn walking_all_pages_matches_brute_force() {
             req.page_token = page.next_page_token;
         }
 
-        let q = LatLng::new(lat, lng).unwrap();
+        let q = point((lat, lng));
         let r = if radius == 0.0 { 1_000.0 } else { radius };
         let mut want: Vec<_> = model
             .iter()
             .filter(|(id, (_, _, g))| **id != searcher && (gender == 0 || *g == gender))
             .filter_map(|(id, (ulat, ulng, _))| {
-                let p = snapped(LatLng::new(*ulat, *ulng).unwrap().to_cell(Resolution::Nine));
+                let p = snapped(privacy_cell((*ulat, *ulng)));
                 let d = distance_m(q, p);
                 (d <= r).then(|| (distance_key(d), id.clone(), band_m(d)))
             })
@@ -119,27 +95,19 @@ async fn gender_filter_and_searcher_exclusion() {
         ("m1", Gender::Male),
         ("f2", Gender::Female),
     ] {
-        c.update_location(update(id, SHANGHAI.0, SHANGHAI.1, g))
+        c.update_location(ping(id, SHANGHAI).with_gender(g))
             .await
             .unwrap();
     }
-    let mut req = search("me", SHANGHAI.0, SHANGHAI.1, 0.0, 0);
-    req.gender = Gender::Female.into();
-    let users = c.search_nearby(req).await.unwrap().into_inner().users;
+    let females = search("me", SHANGHAI).with_gender(Gender::Female);
+    let users = c.search_nearby(females).await.unwrap().into_inner().users;
     let ids: Vec<_> = users.iter().map(|u| u.user_id.as_str()).collect();
     assert_eq!(ids, ["f1", "f2"]);
     assert!(users.iter().all(|u| u.gender == i32::from(Gender::Female)));
-    let all = c
-        .search_nearby(search("me", SHANGHAI.0, SHANGHAI.1, 0.0, 0))
-        .await
-        .unwrap();
-    let ids: Vec<_> = all
-        .into_inner()
-        .users
-        .into_iter()
-        .map(|u| u.user_id)
-        .collect();
-    assert_eq!(ids, ["f1", "f2", "m1"]);
+    assert_eq!(
+        found(&mut c, search("me", SHANGHAI)).await,
+        ["f1", "f2", "m1"]
+    );
     server.stop().await;
 }
 
@@ -147,45 +115,23 @@ async fn gender_filter_and_searcher_exclusion() {
 async fn pings_expire_with_the_clock_and_clear_forgets() {
     let server = start(&["--location-ttl", "10m"]).await;
     let mut c = server.nearby().await;
-    c.update_location(update("alice", SHANGHAI.0, SHANGHAI.1, Gender::Female))
-        .await
-        .unwrap();
+    c.update_location(ping("alice", SHANGHAI)).await.unwrap();
     server.clock.advance_ms(5 * 60 * 1_000);
-    c.update_location(update("bob", SHANGHAI.0, SHANGHAI.1, Gender::Male))
-        .await
-        .unwrap();
-    let ids =
-        |r: pb::SearchNearbyResponse| r.users.into_iter().map(|u| u.user_id).collect::<Vec<_>>();
-    let q = search("me", SHANGHAI.0, SHANGHAI.1, 0.0, 0);
-    assert_eq!(
-        ids(c.search_nearby(q.clone()).await.unwrap().into_inner()),
-        ["alice", "bob"]
-    );
+    c.update_location(ping("bob", SHANGHAI)).await.unwrap();
+    let q = search("me", SHANGHAI);
+    assert_eq!(found(&mut c, q.clone()).await, ["alice", "bob"]);
     let bob_seen = c.search_nearby(q.clone()).await.unwrap().into_inner().users[1].last_seen_ms;
     assert_eq!(bob_seen, T0 + 5 * 60 * 1_000);
     server.clock.advance_ms(5 * 60 * 1_000);
-    assert_eq!(
-        ids(c.search_nearby(q.clone()).await.unwrap().into_inner()),
-        ["bob"]
-    );
+    assert_eq!(found(&mut c, q.clone()).await, ["bob"]);
     // The sweep reclaims alice's memory.
     server.app.sweep();
     assert_eq!(server.app.nearby.len(), 1);
-    let cleared = c
-        .clear_location(pb::ClearLocationRequest {
-            user_id: "bob".into(),
-        })
-        .await
-        .unwrap();
+    let cleared = c.clear_location(clear("bob")).await.unwrap();
     assert!(cleared.into_inner().existed);
-    let again = c
-        .clear_location(pb::ClearLocationRequest {
-            user_id: "bob".into(),
-        })
-        .await
-        .unwrap();
+    let again = c.clear_location(clear("bob")).await.unwrap();
     assert!(!again.into_inner().existed);
-    assert!(ids(c.search_nearby(q).await.unwrap().into_inner()).is_empty());
+    assert!(found(&mut c, q).await.is_empty());
     assert_eq!(server.app.nearby.len(), 0);
     server.stop().await;
 }
@@ -196,16 +142,11 @@ async fn distances_are_banded_and_measured_to_snapped_positions() {
     let mut c = server.nearby().await;
     let mut rng = StdRng::seed_from_u64(5);
     for i in 0..200 {
-        let (lat, lng) = (
-            SHANGHAI.0 + rng.random_range(-0.05..0.05),
-            SHANGHAI.1 + rng.random_range(-0.05..0.05),
-        );
-        c.update_location(update(&format!("u{i}"), lat, lng, Gender::Female))
-            .await
-            .unwrap();
+        let at = scattered(&mut rng, SHANGHAI, 0.05);
+        c.update_location(ping(&format!("u{i}"), at)).await.unwrap();
     }
     let users = c
-        .search_nearby(search("me", SHANGHAI.0, SHANGHAI.1, 5_000.0, 100))
+        .search_nearby(search("me", SHANGHAI).radius(5_000.0).limit(100))
         .await
         .unwrap()
         .into_inner()
@@ -229,49 +170,34 @@ async fn every_bad_input_names_its_field_and_stores_nothing() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
     let long = "x".repeat(129);
+    let origin = (0.0, 0.0);
     let bad_updates = [
-        (update("", 0.0, 0.0, Gender::Female), "user_id"),
-        (update(&long, 0.0, 0.0, Gender::Female), "user_id"),
+        (ping("", origin), "user_id"),
+        (ping(&long, origin), "user_id"),
         (
             pb::UpdateLocationRequest {
-                user_id: "a".into(),
                 position: None,
-                gender: 0,
-                ..Default::default()
+                ..ping("a", origin)
             },
             "position",
         ),
-        (update("a", f64::NAN, 0.0, Gender::Female), "position.lat"),
-        (update("a", 90.5, 0.0, Gender::Female), "position.lat"),
-        (
-            update("a", f64::NEG_INFINITY, 0.0, Gender::Female),
-            "position.lat",
-        ),
-        (update("a", 0.0, 181.0, Gender::Female), "position.lng"),
-        (
-            update("a", 0.0, f64::INFINITY, Gender::Female),
-            "position.lng",
-        ),
-        (
-            pb::UpdateLocationRequest {
-                user_id: "a".into(),
-                position: latlng(0.0, 0.0),
-                gender: 7,
-                ..Default::default()
-            },
-            "gender",
-        ),
+        (ping("a", (f64::NAN, 0.0)), "position.lat"),
+        (ping("a", (90.5, 0.0)), "position.lat"),
+        (ping("a", (f64::NEG_INFINITY, 0.0)), "position.lat"),
+        (ping("a", (0.0, 181.0)), "position.lng"),
+        (ping("a", (0.0, f64::INFINITY)), "position.lng"),
+        (ping("a", origin).with_gender(7), "gender"),
         (
             pb::UpdateLocationRequest {
                 visibility: 9,
-                ..update("a", 0.0, 0.0, Gender::Female)
+                ..ping("a", origin)
             },
             "visibility",
         ),
         (
             pb::UpdateLocationRequest {
                 ttl_s: 72 * 3_600 + 1,
-                ..update("a", 0.0, 0.0, Gender::Female)
+                ..ping("a", origin)
             },
             "ttl_s",
         ),
@@ -282,7 +208,7 @@ async fn every_bad_input_names_its_field_and_stores_nothing() {
     }
     assert_eq!(server.app.nearby.len(), 0, "nothing stored");
 
-    let ok = search("me", 0.0, 0.0, 0.0, 0);
+    let ok = search("me", origin);
     let bad_searches = [
         (
             pb::SearchNearbyRequest {
@@ -359,10 +285,7 @@ async fn every_bad_input_names_its_field_and_stores_nothing() {
         let err = c.search_nearby(req.clone()).await.unwrap_err();
         assert_eq!(bad_field(&err), field, "{req:?}");
     }
-    let err = c
-        .clear_location(pb::ClearLocationRequest { user_id: long })
-        .await
-        .unwrap_err();
+    let err = c.clear_location(clear(&long)).await.unwrap_err();
     assert_eq!(bad_field(&err), "user_id");
     server.stop().await;
 }
@@ -372,23 +295,20 @@ async fn a_token_from_one_query_is_refused_for_another() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
     for i in 0..5 {
-        c.update_location(update(
-            &format!("u{i}"),
-            SHANGHAI.0,
-            SHANGHAI.1,
-            Gender::Female,
-        ))
-        .await
-        .unwrap();
+        c.update_location(ping(&format!("u{i}"), SHANGHAI))
+            .await
+            .unwrap();
     }
     let first = c
-        .search_nearby(search("me", SHANGHAI.0, SHANGHAI.1, 0.0, 2))
+        .search_nearby(search("me", SHANGHAI).limit(2))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(first.users.len(), 2);
-    let mut other = search("someone-else", SHANGHAI.0, SHANGHAI.1, 0.0, 2);
-    other.page_token = first.next_page_token.clone();
+    let other = pb::SearchNearbyRequest {
+        page_token: first.next_page_token.clone(),
+        ..search("someone-else", SHANGHAI).limit(2)
+    };
     assert_eq!(
         bad_field(&c.search_nearby(other).await.unwrap_err()),
         "page_token"
@@ -396,8 +316,10 @@ async fn a_token_from_one_query_is_refused_for_another() {
     // Flipping one character corrupts it.
     let mut token = first.next_page_token.into_bytes();
     token[3] = if token[3] == b'A' { b'B' } else { b'A' };
-    let mut corrupt = search("me", SHANGHAI.0, SHANGHAI.1, 0.0, 2);
-    corrupt.page_token = String::from_utf8(token).unwrap();
+    let corrupt = pb::SearchNearbyRequest {
+        page_token: String::from_utf8(token).unwrap(),
+        ..search("me", SHANGHAI).limit(2)
+    };
     assert_eq!(
         bad_field(&c.search_nearby(corrupt).await.unwrap_err()),
         "page_token"

@@ -4,17 +4,15 @@
 
 mod common;
 
-use common::{latlng, start};
-use geomatch::{
-    geo::distance_m,
-    grpc::pb::{self, nearby_client::NearbyClient},
-    population::offset,
+use common::{
+    build::{SearchExt as _, clear, ping, search},
+    fixtures::{SHANGHAI, cell_centre, moved, point, privacy_cell},
+    start,
 };
-use h3o::{LatLng, Resolution};
+use geomatch::{geo::distance_m, grpc::pb::nearby_client::NearbyClient};
+use h3o::LatLng;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::transport::Channel;
-
-const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
 
 /// The attacker: searches from any position it likes and reads the victim's banded
 /// distance (None when the victim is not within the radius).
@@ -28,21 +26,14 @@ struct Attacker {
 
 impl Attacker {
     fn at(&self, x: f64, y: f64) -> (f64, f64) {
-        offset(self.origin.0, self.origin.1, x, y)
+        moved(self.origin, x, y)
     }
 
     async fn band(&mut self, x: f64, y: f64) -> Option<u32> {
         self.queries += 1;
-        let (lat, lng) = self.at(x, y);
         let page = self
             .client
-            .search_nearby(pb::SearchNearbyRequest {
-                user_id: "attacker".into(),
-                position: latlng(lat, lng),
-                radius_m: 1_000.0,
-                limit: 100,
-                ..Default::default()
-            })
+            .search_nearby(search("attacker", self.at(x, y)).radius(1_000.0).limit(100))
             .await
             .unwrap()
             .into_inner();
@@ -116,23 +107,15 @@ async fn attack(client: NearbyClient<Channel>, v: u64) -> (usize, f64) {
     let mut feed = client.clone();
     let victim = format!("victim-{v}");
     // Victims far apart (one per 20 km square), so each attack sees only its own.
-    let truth = offset(
-        SHANGHAI.0,
-        SHANGHAI.1,
+    let truth = moved(
+        SHANGHAI,
         (v % 20) as f64 * 20_000.0 + rng.random_range(-3_000.0..3_000.0),
         (v / 20) as f64 * 20_000.0 + rng.random_range(-3_000.0..3_000.0),
     );
-    feed.update_location(pb::UpdateLocationRequest {
-        user_id: victim.clone(),
-        position: latlng(truth.0, truth.1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    feed.update_location(ping(&victim, truth)).await.unwrap();
     // The attacker starts from a rough fix within 100 m of the victim.
-    let origin = offset(
-        truth.0,
-        truth.1,
+    let origin = moved(
+        truth,
         rng.random_range(-70.0..70.0),
         rng.random_range(-70.0..70.0),
     );
@@ -144,10 +127,9 @@ async fn attack(client: NearbyClient<Channel>, v: u64) -> (usize, f64) {
     };
     let (x, y) = attacker.locate().await;
     let estimate = attacker.at(x, y);
-    let ll = |(lat, lng): (f64, f64)| LatLng::new(lat, lng).unwrap();
-    let centre = LatLng::from(ll(truth).to_cell(Resolution::Nine));
-    let error = distance_m(ll(estimate), ll(truth));
-    let offset_from_centre = distance_m(ll(truth), centre);
+    let centre = LatLng::from(privacy_cell(truth));
+    let error = distance_m(point(estimate), point(truth));
+    let offset_from_centre = distance_m(point(truth), centre);
     // The guarantee: no better than the privacy cell's centre tells.
     assert!(
         error >= offset_from_centre - 5.0,
@@ -155,12 +137,10 @@ async fn attack(client: NearbyClient<Channel>, v: u64) -> (usize, f64) {
     );
     // And the attack works as well as the service allows: it finds that centre.
     assert!(
-        distance_m(ll(estimate), centre) < 1.0,
+        distance_m(point(estimate), centre) < 1.0,
         "victim {v}: the attack should pin the cell centre"
     );
-    feed.clear_location(pb::ClearLocationRequest { user_id: victim })
-        .await
-        .unwrap();
+    feed.clear_location(clear(&victim)).await.unwrap();
     (attacker.queries, offset_from_centre - error)
 }
 
@@ -190,42 +170,29 @@ async fn trilateration_learns_the_privacy_cell_and_nothing_finer() {
 async fn users_in_one_privacy_cell_come_back_in_id_order_wherever_they_stand() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
-    let cell = LatLng::new(SHANGHAI.0, SHANGHAI.1)
-        .unwrap()
-        .to_cell(Resolution::Nine);
-    let centre = LatLng::from(cell);
+    let cell = privacy_cell(SHANGHAI);
+    let centre = cell_centre(SHANGHAI);
     // Ids in reverse order of their true distance from the searcher: only ids may order
     // users of one cell.
     let mut placed = 0;
     let mut rng = StdRng::seed_from_u64(5);
     while placed < 12 {
-        let (lat, lng) = offset(
-            centre.lat(),
-            centre.lng(),
+        let at = moved(
+            centre,
             rng.random_range(-150.0..150.0),
             rng.random_range(-150.0..150.0),
         );
-        if LatLng::new(lat, lng).unwrap().to_cell(Resolution::Nine) != cell {
+        if privacy_cell(at) != cell {
             continue;
         }
-        c.update_location(pb::UpdateLocationRequest {
-            user_id: format!("u{:02}", 99 - placed),
-            position: latlng(lat, lng),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.update_location(ping(&format!("u{:02}", 99 - placed), at))
+            .await
+            .unwrap();
         placed += 1;
     }
-    let (slat, slng) = offset(centre.lat(), centre.lng(), 700.0, 0.0);
+    let searcher = moved(centre, 700.0, 0.0);
     let page = c
-        .search_nearby(pb::SearchNearbyRequest {
-            user_id: "searcher".into(),
-            position: latlng(slat, slng),
-            radius_m: 2_000.0,
-            limit: 100,
-            ..Default::default()
-        })
+        .search_nearby(search("searcher", searcher).radius(2_000.0).limit(100))
         .await
         .unwrap()
         .into_inner();

@@ -4,45 +4,18 @@
 
 mod common;
 
-use common::{T0, latlng, start};
-use geomatch::grpc::pb::{self, Gender, Visibility};
-use h3o::{LatLng, Resolution};
+use common::{
+    T0, bad_field,
+    build::{PingExt as _, SearchExt as _, clear, latlng, ping, search, status},
+    fixtures::{SHANGHAI, privacy_cell},
+    found, start,
+};
+use geomatch::grpc::pb::{self, Gender, Visibility, nearby_client::NearbyClient};
+use tonic::transport::Channel;
 
-const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
-
-fn ping(user: &str, lat: f64, lng: f64) -> pb::UpdateLocationRequest {
-    pb::UpdateLocationRequest {
-        user_id: user.into(),
-        position: latlng(lat, lng),
-        gender: Gender::Female.into(),
-        ..Default::default()
-    }
-}
-
-fn search(user: &str) -> pb::SearchNearbyRequest {
-    pb::SearchNearbyRequest {
-        user_id: user.into(),
-        position: latlng(SHANGHAI.0, SHANGHAI.1),
-        radius_m: 2_000.0,
-        limit: 100,
-        ..Default::default()
-    }
-}
-
-/// Whom `searcher` finds, sorted.
-async fn found(
-    c: &mut pb::nearby_client::NearbyClient<tonic::transport::Channel>,
-    searcher: &str,
-) -> Vec<String> {
-    let mut ids: Vec<String> = c
-        .search_nearby(search(searcher))
-        .await
-        .unwrap()
-        .into_inner()
-        .users
-        .into_iter()
-        .map(|u| u.user_id)
-        .collect();
+/// Whom `searcher` finds within 2 km of Shanghai, sorted.
+async fn seen_by(c: &mut NearbyClient<Channel>, searcher: &str) -> Vec<String> {
+    let mut ids = found(c, search(searcher, SHANGHAI).radius(2_000.0).limit(100)).await;
     ids.sort();
     ids
 }
@@ -53,7 +26,7 @@ async fn a_bulk_stream_applies_good_items_and_reports_bad_ones_by_index() {
     let mut c = server.nearby().await;
     let mut items = Vec::new();
     for i in 0..1_000 {
-        let mut p = ping(&format!("u{i:04}"), SHANGHAI.0, SHANGHAI.1);
+        let mut p = ping(&format!("u{i:04}"), SHANGHAI);
         match i % 100 {
             // Every hundredth item is bad in a different way.
             7 => p.position = latlng(91.0, 0.0),
@@ -112,23 +85,19 @@ async fn an_empty_bulk_stream_is_an_empty_summary() {
 async fn invisible_users_search_but_are_never_found() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
-    c.update_location(ping("shown", SHANGHAI.0, SHANGHAI.1))
-        .await
-        .unwrap();
+    c.update_location(ping("shown", SHANGHAI)).await.unwrap();
     c.update_location(pb::UpdateLocationRequest {
         visibility: Visibility::Invisible.into(),
-        ..ping("hidden", SHANGHAI.0, SHANGHAI.1)
+        ..ping("hidden", SHANGHAI)
     })
     .await
     .unwrap();
-    assert_eq!(found(&mut c, "observer").await, ["shown"]);
+    assert_eq!(seen_by(&mut c, "observer").await, ["shown"]);
     // The invisible user still sees others.
-    assert_eq!(found(&mut c, "hidden").await, ["shown"]);
+    assert_eq!(seen_by(&mut c, "hidden").await, ["shown"]);
     // Turning visible again (the default) makes them findable.
-    c.update_location(ping("hidden", SHANGHAI.0, SHANGHAI.1))
-        .await
-        .unwrap();
-    assert_eq!(found(&mut c, "observer").await, ["hidden", "shown"]);
+    c.update_location(ping("hidden", SHANGHAI)).await.unwrap();
+    assert_eq!(seen_by(&mut c, "observer").await, ["hidden", "shown"]);
     server.stop().await;
 }
 
@@ -140,7 +109,7 @@ async fn a_per_ping_ttl_sets_expiry_and_status_tells_the_user_what_is_held() {
         .update_location(pb::UpdateLocationRequest {
             ttl_s: 3 * 24 * 3_600,
             visibility: Visibility::Invisible.into(),
-            ..ping("alice", SHANGHAI.0, SHANGHAI.1)
+            ..ping("alice", SHANGHAI).with_gender(Gender::Female)
         })
         .await
         .unwrap()
@@ -148,22 +117,16 @@ async fn a_per_ping_ttl_sets_expiry_and_status_tells_the_user_what_is_held() {
     let expires = T0 + 3 * 24 * 3_600 * 1_000;
     assert_eq!(placed.expires_at_ms, expires);
 
-    let status = |user: &str| pb::GetLocationStatusRequest {
-        user_id: user.into(),
-    };
     let s = c
         .get_location_status(status("alice"))
         .await
         .unwrap()
         .into_inner();
-    let cell = LatLng::new(SHANGHAI.0, SHANGHAI.1)
-        .unwrap()
-        .to_cell(Resolution::Nine);
     assert_eq!(
         s,
         pb::GetLocationStatusResponse {
             found: true,
-            cell: cell.to_string(),
+            cell: privacy_cell(SHANGHAI).to_string(),
             visibility: Visibility::Invisible.into(),
             last_seen_ms: T0,
             expires_at_ms: expires,
@@ -190,9 +153,7 @@ async fn a_per_ping_ttl_sets_expiry_and_status_tells_the_user_what_is_held() {
 
     // ClearLocation removes everything held.
     server.clock.set(T0);
-    c.update_location(ping("bob", SHANGHAI.0, SHANGHAI.1))
-        .await
-        .unwrap();
+    c.update_location(ping("bob", SHANGHAI)).await.unwrap();
     assert!(
         c.get_location_status(status("bob"))
             .await
@@ -200,11 +161,7 @@ async fn a_per_ping_ttl_sets_expiry_and_status_tells_the_user_what_is_held() {
             .into_inner()
             .found
     );
-    c.clear_location(pb::ClearLocationRequest {
-        user_id: "bob".into(),
-    })
-    .await
-    .unwrap();
+    c.clear_location(clear("bob")).await.unwrap();
     assert!(
         !c.get_location_status(status("bob"))
             .await
@@ -213,7 +170,7 @@ async fn a_per_ping_ttl_sets_expiry_and_status_tells_the_user_what_is_held() {
             .found
     );
     assert_eq!(
-        common::bad_field(&c.get_location_status(status("")).await.unwrap_err()),
+        bad_field(&c.get_location_status(status("")).await.unwrap_err()),
         "user_id"
     );
     server.stop().await;

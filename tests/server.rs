@@ -3,7 +3,12 @@
 
 mod common;
 
-use common::start;
+use common::{
+    build::{ping, search, shake},
+    fixtures::SHANGHAI,
+    start,
+};
+use geomatch::grpc::pb;
 use tokio_stream::StreamExt as _;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -93,36 +98,13 @@ async fn reflection_lists_the_services_in_v1alpha_and_v1() {
     server.stop().await;
 }
 
-/// A shake call in flight (waiting for a partner) once this returns.
-async fn waiting_shake(
-    server: &common::TestServer,
-) -> tokio::task::JoinHandle<
-    Result<tonic::Response<geomatch::grpc::pb::ShakeResponse>, tonic::Status>,
-> {
-    let mut c = server.shake().await;
-    let call = tokio::spawn(async move {
-        c.shake(geomatch::grpc::pb::ShakeRequest {
-            user_id: "alice".into(),
-            position: common::latlng(1.0, 1.0),
-            shake_id: "s".into(),
-            ..Default::default()
-        })
-        .await
-    });
-    server.app.matcher.until_waiting(1).await;
-    call
-}
-
 #[tokio::test]
 async fn shutdown_lets_in_flight_calls_finish() {
     let server = start(&["--shake-window", "200ms"]).await;
-    let call = waiting_shake(&server).await;
+    let call = server.waiting_shake(shake("alice", "s", SHANGHAI)).await;
     server.stop().await;
-    let r = call.await.unwrap().unwrap().into_inner();
-    assert_eq!(
-        r.outcome(),
-        geomatch::grpc::pb::shake_response::Outcome::NoMatch
-    );
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.outcome(), pb::shake_response::Outcome::NoMatch);
 }
 
 /// GET over plain HTTP/1.1; returns the body.
@@ -140,33 +122,12 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn metrics_expose_grpc_and_domain_series() {
-    use geomatch::grpc::pb::{self, nearby_client::NearbyClient};
     let server = start(&["--metrics-listen", "127.0.0.1:0"]).await;
-    let mut c = NearbyClient::new(server.channel().await);
-    c.update_location(pb::UpdateLocationRequest {
-        user_id: "alice".into(),
-        position: common::latlng(31.23, 121.47),
-        gender: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let bad = c
-        .update_location(pb::UpdateLocationRequest {
-            user_id: "alice".into(),
-            position: common::latlng(95.0, 121.47),
-            gender: 1,
-            ..Default::default()
-        })
-        .await;
+    let mut c = server.nearby().await;
+    c.update_location(ping("alice", SHANGHAI)).await.unwrap();
+    let bad = c.update_location(ping("alice", (95.0, SHANGHAI.1))).await;
     assert!(bad.is_err());
-    c.search_nearby(pb::SearchNearbyRequest {
-        user_id: "bob".into(),
-        position: common::latlng(31.23, 121.47),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.search_nearby(search("bob", SHANGHAI)).await.unwrap();
     let body = http_get(server.metrics_addr.unwrap(), "/metrics").await;
     for needle in [
         r#"grpc_server_started_total{grpc_type="unary",grpc_service="geomatch.v1.Nearby",grpc_method="UpdateLocation"}"#,
@@ -187,21 +148,14 @@ async fn metrics_expose_grpc_and_domain_series() {
 
 #[tokio::test]
 async fn calls_beyond_the_concurrency_limit_are_shed_at_once() {
-    use geomatch::grpc::pb::{self, shake_client::ShakeClient};
     let server = start(&["--max-concurrent-shakes", "1", "--shake-window", "30s"]).await;
     let req = |user: &str| pb::ShakeRequest {
-        user_id: user.into(),
-        position: common::latlng(1.0, 1.0),
-        shake_id: "s".into(),
         max_distance_m: 1.0,
         exclude_user_ids: vec!["x".into()],
-        ..Default::default()
+        ..shake(user, "s", SHANGHAI)
     };
-    let mut a = ShakeClient::new(server.channel().await);
-    let first_req = req("alice");
-    let first = tokio::spawn(async move { a.shake(first_req).await });
-    server.app.matcher.until_waiting(1).await;
-    let mut b = ShakeClient::new(server.channel().await);
+    let first = server.waiting_shake(req("alice")).await;
+    let mut b = server.shake().await;
     let err = b.shake(req("bob")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     first.abort();
@@ -210,17 +164,12 @@ async fn calls_beyond_the_concurrency_limit_are_shed_at_once() {
 
 #[tokio::test]
 async fn oversized_messages_are_refused() {
-    use geomatch::grpc::pb::{self, shake_client::ShakeClient};
     let server = start(&["--max-message-bytes", "2048"]).await;
-    let mut c = ShakeClient::new(server.channel().await);
+    let mut c = server.shake().await;
     let err = c
         .shake(pb::ShakeRequest {
-            user_id: "alice".into(),
-            position: common::latlng(1.0, 1.0),
-            shake_id: "s".into(),
-            max_distance_m: 0.0,
             exclude_user_ids: (0..40).map(|i| format!("{i:0100}")).collect(),
-            ..Default::default()
+            ..shake("alice", "s", SHANGHAI)
         })
         .await
         .unwrap_err();
@@ -243,7 +192,7 @@ async fn health_turns_not_serving_when_the_drain_starts() {
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
     // Keep a call in flight so the drain lasts a moment.
-    let call = waiting_shake(&server).await;
+    let call = server.waiting_shake(shake("alice", "s", SHANGHAI)).await;
     let stopping = tokio::spawn(server.stop());
     let next = watch.next().await.unwrap().unwrap();
     assert_eq!(next.status(), ServingStatus::NotServing);
@@ -256,30 +205,17 @@ async fn health_turns_not_serving_when_the_drain_starts() {
 
 #[tokio::test]
 async fn calls_that_queued_too_long_are_shed_at_once() {
-    use geomatch::grpc::pb;
     // A limit no call can meet: every call is shed, with a message saying why.
     let server = start(&["--max-queue-delay", "1ns"]).await;
     let mut c = server.nearby().await;
     let err = c
-        .search_nearby(pb::SearchNearbyRequest {
-            user_id: "alice".into(),
-            position: common::latlng(31.23, 121.47),
-            ..Default::default()
-        })
+        .search_nearby(search("alice", SHANGHAI))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("waited"), "{err:?}");
     let mut s = server.shake().await;
-    let err = s
-        .shake(pb::ShakeRequest {
-            user_id: "alice".into(),
-            shake_id: "s".into(),
-            position: common::latlng(31.23, 121.47),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = s.shake(shake("alice", "s", SHANGHAI)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert_eq!(server.app.nearby.len(), 0);
     server.stop().await;

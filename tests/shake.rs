@@ -6,39 +6,26 @@ mod common;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use common::{bad_field, latlng, start};
+use common::{
+    bad_field,
+    build::{latlng, shake},
+    fixtures::{SHANGHAI, north_of},
+    start,
+};
 use geomatch::grpc::pb::{self, shake_response::Outcome};
 use tokio::sync::Barrier;
-
-const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
-
-fn shake(user: &str, shake_id: &str, north_m: f64) -> pb::ShakeRequest {
-    pb::ShakeRequest {
-        user_id: user.into(),
-        position: latlng(SHANGHAI.0 + north_m / 111_195.0, SHANGHAI.1),
-        shake_id: shake_id.into(),
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn two_shakes_pair_and_retries_return_the_same_answer() {
     let server = start(&["--shake-window", "30s"]).await;
-    let mut a = server.shake().await;
+    let first = server.waiting_shake(shake("alice", "s1", SHANGHAI)).await;
     let mut b = server.shake().await;
-    let first = tokio::spawn(async move {
-        a.shake(shake("alice", "s1", 0.0))
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    server.app.matcher.until_waiting(1).await;
     let second = b
-        .shake(shake("bob", "s2", 250.0))
+        .shake(shake("bob", "s2", north_of(SHANGHAI, 250.0)))
         .await
         .unwrap()
         .into_inner();
-    let first = first.await.unwrap();
+    let first = first.await.unwrap().unwrap();
     assert_eq!(first.outcome(), Outcome::Matched);
     assert_eq!(second.outcome(), Outcome::Matched);
     assert_eq!(first.partner_user_id, "bob");
@@ -49,7 +36,7 @@ async fn two_shakes_pair_and_retries_return_the_same_answer() {
     assert_eq!(first.distance_m, second.distance_m);
     // A retry of the same shake_id returns the same outcome at once.
     let retry = b
-        .shake(shake("bob", "s2", 250.0))
+        .shake(shake("bob", "s2", north_of(SHANGHAI, 250.0)))
         .await
         .unwrap()
         .into_inner();
@@ -62,22 +49,19 @@ async fn fallback_shakes_far_apart_pair_in_the_anywhere_tier() {
     use pb::shake_request::Fallback;
     use pb::shake_response::Tier;
     let server = start(&["--shake-window", "600ms"]).await;
-    let mut a = server.shake().await;
-    let mut b = server.shake().await;
-    let anywhere = |user: &str, north_m: f64| pb::ShakeRequest {
+    let anywhere = |user: &str, at| pb::ShakeRequest {
         fallback: Fallback::Anywhere.into(),
-        ..shake(user, "s", north_m)
+        ..shake(user, "s", at)
     };
-    let req_a = anywhere("alice", 0.0);
-    let first = tokio::spawn(async move { a.shake(req_a).await.unwrap().into_inner() });
-    server.app.matcher.until_waiting(1).await;
+    let first = server.waiting_shake(anywhere("alice", SHANGHAI)).await;
     // 1 200 km north: far beyond any max_distance_m.
+    let mut b = server.shake().await;
     let second = b
-        .shake(anywhere("bob", 1_200_000.0))
+        .shake(anywhere("bob", north_of(SHANGHAI, 1_200_000.0)))
         .await
         .unwrap()
         .into_inner();
-    let first = first.await.unwrap();
+    let first = first.await.unwrap().unwrap();
     assert_eq!(
         (first.outcome(), second.outcome()),
         (Outcome::Matched, Outcome::Matched)
@@ -97,7 +81,7 @@ async fn a_lone_shake_gets_no_match_after_the_window() {
     let server = start(&["--shake-window", "150ms"]).await;
     let mut c = server.shake().await;
     let r = c
-        .shake(shake("alice", "s1", 0.0))
+        .shake(shake("alice", "s1", SHANGHAI))
         .await
         .unwrap()
         .into_inner();
@@ -111,7 +95,7 @@ async fn a_lone_shake_gets_no_match_after_the_window() {
 async fn a_caller_whose_deadline_passes_is_withdrawn_and_never_paired() {
     let server = start(&["--shake-window", "30s"]).await;
     let mut c = server.shake().await;
-    let mut req = tonic::Request::new(shake("ghost", "s1", 0.0));
+    let mut req = tonic::Request::new(shake("ghost", "s1", SHANGHAI));
     req.set_timeout(Duration::from_millis(100));
     let err = c.shake(req).await.unwrap_err();
     // The server answers DEADLINE_EXCEEDED (grpcurl and grpcio show it); tonic's own client
@@ -122,7 +106,7 @@ async fn a_caller_whose_deadline_passes_is_withdrawn_and_never_paired() {
     tokio::time::timeout(Duration::from_secs(10), server.app.matcher.until_waiting(0))
         .await
         .expect("withdrawn at the caller's deadline");
-    let mut req = tonic::Request::new(shake("bob", "s2", 0.0));
+    let mut req = tonic::Request::new(shake("bob", "s2", SHANGHAI));
     req.set_timeout(Duration::from_millis(200));
     let err = c.shake(req).await.unwrap_err();
     assert!(
@@ -135,9 +119,7 @@ async fn a_caller_whose_deadline_passes_is_withdrawn_and_never_paired() {
 #[tokio::test]
 async fn a_cancelled_call_is_withdrawn_at_once() {
     let server = start(&["--shake-window", "30s"]).await;
-    let mut c = server.shake().await;
-    let call = tokio::spawn(async move { c.shake(shake("ghost", "s1", 0.0)).await });
-    server.app.matcher.until_waiting(1).await;
+    let call = server.waiting_shake(shake("ghost", "s1", SHANGHAI)).await;
     // Dropping the client's call resets the HTTP/2 stream; the server withdraws the shake.
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
@@ -145,33 +127,34 @@ async fn a_cancelled_call_is_withdrawn_at_once() {
         .await
         .expect("withdrawn when the client went away");
     // A retry of the cancelled shake starts afresh rather than replaying an outcome.
-    let mut a = server.shake().await;
-    let retry = tokio::spawn(async move {
-        a.shake(shake("ghost", "s1", 0.0))
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    server.app.matcher.until_waiting(1).await;
+    let retry = server.waiting_shake(shake("ghost", "s1", SHANGHAI)).await;
     let mut b = server.shake().await;
-    let bob = b.shake(shake("bob", "s2", 0.0)).await.unwrap().into_inner();
+    let bob = b
+        .shake(shake("bob", "s2", SHANGHAI))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(bob.partner_user_id, "ghost");
-    assert_eq!(retry.await.unwrap().match_id, bob.match_id);
+    assert_eq!(retry.await.unwrap().unwrap().match_id, bob.match_id);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn exclusions_hold_both_ways() {
     let server = start(&["--shake-window", "300ms"]).await;
-    let mut a = server.shake().await;
+    let blocked = pb::ShakeRequest {
+        exclude_user_ids: vec!["bob".into()],
+        ..shake("alice", "s1", SHANGHAI)
+    };
+    let first = server.waiting_shake(blocked).await;
     let mut b = server.shake().await;
-    let mut blocked = shake("alice", "s1", 0.0);
-    blocked.exclude_user_ids = vec!["bob".into()];
-    let first = tokio::spawn(async move { a.shake(blocked).await.unwrap().into_inner() });
-    server.app.matcher.until_waiting(1).await;
-    let second = b.shake(shake("bob", "s2", 0.0)).await.unwrap().into_inner();
+    let second = b
+        .shake(shake("bob", "s2", SHANGHAI))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(second.outcome(), Outcome::NoMatch);
-    assert_eq!(first.await.unwrap().outcome(), Outcome::NoMatch);
+    assert_eq!(first.await.unwrap().unwrap().outcome(), Outcome::NoMatch);
     server.stop().await;
 }
 
@@ -179,7 +162,7 @@ async fn exclusions_hold_both_ways() {
 async fn bad_shakes_name_their_field() {
     let server = start(&[]).await;
     let mut c = server.shake().await;
-    let ok = shake("alice", "s1", 0.0);
+    let ok = shake("alice", "s1", SHANGHAI);
     let cases = [
         (
             pb::ShakeRequest {
@@ -282,10 +265,9 @@ async fn hundreds_of_simultaneous_shakes_pair_exactly_once() {
             let mut c = clients[i % clients.len()].clone();
             let barrier = barrier.clone();
             tokio::spawn(async move {
+                let at = north_of(SHANGHAI, (i % 37) as f64 * 5.0);
                 barrier.wait().await;
-                let r = c
-                    .shake(shake(&format!("u{i}"), "s", (i % 37) as f64 * 5.0))
-                    .await;
+                let r = c.shake(shake(&format!("u{i}"), "s", at)).await;
                 (format!("u{i}"), r.unwrap().into_inner())
             })
         })

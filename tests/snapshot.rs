@@ -6,10 +6,16 @@ mod common;
 
 use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
 
-use common::{T0, config, latlng, start, start_at};
+use common::{
+    T0,
+    build::{SearchExt as _, ping, search},
+    config,
+    fixtures::{SHANGHAI, north_of},
+    found, start, start_at,
+};
 use geomatch::{
     clock::ManualClock,
-    grpc::pb::{self, nearby_client::NearbyClient},
+    grpc::pb::nearby_client::NearbyClient,
     nearby::{NearbyConfig, NearbyIndex, PageTokens, snapshot},
     server::{App, ServeError},
 };
@@ -23,28 +29,9 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn ping(user: &str, lat: f64) -> pb::UpdateLocationRequest {
-    pb::UpdateLocationRequest {
-        user_id: user.into(),
-        position: latlng(lat, 121.47),
-        gender: 1,
-        ..Default::default()
-    }
-}
-
+/// Whom a search within 10 km of Shanghai finds.
 async fn visible(c: &mut NearbyClient<tonic::transport::Channel>) -> Vec<String> {
-    let r = c
-        .search_nearby(pb::SearchNearbyRequest {
-            user_id: "probe".into(),
-            position: latlng(31.23, 121.47),
-            radius_m: 10_000.0,
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    r.users.into_iter().map(|u| u.user_id).collect()
+    found(c, search("probe", SHANGHAI).radius(10_000.0).limit(100)).await
 }
 
 #[tokio::test]
@@ -55,9 +42,11 @@ async fn a_graceful_restart_keeps_people_nearby_and_drops_what_expired_meanwhile
     let flags = ["--snapshot", path_s, "--location-ttl", "10m"];
     let server = start(&flags).await;
     let mut c = server.nearby().await;
-    c.update_location(ping("early", 31.23)).await.unwrap();
+    c.update_location(ping("early", SHANGHAI)).await.unwrap();
     server.clock.advance_ms(6 * 60 * 1_000);
-    c.update_location(ping("late", 31.231)).await.unwrap();
+    c.update_location(ping("late", north_of(SHANGHAI, 100.0)))
+        .await
+        .unwrap();
     assert_eq!(visible(&mut c).await, ["early", "late"]);
     server.stop().await;
     assert!(path.exists(), "written on graceful shutdown");
@@ -87,7 +76,7 @@ async fn a_corrupt_snapshot_stops_start_up_unless_told_to_ignore_it() {
     let path_s = path.to_str().unwrap();
     let server = start(&["--snapshot", path_s]).await;
     let mut c = server.nearby().await;
-    c.update_location(ping("alice", 31.23)).await.unwrap();
+    c.update_location(ping("alice", SHANGHAI)).await.unwrap();
     server.stop().await;
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
@@ -178,7 +167,8 @@ async fn kill_9_during_snapshot_writes_always_leaves_a_loadable_snapshot() {
         let mut c = NearbyClient::new(channel.clone());
         tasks.push(tokio::spawn(async move {
             for i in (t..users).step_by(8) {
-                c.update_location(ping(&format!("user:{i:012}"), 31.0 + (i as f64) * 1e-5))
+                let at = north_of(SHANGHAI, i as f64);
+                c.update_location(ping(&format!("user:{i:012}"), at))
                     .await
                     .unwrap();
             }

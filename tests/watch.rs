@@ -4,39 +4,21 @@
 
 mod common;
 
-use common::{bad_field, latlng, start};
+use common::{
+    bad_field,
+    build::{clear, ping, watch},
+    fixtures::{SHANGHAI, cell_centre, north_of, point},
+    start,
+};
 use geomatch::{
     geo::{band_m, distance_m},
-    grpc::pb::{self, Gender, nearby_event::Kind},
-    population::offset,
+    grpc::pb::{self, nearby_client::NearbyClient, nearby_event::Kind},
 };
-use h3o::{LatLng, Resolution};
-use tonic::{Code, Streaming};
-
-const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
+use tonic::{Code, Streaming, transport::Channel};
 
 /// The centre of the privacy cell `dy` metres north of Shanghai's.
 fn north(dy: f64) -> (f64, f64) {
-    let (lat, lng) = offset(SHANGHAI.0, SHANGHAI.1, 0.0, dy);
-    let c = LatLng::from(LatLng::new(lat, lng).unwrap().to_cell(Resolution::Nine));
-    (c.lat(), c.lng())
-}
-
-fn ping(user: &str, (lat, lng): (f64, f64)) -> pb::UpdateLocationRequest {
-    pb::UpdateLocationRequest {
-        user_id: user.into(),
-        position: latlng(lat, lng),
-        gender: Gender::Female.into(),
-        ..Default::default()
-    }
-}
-
-fn watch_req(user: &str, radius_m: f64) -> pb::WatchNearbyRequest {
-    pb::WatchNearbyRequest {
-        user_id: user.into(),
-        radius_m,
-        gender: Gender::Unspecified.into(),
-    }
+    cell_centre(north_of(SHANGHAI, dy))
 }
 
 async fn next(s: &mut Streaming<pb::NearbyEvent>) -> (Kind, String, u32) {
@@ -44,6 +26,18 @@ async fn next(s: &mut Streaming<pb::NearbyEvent>) -> (Kind, String, u32) {
     let kind = e.kind();
     let user = e.user.unwrap_or_default();
     (kind, user.user_id, user.distance_m)
+}
+
+/// "me" watching 1 km around `north(0.0)` with no one about, past the (empty) initial set.
+async fn watching_alone(c: &mut NearbyClient<Channel>) -> Streaming<pb::NearbyEvent> {
+    c.update_location(ping("me", north(0.0))).await.unwrap();
+    let mut events = c
+        .watch_nearby(watch("me", 1_000.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut events).await.0, Kind::SnapshotEnd);
+    events
 }
 
 #[tokio::test]
@@ -56,12 +50,11 @@ async fn a_watch_reports_the_initial_set_then_live_changes() {
         .await
         .unwrap();
     let mut events = c
-        .watch_nearby(watch_req("me", 1_000.0))
+        .watch_nearby(watch("me", 1_000.0))
         .await
         .unwrap()
         .into_inner();
-    let me = LatLng::new(north(0.0).0, north(0.0).1).unwrap();
-    let d = |p: (f64, f64)| band_m(distance_m(me, LatLng::new(p.0, p.1).unwrap()));
+    let d = |p| band_m(distance_m(point(north(0.0)), point(p)));
     assert_eq!(
         next(&mut events).await,
         (Kind::Enter, "near".into(), d(north(400.0)))
@@ -83,11 +76,7 @@ async fn a_watch_reports_the_initial_set_then_live_changes() {
         next(&mut events).await,
         (Kind::Leave, "near".into(), d(north(5_000.0)))
     );
-    c.clear_location(pb::ClearLocationRequest {
-        user_id: "far".into(),
-    })
-    .await
-    .unwrap();
+    c.clear_location(clear("far")).await.unwrap();
     assert_eq!(next(&mut events).await, (Kind::Leave, "far".into(), 0));
     assert_eq!(server.app.nearby.watch_count(), 1);
 
@@ -101,13 +90,13 @@ async fn a_watch_reports_the_initial_set_then_live_changes() {
 async fn watching_without_a_location_or_with_a_bad_radius_is_refused() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
-    let err = c.watch_nearby(watch_req("ghost", 0.0)).await.unwrap_err();
+    let err = c.watch_nearby(watch("ghost", 0.0)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().starts_with("user_id"), "{err:?}");
     c.update_location(ping("me", north(0.0))).await.unwrap();
-    let err = c.watch_nearby(watch_req("me", -1.0)).await.unwrap_err();
+    let err = c.watch_nearby(watch("me", -1.0)).await.unwrap_err();
     assert_eq!(bad_field(&err), "radius_m");
-    let err = c.watch_nearby(watch_req("", 0.0)).await.unwrap_err();
+    let err = c.watch_nearby(watch("", 0.0)).await.unwrap_err();
     assert_eq!(bad_field(&err), "user_id");
     assert_eq!(server.app.nearby.watch_count(), 0);
     server.stop().await;
@@ -117,13 +106,7 @@ async fn watching_without_a_location_or_with_a_bad_radius_is_refused() {
 async fn a_consumer_that_stops_reading_is_cut_off_not_buffered_forever() {
     let server = start(&["--watch-buffer", "8"]).await;
     let mut c = server.nearby().await;
-    c.update_location(ping("me", north(0.0))).await.unwrap();
-    let mut events = c
-        .watch_nearby(watch_req("me", 1_000.0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(next(&mut events).await.0, Kind::SnapshotEnd);
+    let mut events = watching_alone(&mut c).await;
     // Far more ENTER / LEAVE than the transport's windows and the buffer hold, while the
     // watcher reads nothing.
     let churn: Vec<_> = (0..40_000)
@@ -154,13 +137,7 @@ async fn a_consumer_that_stops_reading_is_cut_off_not_buffered_forever() {
 async fn shutdown_ends_open_watches_with_unavailable() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
-    c.update_location(ping("me", north(0.0))).await.unwrap();
-    let mut events = c
-        .watch_nearby(watch_req("me", 1_000.0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(next(&mut events).await.0, Kind::SnapshotEnd);
+    let mut events = watching_alone(&mut c).await;
     let stopping = tokio::spawn(server.stop());
     let status = events.message().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

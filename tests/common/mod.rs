@@ -1,6 +1,9 @@
 //! Shared harness: the real server in-process on an ephemeral port, with a manual clock.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod build;
+pub mod fixtures;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use clap::Parser as _;
@@ -103,6 +106,18 @@ impl TestServer {
         ShakeClient::new(self.channel().await)
     }
 
+    /// Starts the shake `req` and returns once it waits for a partner (as the only shake
+    /// waiting).
+    pub async fn waiting_shake(
+        &self,
+        req: pb::ShakeRequest,
+    ) -> JoinHandle<Result<pb::ShakeResponse, tonic::Status>> {
+        let mut c = self.shake().await;
+        let call = tokio::spawn(async move { c.shake(req).await.map(tonic::Response::into_inner) });
+        self.app.matcher.until_waiting(1).await;
+        call
+    }
+
     /// Graceful shutdown; fails the test if the server errored.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -112,8 +127,10 @@ impl TestServer {
     }
 }
 
-pub fn latlng(lat: f64, lng: f64) -> Option<pb::LatLng> {
-    Some(pb::LatLng { lat, lng })
+/// The ids one page of a search returns, in the order returned.
+pub async fn found(c: &mut NearbyClient<Channel>, req: pb::SearchNearbyRequest) -> Vec<String> {
+    let page = c.search_nearby(req).await.unwrap().into_inner();
+    page.users.into_iter().map(|u| u.user_id).collect()
 }
 
 /// The field named by an INVALID_ARGUMENT status's BadRequest details.
