@@ -14,7 +14,6 @@
 //! - [`grpc`]: the only module that knows tonic/prost: generated code, adapters, status mapping.
 //! - [`telemetry`]: log setup.
 //! - [`snapshot`]: crash-safe, checksummed snapshots of the index.
-//! - [`population`]: the standard, seeded benchmark population.
 //! - [`server`]: wires the domain and the gRPC services together and serves until shutdown.
 
 pub mod cell;
@@ -26,7 +25,6 @@ pub mod grpc;
 pub mod id;
 pub mod limits;
 pub mod nearby;
-pub mod population;
 pub mod server;
 pub mod shake;
 mod shard;

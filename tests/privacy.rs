@@ -8,8 +8,8 @@ use common::{latlng, start};
 use geomatch::{
     geo::distance_m,
     grpc::pb::{self, nearby_client::NearbyClient},
-    population::offset,
 };
+use geomatch_load::population::offset;
 use h3o::{LatLng, Resolution};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::transport::Channel;

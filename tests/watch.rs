@@ -8,8 +8,8 @@ use common::{bad_field, latlng, start};
 use geomatch::{
     geo::{band_m, distance_m},
     grpc::pb::{self, Gender, nearby_event::Kind},
-    population::offset,
 };
+use geomatch_load::population::offset;
 use h3o::{LatLng, Resolution};
 use tonic::{Code, Streaming};
 
