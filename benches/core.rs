@@ -1,6 +1,6 @@
 //! In-process benches of the hot paths: index update, search, page tokens, shake pairing.
 //!
-//! `cargo bench --bench core` (add `GEOMATCH_BENCH_10M=1` for 10 M users); populations are the standard one (`geomatch::population`):
+//! `cargo bench --bench core` (add `GEOMATCH_BENCH_10M=1` for 10 M users); populations are the standard one (`geomatch_load::population`):
 //! 80 % Gaussian around ten city centres, 20 % uniform, from a fixed seed.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,9 +14,9 @@ use geomatch::{
         Cursor, Gender, NearbyConfig, NearbyIndex, PageTokens, Scope, SearchRequest, WatchConfig,
         WatchRequest,
     },
-    population,
     shake::{Fallback, Matcher, Outcome, ShakeConfig, ShakeRequest, Tier},
 };
+use geomatch_load::population;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// The server's allocator, so allocation costs are the ones it pays.

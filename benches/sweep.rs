@@ -21,8 +21,8 @@ use geomatch::{
     geo::Coordinates,
     id::UserId,
     nearby::{Gender, NearbyConfig, NearbyIndex, PageTokens, SearchRequest},
-    population,
 };
+use geomatch_load::population;
 use hdrhistogram::Histogram;
 
 #[global_allocator]

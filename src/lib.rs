@@ -17,7 +17,6 @@
 //!   settings.
 //! - [`server`]: wires the rooms together, runs the background tasks and serves until
 //!   shutdown.
-//! - [`population`]: the standard, seeded benchmark population.
 
 pub mod base;
 pub mod config;
@@ -26,7 +25,6 @@ pub mod geo;
 pub mod grpc;
 pub mod guard;
 pub mod nearby;
-pub mod population;
 pub mod server;
 pub mod shake;
 pub mod telemetry;

@@ -1,6 +1,6 @@
 //! Places the tests put users at, and the geometry to move between them.
 
-use geomatch::population::offset;
+use geomatch_load::population::offset;
 use h3o::{CellIndex, LatLng, Resolution};
 use rand::Rng;
 

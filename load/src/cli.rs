@@ -1,0 +1,103 @@
+//! The command line: scenarios and flags.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::bail;
+use clap::{Parser, ValueEnum};
+
+/// What a run does (`--scenario`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scenario {
+    Update,
+    /// Bulk ingest: streams of [`BULK_BATCH`] pings (geomatch `UpdateLocations`; a pipeline
+    /// of as many GEOADDs on Redis). One op is one ping; latencies are per batch.
+    UpdateBulk,
+    #[value(name = "search-dense-1km")]
+    SearchDense1km,
+    #[value(name = "search-dense-5km")]
+    SearchDense5km,
+    SearchSparse,
+    Shake,
+    Mixed,
+    /// Churn for a long run (gRPC only): a window of active users slides through the
+    /// population (users join, move, clear, and expire once they fall behind it), with
+    /// searches and bulk pings from active users and shakes from a fixed pool of pairs. The
+    /// population is not preloaded: users enter through the churn. Refusals by the abuse controls count as "unexpected", not errors; RSS is sampled
+    /// every 10 s, and the server's waiting shakes and watches must be back to zero after.
+    Soak,
+}
+
+impl Scenario {
+    /// The scenario's name, as given on the command line and printed in the reports.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::UpdateBulk => "update-bulk",
+            Self::SearchDense1km => "search-dense-1km",
+            Self::SearchDense5km => "search-dense-5km",
+            Self::SearchSparse => "search-sparse",
+            Self::Shake => "shake",
+            Self::Mixed => "mixed",
+            Self::Soak => "soak",
+        }
+    }
+}
+
+/// Load generator for geomatch: standard population, scenarios, closed or open loop.
+#[derive(Debug, Parser)]
+#[command(name = "geomatch-load", version, about)]
+pub(crate) struct Args {
+    /// What to run.
+    #[arg(long, value_enum, default_value = "search-dense-1km")]
+    pub(crate) scenario: Scenario,
+    /// geomatch gRPC address (loopback). Default 127.0.0.1:50051 when no --redis is given.
+    #[arg(long)]
+    pub(crate) grpc: Option<SocketAddr>,
+    /// Redis/Valkey URL (loopback), e.g. redis://127.0.0.1:6390: the same scenario with
+    /// GEOADD / GEOSEARCH. With --grpc as well, both are loaded, a sample of searches is
+    /// cross-checked, and the scenario runs against each in turn (one JSON line each).
+    #[arg(long)]
+    pub(crate) redis: Option<String>,
+    /// Population size.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub(crate) users: u64,
+    /// Concurrent callers (closed loop) or most requests in flight (open loop).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) concurrency: usize,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) connections: usize,
+    /// How long the scenario runs (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Open loop: requests per second on a fixed schedule. Closed loop when not given.
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
+    /// Population and request seed.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Do not load the population (the server already holds it from an earlier run).
+    #[arg(long)]
+    pub(crate) skip_load: bool,
+    /// Report this process's resident memory (e.g. the server's pid) in the JSON line.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// soak: users active at once (the sliding window).
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) soak_active: u64,
+    /// soak: how long the window takes to move by its own size (users' turnover).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) soak_turnover: Duration,
+    /// The server's metrics address (loopback), to check after a soak that no shakes are
+    /// left waiting and no watches open.
+    #[arg(long)]
+    pub(crate) metrics_addr: Option<SocketAddr>,
+}
+
+/// Refuses any gRPC target that is not a loopback address.
+pub(crate) fn ensure_loopback(addr: SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("--grpc {addr}: load tests may only target loopback addresses");
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `geomatch-load`: a load generator for geomatch (and, for comparison, Redis GEO).
+//!
+//! It loads the standard population (see `geomatch_load::population`) in bulk, then runs
+//! one scenario for a fixed duration, closed loop (`--concurrency` callers, as fast as they
+//! go) or open loop (`--rate` requests/s on a fixed schedule, latency measured from each
+//! request's scheduled send time so stalls are not hidden). It prints a progress line
+//! every second, a table, and one JSON line per run. Loopback only; bounded in time.
+//!
+//! Built with the server by `cargo build --release` at the workspace root, as
+//! `target/release/geomatch-load`; alone by `cargo build --release -p geomatch-load`.
+//!
+//! Scenarios:
+//! - `update`: a random user moves a few metres;
+//! - `search-dense-1km` / `search-dense-5km`: from a random city centre, limit 50;
+//! - `search-sparse`: 10 km around a point at least 100 km from every city, limit 50;
+//! - `shake`: pairs of users shake together at random places (every call should match);
+//!   one op = one pair, latency = second arrival to both answered;
+//! - `mixed`: 70 % update, 20 % search-dense-1km, 5 % search-dense-5km, 5 % search-sparse
+//!   (the read/write blend of a People Nearby feature: pings far outnumber searches);
+//! - `update-bulk` and `soak`: see `--help`.
+//!
+//! Modules: [`cli`] (flags and scenarios), [`scenario`] (one operation, either target),
+//! [`grpc`] and [`redis_geo`] (the two targets), [`run`] (closed and open loop),
+//! [`report`] (histograms, table, JSON lines, soak verdicts).
+
+mod cli;
+mod grpc;
+mod redis_geo;
+mod report;
+mod run;
+mod scenario;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use clap::Parser;
+use geomatch_load::population;
+
+use crate::{
+    cli::{Args, Scenario},
+    scenario::{Conn, Ctx},
+};
+
+/// The same allocator as the server: the harness shares the machine with the target, and
+/// a cheaper client leaves more CPU to whichever target it measures.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.duration > Duration::from_secs(3_600) {
+        bail!("--duration: at most 1h");
+    }
+    let grpc_addr = match (args.grpc, &args.redis) {
+        (Some(a), _) => Some(a),
+        (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
+        (None, Some(_)) => None,
+    };
+    let channels = match grpc_addr {
+        Some(addr) => {
+            cli::ensure_loopback(addr)?;
+            grpc::connect(addr, args.connections).await?
+        }
+        None => Vec::new(),
+    };
+    let redis = match &args.redis {
+        // One connection per caller: every command waits for its reply before the caller
+        // sends the next (unpipelined), as a Redis client per request handler would.
+        Some(url) => redis_geo::connect(url, args.concurrency).await?,
+        None => Vec::new(),
+    };
+    // Shakes need no population; the soak's users enter through its own churn (a preloaded
+    // million expiring at once would be one mass event, not churn, and the allocator takes
+    // minutes to hand that memory back, which would mask the steady state the soak checks).
+    if !args.skip_load && !matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
+        if !channels.is_empty() {
+            grpc::load_population(&channels, args.users, args.seed, args.concurrency.max(32))
+                .await?;
+        }
+        if !redis.is_empty() {
+            redis_geo::load(&redis, args.users, args.seed).await?;
+        }
+    }
+    if !channels.is_empty() && !redis.is_empty() {
+        redis_geo::cross_check(&channels, &redis, args.seed).await?;
+    }
+    let ctx = Ctx {
+        scenario: args.scenario,
+        users: args.users,
+        positions: Arc::new(population::positions(args.users, args.seed)),
+        pair_seq: Arc::new(AtomicU64::new(args.seed << 40)),
+        started: Instant::now(),
+        soak_active: args.soak_active,
+        soak_turnover: args.soak_turnover,
+    };
+    let mut printed_header = false;
+    if !channels.is_empty() {
+        let conns: Vec<Conn> = channels.iter().cloned().map(Conn::Grpc).collect();
+        run::run(&args, &ctx, "grpc", &conns, &mut printed_header).await?;
+    }
+    if !redis.is_empty() {
+        if matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
+            bail!("scenario {} has no Redis equivalent", args.scenario.name());
+        }
+        let conns: Vec<Conn> = redis.iter().cloned().map(Conn::Redis).collect();
+        run::run(&args, &ctx, "redis", &conns, &mut printed_header).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The driver: closed-loop workers or an open-loop schedule, a progress line, and the
+//! soak's RSS sampler.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::{
+    cli::{Args, Scenario},
+    report::{Stats, lock, print_run, rss_bytes, soak_report},
+    scenario::{Conn, Ctx, one_op, weight},
+};
+
+/// Runs the scenario against one target for `--duration`, closed or open loop, and prints
+/// its table row (after the header, once) and JSON line.
+pub(crate) async fn run(
+    args: &Args,
+    ctx: &Ctx,
+    target: &str,
+    conns: &[Conn],
+    printed_header: &mut bool,
+) -> anyhow::Result<()> {
+    let total = Arc::new(Mutex::new(Stats::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let progress_ops = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + args.duration;
+
+    let progress = {
+        let (done, ops) = (done.clone(), progress_ops.clone());
+        let target = target.to_string();
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let now = ops.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{target}: {:>5.1} s  {:>9} ops/s  ",
+                    started.elapsed().as_secs_f64(),
+                    now - last
+                );
+                last = now;
+            }
+            eprintln!();
+        })
+    };
+    // Soak: the server's RSS every 10 s.
+    let samples = (args.scenario == Scenario::Soak && target == "grpc")
+        .then_some(args.server_pid)
+        .flatten()
+        .map(|pid| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    // Only samples taken under load: the last tick may fall after it.
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Some(b) = rss_bytes(pid) {
+                        out.push((started.elapsed().as_secs(), b));
+                    }
+                }
+                out
+            })
+        });
+    let mut workers = Vec::new();
+    match args.rate {
+        None => {
+            for w in 0..args.concurrency.max(1) {
+                let (ctx, conn, total, ops) = (
+                    ctx.clone(),
+                    conns[w % conns.len()].clone(),
+                    total.clone(),
+                    progress_ops.clone(),
+                );
+                let mut rng =
+                    StdRng::seed_from_u64(args.seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9));
+                workers.push(tokio::spawn(async move {
+                    let mut mine = Stats::new();
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let r = one_op(&ctx, &mut rng, &conn).await;
+                        mine.record(t.elapsed(), r, weight(ctx.scenario));
+                        ops.fetch_add(weight(ctx.scenario), Ordering::Relaxed);
+                    }
+                    lock(&total).merge(&mine);
+                }));
+            }
+        }
+        Some(rate) => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                bail!("--rate {rate}: must be a positive number of requests per second");
+            }
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            // The schedule runs on its own OS thread: std's sleep is precise to tens of µs,
+            // where tokio's timer wheel would add up to a millisecond to every latency.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            std::thread::spawn(move || {
+                for i in 0u64.. {
+                    let scheduled = started + interval.mul_f64(i as f64);
+                    if scheduled >= end {
+                        break;
+                    }
+                    if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if tx.send(scheduled).is_err() {
+                        break;
+                    }
+                }
+            });
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+            let mut rng = StdRng::seed_from_u64(args.seed);
+            let mut i: usize = 0;
+            while let Some(scheduled) = rx.recv().await {
+                let (ctx, conn, total, ops) = (
+                    ctx.clone(),
+                    conns[i % conns.len()].clone(),
+                    total.clone(),
+                    progress_ops.clone(),
+                );
+                let mut op_rng = StdRng::seed_from_u64(rng.random());
+                match in_flight.clone().try_acquire_owned() {
+                    Ok(permit) => workers.push(tokio::spawn(async move {
+                        let sent = Instant::now();
+                        let r = one_op(&ctx, &mut op_rng, &conn).await;
+                        // Latency from the scheduled send time: a stalled server shows up here.
+                        lock(&total).record_sent(
+                            scheduled.elapsed(),
+                            sent.elapsed(),
+                            r,
+                            weight(ctx.scenario),
+                        );
+                        ops.fetch_add(weight(ctx.scenario), Ordering::Relaxed);
+                        drop(permit);
+                    })),
+                    // Over the in-flight bound: counted as an error, never silently delayed.
+                    Err(_) => {
+                        let mut t = lock(&total);
+                        t.errors += 1;
+                        t.dropped += 1;
+                    }
+                }
+                i += 1;
+            }
+        }
+    }
+    for w in workers {
+        w.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let _ = progress.await;
+    if let Some(samples) = samples {
+        soak_report(args, &samples.await?).await?;
+    }
+
+    print_run(args, target, &lock(&total), elapsed, printed_header);
+    Ok(())
+}
