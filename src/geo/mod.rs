@@ -94,6 +94,16 @@ pub fn distance_key(distance_m: f64) -> u64 {
     (distance_m.max(0.0) * 1_000.0).round() as u64
 }
 
+/// A point `dx_m` east and `dy_m` north of (lat, lng), clamped to valid coordinates: how
+/// unit tests place users at known distances.
+#[cfg(test)]
+pub(crate) fn offset(lat: f64, lng: f64, dx_m: f64, dy_m: f64) -> (f64, f64) {
+    const M_PER_DEG_LAT: f64 = 111_195.08;
+    let lat2 = (lat + dy_m / M_PER_DEG_LAT).clamp(-89.999, 89.999);
+    let lng2 = lng + dx_m / (M_PER_DEG_LAT * lat.to_radians().cos().max(0.01));
+    (lat2, lng2.clamp(-180.0, 180.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,15 +8,7 @@ use h3o::LatLng;
 use proptest::{collection::vec, prelude::*};
 
 use super::*;
-use crate::geo::{band_m, distance_key, distance_m, snapped};
-
-/// A point `dx_m` east and `dy_m` north of (lat, lng), clamped to valid coordinates.
-fn offset(lat: f64, lng: f64, dx_m: f64, dy_m: f64) -> (f64, f64) {
-    const M_PER_DEG_LAT: f64 = 111_195.08;
-    let lat2 = (lat + dy_m / M_PER_DEG_LAT).clamp(-89.999, 89.999);
-    let lng2 = lng + dx_m / (M_PER_DEG_LAT * lat.to_radians().cos().max(0.01));
-    (lat2, lng2.clamp(-180.0, 180.0))
-}
+use crate::geo::{band_m, distance_key, distance_m, offset, snapped};
 
 const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
 const T0: i64 = 1_700_000_000_000;
