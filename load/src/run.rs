@@ -14,8 +14,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
     cli::{Args, Scenario},
+    grpc, redis_geo,
     report::{Stats, lock, print_run, rss_bytes, soak_report},
-    scenario::{Conn, Ctx, one_op, weight},
+    scenario::{Conn, Ctx, OpResult, weight},
 };
 
 /// Runs the scenario against one target for `--duration`, closed or open loop, and prints
@@ -169,4 +170,16 @@ pub(crate) async fn run(
 
     print_run(args, target, &lock(&total), elapsed, printed_header);
     Ok(())
+}
+
+/// Runs one operation; `Ok(true)` when it did what the scenario expects.
+async fn one_op(ctx: &Ctx, rng: &mut StdRng, conn: &Conn) -> OpResult {
+    match conn {
+        Conn::Grpc(ch) => grpc::op(ctx, rng, ch)
+            .await
+            .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
+        Conn::Redis(c) => redis_geo::op(ctx, rng, &mut c.clone())
+            .await
+            .map_err(|e| e.to_string()),
+    }
 }

@@ -10,7 +10,7 @@ use geomatch_load::population::{self, CITIES};
 use rand::{Rng, rngs::StdRng};
 use tonic::transport::Channel;
 
-use crate::{cli::Scenario, grpc, redis_geo};
+use crate::cli::Scenario;
 
 /// Where operations go.
 #[derive(Clone)]
@@ -121,15 +121,3 @@ pub(crate) fn pick(scenario: Scenario, rng: &mut StdRng) -> Scenario {
 
 /// One operation's outcome: `Ok(true)` as expected, `Ok(false)` unexpected, `Err` an error.
 pub(crate) type OpResult = Result<bool, String>;
-
-/// Runs one operation; `Ok(true)` when it did what the scenario expects.
-pub(crate) async fn one_op(ctx: &Ctx, rng: &mut StdRng, conn: &Conn) -> OpResult {
-    match conn {
-        Conn::Grpc(ch) => grpc::op(ctx, rng, ch)
-            .await
-            .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
-        Conn::Redis(c) => redis_geo::op(ctx, rng, &mut c.clone())
-            .await
-            .map_err(|e| e.to_string()),
-    }
-}

@@ -1,4 +1,6 @@
-//! Positions, great-circle distances and the privacy rules applied to them.
+//! Positions, great-circle distances and the privacy rules applied to them; with
+//! [`cell`] (the H3 policy: covering a radius with cells, provably exactly) and [`value`]
+//! (the validated request values: radius, page size, time to live).
 //!
 //! Every distance geomatch reports or filters on goes through [`distance_m`], and every
 //! distance it shows a client goes through [`band_m`]: one definition each.
