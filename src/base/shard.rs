@@ -17,7 +17,14 @@ const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
 /// are mostly constant) alike.
 pub(crate) fn shard_of(key: u64, n: usize) -> usize {
     debug_assert!(n.is_power_of_two() && n > 1);
-    (key.wrapping_mul(FIBONACCI) >> (64 - n.trailing_zeros())) as usize
+    (mix(key) >> (64 - n.trailing_zeros())) as usize
+}
+
+/// The key-mixing step itself: a bijection of `u64` whose high bits depend on every bit of
+/// the key. Shards take its top bits; hash tables that need a hash of a few kept bits
+/// (the index's `users` entries) take all of it.
+pub(crate) fn mix(key: u64) -> u64 {
+    key.wrapping_mul(FIBONACCI)
 }
 
 /// One lock on its own cache lines, so neighbouring shards do not false-share.

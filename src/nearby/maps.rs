@@ -30,7 +30,10 @@ use super::{
     bucket::{self, Member},
 };
 pub(super) use crate::base::shard::{SHARDS, Shards};
-use crate::{base::shard::shard_of, id::UserId};
+use crate::{
+    base::shard::{mix, shard_of},
+    id::UserId,
+};
 
 /// The shard of a map keyed by cell.
 pub(super) fn cell_shard(cell: CellIndex) -> usize {
@@ -81,7 +84,7 @@ impl Slot {
 }
 
 fn table_hash(tag: u64) -> u64 {
-    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    mix(tag)
 }
 
 /// Rehashes an entry when its table grows.
