@@ -1,7 +1,12 @@
 //! Builds the domain state and background tasks, mounts the gRPC services (with health and
 //! reflection) and serves until shutdown.
 
-use std::{future::Future, path::Path, sync::Arc};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -13,7 +18,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     clock::Clock,
-    config::Config,
+    config::{Config, Settings},
     grpc::{
         NearbyService, ShakeService,
         admission::AdmissionLayer,
@@ -31,6 +36,9 @@ use crate::{
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, Error)]
 pub enum ServeError {
+    /// A flag has a bad value.
+    #[error("invalid configuration: {0:#}")]
+    Config(anyhow::Error),
     /// No randomness for the page-token key.
     #[error("drawing the page token key: {0}")]
     Random(getrandom::Error),
@@ -48,6 +56,70 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// How the server serves, drains, sweeps and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest request message accepted, bytes.
+    pub max_message_bytes: usize,
+    /// Most Nearby calls served at once; more are shed.
+    pub max_concurrent_requests: usize,
+    /// Most Shake calls in flight at once; more are shed.
+    pub max_concurrent_shakes: usize,
+    /// A call that waited longer than this for its handler is shed; zero disables.
+    pub max_queue_delay: Duration,
+    /// Interval of HTTP/2 (and TCP) keepalive pings.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// How long calls and streams may take to finish once the drain starts.
+    pub drain_timeout: Duration,
+    /// How often expired pings, old shake outcomes and idle limits are reclaimed.
+    pub sweep_interval: Duration,
+    /// The snapshot of the People Nearby index.
+    pub snapshot: SnapshotConfig,
+}
+
+impl Default for ServerConfig {
+    /// 256 KiB messages, 4 096 Nearby calls and 200 000 shakes at once, 20 ms of queueing,
+    /// keepalive every 30 s with 10 s to answer, 10 s to drain, a sweep every 10 s.
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 256 * 1024,
+            max_concurrent_requests: 4_096,
+            max_concurrent_shakes: 200_000,
+            max_queue_delay: Duration::from_millis(20),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(10),
+            snapshot: SnapshotConfig::default(),
+        }
+    }
+}
+
+/// Where and how often the People Nearby index is snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// The snapshot file; no snapshots when `None`.
+    pub path: Option<PathBuf>,
+    /// How often the snapshot is written (and once more at shutdown).
+    pub interval: Duration,
+    /// Start empty (moving the file aside) instead of refusing a corrupt or
+    /// unknown-version snapshot.
+    pub ignore_corrupt: bool,
+}
+
+impl Default for SnapshotConfig {
+    /// No snapshots; when a file is given, written every 60 s.
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval: Duration::from_secs(60),
+            ignore_corrupt: false,
+        }
+    }
+}
+
 /// The service's shared state: cheap to clone, every part behind an `Arc`.
 #[derive(Debug, Clone)]
 pub struct App {
@@ -59,32 +131,42 @@ pub struct App {
     pub limits: Arc<Limits>,
     /// Wall-clock time for TTLs.
     pub clock: Arc<dyn Clock>,
-    /// The configuration the state was built from.
-    pub config: Arc<Config>,
+    /// How the server serves, drains, sweeps and snapshots.
+    pub config: Arc<ServerConfig>,
     /// Serialises snapshot writers (the periodic one and the one at shutdown).
     snapshot_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl App {
-    /// State configured by `cfg` (already validated), reading time from `clock`: empty, or
-    /// restored from `--snapshot` when that file exists.
+    /// State configured by `cfg`, reading time from `clock`: empty, or restored from
+    /// `--snapshot` when that file exists.
+    ///
+    /// # Errors
+    /// [`ServeError::Config`] when a flag has a bad value; otherwise as
+    /// [`Self::from_settings`].
+    pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+        Self::from_settings(cfg.settings().map_err(ServeError::Config)?, clock)
+    }
+
+    /// State built from `settings`, reading time from `clock`: empty, or restored from the
+    /// snapshot file when one is configured and exists.
     ///
     /// # Errors
     /// When the operating system has no randomness for the page-token key, or the
     /// snapshot is unreadable, corrupt or of an unknown version (unless
-    /// `--snapshot-ignore-corrupt`, which starts empty instead).
-    pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+    /// `ignore_corrupt`, which starts empty instead).
+    pub fn from_settings(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
         let tokens = PageTokens::random().map_err(ServeError::Random)?;
-        let nearby = Arc::new(NearbyIndex::new(cfg.nearby(), tokens));
+        let nearby = Arc::new(NearbyIndex::new(settings.nearby, tokens));
         let app = Self {
-            limits: Arc::new(Limits::new(cfg.guard(), nearby.clone())),
+            limits: Arc::new(Limits::new(settings.guard, nearby.clone())),
             nearby,
-            matcher: Arc::new(Matcher::new(cfg.shake())),
+            matcher: Arc::new(Matcher::new(settings.shake)),
             clock,
-            config: Arc::new(cfg.clone()),
+            config: Arc::new(settings.server),
             snapshot_lock: Arc::default(),
         };
-        if let Some(path) = &cfg.snapshot {
+        if let Some(path) = &app.config.snapshot.path {
             app.restore(path)?;
         }
         Ok(app)
@@ -102,7 +184,7 @@ impl App {
             ),
             Ok(None) => tracing::info!(path = %path.display(), "no snapshot yet: starting empty"),
             Err(e @ SnapshotError::Io { .. }) => return Err(e.into()),
-            Err(e) if self.config.snapshot_ignore_corrupt => {
+            Err(e) if self.config.snapshot.ignore_corrupt => {
                 let mut aside = path.as_os_str().to_owned();
                 aside.push(".corrupt");
                 let moved = std::fs::rename(path, &aside).is_ok();
@@ -113,9 +195,10 @@ impl App {
         Ok(())
     }
 
-    /// Writes a snapshot now, if `--snapshot` is set. Blocking: call from a blocking thread.
+    /// Writes a snapshot now, if a snapshot file is configured. Blocking: call from a
+    /// blocking thread.
     pub fn write_snapshot(&self) -> Option<Result<snapshot::Stats, SnapshotError>> {
-        let path = self.config.snapshot.as_ref()?;
+        let path = self.config.snapshot.path.as_ref()?;
         let _one_writer = self
             .snapshot_lock
             .lock()
@@ -212,13 +295,13 @@ struct Snapshotter {
 
 impl Snapshotter {
     fn spawn(app: App) -> Option<Self> {
-        app.config.snapshot.as_ref()?;
+        app.config.snapshot.path.as_ref()?;
         let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
         let spawned = std::thread::Builder::new()
             .name("geomatch-snapshot".into())
             .spawn(move || {
                 lower_thread_priority();
-                let interval = app.config.snapshot_interval;
+                let interval = app.config.snapshot.interval;
                 loop {
                     match rx.recv_timeout(interval) {
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
