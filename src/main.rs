@@ -53,13 +53,17 @@ async fn bind(addr: SocketAddr, what: &str) -> Option<TcpListener> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cfg = Config::parse();
-    if let Err(e) = cfg.validate() {
-        eprintln!("geomatch: invalid configuration: {e:#}");
-        return ExitCode::from(2);
-    }
+    // Every flag is checked and converted here, once, before anything binds.
+    let settings = match cfg.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("geomatch: invalid configuration: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     telemetry::init_logs(cfg.log_format);
     // Restore the snapshot before binding: no client connects to a half-loaded index.
-    let app = match server::App::new(&cfg, Arc::new(SystemClock)) {
+    let app = match server::App::from_settings(settings, Arc::new(SystemClock)) {
         Ok(app) => app,
         Err(e) => {
             eprintln!("geomatch: {e}");

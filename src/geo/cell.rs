@@ -18,6 +18,9 @@ use h3o::{CellIndex, LatLng, Resolution};
 
 use crate::geo::distance_m;
 
+/// Default resolution of privacy cells, the one the index and the matcher snap positions to.
+pub const PRIVACY_RESOLUTION: Resolution = Resolution::Nine;
+
 /// Upper bound on the distance from any H3 cell's centre to any point of that cell, at
 /// `resolution`: 1.5 times the resolution's average edge length.
 ///

@@ -60,6 +60,28 @@ pub struct GuardConfig {
     pub travel: TravelConfig,
 }
 
+impl Default for GuardConfig {
+    /// Search 40 at once then 30 a minute, Shake 20 then 20 a minute, jumps beyond 5 km
+    /// faster than 300 m/s refused; each control tracks up to a million users.
+    fn default() -> Self {
+        const MAX_TRACKED: usize = 1_000_000;
+        let rate = |burst, per_minute| RateConfig {
+            burst,
+            per_minute,
+            max_tracked: MAX_TRACKED,
+        };
+        Self {
+            search: rate(40, 30),
+            shake: rate(20, 20),
+            travel: TravelConfig {
+                max_jump_m: 5_000.0,
+                max_speed_mps: 300.0,
+                max_tracked: MAX_TRACKED,
+            },
+        }
+    }
+}
+
 /// The abuse controls the services apply, as domain errors.
 #[derive(Debug)]
 pub struct Limits {

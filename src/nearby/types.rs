@@ -69,7 +69,7 @@ pub struct NearbyConfig {
 impl Default for NearbyConfig {
     fn default() -> Self {
         Self {
-            privacy_resolution: Resolution::Nine,
+            privacy_resolution: crate::geo::cell::PRIVACY_RESOLUTION,
             ttl: TtlRule::default(),
             radius: RadiusRule::SEARCH,
             page: PageRule::default(),

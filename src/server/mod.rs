@@ -1,10 +1,11 @@
-//! Builds the domain state and background tasks, mounts the gRPC services (with health and
-//! reflection) and serves until shutdown.
+//! Serves geomatch: mounts the gRPC services (with health and reflection) over the
+//! [`App`], runs its background tasks (`tasks`) and, at shutdown, drains, stops the
+//! tasks and writes the final snapshot.
 
-use std::{future::Future, path::Path, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use thiserror::Error;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::net::TcpListener;
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Server, server::TcpIncoming},
@@ -12,8 +13,6 @@ use tonic::{
 use tonic_health::ServingStatus;
 
 use crate::{
-    clock::Clock,
-    config::Config,
     grpc::{
         NearbyService, ShakeService,
         admission::AdmissionLayer,
@@ -21,16 +20,20 @@ use crate::{
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
         stamp_deadline,
     },
-    guard::Limits,
-    nearby::snapshot::{self, SnapshotError},
-    nearby::{NearbyIndex, PageTokens},
-    shake::Matcher,
-    telemetry::{self, names},
+    nearby::snapshot::SnapshotError,
 };
+
+mod app;
+mod tasks;
+
+pub use app::{App, SnapshotConfig};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, Error)]
 pub enum ServeError {
+    /// A flag has a bad value.
+    #[error("invalid configuration: {0:#}")]
+    Config(anyhow::Error),
     /// No randomness for the page-token key.
     #[error("drawing the page token key: {0}")]
     Random(getrandom::Error),
@@ -48,256 +51,45 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The service's shared state: cheap to clone, every part behind an `Arc`.
-#[derive(Debug, Clone)]
-pub struct App {
-    /// The People Nearby index.
-    pub nearby: Arc<NearbyIndex>,
-    /// The Shake matcher.
-    pub matcher: Arc<Matcher>,
-    /// Rate limits and the impossible-travel check.
-    pub limits: Arc<Limits>,
-    /// Wall-clock time for TTLs.
-    pub clock: Arc<dyn Clock>,
-    /// The configuration the state was built from.
-    pub config: Arc<Config>,
-    /// Serialises snapshot writers (the periodic one and the one at shutdown).
-    snapshot_lock: Arc<std::sync::Mutex<()>>,
+/// How the server serves, drains, sweeps and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest request message accepted, bytes.
+    pub max_message_bytes: usize,
+    /// Most Nearby calls served at once; more are shed.
+    pub max_concurrent_requests: usize,
+    /// Most Shake calls in flight at once; more are shed.
+    pub max_concurrent_shakes: usize,
+    /// A call that waited longer than this for its handler is shed; zero disables.
+    pub max_queue_delay: Duration,
+    /// Interval of HTTP/2 (and TCP) keepalive pings.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// How long calls and streams may take to finish once the drain starts.
+    pub drain_timeout: Duration,
+    /// How often expired pings, old shake outcomes and idle limits are reclaimed.
+    pub sweep_interval: Duration,
+    /// The snapshot of the People Nearby index.
+    pub snapshot: SnapshotConfig,
 }
 
-impl App {
-    /// State configured by `cfg` (already validated), reading time from `clock`: empty, or
-    /// restored from `--snapshot` when that file exists.
-    ///
-    /// # Errors
-    /// When the operating system has no randomness for the page-token key, or the
-    /// snapshot is unreadable, corrupt or of an unknown version (unless
-    /// `--snapshot-ignore-corrupt`, which starts empty instead).
-    pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
-        let tokens = PageTokens::random().map_err(ServeError::Random)?;
-        let nearby = Arc::new(NearbyIndex::new(cfg.nearby(), tokens));
-        let app = Self {
-            limits: Arc::new(Limits::new(cfg.guard(), nearby.clone())),
-            nearby,
-            matcher: Arc::new(Matcher::new(cfg.shake())),
-            clock,
-            config: Arc::new(cfg.clone()),
-            snapshot_lock: Arc::default(),
-        };
-        if let Some(path) = &cfg.snapshot {
-            app.restore(path)?;
-        }
-        Ok(app)
-    }
-
-    fn restore(&self, path: &Path) -> Result<(), ServeError> {
-        let started = std::time::Instant::now();
-        match snapshot::load(&self.nearby, path, self.clock.now_ms()) {
-            Ok(Some(stats)) => tracing::info!(
-                users = stats.users,
-                expired = stats.expired,
-                bytes = stats.bytes,
-                took_ms = started.elapsed().as_millis() as u64,
-                "snapshot loaded"
-            ),
-            Ok(None) => tracing::info!(path = %path.display(), "no snapshot yet: starting empty"),
-            Err(e @ SnapshotError::Io { .. }) => return Err(e.into()),
-            Err(e) if self.config.snapshot_ignore_corrupt => {
-                let mut aside = path.as_os_str().to_owned();
-                aside.push(".corrupt");
-                let moved = std::fs::rename(path, &aside).is_ok();
-                tracing::warn!(error = %e, moved_to = %Path::new(&aside).display(), moved, "ignoring unusable snapshot: starting empty");
-            }
-            Err(e) => return Err(e.into()),
-        }
-        Ok(())
-    }
-
-    /// Writes a snapshot now, if `--snapshot` is set. Blocking: call from a blocking thread.
-    pub fn write_snapshot(&self) -> Option<Result<snapshot::Stats, SnapshotError>> {
-        let path = self.config.snapshot.as_ref()?;
-        let _one_writer = self
-            .snapshot_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let started = std::time::Instant::now();
-        let result = snapshot::write(&self.nearby, path, self.clock.now_ms());
-        let took = started.elapsed();
-        match &result {
-            Ok(stats) => {
-                metrics::histogram!(names::SNAPSHOT_SECONDS).record(took.as_secs_f64());
-                metrics::gauge!(names::SNAPSHOT_BYTES).set(stats.bytes as f64);
-                tracing::info!(
-                    users = stats.users,
-                    bytes = stats.bytes,
-                    took_ms = took.as_millis() as u64,
-                    "snapshot written"
-                );
-            }
-            Err(e) => tracing::error!(error = %e, "snapshot failed"),
-        }
-        Some(result)
-    }
-
-    /// Reclaims expired pings and old shake outcomes once.
-    pub fn sweep(&self) {
-        let started = std::time::Instant::now();
-        let users = self.nearby.sweep(self.clock.now_ms());
-        let shakes = self.matcher.sweep(tokio::time::Instant::now());
-        let tracked = self.limits.sweep(self.clock.now_ms());
-        let took = started.elapsed();
-        metrics::counter!(names::EXPIRATIONS).increment(users as u64);
-        metrics::histogram!(names::SWEEP_SECONDS).record(took.as_secs_f64());
-        tracing::debug!(
-            expired_users = users,
-            forgotten_shakes = shakes,
-            forgotten_limits = tracked,
-            took_ms = took.as_millis() as u64,
-            "sweep done"
-        );
-    }
-
-    /// Sets the gauges that describe the current state (read at scrape time, so the hot
-    /// paths never touch them).
-    pub fn publish_gauges(&self) {
-        metrics::gauge!(names::INDEXED_USERS).set(self.nearby.len() as f64);
-        metrics::gauge!(names::OCCUPIED_CELLS).set(self.nearby.cell_count() as f64);
-        metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
-        metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
-        metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);
-        for (control, n) in [
-            ("search", self.limits.search.len()),
-            ("shake", self.limits.shake.len()),
-            ("travel", self.limits.travel.len()),
-        ] {
-            metrics::gauge!(names::LIMITS_TRACKED, "control" => control).set(n as f64);
+impl Default for ServerConfig {
+    /// 256 KiB messages, 4 096 Nearby calls and 200 000 shakes at once, 20 ms of queueing,
+    /// keepalive every 30 s with 10 s to answer, 10 s to drain, a sweep every 10 s.
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 256 * 1024,
+            max_concurrent_requests: 4_096,
+            max_concurrent_shakes: 200_000,
+            max_queue_delay: Duration::from_millis(20),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(10),
+            snapshot: SnapshotConfig::default(),
         }
     }
-}
-
-/// Aborts the background task it owns when dropped, so a stopped server leaves nothing running.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn spawn_sweeper(app: App) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(app.config.sweep_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            // The sweep walks every shard: keep it off the async workers.
-            let app = app.clone();
-            if tokio::task::spawn_blocking(move || app.sweep())
-                .await
-                .is_err()
-            {
-                tracing::warn!("sweep task failed");
-            }
-        }
-    }))
-}
-
-/// The snapshot writer: one long-lived OS thread at low CPU priority, so a snapshot of a
-/// large index takes only CPU the request handlers leave idle. It writes every
-/// `--snapshot-interval`, and once more when asked at shutdown.
-struct Snapshotter {
-    tx: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Snapshotter {
-    fn spawn(app: App) -> Option<Self> {
-        app.config.snapshot.as_ref()?;
-        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
-        let spawned = std::thread::Builder::new()
-            .name("geomatch-snapshot".into())
-            .spawn(move || {
-                lower_thread_priority();
-                let interval = app.config.snapshot_interval;
-                loop {
-                    match rx.recv_timeout(interval) {
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            app.write_snapshot();
-                        }
-                        Ok(done) => {
-                            app.write_snapshot();
-                            let _ = done.send(());
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-            });
-        match spawned {
-            Ok(_) => Some(Self { tx }),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the snapshot thread: snapshots only at shutdown");
-                None
-            }
-        }
-    }
-
-    /// Writes a final snapshot and stops the thread.
-    async fn finish(self) {
-        let (done, written) = tokio::sync::oneshot::channel();
-        if self.tx.send(done).is_ok() {
-            let _ = written.await;
-        }
-    }
-}
-
-/// Nice 10 for the calling thread (Linux keeps nice values per thread), so background
-/// work yields the CPU to request handlers. Best effort: a failure only costs latency.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
-        let rc = unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, 10)
-        };
-        if rc != 0 {
-            tracing::debug!("could not lower the snapshot thread's priority");
-        }
-    }
-}
-
-/// Serves `/metrics` on `listener` until the returned guard is dropped.
-fn spawn_metrics(app: App, listener: TcpListener) -> Result<AbortOnDrop, ServeError> {
-    let handle = telemetry::install_metrics().map_err(ServeError::Metrics)?;
-    let upkeep_handle = handle.clone();
-    let render = move || {
-        let (app, handle) = (app.clone(), handle.clone());
-        async move {
-            app.publish_gauges();
-            handle.run_upkeep();
-            handle.render()
-        }
-    };
-    let router = axum::Router::new().route("/metrics", axum::routing::get(render));
-    Ok(AbortOnDrop(tokio::spawn(async move {
-        // Histogram samples are buffered until upkeep folds them in: run it even when
-        // nobody scrapes, or the buffer grows with every request.
-        let upkeep = async {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                upkeep_handle.run_upkeep();
-            }
-        };
-        tokio::select! {
-            served = axum::serve(listener, router) => {
-                if let Err(e) = served {
-                    tracing::warn!(error = %e, "metrics listener failed");
-                }
-            }
-            () = upkeep => {}
-        }
-    })))
 }
 
 /// The sockets geomatch serves on.
@@ -309,8 +101,10 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// Serves geomatch until `shutdown` resolves, then drains: health turns NOT_SERVING, new
-/// connections stop, in-flight calls finish.
+/// Serves geomatch until `shutdown` resolves, then drains: health turns NOT_SERVING,
+/// watches are closed, new connections stop, in-flight calls finish (within the drain
+/// timeout); then the background tasks are stopped and joined and the final snapshot is
+/// written.
 ///
 /// # Errors
 /// [`ServeError`] when reflection or metrics cannot be set up or the transport fails.
@@ -320,11 +114,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let cfg = app.config.clone();
-    let _metrics = listeners
-        .metrics
-        .map(|l| spawn_metrics(app.clone(), l))
-        .transpose()?;
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NearbyServer<NearbyService>>().await;
     health.set_serving::<ShakeServer<ShakeService>>().await;
@@ -339,8 +128,7 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let _sweeper = spawn_sweeper(app.clone());
-    let snapshotter = Snapshotter::spawn(app.clone());
+    let tasks = tasks::start(&app, listeners.metrics)?;
     let nearby = NearbyServer::new(NearbyService::new(
         app.nearby.clone(),
         app.limits.clone(),
@@ -401,15 +189,28 @@ pub async fn serve(
         draining.notified().await;
         tokio::time::sleep(cfg.drain_timeout).await;
     };
-    tokio::select! {
-        served = serving => served?,
-        () = deadline => tracing::warn!(
-            drain_timeout_ms = cfg.drain_timeout.as_millis() as u64,
-            "drain timeout: closing the remaining connections"
-        ),
-    }
-    if let Some(s) = snapshotter {
-        s.finish().await;
+    let served = tokio::select! {
+        served = serving => served,
+        () = deadline => {
+            tracing::warn!(
+                drain_timeout_ms = cfg.drain_timeout.as_millis() as u64,
+                "drain timeout: closing the remaining connections"
+            );
+            Ok(())
+        }
+    };
+    // Stopped and joined on every path, so nothing keeps running after serve returns.
+    tasks.shutdown().await;
+    served?;
+    if cfg.snapshot.path.is_some() {
+        // Written once the periodic writer is joined: the last write, after the drain.
+        let app = app.clone();
+        if tokio::task::spawn_blocking(move || app.write_snapshot())
+            .await
+            .is_err()
+        {
+            tracing::error!("final snapshot task failed");
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -34,7 +34,7 @@ pub struct ShakeConfig {
 impl Default for ShakeConfig {
     fn default() -> Self {
         Self {
-            privacy_resolution: Resolution::Nine,
+            privacy_resolution: crate::geo::cell::PRIVACY_RESOLUTION,
             bucket_resolution: Resolution::Seven,
             window: Duration::from_secs(2),
             result_ttl: Duration::from_secs(60),

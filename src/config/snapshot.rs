@@ -1,0 +1,63 @@
+//! Snapshot flags: the file, how often it is written, and what to do with a corrupt one.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{human::Human, longer_than_zero};
+use crate::server::SnapshotConfig;
+
+/// The snapshot's flags; defaults from [`SnapshotConfig::default`].
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    /// Snapshot file of the People Nearby index: loaded at start (dropping pings that
+    /// expired meanwhile), written every --snapshot-interval and on graceful shutdown.
+    /// Off when not given.
+    #[arg(long, env = "GEOMATCH_SNAPSHOT")]
+    pub snapshot: Option<PathBuf>,
+
+    /// How often the snapshot is written (with --snapshot).
+    #[arg(long, env = "GEOMATCH_SNAPSHOT_INTERVAL", default_value_t = Human(SnapshotConfig::default().interval))]
+    pub snapshot_interval: Human,
+
+    /// Start empty (with a warning, moving the bad file to <path>.corrupt) instead of
+    /// refusing to start when the snapshot is corrupt or of an unknown version.
+    #[arg(long, env = "GEOMATCH_SNAPSHOT_IGNORE_CORRUPT")]
+    pub snapshot_ignore_corrupt: bool,
+}
+
+impl SnapshotArgs {
+    /// The snapshot's settings.
+    ///
+    /// # Errors
+    /// When `--snapshot-interval` is zero (checked even without `--snapshot`).
+    pub fn settings(&self) -> anyhow::Result<SnapshotConfig> {
+        longer_than_zero("--snapshot-interval", self.snapshot_interval.get())?;
+        Ok(SnapshotConfig {
+            path: self.snapshot.clone(),
+            interval: self.snapshot_interval.get(),
+            ignore_corrupt: self.snapshot_ignore_corrupt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+
+    #[test]
+    fn snapshot_flags_are_checked_and_converted() {
+        let (_, s) = parse(&["--snapshot", "/tmp/x.snap", "--snapshot-interval", "2s"]).unwrap();
+        let snap = s.server.snapshot;
+        assert_eq!(
+            snap.path.as_deref(),
+            Some(std::path::Path::new("/tmp/x.snap"))
+        );
+        assert_eq!(snap.interval, std::time::Duration::from_secs(2));
+        assert!(!snap.ignore_corrupt);
+        let err = parse(&["--snapshot-interval", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--snapshot-interval 0"), "{err}");
+    }
+}

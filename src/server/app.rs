@@ -1,0 +1,180 @@
+//! The service's shared state and its upkeep: the rooms wired together, restored from and
+//! written to the snapshot, swept, and described by gauges.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use super::{ServeError, ServerConfig};
+use crate::{
+    clock::Clock,
+    config::{Config, Settings},
+    guard::Limits,
+    nearby::snapshot::{self, SnapshotError},
+    nearby::{NearbyIndex, PageTokens},
+    shake::Matcher,
+    telemetry::names,
+};
+
+/// Where and how often the People Nearby index is snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// The snapshot file; no snapshots when `None`.
+    pub path: Option<PathBuf>,
+    /// How often the snapshot is written (and once more at shutdown).
+    pub interval: Duration,
+    /// Start empty (moving the file aside) instead of refusing a corrupt or
+    /// unknown-version snapshot.
+    pub ignore_corrupt: bool,
+}
+
+impl Default for SnapshotConfig {
+    /// No snapshots; when a file is given, written every 60 s.
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval: Duration::from_secs(60),
+            ignore_corrupt: false,
+        }
+    }
+}
+
+/// The service's shared state: cheap to clone, every part behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The People Nearby index.
+    pub nearby: Arc<NearbyIndex>,
+    /// The Shake matcher.
+    pub matcher: Arc<Matcher>,
+    /// Rate limits and the impossible-travel check.
+    pub limits: Arc<Limits>,
+    /// Wall-clock time for TTLs.
+    pub clock: Arc<dyn Clock>,
+    /// How the server serves, drains, sweeps and snapshots.
+    pub config: Arc<ServerConfig>,
+    /// Serialises snapshot writers.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
+}
+
+impl App {
+    /// State configured by `cfg`, reading time from `clock`: empty, or restored from
+    /// `--snapshot` when that file exists.
+    ///
+    /// # Errors
+    /// [`ServeError::Config`] when a flag has a bad value; otherwise as
+    /// [`Self::from_settings`].
+    pub fn new(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+        Self::from_settings(cfg.settings().map_err(ServeError::Config)?, clock)
+    }
+
+    /// State built from `settings`, reading time from `clock`: empty, or restored from the
+    /// snapshot file when one is configured and exists.
+    ///
+    /// # Errors
+    /// When the operating system has no randomness for the page-token key, or the
+    /// snapshot is unreadable, corrupt or of an unknown version (unless
+    /// `ignore_corrupt`, which starts empty instead).
+    pub fn from_settings(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+        let tokens = PageTokens::random().map_err(ServeError::Random)?;
+        let nearby = Arc::new(NearbyIndex::new(settings.nearby, tokens));
+        let app = Self {
+            limits: Arc::new(Limits::new(settings.guard, nearby.clone())),
+            nearby,
+            matcher: Arc::new(Matcher::new(settings.shake)),
+            clock,
+            config: Arc::new(settings.server),
+            snapshot_lock: Arc::default(),
+        };
+        if let Some(path) = &app.config.snapshot.path {
+            app.restore(path)?;
+        }
+        Ok(app)
+    }
+
+    fn restore(&self, path: &Path) -> Result<(), ServeError> {
+        let started = std::time::Instant::now();
+        match snapshot::load(&self.nearby, path, self.clock.now_ms()) {
+            Ok(Some(stats)) => tracing::info!(
+                users = stats.users,
+                expired = stats.expired,
+                bytes = stats.bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "snapshot loaded"
+            ),
+            Ok(None) => tracing::info!(path = %path.display(), "no snapshot yet: starting empty"),
+            Err(e @ SnapshotError::Io { .. }) => return Err(e.into()),
+            Err(e) if self.config.snapshot.ignore_corrupt => {
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(".corrupt");
+                let moved = std::fs::rename(path, &aside).is_ok();
+                tracing::warn!(error = %e, moved_to = %Path::new(&aside).display(), moved, "ignoring unusable snapshot: starting empty");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot now, if a snapshot file is configured. Blocking: call from a
+    /// blocking thread.
+    pub fn write_snapshot(&self) -> Option<Result<snapshot::Stats, SnapshotError>> {
+        let path = self.config.snapshot.path.as_ref()?;
+        let _one_writer = self
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = std::time::Instant::now();
+        let result = snapshot::write(&self.nearby, path, self.clock.now_ms());
+        let took = started.elapsed();
+        match &result {
+            Ok(stats) => {
+                metrics::histogram!(names::SNAPSHOT_SECONDS).record(took.as_secs_f64());
+                metrics::gauge!(names::SNAPSHOT_BYTES).set(stats.bytes as f64);
+                tracing::info!(
+                    users = stats.users,
+                    bytes = stats.bytes,
+                    took_ms = took.as_millis() as u64,
+                    "snapshot written"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        }
+        Some(result)
+    }
+
+    /// Reclaims expired pings and old shake outcomes once.
+    pub fn sweep(&self) {
+        let started = std::time::Instant::now();
+        let users = self.nearby.sweep(self.clock.now_ms());
+        let shakes = self.matcher.sweep(tokio::time::Instant::now());
+        let tracked = self.limits.sweep(self.clock.now_ms());
+        let took = started.elapsed();
+        metrics::counter!(names::EXPIRATIONS).increment(users as u64);
+        metrics::histogram!(names::SWEEP_SECONDS).record(took.as_secs_f64());
+        tracing::debug!(
+            expired_users = users,
+            forgotten_shakes = shakes,
+            forgotten_limits = tracked,
+            took_ms = took.as_millis() as u64,
+            "sweep done"
+        );
+    }
+
+    /// Sets the gauges that describe the current state (read at scrape time, so the hot
+    /// paths never touch them).
+    pub fn publish_gauges(&self) {
+        metrics::gauge!(names::INDEXED_USERS).set(self.nearby.len() as f64);
+        metrics::gauge!(names::OCCUPIED_CELLS).set(self.nearby.cell_count() as f64);
+        metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
+        metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
+        metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);
+        for (control, n) in [
+            ("search", self.limits.search.len()),
+            ("shake", self.limits.shake.len()),
+            ("travel", self.limits.travel.len()),
+        ] {
+            metrics::gauge!(names::LIMITS_TRACKED, "control" => control).set(n as f64);
+        }
+    }
+}
