@@ -10,7 +10,7 @@ use crate::server::ServerConfig;
 /// The server's own flags; defaults from [`ServerConfig::default`].
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Largest request message accepted, bytes; larger ones get RESOURCE_EXHAUSTED.
+    /// Largest request message accepted, bytes; larger ones get OUT_OF_RANGE.
     #[arg(long, env = "GEOMATCH_MAX_MESSAGE_BYTES", default_value_t = ServerConfig::default().max_message_bytes)]
     pub max_message_bytes: usize,
 
