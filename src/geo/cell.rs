@@ -41,7 +41,7 @@ pub struct Ring {
 }
 
 /// Ring-by-ring cover of a disk of `radius_m` around a point, nearest ring first.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RingCover {
     origin: CellIndex,
     centre: LatLng,

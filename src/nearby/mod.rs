@@ -327,3 +327,6 @@ mod watch_tests;
 
 #[cfg(test)]
 mod proptests;
+
+#[cfg(test)]
+mod search_tests;

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use h3o::{CellIndex, LatLng};
+use h3o::{CellIndex, LatLng, Resolution};
 
 use super::{
     Found, Gender, NearbyConfig, Query, SearchPage, SearchRequest,
@@ -31,6 +31,71 @@ use crate::{
 /// cells, a 1 km search at resolution 9): dense searches finish within them, wide sparse
 /// ones go on coarse.
 const FINE_RINGS: u32 = 6;
+
+/// What the query engine reads: the occupied privacy cells and their members.
+///
+/// The in-memory maps answer every read at once (`Miss = Infallible`, so the engine's
+/// "fetch and walk again" branch compiles away for them). A remote store answers from
+/// what it has fetched so far and misses the rest: the engine then stops with [`Need`],
+/// naming the whole batch the walk is at (a ring of privacy cells, or a ring of coarse
+/// cells), the caller fetches it in one round trip and runs the walk again. Ring order,
+/// early stop, filtering and pagination are the same code for every store.
+pub(crate) trait CellSource {
+    /// What a read that cannot be answered yet returns.
+    type Miss;
+
+    /// Resolution of the privacy cells.
+    fn resolution(&self) -> Resolution;
+
+    /// `f` over the packed, id-sorted members of privacy cell `cell`; `Ok(None)` when the
+    /// cell is empty.
+    ///
+    /// # Errors
+    /// `Miss` when the source does not know yet.
+    fn bucket<R>(
+        &self,
+        cell: CellIndex,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, Self::Miss>;
+
+    /// Appends the occupied privacy cells of coarse cell `coarse` to `out`.
+    ///
+    /// # Errors
+    /// `Miss` when the source does not know yet.
+    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), Self::Miss>;
+}
+
+/// What a walk over a partial [`CellSource`] needs fetched before it can go on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Need {
+    /// Privacy cells whose members are wanted.
+    pub(crate) cells: Vec<CellIndex>,
+    /// Coarse cells whose occupied privacy cells are wanted.
+    pub(crate) coarse: Vec<CellIndex>,
+}
+
+impl CellSource for Maps {
+    type Miss = std::convert::Infallible;
+
+    fn resolution(&self) -> Resolution {
+        self.res
+    }
+
+    fn bucket<R>(
+        &self,
+        cell: CellIndex,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, Self::Miss> {
+        Ok(self.cells.read(cell_shard(cell)).get(&cell).map(|b| f(b)))
+    }
+
+    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), Self::Miss> {
+        if let Some(list) = self.coarse.read(cell_shard(coarse)).get(&coarse) {
+            out.extend_from_slice(list);
+        }
+        Ok(())
+    }
+}
 
 /// Validates a search as received into a [`Query`]: radius and page size by the index's
 /// rules, the page token by its key and the query it was issued for.
@@ -87,131 +152,204 @@ impl Hit {
     }
 }
 
+/// A walk stopped because its source missed: what to fetch, and the source's own miss.
+#[derive(Debug)]
+pub(crate) struct Missed<M> {
+    /// The batch to fetch before walking again (read by sources that can miss; the
+    /// in-memory maps never do).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) need: Need,
+    /// What the source said (uninhabited for sources that never miss).
+    pub(crate) miss: M,
+}
+
+/// The result of a walk over `S`.
+pub(crate) type Walked<T, S> = Result<T, Missed<<S as CellSource>::Miss>>;
+
+/// One page of the visible users within the query's radius, nearest first (ties by user
+/// id), with the token of the next page if there is one.
+///
+/// # Errors
+/// [`Missed`] when `src` does not hold a batch the walk reached yet.
+pub(crate) fn page<S: CellSource>(
+    src: &S,
+    tokens: &PageTokens,
+    q: &Query,
+    now_ms: i64,
+) -> Walked<SearchPage, S> {
+    let limit = q.limit.get();
+    // One more than the page, to know whether another page follows.
+    let need = limit + 1;
+    let filter = Filter {
+        searcher: &q.searcher,
+        gender: q.gender,
+        after: q.after.as_ref(),
+        now_ms,
+    };
+    let mut hits = find(src, q.centre.latlng(), q.radius.m(), need, &filter)?;
+    let next_page_token = (hits.len() > limit).then(|| {
+        let last = &hits[limit - 1];
+        tokens.encode(
+            &scope(q),
+            &Cursor {
+                distance_key: last.key,
+                user: last.user.clone(),
+            },
+        )
+    });
+    hits.truncate(limit);
+    Ok(SearchPage {
+        users: hits.into_iter().map(Hit::found).collect(),
+        next_page_token,
+    })
+}
+
+/// Every user `filter` admits within `radius_m` of `centre`, nearest first (ties by id):
+/// what a watch starts from.
+///
+/// # Errors
+/// [`Missed`] as [`page`].
+pub(crate) fn within<S: CellSource>(
+    src: &S,
+    centre: LatLng,
+    radius_m: f64,
+    filter: &Filter<'_>,
+) -> Walked<Vec<Found>, S> {
+    Ok(find(src, centre, radius_m, usize::MAX, filter)?
+        .into_iter()
+        .map(Hit::found)
+        .collect())
+}
+
 impl Maps {
-    /// One page of the visible users within the query's radius, nearest first (ties by
-    /// user id), with the token of the next page if there is one.
+    /// [`page`] over the in-memory maps, which never miss.
     pub(super) fn search(&self, tokens: &PageTokens, q: &Query, now_ms: i64) -> SearchPage {
-        let limit = q.limit.get();
-        // One more than the page, to know whether another page follows.
-        let need = limit + 1;
-        let filter = Filter {
-            searcher: &q.searcher,
-            gender: q.gender,
-            after: q.after.as_ref(),
-            now_ms,
-        };
-        let mut hits = self.find(q.centre.latlng(), q.radius.m(), need, &filter);
-        let next_page_token = (hits.len() > limit).then(|| {
-            let last = &hits[limit - 1];
-            tokens.encode(
-                &scope(q),
-                &Cursor {
-                    distance_key: last.key,
-                    user: last.user.clone(),
-                },
-            )
-        });
-        hits.truncate(limit);
-        SearchPage {
-            users: hits.into_iter().map(Hit::found).collect(),
-            next_page_token,
+        match page(self, tokens, q, now_ms) {
+            Ok(p) => p,
+            Err(m) => match m.miss {},
         }
     }
 
-    /// Every user `filter` admits within `radius_m` of `centre`, nearest first (ties by
-    /// id): what a watch starts from.
+    /// [`within`] over the in-memory maps, which never miss.
     pub(super) fn within(&self, centre: LatLng, radius_m: f64, filter: &Filter<'_>) -> Vec<Found> {
-        self.find(centre, radius_m, usize::MAX, filter)
-            .into_iter()
-            .map(Hit::found)
-            .collect()
+        match within(self, centre, radius_m, filter) {
+            Ok(f) => f,
+            Err(m) => match m.miss {},
+        }
     }
+}
 
-    /// The first `need` users `filter` admits within `radius` of `centre`, in result order.
-    fn find(&self, centre: LatLng, radius: f64, need: usize, filter: &Filter<'_>) -> Vec<Hit> {
-        let mut cover = Walk::new(self, centre, radius);
-        let mut ring = Ring::default();
-        let mut cands: Vec<Candidate> = Vec::new();
-        let mut counted = 0usize;
-        let mut pending = cover.next_ring(&mut ring);
-        let mut recheck = false;
-        loop {
-            // Pass 1: walk rings, counting eligible users per cell without copying them, until
-            // `need` are nearer than anything the next ring can hold (or the radius is covered).
-            while pending {
-                if !recheck
-                    && counted >= need
-                    && enough_before(&cands, need, distance_key(ring.lower_bound_m))
-                {
-                    break;
+/// The first `need` users `filter` admits within `radius` of `centre`, in result order.
+fn find<S: CellSource>(
+    src: &S,
+    centre: LatLng,
+    radius: f64,
+    need: usize,
+    filter: &Filter<'_>,
+) -> Walked<Vec<Hit>, S> {
+    let mut cover = Walk::new(src, centre, radius);
+    let mut ring = Ring::default();
+    let mut cands: Vec<Candidate> = Vec::new();
+    let mut counted = 0usize;
+    let mut pending = cover.next_ring(&mut ring)?;
+    let mut recheck = false;
+    loop {
+        // Pass 1: walk rings, counting eligible users per cell without copying them, until
+        // `need` are nearer than anything the next ring can hold (or the radius is covered).
+        while pending {
+            if !recheck
+                && counted >= need
+                && enough_before(&cands, need, distance_key(ring.lower_bound_m))
+            {
+                break;
+            }
+            recheck = false;
+            let mut missed: Option<S::Miss> = None;
+            let mut missing = Vec::new();
+            for &(cell, d) in &ring.cells {
+                if d > radius {
+                    continue;
                 }
-                recheck = false;
-                for &(cell, d) in &ring.cells {
-                    if d > radius {
-                        continue;
-                    }
-                    let key = distance_key(d);
-                    if filter.after.is_some_and(|c| key < c.distance_key) {
-                        continue;
-                    }
-                    let cells = self.cells.read(cell_shard(cell));
-                    let Some(bucket) = cells.get(&cell) else {
-                        continue;
-                    };
-                    // Counting stops at `need`: the walk only ever compares counts with
-                    // `need`, and a crowded cell then costs what a page does.
-                    let eligible = filter
+                let key = distance_key(d);
+                if filter.after.is_some_and(|c| key < c.distance_key) {
+                    continue;
+                }
+                // Counting stops at `need`: the walk only ever compares counts with
+                // `need`, and a crowded cell then costs what a page does.
+                let counted_here = src.bucket(cell, |bucket| {
+                    filter
                         .start(bucket, key)
                         .filter(|m| filter.matches(m))
                         .take(need)
-                        .count();
-                    drop(cells);
-                    if eligible > 0 {
-                        cands.push(Candidate {
-                            key,
-                            distance_m: d,
-                            cell,
-                            eligible,
-                        });
-                        counted += eligible;
+                        .count()
+                });
+                let eligible = match counted_here {
+                    Ok(Some(n)) => n,
+                    Ok(None) => continue,
+                    Err(m) => {
+                        missed.get_or_insert(m);
+                        missing.push(cell);
+                        continue;
                     }
-                }
-                pending = cover.next_ring(&mut ring);
-            }
-            // Pass 2: copy out just the users that make the page, nearest cells first.
-            cands.sort_unstable_by_key(|c| (c.key, c.cell));
-            let hits = self.collect(&cands, need, filter);
-            // Buckets may have changed between the passes (moves, expiry): make sure the
-            // page is still provably complete, or walk on.
-            let complete = !pending
-                || (hits.len() >= need && hits[need - 1].key < distance_key(ring.lower_bound_m));
-            if complete {
-                return hits;
-            }
-            recheck = true;
-        }
-    }
-
-    /// Copies the first `need` eligible users out of `cands` (sorted by distance), in result
-    /// order. Cells at exactly the same distance are merged by user id; a user seen twice
-    /// (moved between two cells during the search) is kept once, at the nearer cell.
-    fn collect(&self, cands: &[Candidate], need: usize, filter: &Filter<'_>) -> Vec<Hit> {
-        let mut hits: Vec<Hit> = Vec::with_capacity(need.min(1_024));
-        let mut seen = HashSet::with_capacity(need.min(1_024));
-        let mut group_start = 0;
-        while group_start < cands.len() && hits.len() < need {
-            let key = cands[group_start].key;
-            let group_end = cands[group_start..]
-                .iter()
-                .position(|c| c.key != key)
-                .map_or(cands.len(), |n| group_start + n);
-            let first_new = hits.len();
-            let single = group_end - group_start == 1;
-            'cells: for c in &cands[group_start..group_end] {
-                let cells = self.cells.read(cell_shard(c.cell));
-                let Some(bucket) = cells.get(&c.cell) else {
-                    continue;
                 };
+                if eligible > 0 {
+                    cands.push(Candidate {
+                        key,
+                        distance_m: d,
+                        cell,
+                        eligible,
+                    });
+                    counted += eligible;
+                }
+            }
+            if let Some(miss) = missed {
+                missing.extend(cover.ahead());
+                return Err(Missed {
+                    need: Need {
+                        cells: missing,
+                        coarse: Vec::new(),
+                    },
+                    miss,
+                });
+            }
+            pending = cover.next_ring(&mut ring)?;
+        }
+        // Pass 2: copy out just the users that make the page, nearest cells first.
+        cands.sort_unstable_by_key(|c| (c.key, c.cell));
+        let hits = collect(src, &cands, need, filter)?;
+        // Buckets may have changed between the passes (moves, expiry): make sure the
+        // page is still provably complete, or walk on.
+        let complete = !pending
+            || (hits.len() >= need && hits[need - 1].key < distance_key(ring.lower_bound_m));
+        if complete {
+            return Ok(hits);
+        }
+        recheck = true;
+    }
+}
+
+/// Copies the first `need` eligible users out of `cands` (sorted by distance), in result
+/// order. Cells at exactly the same distance are merged by user id; a user seen twice
+/// (moved between two cells during the search) is kept once, at the nearer cell.
+fn collect<S: CellSource>(
+    src: &S,
+    cands: &[Candidate],
+    need: usize,
+    filter: &Filter<'_>,
+) -> Walked<Vec<Hit>, S> {
+    let mut hits: Vec<Hit> = Vec::with_capacity(need.min(1_024));
+    let mut seen = HashSet::with_capacity(need.min(1_024));
+    let mut group_start = 0;
+    while group_start < cands.len() && hits.len() < need {
+        let key = cands[group_start].key;
+        let group_end = cands[group_start..]
+            .iter()
+            .position(|c| c.key != key)
+            .map_or(cands.len(), |n| group_start + n);
+        let first_new = hits.len();
+        let single = group_end - group_start == 1;
+        for c in &cands[group_start..group_end] {
+            let copied = src.bucket(c.cell, |bucket| {
                 for m in filter.start(bucket, key) {
                     if !filter.matches(&m) {
                         continue;
@@ -229,22 +367,35 @@ impl Maps {
                     });
                     // A lone cell is already in id order: stop as soon as the page is full.
                     if single && hits.len() == need {
-                        break 'cells;
+                        break;
                     }
                 }
+            });
+            if let Err(miss) = copied {
+                // Pass 1 read this cell: only a source that forgot it can miss here.
+                return Err(Missed {
+                    need: Need {
+                        cells: vec![c.cell],
+                        coarse: Vec::new(),
+                    },
+                    miss,
+                });
             }
-            if !single {
-                let mut group = hits.split_off(first_new);
-                group.sort_unstable_by(|a, b| a.user.cmp(&b.user));
-                group.dedup_by(|a, b| a.user == b.user);
-                hits.extend(group);
+            if single && hits.len() == need {
+                break;
             }
-            seen.extend(hits[first_new..].iter().map(|h| h.user.clone()));
-            hits.truncate(need);
-            group_start = group_end;
         }
-        hits
+        if !single {
+            let mut group = hits.split_off(first_new);
+            group.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+            group.dedup_by(|a, b| a.user == b.user);
+            hits.extend(group);
+        }
+        seen.extend(hits[first_new..].iter().map(|h| h.user.clone()));
+        hits.truncate(need);
+        group_start = group_end;
     }
+    Ok(hits)
 }
 
 /// The order a search visits privacy cells in: rings of privacy cells around the centre
@@ -252,8 +403,8 @@ impl Maps {
 /// into the occupied privacy cells it holds (skipping those already visited). Every batch
 /// carries a lower bound on the distance to anything in it or in later batches, so the
 /// search can stop as soon as its page is provably complete.
-struct Walk<'a> {
-    maps: &'a Maps,
+struct Walk<'a, S> {
+    src: &'a S,
     centre: LatLng,
     radius_m: f64,
     fine: RingCover,
@@ -268,15 +419,17 @@ struct Walk<'a> {
     /// The next coarse ring, fetched ahead so its bound is known.
     lookahead: Ring,
     lookahead_valid: bool,
+    /// Reused for the occupied cells of one coarse cell.
+    scratch: Vec<CellIndex>,
 }
 
-impl<'a> Walk<'a> {
-    fn new(maps: &'a Maps, centre: LatLng, radius_m: f64) -> Self {
+impl<'a, S: CellSource> Walk<'a, S> {
+    fn new(src: &'a S, centre: LatLng, radius_m: f64) -> Self {
         Self {
-            maps,
+            src,
             centre,
             radius_m,
-            fine: RingCover::new(centre, maps.res, radius_m),
+            fine: RingCover::new(centre, src.resolution(), radius_m),
             fine_rings: 0,
             visited: HashSet::new(),
             coarse: None,
@@ -285,7 +438,40 @@ impl<'a> Walk<'a> {
             current: Vec::new(),
             lookahead: Ring::default(),
             lookahead_valid: false,
+            scratch: Vec::new(),
         }
+    }
+
+    /// The privacy cells a remote source should fetch along with a missed ring, so one
+    /// round trip serves several rings: the rest of the fine disk while the walk is in
+    /// it, or the occupied cells of the rest of the current coarse ring (those whose
+    /// occupancy is known).
+    fn ahead(&self) -> Vec<CellIndex> {
+        let mut out = Vec::new();
+        if self.coarse.is_none() {
+            let mut rest = self.fine.clone();
+            let mut ring = Ring::default();
+            for _ in self.fine_rings..FINE_RINGS {
+                if !rest.next_ring(&mut ring) {
+                    break;
+                }
+                out.extend(
+                    ring.cells
+                        .iter()
+                        .filter(|(_, d)| *d <= self.radius_m)
+                        .map(|&(c, _)| c),
+                );
+            }
+        } else {
+            let mut list = Vec::new();
+            for &(coarse, _) in &self.current {
+                list.clear();
+                if self.src.occupied(coarse, &mut list).is_ok() {
+                    out.extend(list.iter().filter(|c| !self.visited.contains(c)));
+                }
+            }
+        }
+        out
     }
 
     fn advance_coarse_ring(&mut self) -> bool {
@@ -310,20 +496,20 @@ impl<'a> Walk<'a> {
         true
     }
 
-    fn next_ring(&mut self, ring: &mut Ring) -> bool {
+    fn next_ring(&mut self, ring: &mut Ring) -> Walked<bool, S> {
         if self.coarse.is_none() {
             if !self.fine.next_ring(ring) {
-                return false;
+                return Ok(false);
             }
             if self.fine_rings < FINE_RINGS {
                 self.fine_rings += 1;
-                return true;
+                return Ok(true);
             }
             // The ring just computed is the first one outside the fine disk: its bound holds
             // for everything not yet visited. Go coarse from here. (The visited set is built
             // only now: most searches never get here.)
             self.beyond_fine_m = ring.lower_bound_m;
-            let origin = self.centre.to_cell(self.maps.res);
+            let origin = self.centre.to_cell(self.src.resolution());
             self.visited = origin
                 .grid_disk::<Vec<_>>(FINE_RINGS - 1)
                 .into_iter()
@@ -334,12 +520,26 @@ impl<'a> Walk<'a> {
         }
         while self.current.is_empty() {
             if !self.advance_coarse_ring() {
-                return false;
+                return Ok(false);
             }
         }
-        let Some((coarse_cell, d)) = self.current.pop() else {
-            return false;
+        let Some(&(coarse_cell, d)) = self.current.last() else {
+            return Ok(false);
         };
+        ring.cells.clear();
+        let mut list = std::mem::take(&mut self.scratch);
+        list.clear();
+        if let Err(miss) = self.src.occupied(coarse_cell, &mut list) {
+            // Fetch the occupancy of the whole coarse ring at once.
+            return Err(Missed {
+                need: Need {
+                    cells: Vec::new(),
+                    coarse: self.current.iter().map(|&(c, _)| c).collect(),
+                },
+                miss,
+            });
+        }
+        self.current.pop();
         // Later coarse cells of this ring are farther (sorted); later rings are bounded by
         // the lookahead ring's bound.
         let later_rings = if self.lookahead_valid {
@@ -348,22 +548,15 @@ impl<'a> Walk<'a> {
             f64::INFINITY
         };
         let this_and_rest = (d - self.coarse_circumradius_m).min(later_rings);
-        ring.cells.clear();
         ring.lower_bound_m = this_and_rest.max(self.beyond_fine_m).max(0.0);
-        if let Some(list) = self
-            .maps
-            .coarse
-            .read(cell_shard(coarse_cell))
-            .get(&coarse_cell)
-        {
-            for &cell in list.iter() {
-                if !self.visited.contains(&cell) {
-                    ring.cells
-                        .push((cell, distance_m(self.centre, LatLng::from(cell))));
-                }
+        for &cell in &list {
+            if !self.visited.contains(&cell) {
+                ring.cells
+                    .push((cell, distance_m(self.centre, LatLng::from(cell))));
             }
         }
-        true
+        self.scratch = list;
+        Ok(true)
     }
 }
 

@@ -1,0 +1,199 @@
+//! The query engine over a source that holds only what was fetched (how a remote store
+//! runs it): every page is identical to the in-memory one, and the walk asks for whole
+//! batches, so a search costs a few round trips, not one per cell.
+
+use std::{cell::RefCell, collections::HashSet};
+
+use h3o::CellIndex;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::{
+    search::{CellSource, Need, page},
+    *,
+};
+use crate::geo::offset;
+
+/// The maps, revealed a batch at a time: a cell reads only once it was asked for.
+struct Partial<'a> {
+    maps: &'a maps::Maps,
+    cells: RefCell<HashSet<CellIndex>>,
+    coarse: RefCell<HashSet<CellIndex>>,
+}
+
+impl<'a> Partial<'a> {
+    fn new(maps: &'a maps::Maps) -> Self {
+        Self {
+            maps,
+            cells: RefCell::default(),
+            coarse: RefCell::default(),
+        }
+    }
+
+    /// Fetches `need`; returns how many of its cells were new (a walk that asks for
+    /// nothing new would never end).
+    fn fetch(&self, need: &Need) -> usize {
+        let mut fresh = 0;
+        for c in &need.cells {
+            fresh += usize::from(self.cells.borrow_mut().insert(*c));
+        }
+        for c in &need.coarse {
+            fresh += usize::from(self.coarse.borrow_mut().insert(*c));
+        }
+        fresh
+    }
+}
+
+impl CellSource for Partial<'_> {
+    type Miss = ();
+
+    fn resolution(&self) -> h3o::Resolution {
+        self.maps.resolution()
+    }
+
+    fn bucket<R>(&self, cell: CellIndex, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, ()> {
+        if !self.cells.borrow().contains(&cell) {
+            return Err(());
+        }
+        match self.maps.bucket(cell, f) {
+            Ok(r) => Ok(r),
+            Err(never) => match never {},
+        }
+    }
+
+    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), ()> {
+        if !self.coarse.borrow().contains(&coarse) {
+            return Err(());
+        }
+        match self.maps.occupied(coarse, out) {
+            Ok(()) => Ok(()),
+            Err(never) => match never {},
+        }
+    }
+}
+
+const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
+const NOW: i64 = 1_700_000_000_000;
+
+fn uid(s: &str) -> UserId {
+    UserId::new("user_id", s).unwrap()
+}
+
+fn pos((lat, lng): (f64, f64)) -> Coordinates {
+    Coordinates::new("position", lat, lng).unwrap()
+}
+
+/// Walks `q` to completion over a fresh partial source; returns the page and the round
+/// trips it took.
+fn staged(idx: &NearbyIndex, q: &Query) -> (SearchPage, usize) {
+    let src = Partial::new(&idx.maps);
+    for round in 0..200 {
+        match page(&src, &idx.tokens, q, NOW) {
+            Ok(p) => return (p, round),
+            Err(m) => assert!(src.fetch(&m.need) > 0, "a miss must ask for something new"),
+        }
+    }
+    panic!("the walk did not finish in 200 round trips");
+}
+
+/// A dense city (a few thousand users within ~3 km) and a sparse country around it.
+fn populated() -> NearbyIndex {
+    let idx = NearbyIndex::new(NearbyConfig::default(), PageTokens::new([5; 32]));
+    let mut rng = StdRng::seed_from_u64(11);
+    for i in 0..4_000 {
+        let (dx, dy) = if i % 5 == 0 {
+            (
+                rng.random_range(-60_000.0..60_000.0),
+                rng.random_range(-60_000.0..60_000.0),
+            )
+        } else {
+            (
+                rng.random_range(-3_000.0..3_000.0),
+                rng.random_range(-3_000.0..3_000.0),
+            )
+        };
+        let gender = if i % 2 == 0 {
+            Gender::Female
+        } else {
+            Gender::Male
+        };
+        idx.update(
+            uid(&format!("u{i:05}")),
+            pos(offset(SHANGHAI.0, SHANGHAI.1, dx, dy)),
+            gender,
+            NOW,
+        );
+    }
+    idx
+}
+
+#[test]
+fn every_page_over_a_partial_source_equals_the_in_memory_page() {
+    let idx = populated();
+    let mut rng = StdRng::seed_from_u64(12);
+    for _ in 0..60 {
+        let centre = offset(
+            SHANGHAI.0,
+            SHANGHAI.1,
+            rng.random_range(-40_000.0..40_000.0),
+            rng.random_range(-40_000.0..40_000.0),
+        );
+        let mut req = SearchRequest {
+            searcher: uid("u00007"),
+            centre: pos(centre),
+            radius_m: [300.0, 1_000.0, 5_000.0, 10_000.0][rng.random_range(0..4)],
+            limit: rng.random_range(1..60),
+            gender: [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)],
+            page_token: String::new(),
+        };
+        // Every page of the walk, in order, including the last.
+        for _ in 0..100 {
+            let q = idx.query(&req).unwrap();
+            let direct = idx.search(&q, NOW);
+            let (staged, _) = staged(&idx, &q);
+            assert_eq!(staged, direct, "{req:?}");
+            match direct.next_page_token {
+                Some(t) => req.page_token = t,
+                None => break,
+            }
+        }
+    }
+}
+
+#[test]
+fn a_walk_asks_for_whole_batches() {
+    let idx = populated();
+    let dense = idx
+        .query(&SearchRequest {
+            searcher: uid("nobody"),
+            centre: pos(SHANGHAI),
+            radius_m: 1_000.0,
+            limit: 20,
+            gender: Gender::Unspecified,
+            page_token: String::new(),
+        })
+        .unwrap();
+    // The whole fine disk comes in the first batch: a dense search is one round trip.
+    let (p, rounds) = staged(&idx, &dense);
+    assert_eq!(p.users.len(), 20);
+    assert_eq!(rounds, 1);
+    // A wide search in sparse country walks coarse rings: a round trip for each ring's
+    // occupancy and one for its occupied cells, never one per cell.
+    let sparse = idx
+        .query(&SearchRequest {
+            centre: pos(offset(SHANGHAI.0, SHANGHAI.1, 45_000.0, 45_000.0)),
+            radius_m: 10_000.0,
+            ..SearchRequest {
+                searcher: uid("nobody"),
+                centre: pos(SHANGHAI),
+                radius_m: 0.0,
+                limit: 50,
+                gender: Gender::Unspecified,
+                page_token: String::new(),
+            }
+        })
+        .unwrap();
+    let (p, rounds) = staged(&idx, &sparse);
+    assert_eq!(p, idx.search(&sparse, NOW));
+    let occupied: usize = p.users.len();
+    assert!(rounds <= 30, "{rounds} round trips for {occupied} users");
+}
