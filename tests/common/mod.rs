@@ -1,8 +1,10 @@
-//! Shared harness: the real server in-process on an ephemeral port, with a manual clock.
+//! Shared harness: the real server in-process on an ephemeral port, with a manual clock;
+//! Redis and Valkey servers for the tests that need them ([`redis`]).
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod build;
 pub mod fixtures;
+pub mod redis;
 
 use std::{net::SocketAddr, sync::Arc};
 
