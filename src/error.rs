@@ -49,6 +49,10 @@ pub enum Error {
     /// The caller's own deadline passed before the operation finished.
     #[error("the caller's deadline passed")]
     DeadlineExceeded,
+    /// The store holding the state cannot be reached right now; nothing was decided, and
+    /// the caller may retry (on this replica or another).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -59,7 +63,10 @@ impl Error {
                 Some(field)
             }
             Self::ImpossibleTravel { .. } => Some("position"),
-            Self::RateLimited { .. } | Self::ResourceExhausted(_) | Self::DeadlineExceeded => None,
+            Self::RateLimited { .. }
+            | Self::ResourceExhausted(_)
+            | Self::DeadlineExceeded
+            | Self::Unavailable(_) => None,
         }
     }
 

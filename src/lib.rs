@@ -9,6 +9,8 @@
 //! - [`nearby`]: People Nearby: the location index, its search, page tokens, watches and
 //!   snapshots.
 //! - [`shake`]: the Shake matcher.
+//! - [`store`]: where People Nearby is held: in memory, or in Redis / Valkey (one server
+//!   or a Cluster) for any number of replicas.
 //! - [`guard`]: abuse controls: per-user rate limits and the impossible-travel check.
 //! - [`grpc`]: the only module that knows tonic/prost: generated code, admission,
 //!   adapters, conversions, status mapping.
@@ -27,6 +29,7 @@ pub mod guard;
 pub mod nearby;
 pub mod server;
 pub mod shake;
+pub mod store;
 pub mod telemetry;
 
 pub use base::{clock, id};

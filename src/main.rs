@@ -63,7 +63,7 @@ async fn main() -> ExitCode {
     };
     telemetry::init_logs(cfg.log_format);
     // Restore the snapshot before binding: no client connects to a half-loaded index.
-    let app = match server::App::from_settings(settings, Arc::new(SystemClock)) {
+    let app = match server::App::open(settings, Arc::new(SystemClock)).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("geomatch: {e}");

@@ -3,19 +3,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::{
     T0, bad_field,
     build::{PingExt as _, SearchExt as _, clear, latlng, ping, search},
-    fixtures::{SHANGHAI, point, privacy_cell, scattered},
+    contract,
+    fixtures::{SHANGHAI, privacy_cell, scattered},
     found, start,
 };
-use geomatch::{
-    geo::{band_m, distance_key, distance_m, snapped},
-    grpc::pb::{self, Gender},
-};
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use geomatch::grpc::pb::{self, Gender};
+use rand::{SeedableRng, rngs::StdRng};
 
 #[tokio::test]
 async fn update_reports_the_privacy_cell_and_expiry() {
@@ -36,51 +32,11 @@ async fn walking_all_pages_matches_brute_force() {
     let server = start(&[]).await;
     let mut c = server.nearby().await;
     let mut rng = StdRng::seed_from_u64(9);
-    let mut model: HashMap<String, (f64, f64, i32)> = HashMap::new();
-    for i in 0..1_500 {
-        let id = format!("user:{i:012}");
-        let (lat, lng) = scattered(&mut rng, SHANGHAI, 0.04);
-        let gender = [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)];
-        c.update_location(ping(&id, (lat, lng)).with_gender(gender))
-            .await
-            .unwrap();
-        model.insert(id, (lat, lng, gender.into()));
-    }
+    let model = contract::populate(&mut c, &mut rng, "user:", 1_500, SHANGHAI, 0.04).await;
     for _ in 0..25 {
-        let (lat, lng) = scattered(&mut rng, SHANGHAI, 0.03);
-        let radius = [0.0, 300.0, 1_000.0, 3_000.0][rng.random_range(0..4)];
-        let limit = [0, 3, 50, 100][rng.random_range(0..4)];
-        let gender = rng.random_range(0..3);
-        let searcher = format!("user:{:012}", rng.random_range(0..1_500));
-        let mut req = search(&searcher, (lat, lng))
-            .radius(radius)
-            .limit(limit)
-            .with_gender(gender);
-
-        let mut got = Vec::new();
-        loop {
-            let page = c.search_nearby(req.clone()).await.unwrap().into_inner();
-            got.extend(page.users.into_iter().map(|u| (u.user_id, u.distance_m)));
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            req.page_token = page.next_page_token;
-        }
-
-        let q = point((lat, lng));
-        let r = if radius == 0.0 { 1_000.0 } else { radius };
-        let mut want: Vec<_> = model
-            .iter()
-            .filter(|(id, (_, _, g))| **id != searcher && (gender == 0 || *g == gender))
-            .filter_map(|(id, (ulat, ulng, _))| {
-                let p = snapped(privacy_cell((*ulat, *ulng)));
-                let d = distance_m(q, p);
-                (d <= r).then(|| (distance_key(d), id.clone(), band_m(d)))
-            })
-            .collect();
-        want.sort();
-        let want: Vec<_> = want.into_iter().map(|(_, id, band)| (id, band)).collect();
-        assert_eq!(got, want, "radius {radius} limit {limit} gender {gender}");
+        let req = contract::random_query(&mut rng, &model, SHANGHAI, 0.03);
+        let got = contract::walk(std::slice::from_mut(&mut c), req.clone()).await;
+        assert_eq!(got, contract::expected(&model, &req), "{req:?}");
     }
     server.stop().await;
 }

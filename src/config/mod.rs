@@ -34,6 +34,7 @@ mod privacy;
 mod server;
 mod shake;
 mod snapshot;
+mod store;
 mod watch;
 
 pub use guard::GuardArgs;
@@ -42,6 +43,7 @@ pub use privacy::PrivacyArgs;
 pub use server::ServerArgs;
 pub use shake::ShakeArgs;
 pub use snapshot::SnapshotArgs;
+pub use store::{StoreArgs, StoreConfig, StoreKind};
 pub use watch::WatchArgs;
 
 /// geomatch: People Nearby and Shake over gRPC.
@@ -77,6 +79,10 @@ pub struct Config {
     #[command(flatten)]
     pub server: ServerArgs,
 
+    /// Where People Nearby is held.
+    #[command(flatten)]
+    pub store: StoreArgs,
+
     /// Log format.
     #[arg(long, env = "GEOMATCH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -93,6 +99,8 @@ pub struct Settings {
     pub guard: GuardConfig,
     /// The server: transport limits, drain, sweep and snapshots.
     pub server: ServerConfig,
+    /// Where People Nearby is held.
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -103,12 +111,20 @@ impl Config {
     /// A one-line reason naming the flag and its bad value.
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let privacy = self.privacy.resolution()?;
-        Ok(Settings {
+        let settings = Settings {
             nearby: self.nearby.settings(privacy)?,
             shake: self.shake.settings(privacy)?,
             guard: self.guard.settings()?,
             server: self.server.settings()?,
-        })
+            store: self.store.settings()?,
+        };
+        if settings.store.target.is_some() && settings.server.snapshot.path.is_some() {
+            bail!(
+                "--snapshot: snapshots are of the in-memory store; with --store redis or \
+                 redis-cluster the store keeps the data (use its own persistence)"
+            );
+        }
+        Ok(settings)
     }
 
     /// Checks values clap cannot check alone (what [`Self::settings`] checks).

@@ -12,10 +12,9 @@ use crate::{
         value::{RadiusRule, TtlRule},
     },
     id::{ShakeId, UserId},
-    nearby::{
-        Found, Gender, LocationStatus, NearbyIndex, Ping, Query, SearchRequest, WatchRequest,
-    },
+    nearby::{Found, Gender, LocationStatus, Ping, Query, SearchRequest, WatchRequest},
     shake::{Fallback, Match, Matcher, Outcome, ShakeRequest, Tier, ValidShake},
+    store::NearbyStore,
 };
 
 pub(super) fn user_id(value: &str) -> Result<UserId> {
@@ -123,9 +122,9 @@ fn fallback(value: i32) -> Result<Fallback> {
     }
 }
 
-/// A search, checked by the index's rules and page-token key.
-pub(super) fn search(req: pb::SearchNearbyRequest, index: &NearbyIndex) -> Result<Query> {
-    index.query(&SearchRequest {
+/// A search, checked by the store's rules and page-token key.
+pub(super) fn search(req: pb::SearchNearbyRequest, store: &NearbyStore) -> Result<Query> {
+    store.query(&SearchRequest {
         searcher: user_id(&req.user_id)?,
         centre: position(req.position)?,
         radius_m: req.radius_m,

@@ -16,18 +16,27 @@ use crate::{
     id::UserId,
     nearby::{NearbyConfig, NearbyIndex, PageTokens, SearchRequest},
     shake::{Matcher, ShakeConfig},
+    store::NearbyStore,
 };
 
 struct Fixture {
-    index: NearbyIndex,
+    index: std::sync::Arc<NearbyIndex>,
+    store: NearbyStore,
     matcher: Matcher,
 }
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| Fixture {
-        index: NearbyIndex::new(NearbyConfig::default(), PageTokens::new([9; 32])),
-        matcher: Matcher::new(ShakeConfig::default()),
+    F.get_or_init(|| {
+        let index = std::sync::Arc::new(NearbyIndex::new(
+            NearbyConfig::default(),
+            PageTokens::new([9; 32]),
+        ));
+        Fixture {
+            store: NearbyStore::Memory(index.clone()),
+            index,
+            matcher: Matcher::new(ShakeConfig::default()),
+        }
     })
 }
 
@@ -57,7 +66,7 @@ pub fn requests(data: &[u8]) -> Verdicts {
     }
     if let Ok(req) = pb::SearchNearbyRequest::decode(data) {
         // The index is empty: this validates radius, limit and token, and stores nothing.
-        let r = convert::search(req, &f.index).map(|q| drop(f.index.search(&q, 0)));
+        let r = convert::search(req, &f.store).map(|q| drop(f.index.search(&q, 0)));
         tally(&mut v, r);
     }
     if let Ok(req) = pb::ShakeRequest::decode(data) {

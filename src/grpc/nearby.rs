@@ -12,7 +12,8 @@ use crate::{
     clock::Clock,
     error::Error,
     guard::Limits,
-    nearby::{NearbyIndex, Placement, Watch, WatchEnd, WatchEvent},
+    nearby::{Placement, Watch, WatchEnd, WatchEvent},
+    store::NearbyStore,
     telemetry::names,
 };
 
@@ -55,30 +56,30 @@ impl tokio_stream::Stream for WatchStream {
 /// Rejections an `UpdateLocations` summary reports in detail (all are counted).
 const MAX_REPORTED_REJECTIONS: usize = 16;
 
-/// Serves `geomatch.v1.Nearby` from a [`NearbyIndex`].
+/// Serves `geomatch.v1.Nearby` from a [`NearbyStore`].
 #[derive(Debug, Clone)]
 pub struct NearbyService {
-    index: Arc<NearbyIndex>,
+    store: NearbyStore,
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
 }
 
 impl NearbyService {
-    /// An adapter over `index`, guarded by `limits`, reading time from `clock`.
-    pub fn new(index: Arc<NearbyIndex>, limits: Arc<Limits>, clock: Arc<dyn Clock>) -> Self {
+    /// An adapter over `store`, guarded by `limits`, reading time from `clock`.
+    pub fn new(store: NearbyStore, limits: Arc<Limits>, clock: Arc<dyn Clock>) -> Self {
         Self {
-            index,
+            store,
             limits,
             clock,
         }
     }
 
     /// Validates, guards and applies one ping (unary or streamed).
-    fn ping(&self, req: pb::UpdateLocationRequest) -> Result<Placement, Error> {
-        let ping = convert::ping(req, &self.index.config().ttl)?;
+    async fn ping(&self, req: pb::UpdateLocationRequest) -> Result<Placement, Error> {
+        let ping = convert::ping(req, &self.store.config().ttl)?;
         let now = self.clock.now_ms();
         self.limits.ping(&ping.user, &ping.position, now)?;
-        let placed = self.index.ping(&ping, now)?;
+        let placed = self.store.ping(&ping, now).await?;
         metrics::counter!(names::PINGS).increment(1);
         Ok(placed)
     }
@@ -90,7 +91,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::UpdateLocationRequest>,
     ) -> Result<Response<pb::UpdateLocationResponse>, Status> {
-        let placed = self.ping(request.into_inner())?;
+        let placed = self.ping(request.into_inner()).await?;
         tracing::debug!(cell = %placed.cell, "location updated");
         Ok(Response::new(pb::UpdateLocationResponse {
             cell: placed.cell.to_string(),
@@ -107,7 +108,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         let mut index = 0u64;
         // A transport or decoding error ends the call; the items before it stay applied.
         while let Some(item) = stream.message().await? {
-            match self.ping(item) {
+            match self.ping(item).await {
                 Ok(_) => summary.accepted += 1,
                 Err(e) => {
                     summary.rejected += 1;
@@ -137,8 +138,14 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::WatchNearbyRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let req = convert::watch(request.get_ref(), &self.index.config().radius)?;
-        let watch = self.index.watch(&req, self.clock.now_ms())?;
+        let req = convert::watch(request.get_ref(), &self.store.config().radius)?;
+        let Some(index) = self.store.memory() else {
+            return Err(Status::failed_precondition(
+                "WatchNearby is served with --store memory only: watches over a Redis / \
+                 Valkey store are not available in this version",
+            ));
+        };
+        let watch = index.watch(&req, self.clock.now_ms())?;
         metrics::counter!(names::WATCHES_OPENED).increment(1);
         Ok(Response::new(WatchStream(watch)))
     }
@@ -148,7 +155,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         request: Request<pb::GetLocationStatusRequest>,
     ) -> Result<Response<pb::GetLocationStatusResponse>, Status> {
         let user = convert::user_id(&request.get_ref().user_id)?;
-        let status = self.index.status(&user, self.clock.now_ms());
+        let status = self.store.status(&user, self.clock.now_ms()).await?;
         Ok(Response::new(convert::location_status(status)))
     }
 
@@ -157,7 +164,7 @@ impl pb::nearby_server::Nearby for NearbyService {
         request: Request<pb::ClearLocationRequest>,
     ) -> Result<Response<pb::ClearLocationResponse>, Status> {
         let user = convert::user_id(&request.get_ref().user_id)?;
-        let existed = self.index.clear(&user, self.clock.now_ms());
+        let existed = self.store.clear(&user, self.clock.now_ms()).await?;
         metrics::counter!(names::CLEARS).increment(1);
         Ok(Response::new(pb::ClearLocationResponse { existed }))
     }
@@ -166,12 +173,12 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<pb::SearchNearbyRequest>,
     ) -> Result<Response<pb::SearchNearbyResponse>, Status> {
-        let query = convert::search(request.into_inner(), &self.index)?;
+        let query = convert::search(request.into_inner(), &self.store)?;
         let now = self.clock.now_ms();
         // Limits apply to valid requests only (a rejected one leaves no trace), and before
         // the search: a refused one costs no search work.
         self.limits.search(&query.searcher, &query.centre, now)?;
-        let page = self.index.search(&query, now);
+        let page = self.store.search(&query, now).await?;
         metrics::counter!(names::SEARCHES).increment(1);
         Ok(Response::new(pb::SearchNearbyResponse {
             users: page.users.into_iter().map(convert::found).collect(),

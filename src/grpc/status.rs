@@ -67,6 +67,10 @@ pub fn to_status(err: Error) -> Status {
             Status::resource_exhausted(what)
         }
         Error::DeadlineExceeded => Status::deadline_exceeded(Error::DeadlineExceeded.to_string()),
+        Error::Unavailable(_) => {
+            metrics::counter!(names::REJECTIONS, "reason" => "store_unavailable").increment(1);
+            Status::unavailable(err.to_string())
+        }
     }
 }
 

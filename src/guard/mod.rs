@@ -91,13 +91,15 @@ pub struct Limits {
     pub shake: RateLimiter,
     /// Positions of pings, searches and shakes alike.
     pub travel: TravelGuard,
-    /// Users' indexed positions, for the travel check.
-    known: Arc<dyn KnownPositions>,
+    /// Users' indexed positions, for the travel check; `None` when the index is remote
+    /// (a store round trip per request), and then pings are recorded here instead.
+    known: Option<Arc<dyn KnownPositions>>,
 }
 
 impl Limits {
-    /// Controls with these settings, asking `known` for users' indexed positions.
-    pub fn new(cfg: GuardConfig, known: Arc<dyn KnownPositions>) -> Self {
+    /// Controls with these settings, asking `known` for users' indexed positions (or, when
+    /// `None`, remembering pings' positions themselves).
+    pub fn new(cfg: GuardConfig, known: Option<Arc<dyn KnownPositions>>) -> Self {
         Self {
             search: RateLimiter::new(cfg.search),
             shake: RateLimiter::new(cfg.shake),
@@ -109,7 +111,7 @@ impl Limits {
     /// The user's indexed position, looked up only when the travel check is on.
     fn known(&self, user: &UserId, now_ms: i64) -> Known {
         if self.travel.enabled() {
-            self.known.known_position(user, now_ms)
+            self.known.as_ref()?.known_position(user, now_ms)
         } else {
             None
         }
@@ -132,13 +134,13 @@ impl Limits {
     }
 
     /// A location ping: the travel check against the user's indexed location and last
-    /// search or shake. Records nothing: the index will hold the ping.
+    /// search or shake. Records nothing when the index is local (it holds the ping).
     ///
     /// # Errors
     /// [`Error::ImpossibleTravel`].
     pub fn ping(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
         let known = self.known(user, now_ms);
-        self.travel(user, at, now_ms, known, false)
+        self.travel(user, at, now_ms, known, self.known.is_none())
     }
 
     /// A search: the rate limit, then the travel check.

@@ -22,27 +22,27 @@ const INVISIBLE: u8 = 1 << 2;
 
 /// One member, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Member<'a> {
+pub(crate) struct Member<'a> {
     /// The user's id bytes (valid UTF-8: ids are validated strings).
-    pub(super) user: &'a [u8],
+    pub(crate) user: &'a [u8],
     /// Unix ms of the user's last ping.
-    pub(super) last_seen_ms: i64,
+    pub(crate) last_seen_ms: i64,
     /// How long the ping stays visible, from `last_seen_ms`.
-    pub(super) ttl_ms: u32,
+    pub(crate) ttl_ms: u32,
     /// The user's gender.
-    pub(super) gender: Gender,
+    pub(crate) gender: Gender,
     /// Whether others may find the user.
-    pub(super) visible: bool,
+    pub(crate) visible: bool,
 }
 
 impl Member<'_> {
     /// Unix ms when the ping stops being visible.
-    pub(super) fn expires_at_ms(&self) -> i64 {
+    pub(crate) fn expires_at_ms(&self) -> i64 {
         self.last_seen_ms.saturating_add(i64::from(self.ttl_ms))
     }
 
     /// Whether the ping has expired at `now_ms`.
-    pub(super) fn expired(&self, now_ms: i64) -> bool {
+    pub(crate) fn expired(&self, now_ms: i64) -> bool {
         now_ms >= self.expires_at_ms()
     }
 
@@ -161,6 +161,55 @@ pub(super) fn single(member: &Member<'_>) -> Box<[u8]> {
     b
 }
 
+/// Bytes of a member's fields without its id: what a remote store keeps per member (the
+/// id is the field name there).
+pub(crate) const FIELDS: usize = FIXED - 1;
+
+/// A member's fields without its id: last seen (6 bytes LE), time to live (u32 LE),
+/// flags. Their layout is the tail of the in-memory member encoding.
+pub(crate) fn fields(member: &Member<'_>) -> [u8; FIELDS] {
+    let mut b = [0u8; FIXED];
+    Member {
+        user: &[],
+        ..*member
+    }
+    .encode_into(&mut b);
+    let mut out = [0u8; FIELDS];
+    out.copy_from_slice(&b[1..]);
+    out
+}
+
+/// A member read back from its id and [`fields`]; `None` when they do not fit (an id
+/// over 255 bytes or fields of the wrong length: never written by this crate).
+pub(crate) fn from_fields<'a>(user: &'a [u8], fields: &[u8]) -> Option<Member<'a>> {
+    if fields.len() != FIELDS || user.len() > usize::from(u8::MAX) {
+        return None;
+    }
+    let mut b = Vec::with_capacity(FIXED);
+    b.push(0);
+    b.extend_from_slice(fields);
+    let m = iter(&b).next()?;
+    Some(Member { user, ..m })
+}
+
+/// A bucket of `(id, fields)` pairs as a remote store returns them (any order); pairs
+/// that do not decode are left out.
+pub(crate) fn from_pairs(pairs: &mut [(Vec<u8>, Vec<u8>)]) -> Box<[u8]> {
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let members: Vec<Member<'_>> = pairs
+        .iter()
+        .filter_map(|(u, f)| from_fields(u, f))
+        .collect();
+    let mut out = vec![0u8; members.iter().map(Member::encoded_len).sum()];
+    let mut at = 0;
+    for m in &members {
+        let len = m.encoded_len();
+        m.encode_into(&mut out[at..at + len]);
+        at += len;
+    }
+    out.into_boxed_slice()
+}
+
 /// Takes `user` out of `bucket` if `pred` holds for its member; returns the member's
 /// expiry and whether it was visible, or `None` when nothing was removed.
 pub(super) fn remove_if(
@@ -194,6 +243,26 @@ mod tests {
             gender: Gender::Female,
             visible: true,
         }
+    }
+
+    #[test]
+    fn fields_round_trip_and_pairs_build_a_sorted_bucket() {
+        let a = m("b", 1_700_000_000_123);
+        let back = from_fields(a.user, &fields(&a)).unwrap();
+        assert_eq!(back, a);
+        let hidden = Member {
+            visible: false,
+            gender: Gender::Male,
+            ..m("a", 5)
+        };
+        let mut pairs = vec![
+            (b"b".to_vec(), fields(&a).to_vec()),
+            (b"a".to_vec(), fields(&hidden).to_vec()),
+            (b"bad".to_vec(), vec![1, 2, 3]),
+        ];
+        let bucket = from_pairs(&mut pairs);
+        let got: Vec<Member<'_>> = iter(&bucket).collect();
+        assert_eq!(got, [hidden, a]);
     }
 
     #[test]

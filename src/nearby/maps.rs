@@ -46,7 +46,7 @@ pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
-pub(super) fn coarse_of(cell: CellIndex) -> CellIndex {
+pub(crate) fn coarse_of(cell: CellIndex) -> CellIndex {
     LatLng::from(cell).to_cell(COARSE_RESOLUTION)
 }
 

@@ -10,9 +10,9 @@
 //! streams), [`snapshot`] (crash-safe files of the index). This façade ties them: every
 //! write goes through the maps and tells the watches, under the maps' lock order.
 
-mod bucket;
+pub(crate) mod bucket;
 mod maps;
-mod search;
+pub(crate) mod search;
 pub mod snapshot;
 mod token;
 mod types;
@@ -28,6 +28,8 @@ pub use types::{
     SearchRequest, WatchRequest,
 };
 pub use watch::{Watch, WatchConfig, WatchEnd, WatchEvent};
+
+pub(crate) use maps::coarse_of;
 
 use self::{
     bucket::Member,

@@ -99,7 +99,7 @@ impl CellSource for Maps {
 
 /// Validates a search as received into a [`Query`]: radius and page size by the index's
 /// rules, the page token by its key and the query it was issued for.
-pub(super) fn query(cfg: &NearbyConfig, tokens: &PageTokens, req: &SearchRequest) -> Result<Query> {
+pub(crate) fn query(cfg: &NearbyConfig, tokens: &PageTokens, req: &SearchRequest) -> Result<Query> {
     let radius = cfg.radius.apply(req.radius_m)?;
     let limit = cfg.page.apply(req.limit)?;
     let mut q = Query {
@@ -585,7 +585,7 @@ fn enough_before(cands: &[Candidate], need: usize, bound_key: u64) -> bool {
 }
 
 /// Who a search may return.
-pub(super) struct Filter<'a> {
+pub(crate) struct Filter<'a> {
     pub(super) searcher: &'a UserId,
     pub(super) gender: Gender,
     pub(super) after: Option<&'a Cursor>,

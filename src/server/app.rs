@@ -15,6 +15,7 @@ use crate::{
     nearby::snapshot::{self, SnapshotError},
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
+    store::{NearbyStore, redis::RedisNearby},
     telemetry::names,
 };
 
@@ -44,8 +45,11 @@ impl Default for SnapshotConfig {
 /// The service's shared state: cheap to clone, every part behind an `Arc`.
 #[derive(Debug, Clone)]
 pub struct App {
-    /// The People Nearby index.
+    /// The in-memory People Nearby index (empty and unused when [`Self::store`] is
+    /// remote).
     pub nearby: Arc<NearbyIndex>,
+    /// Where People Nearby is held: the in-memory index, or Redis / Valkey.
+    pub store: NearbyStore,
     /// The Shake matcher.
     pub matcher: Arc<Matcher>,
     /// Rate limits and the impossible-travel check.
@@ -77,10 +81,16 @@ impl App {
     /// snapshot is unreadable, corrupt or of an unknown version (unless
     /// `ignore_corrupt`, which starts empty instead).
     pub fn from_settings(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+        if settings.store.target.is_some() {
+            return Err(ServeError::Config(anyhow::anyhow!(
+                "a Redis / Valkey store is opened with App::open"
+            )));
+        }
         let tokens = PageTokens::random().map_err(ServeError::Random)?;
         let nearby = Arc::new(NearbyIndex::new(settings.nearby, tokens));
         let app = Self {
-            limits: Arc::new(Limits::new(settings.guard, nearby.clone())),
+            limits: Arc::new(Limits::new(settings.guard, Some(nearby.clone()))),
+            store: NearbyStore::Memory(nearby.clone()),
             nearby,
             matcher: Arc::new(Matcher::new(settings.shake)),
             clock,
@@ -91,6 +101,31 @@ impl App {
             app.restore(path)?;
         }
         Ok(app)
+    }
+
+    /// State built from `settings`, connected to its store: as [`Self::from_settings`] for
+    /// the in-memory store; for Redis / Valkey, connects, loads the functions and checks
+    /// the schema first.
+    ///
+    /// # Errors
+    /// As [`Self::from_settings`]; [`ServeError::Store`] when the store cannot be reached
+    /// or holds incompatible data.
+    pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, ServeError> {
+        let Some(target) = settings.store.target.clone() else {
+            return Self::from_settings(settings, clock);
+        };
+        let remote =
+            RedisNearby::connect(&target, settings.nearby.clone(), settings.store.timeout).await?;
+        let tokens = PageTokens::random().map_err(ServeError::Random)?;
+        Ok(Self {
+            nearby: Arc::new(NearbyIndex::new(settings.nearby, tokens)),
+            store: NearbyStore::Redis(Arc::new(remote)),
+            limits: Arc::new(Limits::new(settings.guard, None)),
+            matcher: Arc::new(Matcher::new(settings.shake)),
+            clock,
+            config: Arc::new(settings.server),
+            snapshot_lock: Arc::default(),
+        })
     }
 
     fn restore(&self, path: &Path) -> Result<(), ServeError> {

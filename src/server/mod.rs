@@ -49,6 +49,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The Redis / Valkey store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] crate::store::redis::StoreError),
 }
 
 /// How the server serves, drains, sweeps and snapshots.
@@ -128,9 +131,9 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let tasks = tasks::start(&app, listeners.metrics)?;
+    let tasks = tasks::start(&app, listeners.metrics, health.clone())?;
     let nearby = NearbyServer::new(NearbyService::new(
-        app.nearby.clone(),
+        app.store.clone(),
         app.limits.clone(),
         app.clock.clone(),
     ))

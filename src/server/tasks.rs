@@ -151,8 +151,16 @@ impl Drop for Tasks {
 ///
 /// # Errors
 /// [`ServeError::Metrics`] when the metrics recorder cannot be installed.
-pub(super) fn start(app: &App, metrics: Option<TcpListener>) -> Result<Tasks, ServeError> {
+pub(super) fn start(
+    app: &App,
+    metrics: Option<TcpListener>,
+    health: tonic_health::server::HealthReporter,
+) -> Result<Tasks, ServeError> {
     let mut tasks = Tasks::new();
+    if let crate::store::NearbyStore::Redis(remote) = &app.store {
+        let (remote, app) = (remote.clone(), app.clone());
+        tasks.spawn("store", move |stop| watch_store(app, remote, health, stop));
+    }
     if let Some(listener) = metrics {
         let handle = telemetry::install_metrics().map_err(ServeError::Metrics)?;
         let app = app.clone();
@@ -170,6 +178,61 @@ pub(super) fn start(app: &App, metrics: Option<TcpListener>) -> Result<Tasks, Se
         }
     }
     Ok(tasks)
+}
+
+/// How often a remote store's health is probed.
+const STORE_PROBE: Duration = Duration::from_secs(1);
+
+/// Probes a remote store every second, reporting NOT_SERVING while it cannot be reached
+/// and SERVING again once it can, and sweeps its expired pings every `--sweep-interval`.
+async fn watch_store(
+    app: App,
+    remote: Arc<crate::store::redis::RedisNearby>,
+    health: tonic_health::server::HealthReporter,
+    stop: Stop,
+) {
+    use crate::grpc::pb::nearby_server::NearbyServer;
+    let mut probe = tokio::time::interval(STORE_PROBE);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = probe.tick() => {}
+            () = stop.raised() => return,
+        }
+        let up = remote.healthy().await;
+        if up != serving {
+            serving = up;
+            if up {
+                tracing::info!("store reachable again: serving");
+                health
+                    .set_serving::<NearbyServer<crate::grpc::NearbyService>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+            } else {
+                tracing::warn!("store unreachable: not serving");
+                health
+                    .set_not_serving::<NearbyServer<crate::grpc::NearbyService>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        }
+        if up && last_sweep.elapsed() >= app.config.sweep_interval {
+            last_sweep = tokio::time::Instant::now();
+            match remote.sweep(app.clock.now_ms()).await {
+                Ok(n) => {
+                    metrics::counter!(crate::telemetry::names::EXPIRATIONS).increment(n as u64);
+                    tracing::debug!(expired_users = n, "store sweep done");
+                }
+                Err(e) => tracing::warn!(error = %e, "store sweep failed"),
+            }
+        }
+    }
 }
 
 /// Sweeps every `--sweep-interval` until stopped.

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod build;
+pub mod contract;
 pub mod fixtures;
 pub mod redis;
 
@@ -65,6 +66,21 @@ pub async fn start_at(args: &[&str], now_ms: i64) -> TestServer {
     let cfg = config(args);
     let clock = ManualClock::new(now_ms);
     let app = App::new(&cfg, Arc::new(clock.clone())).unwrap();
+    serve_app(app, &cfg, clock).await
+}
+
+/// Starts geomatch on the store its flags name (`--store redis ...` included), with the
+/// clock at [`T0`].
+pub async fn start_store(args: &[&str]) -> TestServer {
+    let cfg = config(args);
+    let clock = ManualClock::new(T0);
+    let app = App::open(cfg.settings().unwrap(), Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    serve_app(app, &cfg, clock).await
+}
+
+async fn serve_app(app: App, cfg: &Config, clock: ManualClock) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = match cfg.metrics_listen {

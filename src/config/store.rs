@@ -1,0 +1,157 @@
+//! Store flags: where People Nearby is held (`--store`), and how to reach Redis / Valkey.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, ValueEnum};
+
+use super::{human::Human, longer_than_zero};
+use crate::store::redis::Target;
+
+/// Which store holds People Nearby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum StoreKind {
+    /// This process's memory: the default and the fastest; one replica.
+    #[default]
+    Memory,
+    /// One Redis or Valkey server (`--redis-url`), shared by any number of replicas.
+    Redis,
+    /// A Redis or Valkey Cluster (`--redis-nodes`), shared by any number of replicas.
+    RedisCluster,
+}
+
+/// Where People Nearby is held; `None` target = in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The Redis / Valkey store, or `None` for memory.
+    pub target: Option<Target>,
+    /// Longest a store call may take before the request gets UNAVAILABLE.
+    pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    /// In memory; a remote store's calls bounded by 500 ms.
+    fn default() -> Self {
+        Self {
+            target: None,
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The store's flags; defaults from [`StoreConfig::default`].
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Where People Nearby is held: memory (this process), redis (one Redis or Valkey
+    /// server, --redis-url) or redis-cluster (a Redis or Valkey Cluster, --redis-nodes).
+    #[arg(long, env = "GEOMATCH_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    pub store: StoreKind,
+
+    /// The Redis / Valkey server of --store redis.
+    #[arg(
+        long,
+        env = "GEOMATCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Seed nodes of the Cluster of --store redis-cluster, as HOST:PORT,HOST:PORT,...
+    #[arg(long, env = "GEOMATCH_REDIS_NODES", value_delimiter = ',')]
+    pub redis_nodes: Vec<String>,
+
+    /// Longest one store call may take; a request whose store call does not answer in
+    /// time gets UNAVAILABLE (never a wrong answer).
+    #[arg(long, env = "GEOMATCH_STORE_TIMEOUT", default_value_t = Human(StoreConfig::default().timeout))]
+    pub store_timeout: Human,
+}
+
+impl StoreArgs {
+    /// The store's settings.
+    ///
+    /// # Errors
+    /// When --store redis-cluster has no --redis-nodes, a node is not HOST:PORT, the URL
+    /// is not a redis:// or rediss:// URL, or --store-timeout is zero.
+    pub fn settings(&self) -> anyhow::Result<StoreConfig> {
+        longer_than_zero("--store-timeout", self.store_timeout.get())?;
+        let target = match self.store {
+            StoreKind::Memory => None,
+            StoreKind::Redis => {
+                let url = self.redis_url.trim();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    bail!("--redis-url {url:?}: expected redis://HOST:PORT");
+                }
+                Some(Target::Server(url.to_string()))
+            }
+            StoreKind::RedisCluster => {
+                let nodes: Vec<String> = self
+                    .redis_nodes
+                    .iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if nodes.is_empty() {
+                    bail!(
+                        "--store redis-cluster: give the seed nodes with --redis-nodes HOST:PORT,..."
+                    );
+                }
+                for n in &nodes {
+                    let port = n.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+                    if !matches!(port, Some(Ok(p)) if p > 0) {
+                        bail!("--redis-nodes {n:?}: expected HOST:PORT");
+                    }
+                }
+                Some(Target::Cluster(nodes))
+            }
+        };
+        Ok(StoreConfig {
+            target,
+            timeout: self.store_timeout.get(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use super::*;
+
+    #[test]
+    fn store_flags_pick_the_store_and_check_its_address() {
+        let (_, s) = parse(&[]).unwrap();
+        assert_eq!(s.store, StoreConfig::default());
+        let (_, s) = parse(&["--store", "redis", "--redis-url", "redis://127.0.0.1:7000"]).unwrap();
+        assert_eq!(
+            s.store.target,
+            Some(Target::Server("redis://127.0.0.1:7000".into()))
+        );
+        let (_, s) = parse(&[
+            "--store",
+            "redis-cluster",
+            "--redis-nodes",
+            "127.0.0.1:7000,127.0.0.1:7001",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.store.target,
+            Some(Target::Cluster(vec![
+                "127.0.0.1:7000".into(),
+                "127.0.0.1:7001".into()
+            ]))
+        );
+        for (args, names) in [
+            (vec!["--store", "redis-cluster"], "--redis-nodes"),
+            (
+                vec!["--store", "redis-cluster", "--redis-nodes", "nohost"],
+                "--redis-nodes",
+            ),
+            (
+                vec!["--store", "redis", "--redis-url", "http://x"],
+                "--redis-url",
+            ),
+            (vec!["--store-timeout", "0s"], "--store-timeout 0"),
+        ] {
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(names), "{args:?}: {err}");
+        }
+    }
+}

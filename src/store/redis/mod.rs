@@ -1,0 +1,294 @@
+//! The Redis / Valkey store: one server (`--store redis`) or a Cluster
+//! (`--store redis-cluster`), holding People Nearby for any number of geomatch replicas.
+//!
+//! Layout (schema `gm1`), the in-memory design's shape kept in Redis. Every key of a
+//! privacy cell carries the hash tag of its coarse cell's resolution-5 ancestor `T`, so
+//! the keys that one atomic step touches share a slot, and the cells near each other share
+//! a few slots:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `gm1:{T}:b:<cell>` | HASH | user id → the member's fields (last seen, TTL, flags; 11 bytes) |
+//! | `gm1:{T}:o:<coarse>` | SET | the occupied privacy cells of a coarse (resolution 7) cell |
+//! | `gm1:{T}:x` | ZSET | `coarse/cell|user` → expiry (unix ms), for the sweep |
+//! | `gm1:u:{<user>}` | HASH | `c`: the user's privacy cell, `t`: last seen; expires with the ping |
+//! | `gm1:tags` | SET | the tags that hold data, for the sweep |
+//! | `gm1:meta` | HASH | `schema`, and the page-token key every replica shares |
+//!
+//! Atomic steps are Redis Functions (`geomatch.lua`, library `geomatch_v1`), loaded at
+//! start with `FUNCTION LOAD REPLACE`: functions are replicated and survive a failover,
+//! which the `EVAL` script cache does not. Every function is idempotent, because the
+//! client retries a call whose reply it lost.
+
+mod nearby;
+
+use std::time::Duration;
+
+use h3o::{CellIndex, Resolution};
+use redis::{
+    FromRedisValue, Pipeline, aio::MultiplexedConnection, cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
+use thiserror::Error;
+
+pub use nearby::RedisNearby;
+
+use crate::error::Error;
+
+/// The functions library, loaded at start.
+const LIBRARY: &str = include_str!("geomatch.lua");
+/// The schema this build reads and writes; a store holding another refuses to start.
+const SCHEMA: &str = "gm1";
+/// Resolution of the hash-tag cells: a fair trade between hot slots and searches that
+/// cross a tag (a 10 km search touches a handful).
+const TAG_RESOLUTION: Resolution = Resolution::Five;
+
+/// Where the store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One Redis or Valkey server, e.g. `redis://127.0.0.1:6379`.
+    Server(String),
+    /// Seed nodes of a Redis or Valkey Cluster, as `host:port`.
+    Cluster(Vec<String>),
+}
+
+/// Why the store could not be used.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// It could not be reached, or did not answer within the store timeout.
+    #[error("{0}")]
+    Unreachable(String),
+    /// It answered, but not as geomatch expects (another program's data, another schema,
+    /// no Functions support).
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Unavailable(e.to_string())
+    }
+}
+
+/// A cloneable connection to the store, routed by slot in a Cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// One server, multiplexed.
+    Server(MultiplexedConnection),
+    /// A Cluster, multiplexed per node.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Server(_) => "Conn::Server",
+            Self::Cluster(_) => "Conn::Cluster",
+        })
+    }
+}
+
+/// A store call that failed.
+fn unreachable(e: &redis::RedisError) -> StoreError {
+    StoreError::Unreachable(e.to_string())
+}
+
+impl Conn {
+    /// Connects to `target`, each call bounded by `timeout`. Cluster clients retry a
+    /// redirect or a lost connection a couple of times with short waits (the crate's
+    /// defaults wait seconds, too long for a 2 s shake).
+    ///
+    /// # Errors
+    /// [`StoreError::Unreachable`] when no connection is made within `timeout`.
+    pub(crate) async fn open(target: &Target, timeout: Duration) -> Result<Self, StoreError> {
+        let made = async {
+            match target {
+                Target::Server(url) => {
+                    let client = redis::Client::open(url.as_str()).map_err(|e| unreachable(&e))?;
+                    client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map(Self::Server)
+                        .map_err(|e| unreachable(&e))
+                }
+                Target::Cluster(nodes) => {
+                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
+                    let client = ClusterClient::builder(urls)
+                        .retries(2)
+                        .min_retry_wait(10)
+                        .max_retry_wait(100)
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        .build()
+                        .map_err(|e| unreachable(&e))?;
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(Self::Cluster)
+                        .map_err(|e| unreachable(&e))
+                }
+            }
+        };
+        tokio::time::timeout(timeout, made)
+            .await
+            .map_err(|_| StoreError::Unreachable(format!("no connection within {timeout:?}")))?
+    }
+
+    /// Runs `cmd`, bounded by `timeout`: the store's own answer, or `None` on time-out.
+    async fn run<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Option<redis::RedisResult<T>> {
+        let mut conn = self.clone();
+        let run = async {
+            match &mut conn {
+                Self::Server(c) => cmd.query_async(c).await,
+                Self::Cluster(c) => cmd.query_async(c).await,
+            }
+        };
+        tokio::time::timeout(timeout, run).await.ok()
+    }
+
+    /// Runs `cmd`, bounded by `timeout`.
+    pub(crate) async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, StoreError> {
+        match self.run(cmd, timeout).await {
+            Some(r) => r.map_err(|e| unreachable(&e)),
+            None => Err(StoreError::Unreachable(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Runs `pipe` (every key of it in one slot when clustered), bounded by `timeout`.
+    pub(crate) async fn pipe<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        timeout: Duration,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.clone();
+        let run = async {
+            match &mut conn {
+                Self::Server(c) => pipe.query_async(c).await,
+                Self::Cluster(c) => pipe.query_async(c).await,
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r.map_err(|e| unreachable(&e)),
+            Err(_) => Err(StoreError::Unreachable(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Whether pipelines must keep to one slot.
+    pub(crate) fn clustered(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// Whether the store answers a PING within `timeout` (every master, when clustered).
+    pub(crate) async fn healthy(&self, timeout: Duration) -> bool {
+        self.query::<String>(&redis::cmd("PING"), timeout)
+            .await
+            .is_ok_and(|pong| pong == "PONG")
+    }
+
+    /// Loads the functions library (on every master when clustered) and checks or sets
+    /// the schema.
+    ///
+    /// # Errors
+    /// [`StoreError::Incompatible`] when the store holds another schema or does not
+    /// support Functions (Redis before 7); [`StoreError::Unreachable`] as [`Self::query`].
+    pub(crate) async fn prepare(&self, timeout: Duration) -> Result<(), StoreError> {
+        let load = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(LIBRARY)
+            .clone();
+        match self.run::<redis::Value>(&load, timeout).await {
+            None => {
+                return Err(StoreError::Unreachable(format!(
+                    "no answer within {timeout:?}"
+                )));
+            }
+            Some(Err(e)) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(unreachable(&e));
+            }
+            // An error answer: the server does not know Functions (Redis before 7), or
+            // refused the library.
+            Some(Err(e)) => {
+                return Err(StoreError::Incompatible(format!(
+                    "loading the functions library: {e} (Redis 7, Valkey 7 or later is needed)"
+                )));
+            }
+            Some(Ok(_)) => {}
+        }
+        let set: bool = self
+            .query(
+                redis::cmd("HSETNX").arg(META_KEY).arg("schema").arg(SCHEMA),
+                timeout,
+            )
+            .await?;
+        if !set {
+            let schema: Option<String> = self
+                .query(redis::cmd("HGET").arg(META_KEY).arg("schema"), timeout)
+                .await?;
+            if schema.as_deref() != Some(SCHEMA) {
+                return Err(StoreError::Incompatible(format!(
+                    "the store holds geomatch schema {schema:?}, this build reads {SCHEMA:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The store's own metadata.
+const META_KEY: &str = "gm1:meta";
+/// The tags that hold data.
+const TAGS_KEY: &str = "gm1:tags";
+
+/// The hash tag of a coarse cell (and of every privacy cell filed under it).
+fn tag_of_coarse(coarse: CellIndex) -> String {
+    coarse.parent(TAG_RESOLUTION).unwrap_or(coarse).to_string()
+}
+
+/// The keys of one privacy cell.
+#[derive(Debug, Clone)]
+struct CellKeys {
+    tag: String,
+    coarse: CellIndex,
+    bucket: String,
+    occupancy: String,
+    expiry: String,
+}
+
+impl CellKeys {
+    fn new(cell: CellIndex) -> Self {
+        let coarse = crate::nearby::coarse_of(cell);
+        let tag = tag_of_coarse(coarse);
+        Self {
+            bucket: format!("gm1:{{{tag}}}:b:{cell}"),
+            occupancy: occupancy_key(&tag, coarse),
+            expiry: expiry_key(&tag),
+            coarse,
+            tag,
+        }
+    }
+}
+
+fn occupancy_key(tag: &str, coarse: CellIndex) -> String {
+    format!("gm1:{{{tag}}}:o:{coarse}")
+}
+
+fn expiry_key(tag: &str) -> String {
+    format!("gm1:{{{tag}}}:x")
+}
+
+fn user_key(user: &str) -> String {
+    format!("gm1:u:{{{user}}}")
+}

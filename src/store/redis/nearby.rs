@@ -1,0 +1,447 @@
+//! People Nearby over Redis / Valkey: the same validated requests, the same query engine
+//! ([`crate::nearby::search`]) and the same privacy rules as in memory, with the maps in the
+//! store so that every replica serves one world.
+//!
+//! A ping writes the new cell first, then the user's record, then removes the member from
+//! the cell the record named before (only if that member is not newer than this ping):
+//! a user moving between cells is in the new one before leaving the old, and a search that
+//! meets both copies keeps the nearer one (the engine dedupes by id). Reads filter out
+//! expired members, so correctness never waits for the sweep.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
+
+use h3o::{CellIndex, Resolution};
+use redis::Value;
+
+use super::{CellKeys, Conn, StoreError, TAGS_KEY, Target, occupancy_key, tag_of_coarse, user_key};
+use crate::{
+    error::{Error, Result},
+    id::UserId,
+    nearby::{
+        LocationStatus, NearbyConfig, PageTokens, Ping, Placement, Query, SearchPage,
+        SearchRequest,
+        bucket::{self, Member},
+        search::{self, CellSource, Need},
+    },
+};
+
+/// Most round trips one search may take before it gives up (a 10 km search in sparse
+/// country takes about 15; a dense one, 1).
+const MAX_ROUNDS: usize = 64;
+/// Expired members one sweep call removes per tag.
+const SWEEP_BATCH: usize = 1_000;
+
+/// People Nearby held in Redis / Valkey. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct RedisNearby {
+    conn: Conn,
+    cfg: NearbyConfig,
+    tokens: PageTokens,
+    timeout: Duration,
+    /// Tags this replica has registered in `gm1:tags` (so each is registered once per
+    /// replica, not once per ping).
+    registered: Mutex<HashSet<String>>,
+}
+
+impl RedisNearby {
+    /// Connects to `target`, loads the functions and checks the schema. The page-token
+    /// key is the store's own (made by the first replica), so a token from one replica
+    /// continues its walk on any other. Each store call is bounded by `timeout`.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be reached or holds incompatible data.
+    pub async fn connect(
+        target: &Target,
+        cfg: NearbyConfig,
+        timeout: Duration,
+    ) -> std::result::Result<Self, StoreError> {
+        let conn = Conn::open(target, timeout).await?;
+        conn.prepare(timeout).await?;
+        let key = token_key(&conn, timeout).await?;
+        Ok(Self {
+            conn,
+            cfg,
+            tokens: PageTokens::new(key),
+            timeout,
+            registered: Mutex::default(),
+        })
+    }
+
+    /// The rules requests are validated by.
+    pub fn config(&self) -> &NearbyConfig {
+        &self.cfg
+    }
+
+    /// Whether the store answers now.
+    pub async fn healthy(&self) -> bool {
+        self.conn.healthy(self.timeout).await
+    }
+
+    /// Validates a search as received, exactly as the in-memory index does.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `radius_m`, `limit` or `page_token`.
+    pub fn query(&self, req: &SearchRequest) -> Result<Query> {
+        search::query(&self.cfg, &self.tokens, req)
+    }
+
+    /// Records a ping (last write wins) and returns where it was indexed.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer; the ping may then have been
+    /// applied or not, and retrying it is safe.
+    pub async fn ping(&self, ping: &Ping, now_ms: i64) -> Result<Placement> {
+        let member = Member {
+            user: ping.user.as_str().as_bytes(),
+            last_seen_ms: now_ms,
+            ttl_ms: ping.ttl.ms(),
+            gender: ping.gender,
+            visible: ping.visible,
+        };
+        let cell = ping.position.cell(self.cfg.privacy_resolution);
+        let keys = CellKeys::new(cell);
+        let expires = member.expires_at_ms();
+        self.register(&keys.tag).await?;
+        let fields = bucket::fields(&member);
+        let put = redis::cmd("FCALL")
+            .arg("gm_put")
+            .arg(3)
+            .arg(&keys.bucket)
+            .arg(&keys.occupancy)
+            .arg(&keys.expiry)
+            .arg(ping.user.as_str())
+            .arg(&fields[..])
+            .arg(keys.coarse.to_string())
+            .arg(cell.to_string())
+            .arg(expires)
+            .clone();
+        let _: i64 = self.conn.query(&put, self.timeout).await?;
+        let record = redis::cmd("FCALL")
+            .arg("gm_user")
+            .arg(1)
+            .arg(user_key(ping.user.as_str()))
+            .arg(cell.to_string())
+            .arg(now_ms)
+            .arg(ping.ttl.ms().max(1))
+            .clone();
+        let old: Option<String> = self.conn.query(&record, self.timeout).await?;
+        let old = old.and_then(|o| o.parse::<CellIndex>().ok());
+        if let Some(old) = old.filter(|&o| o != cell) {
+            self.remove(old, ping.user.as_str(), Some(now_ms)).await?;
+        }
+        Ok(Placement {
+            cell,
+            expires_at_ms: expires,
+        })
+    }
+
+    /// Registers `tag` for the sweep, once per replica.
+    async fn register(&self, tag: &str) -> Result<()> {
+        let known = self
+            .registered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(tag);
+        if !known {
+            let _: i64 = self
+                .conn
+                .query(redis::cmd("SADD").arg(TAGS_KEY).arg(tag), self.timeout)
+                .await?;
+            self.registered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(tag.to_string());
+        }
+        Ok(())
+    }
+
+    /// Takes `user` out of `cell` unless its member there is newer than `not_after_ms`;
+    /// returns the removed member's fields.
+    async fn remove(
+        &self,
+        cell: CellIndex,
+        user: &str,
+        not_after_ms: Option<i64>,
+    ) -> Result<Option<Vec<u8>>> {
+        let keys = CellKeys::new(cell);
+        let del = redis::cmd("FCALL")
+            .arg("gm_del")
+            .arg(3)
+            .arg(&keys.bucket)
+            .arg(&keys.occupancy)
+            .arg(&keys.expiry)
+            .arg(user)
+            .arg(keys.coarse.to_string())
+            .arg(cell.to_string())
+            .arg(not_after_ms.map_or(String::new(), |t| t.to_string()))
+            .clone();
+        Ok(self.conn.query(&del, self.timeout).await?)
+    }
+
+    /// Forgets `user`. Returns whether a visible location existed.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn clear(&self, user: &UserId, now_ms: i64) -> Result<bool> {
+        let forget = redis::cmd("FCALL")
+            .arg("gm_forget")
+            .arg(1)
+            .arg(user_key(user.as_str()))
+            .clone();
+        let cell: String = self.conn.query(&forget, self.timeout).await?;
+        let Ok(cell) = cell.parse::<CellIndex>() else {
+            return Ok(false);
+        };
+        let removed = self.remove(cell, user.as_str(), None).await?;
+        Ok(removed
+            .as_deref()
+            .and_then(|f| bucket::from_fields(user.as_str().as_bytes(), f))
+            .is_some_and(|m| !m.expired(now_ms)))
+    }
+
+    /// What the store holds about `user`: `None` when nothing, or only an expired ping.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn status(&self, user: &UserId, now_ms: i64) -> Result<Option<LocationStatus>> {
+        let cell: Option<String> = self
+            .conn
+            .query(
+                redis::cmd("HGET").arg(user_key(user.as_str())).arg("c"),
+                self.timeout,
+            )
+            .await?;
+        let Some(cell) = cell.and_then(|c| c.parse::<CellIndex>().ok()) else {
+            return Ok(None);
+        };
+        let keys = CellKeys::new(cell);
+        let fields: Option<Vec<u8>> = self
+            .conn
+            .query(
+                redis::cmd("HGET").arg(&keys.bucket).arg(user.as_str()),
+                self.timeout,
+            )
+            .await?;
+        let id = user.as_str().as_bytes();
+        Ok(fields
+            .as_deref()
+            .and_then(|f| bucket::from_fields(id, f))
+            .filter(|m| !m.expired(now_ms))
+            .map(|m| LocationStatus {
+                cell,
+                visible: m.visible,
+                gender: m.gender,
+                last_seen_ms: m.last_seen_ms,
+                expires_at_ms: m.expires_at_ms(),
+            }))
+    }
+
+    /// One page of a validated query: the in-memory engine's walk, fed batch by batch
+    /// from the store.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn search(&self, q: &Query, now_ms: i64) -> Result<SearchPage> {
+        let mut fetched = Fetched::new(self.cfg.privacy_resolution);
+        for _ in 0..MAX_ROUNDS {
+            match search::page(&fetched, &self.tokens, q, now_ms) {
+                Ok(page) => return Ok(page),
+                Err(missed) => self.fetch(&mut fetched, &missed.need).await?,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "the search needed more than {MAX_ROUNDS} round trips to the store"
+        )))
+    }
+
+    /// Reads `need` into `into`: one pipeline per hash tag (one slot each), run at once.
+    async fn fetch(&self, into: &mut Fetched, need: &Need) -> Result<()> {
+        let mut by_tag: HashMap<String, (Vec<CellIndex>, Vec<CellIndex>)> = HashMap::new();
+        for &cell in &need.cells {
+            if !into.cells.contains_key(&cell) {
+                by_tag
+                    .entry(CellKeys::new(cell).tag)
+                    .or_default()
+                    .0
+                    .push(cell);
+            }
+        }
+        for &coarse in &need.coarse {
+            if !into.coarse.contains_key(&coarse) {
+                by_tag
+                    .entry(tag_of_coarse(coarse))
+                    .or_default()
+                    .1
+                    .push(coarse);
+            }
+        }
+        // One server: everything in one pipeline. A Cluster: one per slot, concurrently.
+        let groups: Vec<(Vec<CellIndex>, Vec<CellIndex>)> = if self.conn.clustered() {
+            by_tag.into_values().collect()
+        } else {
+            let mut all = (Vec::new(), Vec::new());
+            for (cells, coarse) in by_tag.into_values() {
+                all.0.extend(cells);
+                all.1.extend(coarse);
+            }
+            vec![all]
+        };
+        let mut reads = tokio::task::JoinSet::new();
+        for (cells, coarse) in groups {
+            if cells.is_empty() && coarse.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for &c in &cells {
+                pipe.cmd("HGETALL").arg(CellKeys::new(c).bucket);
+            }
+            for &c in &coarse {
+                pipe.cmd("SMEMBERS")
+                    .arg(occupancy_key(&tag_of_coarse(c), c));
+            }
+            let (conn, timeout) = (self.conn.clone(), self.timeout);
+            reads.spawn(async move {
+                let replies: std::result::Result<Vec<Value>, StoreError> =
+                    conn.pipe(&pipe, timeout).await;
+                (cells, coarse, replies)
+            });
+        }
+        while let Some(joined) = reads.join_next().await {
+            let (cells, coarse, replies) =
+                joined.map_err(|e| Error::Unavailable(format!("store read failed: {e}")))?;
+            let replies = replies?;
+            let mut replies = replies.into_iter();
+            for cell in cells {
+                let pairs: Vec<(Vec<u8>, Vec<u8>)> = replies
+                    .next()
+                    .and_then(|v| redis::from_redis_value(v).ok())
+                    .unwrap_or_default();
+                into.put_cell(cell, pairs);
+            }
+            for c in coarse {
+                let members: Vec<String> = replies
+                    .next()
+                    .and_then(|v| redis::from_redis_value(v).ok())
+                    .unwrap_or_default();
+                into.coarse.insert(
+                    c,
+                    members
+                        .iter()
+                        .filter_map(|m| m.parse::<CellIndex>().ok())
+                        .collect(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes members whose ping expired by `now_ms`, tag by tag; returns how many.
+    /// Any replica may run it (each step is idempotent), and reads never wait for it.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn sweep(&self, now_ms: i64) -> Result<usize> {
+        let tags: Vec<String> = self
+            .conn
+            .query(redis::cmd("SMEMBERS").arg(TAGS_KEY), self.timeout)
+            .await?;
+        let mut removed = 0;
+        for tag in tags {
+            loop {
+                let expire = redis::cmd("FCALL")
+                    .arg("gm_expire")
+                    .arg(1)
+                    .arg(super::expiry_key(&tag))
+                    .arg(now_ms)
+                    .arg(SWEEP_BATCH)
+                    .arg(format!("gm1:{{{tag}}}:b:"))
+                    .arg(format!("gm1:{{{tag}}}:o:"))
+                    .clone();
+                let n: usize = self.conn.query(&expire, self.timeout).await?;
+                removed += n;
+                if n < SWEEP_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The page-token key every replica shares: the store's, made by the first replica that
+/// finds none.
+async fn token_key(conn: &Conn, timeout: Duration) -> std::result::Result<[u8; 32], StoreError> {
+    let mut fresh = [0u8; 32];
+    getrandom::fill(&mut fresh)
+        .map_err(|e| StoreError::Unreachable(format!("no randomness for the token key: {e}")))?;
+    let _: bool = conn
+        .query(
+            redis::cmd("HSETNX")
+                .arg(super::META_KEY)
+                .arg("token_key")
+                .arg(&fresh[..]),
+            timeout,
+        )
+        .await?;
+    let key: Vec<u8> = conn
+        .query(
+            redis::cmd("HGET").arg(super::META_KEY).arg("token_key"),
+            timeout,
+        )
+        .await?;
+    key.try_into()
+        .map_err(|_| StoreError::Incompatible("the store's page-token key is not 32 bytes".into()))
+}
+
+/// The cells a search has read so far: a [`CellSource`] that misses the rest.
+#[derive(Debug)]
+struct Fetched {
+    res: Resolution,
+    cells: HashMap<CellIndex, Option<Box<[u8]>>>,
+    coarse: HashMap<CellIndex, Vec<CellIndex>>,
+}
+
+impl Fetched {
+    fn new(res: Resolution) -> Self {
+        Self {
+            res,
+            cells: HashMap::new(),
+            coarse: HashMap::new(),
+        }
+    }
+
+    fn put_cell(&mut self, cell: CellIndex, mut pairs: Vec<(Vec<u8>, Vec<u8>)>) {
+        let bucket = (!pairs.is_empty()).then(|| bucket::from_pairs(&mut pairs));
+        self.cells.insert(cell, bucket);
+    }
+}
+
+impl CellSource for Fetched {
+    type Miss = ();
+
+    fn resolution(&self) -> Resolution {
+        self.res
+    }
+
+    fn bucket<R>(
+        &self,
+        cell: CellIndex,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> std::result::Result<Option<R>, ()> {
+        match self.cells.get(&cell) {
+            Some(Some(b)) => Ok(Some(f(b))),
+            Some(None) => Ok(None),
+            None => Err(()),
+        }
+    }
+
+    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> std::result::Result<(), ()> {
+        let list = self.coarse.get(&coarse).ok_or(())?;
+        out.extend_from_slice(list);
+        Ok(())
+    }
+}

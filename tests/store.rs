@@ -1,0 +1,273 @@
+//! People Nearby over a Redis / Valkey store, through real gRPC and real servers the tests
+//! start themselves: the same brute-force contract as in memory, two replicas over one
+//! store serving one world (a ping through one found, reported and cleared through the
+//! other, a page token from one continued on the other), TTL and visibility, health while
+//! the store is down, and stores geomatch must refuse at start.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{
+    T0,
+    build::{clear, ping, search, status, watch},
+    config, contract,
+    fixtures::{BEIJING, SHANGHAI, privacy_cell},
+    found,
+    redis::{self, RedisServer},
+    start_store,
+};
+use geomatch::{
+    clock::ManualClock,
+    grpc::pb,
+    server::{App, ServeError},
+};
+use rand::{SeedableRng, rngs::StdRng};
+use tonic::Code;
+
+/// Two replicas over one store, and every check of the contract across them.
+async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64, f64)) {
+    let a = start_store(flags).await;
+    let b = start_store(flags).await;
+    let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
+
+    // The brute-force contract: pinged through A, every page walked alternately through
+    // A and B (tokens from one continue on the other), exactly as in memory.
+    let mut rng = StdRng::seed_from_u64(21);
+    let model = contract::populate(&mut ca, &mut rng, prefix, 400, centre, 0.03).await;
+    for _ in 0..12 {
+        let req = contract::random_query(&mut rng, &model, centre, 0.02);
+        let got = contract::walk(&mut [ca.clone(), cb.clone()], req.clone()).await;
+        assert_eq!(got, contract::expected(&model, &req), "{req:?}");
+    }
+
+    // A ping through A: status through B names its privacy cell; a move through B is seen
+    // through A; a clear through A is reported by B.
+    let me = format!("{prefix}me");
+    let placed = ca
+        .update_location(ping(&me, centre))
+        .await
+        .unwrap()
+        .into_inner();
+    let st = cb
+        .get_location_status(status(&me))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.found);
+    assert_eq!(st.cell, privacy_cell(centre).to_string());
+    assert_eq!(st.cell, placed.cell);
+    let far = common::fixtures::moved(centre, 2_000.0, 0.0);
+    cb.update_location(ping(&me, far)).await.unwrap();
+    let st = ca
+        .get_location_status(status(&me))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.cell, privacy_cell(far).to_string());
+    let near_far = found(&mut ca, search(&format!("{prefix}x"), far).limit_all()).await;
+    assert!(near_far.contains(&me), "{near_far:?}");
+    let near_old = found(&mut ca, search(&format!("{prefix}x"), centre).limit_all()).await;
+    assert!(!near_old.contains(&me), "moved away: {near_old:?}");
+    assert!(
+        ca.clear_location(clear(&me))
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+    assert!(
+        !cb.get_location_status(status(&me))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    assert!(
+        !cb.clear_location(clear(&me))
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+
+    // Invisible users search but are never found; a per-ping TTL ends visibility on every
+    // replica (each reads its own clock: the store filters by the reader's now).
+    let ghost = format!("{prefix}ghost");
+    ca.update_location(pb::UpdateLocationRequest {
+        visibility: pb::Visibility::Invisible.into(),
+        ..ping(&ghost, centre)
+    })
+    .await
+    .unwrap();
+    let short = format!("{prefix}short");
+    ca.update_location(pb::UpdateLocationRequest {
+        ttl_s: 60,
+        ..ping(&short, centre)
+    })
+    .await
+    .unwrap();
+    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit_all()).await;
+    assert!(!seen.contains(&ghost) && seen.contains(&short), "{seen:?}");
+    b.clock.advance_ms(60_000);
+    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit_all()).await;
+    assert!(!seen.contains(&short), "expired on B: {seen:?}");
+    assert!(
+        !cb.get_location_status(status(&short))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit_all()).await;
+    assert!(
+        seen.contains(&short),
+        "not yet expired on A's clock: {seen:?}"
+    );
+
+    // WatchNearby is not served over a remote store: refused clearly, never half-served.
+    let err = ca.watch_nearby(watch(&me, 1_000.0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A search that returns everyone within 1 km in one page.
+trait LimitAll {
+    fn limit_all(self) -> Self;
+}
+
+impl LimitAll for pb::SearchNearbyRequest {
+    fn limit_all(self) -> Self {
+        Self { limit: 100, ..self }
+    }
+}
+
+#[tokio::test]
+async fn one_redis_server_serves_one_world_to_two_replicas() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    two_replicas_serve_one_world(&["--store", "redis", "--redis-url", &url], "r:", SHANGHAI).await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_serves_one_world_to_two_replicas() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    two_replicas_serve_one_world(&flags, "c:", BEIJING).await;
+}
+
+#[tokio::test]
+async fn valkey_serves_one_world_to_two_replicas() {
+    let Some(server) = redis::valkey_standalone().await else {
+        return;
+    };
+    let url = server.url();
+    two_replicas_serve_one_world(&["--store", "redis", "--redis-url", &url], "v:", SHANGHAI).await;
+}
+
+/// Opens an app on `flags` (no server), for start-up failures.
+async fn open(flags: &[&str]) -> Result<App, ServeError> {
+    let cfg = config(flags);
+    App::open(cfg.settings().unwrap(), Arc::new(ManualClock::new(T0))).await
+}
+
+#[tokio::test]
+async fn stores_that_cannot_serve_are_refused_at_start() {
+    // Nothing listens: a clear error, no panic, no hang past the store timeout.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let flags = [
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--store-timeout",
+        "300ms",
+    ];
+    let err = open(&flags).await.unwrap_err();
+    assert!(matches!(err, ServeError::Store(_)), "{err}");
+
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = ["--store", "redis", "--redis-url", &url];
+    // A store holding another schema's data.
+    let mut conn = server.connection().await;
+    let _: () = ::redis::cmd("HSET")
+        .arg("gm1:meta")
+        .arg("schema")
+        .arg("gm0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = open(&flags).await.unwrap_err().to_string();
+    assert!(err.contains("schema"), "{err}");
+    // A standalone server named as a Cluster seed.
+    let nodes = server.addr();
+    let flags = [
+        "--store",
+        "redis-cluster",
+        "--redis-nodes",
+        &nodes,
+        "--store-timeout",
+        "500ms",
+    ];
+    let err = open(&flags).await.unwrap_err();
+    assert!(matches!(err, ServeError::Store(_)), "{err}");
+}
+
+#[tokio::test]
+async fn health_is_not_serving_and_calls_unavailable_while_the_store_is_down() {
+    let Some(mut server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let gm = start_store(&[
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--store-timeout",
+        "300ms",
+    ])
+    .await;
+    let mut c = gm.nearby().await;
+    c.update_location(ping("h:a", SHANGHAI)).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(gm.channel().await);
+    let mut updates = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "geomatch.v1.Nearby".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = i32::from(tonic_health::pb::health_check_response::ServingStatus::Serving);
+    let not_serving = i32::from(tonic_health::pb::health_check_response::ServingStatus::NotServing);
+    assert_eq!(updates.message().await.unwrap().unwrap().status, serving);
+
+    kill(&mut server);
+    let err = c.search_nearby(search("h:b", SHANGHAI)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The next status change the probe reports: NOT_SERVING.
+    assert_eq!(
+        updates.message().await.unwrap().unwrap().status,
+        not_serving
+    );
+    gm.stop().await;
+}
+
+fn kill(server: &mut RedisServer) {
+    server.kill9();
+}
