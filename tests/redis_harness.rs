@@ -231,15 +231,10 @@ fn binaries_come_from_the_variable_else_path() {
 // ---------------------------------------------------------------------------------------
 // No server outlives the test process
 
-/// Run by [`servers_die_with_the_test_process`] in a child test process (and a no-op
-/// otherwise): starts a server from a thread that then ends, checks the server outlives
-/// that thread, prints its pid, and aborts (no Drop, no atexit).
-#[test]
-#[ignore = "a probe run in a child process by servers_die_with_the_test_process"]
-fn orphan_probe() {
-    if std::env::var_os("GEOMATCH_ORPHAN_PROBE").is_none() {
-        return;
-    }
+/// The child half of [`servers_die_with_the_test_process`], run in a child test process:
+/// starts a server from a thread that then ends, checks the server outlives that thread,
+/// prints its pid, and aborts (no Drop, no atexit).
+fn orphan_probe() -> ! {
     let server = std::thread::spawn(|| {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -267,11 +262,19 @@ fn orphan_probe() {
 
 #[test]
 fn servers_die_with_the_test_process() {
+    if std::env::var_os("GEOMATCH_ORPHAN_PROBE").is_some() {
+        orphan_probe();
+    }
     if Env::from_process().server(Flavor::Redis).is_err() {
         return;
     }
+    // This same test, as the probe, in a child process.
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["orphan_probe", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "servers_die_with_the_test_process",
+            "--exact",
+            "--nocapture",
+        ])
         .env("GEOMATCH_ORPHAN_PROBE", "1")
         .stdin(Stdio::null())
         .output()

@@ -20,6 +20,13 @@ struct Partial<'a> {
     coarse: RefCell<HashSet<CellIndex>>,
 }
 
+/// How a staged walk went: its page, round trips, and privacy cells fetched.
+struct Staged {
+    page: SearchPage,
+    rounds: usize,
+    cells: usize,
+}
+
 impl<'a> Partial<'a> {
     fn new(maps: &'a maps::Maps) -> Self {
         Self {
@@ -82,13 +89,19 @@ fn pos((lat, lng): (f64, f64)) -> Coordinates {
     Coordinates::new("position", lat, lng).unwrap()
 }
 
-/// Walks `q` to completion over a fresh partial source; returns the page and the round
-/// trips it took.
-fn staged(idx: &NearbyIndex, q: &Query) -> (SearchPage, usize) {
+/// Walks `q` to completion over a fresh partial source.
+fn staged(idx: &NearbyIndex, q: &Query) -> Staged {
     let src = Partial::new(&idx.maps);
-    for round in 0..200 {
+    for rounds in 0..200 {
         match page(&src, &idx.tokens, q, NOW) {
-            Ok(p) => return (p, round),
+            Ok(page) => {
+                let cells = src.cells.borrow().len();
+                return Staged {
+                    page,
+                    rounds,
+                    cells,
+                };
+            }
             Err(m) => assert!(src.fetch(&m.need) > 0, "a miss must ask for something new"),
         }
     }
@@ -149,8 +162,7 @@ fn every_page_over_a_partial_source_equals_the_in_memory_page() {
         for _ in 0..100 {
             let q = idx.query(&req).unwrap();
             let direct = idx.search(&q, NOW);
-            let (staged, _) = staged(&idx, &q);
-            assert_eq!(staged, direct, "{req:?}");
+            assert_eq!(staged(&idx, &q).page, direct, "{req:?}");
             match direct.next_page_token {
                 Some(t) => req.page_token = t,
                 None => break,
@@ -172,10 +184,16 @@ fn a_walk_asks_for_whole_batches() {
             page_token: String::new(),
         })
         .unwrap();
-    // The whole fine disk comes in the first batch: a dense search is one round trip.
-    let (p, rounds) = staged(&idx, &dense);
-    assert_eq!(p.users.len(), 20);
-    assert_eq!(rounds, 1);
+    // A dense search reads a few rings of cells in a few round trips, never the whole
+    // fine disk (91 cells within 1 km at resolution 9).
+    let s = staged(&idx, &dense);
+    assert_eq!(s.page.users.len(), 20);
+    assert!(
+        s.rounds <= 3 && s.cells <= 37,
+        "{} rounds, {} cells",
+        s.rounds,
+        s.cells
+    );
     // A wide search in sparse country walks coarse rings: a round trip for each ring's
     // occupancy and one for its occupied cells, never one per cell.
     let sparse = idx
@@ -192,8 +210,12 @@ fn a_walk_asks_for_whole_batches() {
             }
         })
         .unwrap();
-    let (p, rounds) = staged(&idx, &sparse);
-    assert_eq!(p, idx.search(&sparse, NOW));
-    let occupied: usize = p.users.len();
-    assert!(rounds <= 30, "{rounds} round trips for {occupied} users");
+    let s = staged(&idx, &sparse);
+    assert_eq!(s.page, idx.search(&sparse, NOW));
+    assert!(
+        s.rounds <= 30,
+        "{} round trips for {} users",
+        s.rounds,
+        s.page.users.len()
+    );
 }

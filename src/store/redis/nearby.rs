@@ -260,14 +260,16 @@ impl RedisNearby {
 
     /// Reads `need` into `into`: one pipeline per hash tag (one slot each), run at once.
     async fn fetch(&self, into: &mut Fetched, need: &Need) -> Result<()> {
-        let mut by_tag: HashMap<String, (Vec<CellIndex>, Vec<CellIndex>)> = HashMap::new();
+        // Each cell's keys are worked out once (the coarse cell takes H3 geometry).
+        let mut by_tag: HashMap<String, Group> = HashMap::new();
         for &cell in &need.cells {
             if !into.cells.contains_key(&cell) {
+                let keys = CellKeys::new(cell);
                 by_tag
-                    .entry(CellKeys::new(cell).tag)
+                    .entry(keys.tag)
                     .or_default()
                     .0
-                    .push(cell);
+                    .push((cell, keys.bucket));
             }
         }
         for &coarse in &need.coarse {
@@ -280,7 +282,7 @@ impl RedisNearby {
             }
         }
         // One server: everything in one pipeline. A Cluster: one per slot, concurrently.
-        let groups: Vec<(Vec<CellIndex>, Vec<CellIndex>)> = if self.conn.clustered() {
+        let groups: Vec<Group> = if self.conn.clustered() {
             by_tag.into_values().collect()
         } else {
             let mut all = (Vec::new(), Vec::new());
@@ -296,8 +298,8 @@ impl RedisNearby {
                 continue;
             }
             let mut pipe = redis::pipe();
-            for &c in &cells {
-                pipe.cmd("HGETALL").arg(CellKeys::new(c).bucket);
+            for (_, bucket) in &cells {
+                pipe.cmd("HGETALL").arg(bucket);
             }
             for &c in &coarse {
                 pipe.cmd("SMEMBERS")
@@ -315,7 +317,7 @@ impl RedisNearby {
                 joined.map_err(|e| Error::Unavailable(format!("store read failed: {e}")))?;
             let replies = replies?;
             let mut replies = replies.into_iter();
-            for cell in cells {
+            for (cell, _) in cells {
                 let pairs: Vec<(Vec<u8>, Vec<u8>)> = replies
                     .next()
                     .and_then(|v| redis::from_redis_value(v).ok())
@@ -396,6 +398,9 @@ async fn token_key(conn: &Conn, timeout: Duration) -> std::result::Result<[u8; 3
     key.try_into()
         .map_err(|_| StoreError::Incompatible("the store's page-token key is not 32 bytes".into()))
 }
+
+/// The reads of one pipeline: privacy cells with their bucket keys, and coarse cells.
+type Group = (Vec<(CellIndex, String)>, Vec<CellIndex>);
 
 /// The cells a search has read so far: a [`CellSource`] that misses the rest.
 #[derive(Debug)]
