@@ -1,0 +1,139 @@
+//! Real faults under load over a Redis Cluster: `kill -9` of the master holding the
+//! pinged area. Calls in between fail only with UNAVAILABLE, service comes back by itself
+//! once the replica has taken over, and what was acknowledged well before the kill is
+//! still there.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{
+    build::{ping, search, status},
+    fixtures::{SHANGHAI, moved, privacy_cell},
+    redis, start_store,
+};
+use h3o::{LatLng, Resolution};
+use tokio::sync::Mutex;
+use tonic::Code;
+
+/// How long a failover may take before service is back: the bound.
+const BACK_WITHIN: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
+    let Some(cluster) = redis::shared_cluster_exclusive().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let gm = start_store(&[
+        "--store",
+        "redis-cluster",
+        "--redis-nodes",
+        &nodes,
+        "--store-timeout",
+        "300ms",
+    ])
+    .await;
+    let mut c = gm.nearby().await;
+
+    // Acknowledged pings, all in one area (one hash tag, so one master holds them).
+    let users: Vec<String> = (0..200).map(|i| format!("f:{i:04}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        let at = moved(SHANGHAI, (i % 20) as f64 * 20.0, (i / 20) as f64 * 20.0);
+        c.update_location(ping(u, at)).await.unwrap();
+    }
+    let cell = privacy_cell(SHANGHAI);
+    let tag = LatLng::from(cell)
+        .to_cell(Resolution::Seven)
+        .parent(Resolution::Five)
+        .unwrap();
+    let master = cluster.master_for_key(&format!("{{{tag}}}")).await;
+
+    // Load: pings and searches in that area, each outcome recorded with its time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let outcomes: Arc<Mutex<Vec<(Instant, Result<(), Code>)>>> = Arc::default();
+    let load = {
+        let (stop, done, outcomes, mut c) =
+            (stop.clone(), done.clone(), outcomes.clone(), c.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let r = if i % 2 == 0 {
+                    c.update_location(ping(&format!("f:load{}", i % 50), SHANGHAI))
+                        .await
+                        .map(drop)
+                } else {
+                    c.search_nearby(search("f:searcher", SHANGHAI))
+                        .await
+                        .map(drop)
+                };
+                outcomes
+                    .lock()
+                    .await
+                    .push((Instant::now(), r.map_err(|s| s.code())));
+                done.fetch_add(1, Ordering::SeqCst);
+                i += 1;
+            }
+        })
+    };
+    // Let replication carry the acknowledged pings: a few hundred calls go by first.
+    while done.load(Ordering::SeqCst) < 300 {
+        tokio::task::yield_now().await;
+    }
+
+    let killed = Instant::now();
+    cluster.kill9(master);
+    cluster.wait_ok().await;
+    // Run on until 200 calls in a row succeed (or the bound passes).
+    let healed = loop {
+        let recent = {
+            let o = outcomes.lock().await;
+            let tail: Vec<_> = o.iter().rev().take_while(|(_, r)| r.is_ok()).collect();
+            (tail.len() >= 200).then(|| tail.last().map(|(t, _)| *t))
+        };
+        if let Some(Some(first_of_run)) = recent {
+            break first_of_run;
+        }
+        assert!(
+            killed.elapsed() < BACK_WITHIN + Duration::from_secs(20),
+            "service did not come back"
+        );
+        tokio::task::yield_now().await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+
+    let outcomes = outcomes.lock().await;
+    let errors: Vec<Code> = outcomes.iter().filter_map(|(_, r)| r.err()).collect();
+    assert!(
+        errors.iter().all(|&e| e == Code::Unavailable),
+        "only UNAVAILABLE during the failover, got {errors:?}"
+    );
+    let back_after = healed.saturating_duration_since(killed);
+    eprintln!(
+        "failover: {} calls failed (UNAVAILABLE), full service {:?} after the kill",
+        errors.len(),
+        back_after
+    );
+    assert!(back_after <= BACK_WITHIN, "back after {back_after:?}");
+
+    // Every ping acknowledged before the load began is still held.
+    let mut missing = Vec::new();
+    for u in &users {
+        let st = c.get_location_status(status(u)).await.unwrap().into_inner();
+        if !st.found {
+            missing.push(u.clone());
+        }
+    }
+    assert!(missing.is_empty(), "lost after the failover: {missing:?}");
+    drop(outcomes);
+    gm.stop().await;
+}
