@@ -23,7 +23,10 @@ use h3o::{LatLng, Resolution};
 use tokio::sync::Mutex;
 use tonic::Code;
 
-/// How long a failover may take before service is back: the bound.
+/// When a call ended, and how.
+type Outcome = (Instant, Result<(), Code>);
+
+/// How long a failover may take before service is back.
 const BACK_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,14 +62,14 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
     // Load: pings and searches in that area, each outcome recorded with its time.
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
-    let outcomes: Arc<Mutex<Vec<(Instant, Result<(), Code>)>>> = Arc::default();
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let load = {
         let (stop, done, outcomes, mut c) =
             (stop.clone(), done.clone(), outcomes.clone(), c.clone());
         tokio::spawn(async move {
             let mut i = 0usize;
             while !stop.load(Ordering::SeqCst) {
-                let r = if i % 2 == 0 {
+                let r = if i.is_multiple_of(2) {
                     c.update_location(ping(&format!("f:load{}", i % 50), SHANGHAI))
                         .await
                         .map(drop)
