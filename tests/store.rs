@@ -14,9 +14,7 @@ use common::{
     build::{clear, ping, search, status, watch},
     config, contract,
     fixtures::{BEIJING, SHANGHAI, privacy_cell},
-    found,
-    redis::{self, RedisServer},
-    start_store,
+    found, redis, start_store,
 };
 use geomatch::{
     clock::ManualClock,
@@ -257,7 +255,8 @@ async fn health_is_not_serving_and_calls_unavailable_while_the_store_is_down() {
     let not_serving = i32::from(tonic_health::pb::health_check_response::ServingStatus::NotServing);
     assert_eq!(updates.message().await.unwrap().unwrap().status, serving);
 
-    kill(&mut server);
+    let port = server.port();
+    server.kill9();
     let err = c.search_nearby(search("h:b", SHANGHAI)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     // The next status change the probe reports: NOT_SERVING.
@@ -265,9 +264,36 @@ async fn health_is_not_serving_and_calls_unavailable_while_the_store_is_down() {
         updates.message().await.unwrap().unwrap().status,
         not_serving
     );
+
+    // The server comes back on its port, empty (no persistence): the replica reconnects,
+    // loads its functions again and serves by itself.
+    let bin = redis::Env::from_process()
+        .server(redis::Flavor::Redis)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("gm-restart-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _again = Restarted(
+        std::process::Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(updates.message().await.unwrap().unwrap().status, serving);
+    c.update_location(ping("h:a", SHANGHAI)).await.unwrap();
+    assert_eq!(found(&mut c, search("h:b", SHANGHAI)).await, ["h:a"]);
     gm.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn kill(server: &mut RedisServer) {
-    server.kill9();
+/// A server the test restarted itself; killed when the test ends, even on a panic.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -69,6 +69,11 @@ impl PageTokens {
         Self { key }
     }
 
+    /// The secret key, for a store that keeps it for every replica (never logged).
+    pub(crate) fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+
     /// Tokens signed with a fresh random key.
     ///
     /// # Errors

@@ -201,7 +201,14 @@ async fn watch_store(
             _ = probe.tick() => {}
             () = stop.raised() => return,
         }
-        let up = remote.healthy().await;
+        let mut up = remote.healthy().await;
+        if up && !serving {
+            // Back: a store restarted empty needs its functions again before any call.
+            if let Err(e) = remote.prepare_again().await {
+                tracing::warn!(error = %e, "store answers but cannot be prepared: not serving");
+                up = false;
+            }
+        }
         if up != serving {
             serving = up;
             if up {

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use h3o::{CellIndex, Resolution};
 use redis::{
-    FromRedisValue, Pipeline, aio::MultiplexedConnection, cluster::ClusterClient,
+    FromRedisValue, Pipeline,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
     cluster_async::ClusterConnection,
 };
 use thiserror::Error;
@@ -73,8 +75,8 @@ impl From<StoreError> for Error {
 /// A cloneable connection to the store, routed by slot in a Cluster.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    /// One server, multiplexed.
-    Server(MultiplexedConnection),
+    /// One server, multiplexed, reconnecting by itself after the server comes back.
+    Server(ConnectionManager),
     /// A Cluster, multiplexed per node.
     Cluster(ClusterConnection),
 }
@@ -105,8 +107,15 @@ impl Conn {
             match target {
                 Target::Server(url) => {
                     let client = redis::Client::open(url.as_str()).map_err(|e| unreachable(&e))?;
-                    client
-                        .get_multiplexed_async_connection()
+                    // A lost connection is re-made in the background, a few quick tries at
+                    // a time: calls meanwhile fail fast (UNAVAILABLE), never hang.
+                    let config = ConnectionManagerConfig::new()
+                        .set_number_of_retries(2)
+                        .set_min_delay(Duration::from_millis(10))
+                        .set_max_delay(Duration::from_millis(200))
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(Some(timeout));
+                    ConnectionManager::new_with_config(client, config)
                         .await
                         .map(Self::Server)
                         .map_err(|e| unreachable(&e))

@@ -81,6 +81,27 @@ impl RedisNearby {
         self.conn.healthy(self.timeout).await
     }
 
+    /// Makes a store that came back usable again: a server restarted without its data
+    /// has lost the functions and the metadata, so they are loaded again (this replica's
+    /// page-token key is written back unless another replica wrote one first).
+    ///
+    /// # Errors
+    /// [`StoreError`] as [`Self::connect`].
+    pub async fn prepare_again(&self) -> std::result::Result<(), StoreError> {
+        self.conn.prepare(self.timeout).await?;
+        let _: bool = self
+            .conn
+            .query(
+                redis::cmd("HSETNX")
+                    .arg(super::META_KEY)
+                    .arg("token_key")
+                    .arg(&self.tokens.key()[..]),
+                self.timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Validates a search as received, exactly as the in-memory index does.
     ///
     /// # Errors
