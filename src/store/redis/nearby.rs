@@ -2,7 +2,7 @@
 //! ([`crate::nearby::search`]) and the same privacy rules as in memory, with the maps in the
 //! store so that every replica serves one world.
 //!
-//! A ping writes the new cell first, then the user's record, then removes the member from
+//! A ping writes the new cell and the user's record at once, then removes the member from
 //! the cell the record named before (only if that member is not newer than this ping):
 //! a user moving between cells is in the new one before leaving the old, and a search that
 //! meets both copies keeps the nearer one (the engine dedupes by id). Reads filter out
@@ -140,7 +140,6 @@ impl RedisNearby {
             .arg(cell.to_string())
             .arg(expires)
             .clone();
-        let _: i64 = self.conn.query(&put, self.timeout).await?;
         let record = redis::cmd("FCALL")
             .arg("gm_user")
             .arg(1)
@@ -149,7 +148,14 @@ impl RedisNearby {
             .arg(now_ms)
             .arg(ping.ttl.ms().max(1))
             .clone();
-        let old: Option<String> = self.conn.query(&record, self.timeout).await?;
+        // The member and the user's record are written at once (two slots, two calls in
+        // flight); the old cell is cleaned only once both stand.
+        let (put, old) = tokio::join!(
+            self.conn.query::<i64>(&put, self.timeout),
+            self.conn.query::<Option<String>>(&record, self.timeout)
+        );
+        put?;
+        let old = old?;
         let old = old.and_then(|o| o.parse::<CellIndex>().ok());
         if let Some(old) = old.filter(|&o| o != cell) {
             self.remove(old, ping.user.as_str(), Some(now_ms)).await?;
