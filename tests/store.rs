@@ -143,6 +143,20 @@ impl LimitAll for pb::SearchNearbyRequest {
     }
 }
 
+/// A search of radius `m`.
+trait RadiusTo {
+    fn radius_to(self, m: f64) -> Self;
+}
+
+impl RadiusTo for pb::SearchNearbyRequest {
+    fn radius_to(self, m: f64) -> Self {
+        Self {
+            radius_m: m,
+            ..self
+        }
+    }
+}
+
 #[tokio::test]
 async fn one_redis_server_serves_one_world_to_two_replicas() {
     let Some(server) = redis::standalone().await else {
@@ -160,6 +174,76 @@ async fn a_redis_cluster_serves_one_world_to_two_replicas() {
     let nodes = cluster.seeds().join(",");
     let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
     two_replicas_serve_one_world(&flags, "c:", BEIJING).await;
+}
+
+#[tokio::test]
+async fn a_valkey_cluster_serves_one_world_to_two_replicas() {
+    let Some(cluster) = redis::valkey_cluster(3, 0).await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    two_replicas_serve_one_world(&flags, "vc:", SHANGHAI).await;
+}
+
+/// Two replicas ping the same users at once, one of them 10 s ahead: under any
+/// interleaving of their store calls, each user ends where the newer ping put them, and
+/// nobody is left behind at the older position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pings_through_two_replicas_leave_only_the_newest() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = ["--store", "redis", "--redis-url", &url];
+    let (a, b) = (start_store(&flags).await, start_store(&flags).await);
+    b.clock.advance_ms(10_000);
+    let older = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 0.0);
+    let newer = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 3_000.0);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let user = format!("lww:{i:03}");
+        let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
+        let (pa, pb) = (ping(&user, older(i)), ping(&user, newer(i)));
+        // Alternate which one is sent first; both are in flight together.
+        calls.spawn(async move {
+            if i % 2 == 0 {
+                tokio::join!(ca.update_location(pa), cb.update_location(pb))
+            } else {
+                let (y, x) = tokio::join!(cb.update_location(pb), ca.update_location(pa));
+                (x, y)
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (x, y) = done.unwrap();
+        x.unwrap();
+        y.unwrap();
+    }
+    let mut c = a.nearby().await;
+    for i in 0..200 {
+        let user = format!("lww:{i:03}");
+        let st = c
+            .get_location_status(status(&user))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.cell, privacy_cell(newer(i)).to_string(), "{user}");
+    }
+    let left_behind: Vec<String> = contract::walk(
+        &mut [c.clone()],
+        search("lww:searcher", SHANGHAI)
+            .limit_all()
+            .radius_to(2_500.0),
+    )
+    .await
+    .into_iter()
+    .map(|(u, _)| u)
+    .filter(|u| u.starts_with("lww:"))
+    .collect();
+    assert!(left_behind.is_empty(), "stale copies: {left_behind:?}");
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]

@@ -2,8 +2,10 @@
 //! ([`crate::nearby::search`]) and the same privacy rules as in memory, with the maps in the
 //! store so that every replica serves one world.
 //!
-//! A ping writes the new cell and the user's record at once, then removes the member from
-//! the cell the record named before (only if that member is not newer than this ping):
+//! A ping writes the new cell first, then the user's record, then removes the member from
+//! the cell the record named before (only if that member is not newer than this ping);
+//! a ping that finds a newer one recorded takes back its own member. So concurrent pings
+//! of one user through different replicas leave only the newest, under any interleaving:
 //! a user moving between cells is in the new one before leaving the old, and a search that
 //! meets both copies keeps the nearer one (the engine dedupes by id). Reads filter out
 //! expired members, so correctness never waits for the sweep.
@@ -148,17 +150,23 @@ impl RedisNearby {
             .arg(now_ms)
             .arg(ping.ttl.ms().max(1))
             .clone();
-        // The member and the user's record are written at once (two slots, two calls in
-        // flight); the old cell is cleaned only once both stand.
-        let (put, old) = tokio::join!(
-            self.conn.query::<i64>(&put, self.timeout),
-            self.conn.query::<Option<String>>(&record, self.timeout)
-        );
-        put?;
-        let old = old?;
-        let old = old.and_then(|o| o.parse::<CellIndex>().ok());
-        if let Some(old) = old.filter(|&o| o != cell) {
-            self.remove(old, ping.user.as_str(), Some(now_ms)).await?;
+        // In this order: the member first, then the record. A newer ping of the same user
+        // that then reads this record finds the member to clean up; an older one that
+        // reads the newer record cleans up its own member.
+        let _: i64 = self.conn.query(&put, self.timeout).await?;
+        let old: Option<String> = self.conn.query(&record, self.timeout).await?;
+        match old {
+            // A newer ping is recorded: this one lost; take back its member (unless a
+            // newer ping put one in the same cell).
+            None => {
+                self.remove(cell, ping.user.as_str(), Some(now_ms)).await?;
+            }
+            Some(old) => {
+                let old = old.parse::<CellIndex>().ok();
+                if let Some(old) = old.filter(|&o| o != cell) {
+                    self.remove(old, ping.user.as_str(), Some(now_ms)).await?;
+                }
+            }
         }
         Ok(Placement {
             cell,
