@@ -327,7 +327,7 @@ impl RedisNearby {
             }
             vec![all]
         };
-        let mut reads = tokio::task::JoinSet::new();
+        let mut pipes = Vec::new();
         for (cells, coarse) in groups {
             if cells.is_empty() && coarse.is_empty() {
                 continue;
@@ -340,6 +340,19 @@ impl RedisNearby {
                 pipe.cmd("SMEMBERS")
                     .arg(occupancy_key(&tag_of_coarse(c), c));
             }
+            pipes.push((cells, coarse, pipe));
+        }
+        // One pipeline (the usual case: one server, or one slot) runs inline; several run
+        // at once, one task each.
+        if pipes.len() == 1 {
+            if let Some((cells, coarse, pipe)) = pipes.pop() {
+                let replies = self.conn.pipe(&pipe, self.timeout).await?;
+                into.put_replies(cells, coarse, replies);
+            }
+            return Ok(());
+        }
+        let mut reads = tokio::task::JoinSet::new();
+        for (cells, coarse, pipe) in pipes {
             let (conn, timeout) = (self.conn.clone(), self.timeout);
             reads.spawn(async move {
                 let replies: std::result::Result<Vec<Value>, StoreError> =
@@ -350,28 +363,7 @@ impl RedisNearby {
         while let Some(joined) = reads.join_next().await {
             let (cells, coarse, replies) =
                 joined.map_err(|e| Error::Unavailable(format!("store read failed: {e}")))?;
-            let replies = replies?;
-            let mut replies = replies.into_iter();
-            for (cell, _) in cells {
-                let pairs: Vec<(Vec<u8>, Vec<u8>)> = replies
-                    .next()
-                    .and_then(|v| redis::from_redis_value(v).ok())
-                    .unwrap_or_default();
-                into.put_cell(cell, pairs);
-            }
-            for c in coarse {
-                let members: Vec<String> = replies
-                    .next()
-                    .and_then(|v| redis::from_redis_value(v).ok())
-                    .unwrap_or_default();
-                into.coarse.insert(
-                    c,
-                    members
-                        .iter()
-                        .filter_map(|m| m.parse::<CellIndex>().ok())
-                        .collect(),
-                );
-            }
+            into.put_replies(cells, coarse, replies?);
         }
         Ok(())
     }
@@ -434,6 +426,32 @@ async fn token_key(conn: &Conn, timeout: Duration) -> std::result::Result<[u8; 3
         .map_err(|_| StoreError::Incompatible("the store's page-token key is not 32 bytes".into()))
 }
 
+/// The (field, value) pairs of an HGETALL reply, moved out of it (RESP2 array or RESP3
+/// map) without copying the bytes.
+fn field_pairs(reply: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bytes = |v: Value| match v {
+        Value::BulkString(b) => Some(b),
+        _ => None,
+    };
+    match reply {
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                if let (Some(k), Some(v)) = (bytes(k), bytes(v)) {
+                    out.push((k, v));
+                }
+            }
+            out
+        }
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((bytes(k)?, bytes(v)?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The reads of one pipeline: privacy cells with their bucket keys, and coarse cells.
 type Group = (Vec<(CellIndex, String)>, Vec<CellIndex>);
 
@@ -454,9 +472,33 @@ impl Fetched {
         }
     }
 
-    fn put_cell(&mut self, cell: CellIndex, mut pairs: Vec<(Vec<u8>, Vec<u8>)>) {
-        let bucket = (!pairs.is_empty()).then(|| bucket::from_pairs(&mut pairs));
-        self.cells.insert(cell, bucket);
+    /// Files the replies of one pipeline: an HGETALL per privacy cell, then an SMEMBERS
+    /// per coarse cell, in that order.
+    fn put_replies(
+        &mut self,
+        cells: Vec<(CellIndex, String)>,
+        coarse: Vec<CellIndex>,
+        replies: Vec<Value>,
+    ) {
+        let mut replies = replies.into_iter();
+        for (cell, _) in cells {
+            let mut pairs = replies.next().map(field_pairs).unwrap_or_default();
+            let bucket = (!pairs.is_empty()).then(|| bucket::from_pairs(&mut pairs));
+            self.cells.insert(cell, bucket);
+        }
+        for c in coarse {
+            let members: Vec<String> = replies
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default();
+            self.coarse.insert(
+                c,
+                members
+                    .iter()
+                    .filter_map(|m| m.parse::<CellIndex>().ok())
+                    .collect(),
+            );
+        }
     }
 }
 
