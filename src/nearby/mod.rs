@@ -119,13 +119,7 @@ impl NearbyIndex {
     /// [`Error::ResourceExhausted`] when the user is new and the index holds
     /// [`NearbyConfig::max_users`] already. Nothing is stored then.
     pub fn ping(&self, ping: &Ping, now_ms: i64) -> Result<Placement> {
-        let member = Member {
-            user: ping.user.as_str().as_bytes(),
-            last_seen_ms: now_ms,
-            ttl_ms: ping.ttl.ms(),
-            gender: ping.gender,
-            visible: ping.visible,
-        };
+        let member = ping.member(now_ms);
         let cell = ping.position.cell(self.cfg.privacy_resolution);
         if !self.place(
             cell,
@@ -302,6 +296,19 @@ impl NearbyIndex {
                 new: None,
             });
         })
+    }
+}
+
+impl Ping {
+    /// The member this ping makes at `now_ms`: what every store keeps of it.
+    pub(crate) fn member(&self, now_ms: i64) -> Member<'_> {
+        Member {
+            user: self.user.as_str().as_bytes(),
+            last_seen_ms: now_ms,
+            ttl_ms: self.ttl.ms(),
+            gender: self.gender,
+            visible: self.visible,
+        }
     }
 }
 

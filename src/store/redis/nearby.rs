@@ -25,8 +25,7 @@ use crate::{
     id::UserId,
     nearby::{
         LocationStatus, NearbyConfig, PageTokens, Ping, Placement, Query, SearchPage,
-        SearchRequest,
-        bucket::{self, Member},
+        SearchRequest, bucket,
         search::{self, CellSource, Need},
     },
 };
@@ -118,13 +117,7 @@ impl RedisNearby {
     /// [`Error::Unavailable`] when the store does not answer; the ping may then have been
     /// applied or not, and retrying it is safe.
     pub async fn ping(&self, ping: &Ping, now_ms: i64) -> Result<Placement> {
-        let member = Member {
-            user: ping.user.as_str().as_bytes(),
-            last_seen_ms: now_ms,
-            ttl_ms: ping.ttl.ms(),
-            gender: ping.gender,
-            visible: ping.visible,
-        };
+        let member = ping.member(now_ms);
         let cell = ping.position.cell(self.cfg.privacy_resolution);
         let keys = CellKeys::new(cell);
         let expires = member.expires_at_ms();
