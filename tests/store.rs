@@ -17,9 +17,10 @@ use common::{
     found, redis, start_store,
 };
 use geomatch::{
-    clock::ManualClock,
+    clock::{Clock as _, ManualClock},
     grpc::pb,
     server::{App, ServeError},
+    store::NearbyStore,
 };
 use rand::{SeedableRng, rngs::StdRng};
 use tonic::Code;
@@ -123,6 +124,13 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
         seen.contains(&short),
         "not yet expired on A's clock: {seen:?}"
     );
+    // B's sweep reclaims it from the store itself: gone for A too, whatever A's clock.
+    let NearbyStore::Redis(remote) = &b.app.store else {
+        panic!("a Redis store");
+    };
+    assert_eq!(remote.sweep(b.clock.now_ms()).await.unwrap(), 1);
+    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit_all()).await;
+    assert!(!seen.contains(&short), "swept: {seen:?}");
 
     // WatchNearby is not served over a remote store: refused clearly, never half-served.
     let err = ca.watch_nearby(watch(&me, 1_000.0)).await.unwrap_err();

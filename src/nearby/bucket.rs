@@ -68,7 +68,7 @@ impl Member<'_> {
 
 /// Members of a bucket, in id order.
 #[derive(Debug, Clone)]
-pub(super) struct Iter<'a> {
+pub(crate) struct Iter<'a> {
     rest: &'a [u8],
 }
 
@@ -97,7 +97,7 @@ impl<'a> Iterator for Iter<'a> {
 }
 
 /// The members of `bucket`, in id order.
-pub(super) fn iter(bucket: &[u8]) -> Iter<'_> {
+pub(crate) fn iter(bucket: &[u8]) -> Iter<'_> {
     Iter { rest: bucket }
 }
 
@@ -128,7 +128,7 @@ fn locate(bucket: &[u8], user: &[u8]) -> Result<usize, usize> {
 }
 
 /// The member for `user`, if the bucket holds one.
-pub(super) fn get<'a>(bucket: &'a [u8], user: &[u8]) -> Option<Member<'a>> {
+pub(crate) fn get<'a>(bucket: &'a [u8], user: &[u8]) -> Option<Member<'a>> {
     let offset = locate(bucket, user).ok()?;
     iter(&bucket[offset..]).next()
 }
@@ -192,14 +192,13 @@ pub(crate) fn from_fields<'a>(user: &'a [u8], fields: &[u8]) -> Option<Member<'a
     Some(Member { user, ..m })
 }
 
-/// A bucket of `(id, fields)` pairs as a remote store returns them (any order); pairs
-/// that do not decode are left out.
-pub(crate) fn from_pairs(pairs: &mut [(Vec<u8>, Vec<u8>)]) -> Box<[u8]> {
-    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let members: Vec<Member<'_>> = pairs
-        .iter()
-        .filter_map(|(u, f)| from_fields(u, f))
-        .collect();
+/// A bucket from a remote store's cell string: the same encoding, members in any order
+/// (the store appends and replaces without comparing ids). Sorted by id here; decoding
+/// stops at the first member that does not fit.
+pub(crate) fn from_unsorted(raw: &[u8]) -> Box<[u8]> {
+    let mut members: Vec<Member<'_>> = iter(raw).collect();
+    members.sort_unstable_by(|a, b| a.user.cmp(b.user));
+    members.dedup_by(|a, b| a.user == b.user);
     let mut out = vec![0u8; members.iter().map(Member::encoded_len).sum()];
     let mut at = 0;
     for m in &members {
@@ -246,21 +245,21 @@ mod tests {
     }
 
     #[test]
-    fn fields_round_trip_and_pairs_build_a_sorted_bucket() {
+    fn fields_round_trip_and_unsorted_cells_read_back_sorted() {
         let a = m("b", 1_700_000_000_123);
         let back = from_fields(a.user, &fields(&a)).unwrap();
         assert_eq!(back, a);
+        assert!(from_fields(b"x", &[1, 2, 3]).is_none());
         let hidden = Member {
             visible: false,
             gender: Gender::Male,
             ..m("a", 5)
         };
-        let mut pairs = vec![
-            (b"b".to_vec(), fields(&a).to_vec()),
-            (b"a".to_vec(), fields(&hidden).to_vec()),
-            (b"bad".to_vec(), vec![1, 2, 3]),
-        ];
-        let bucket = from_pairs(&mut pairs);
+        // As a store writes a cell: appended in arrival order, then a torn tail.
+        let mut raw = single(&a).into_vec();
+        raw.extend_from_slice(&single(&hidden));
+        raw.extend_from_slice(&[3, b'x']);
+        let bucket = from_unsorted(&raw);
         let got: Vec<Member<'_>> = iter(&bucket).collect();
         assert_eq!(got, [hidden, a]);
     }

@@ -3,12 +3,43 @@
 -- failover, unlike the EVAL script cache). Every function is idempotent: the client
 -- retries a call whose reply it lost.
 --
--- A member's value is its fields without the id (see nearby/bucket.rs): last seen, 6 bytes
--- little-endian ms; time to live, u32 LE ms; flags, 1 byte.
+-- A privacy cell is one string: its members back to back, each
+--   [id length: 1 byte][id][last seen: 6 bytes LE ms][time to live: 4 bytes LE ms][flags: 1 byte]
+-- (the in-memory bucket encoding, see nearby/bucket.rs), in no particular order: readers
+-- sort, so no comparison here depends on the server's locale. A member's "fields" are its
+-- 11 bytes after the id.
 
-local function seen_of(value)
-  if not value or #value ~= 11 then return -1 end
-  return struct.unpack('<I6', value)
+local FIELDS = 11
+
+-- Where `user`'s member is in cell string `b`: its first and last byte (1-based), or nil.
+local function find(b, user)
+  local pos, n = 1, #b
+  while pos <= n do
+    local len = string.byte(b, pos)
+    local stop = pos + len + FIELDS
+    if string.sub(b, pos + 1, pos + len) == user then
+      return pos, stop
+    end
+    pos = stop + 1
+  end
+  return nil
+end
+
+-- The member's last-seen and time-to-live, from its first byte.
+local function times(b, start)
+  local len = string.byte(b, start)
+  return struct.unpack('<I6I4', b, start + 1 + len)
+end
+
+-- Writes cell string `b` back, or drops the key (and the cell from its coarse cell's
+-- occupancy) once empty.
+local function store(bucket, occupancy, cell, b)
+  if #b == 0 then
+    redis.call('DEL', bucket)
+    redis.call('SREM', occupancy, cell)
+  else
+    redis.call('SET', bucket, b)
+  end
 end
 
 -- An expiry entry names its coarse cell, privacy cell and user: "coarse/cell|user".
@@ -16,15 +47,21 @@ local function entry(coarse, cell, user)
   return coarse .. '/' .. cell .. '|' .. user
 end
 
--- gm_put(bucket, occupancy, expiry; user, value, coarse, cell, expires_at_ms)
+-- gm_put(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms)
 -- Puts a member in its privacy cell unless the cell already holds a newer ping of the same
 -- user (last write wins); returns 1 when written, 0 when a newer one was kept.
 redis.register_function('gm_put', function(keys, args)
-  local user, value, coarse, cell, expires = args[1], args[2], args[3], args[4], args[5]
-  if seen_of(redis.call('HGET', keys[1], user)) > seen_of(value) then
-    return 0
+  local user, fields, coarse, cell, expires = args[1], args[2], args[3], args[4], args[5]
+  local b = redis.call('GET', keys[1]) or ''
+  local member = string.char(#user) .. user .. fields
+  local first, last = find(b, user)
+  if first then
+    if times(b, first) > struct.unpack('<I6', fields) then return 0 end
+    b = string.sub(b, 1, first - 1) .. member .. string.sub(b, last + 1)
+  else
+    b = b .. member
   end
-  redis.call('HSET', keys[1], user, value)
+  redis.call('SET', keys[1], b)
   redis.call('SADD', keys[2], cell)
   redis.call('ZADD', keys[3], expires, entry(coarse, cell, user))
   return 1
@@ -33,18 +70,18 @@ end)
 -- gm_del(bucket, occupancy, expiry; user, coarse, cell, not_after_ms)
 -- Takes a member out of its privacy cell if its ping is not newer than not_after_ms ('' =
 -- any); drops the cell from its coarse cell's occupancy once empty. Returns the removed
--- value, or false.
+-- member's fields, or false.
 redis.register_function('gm_del', function(keys, args)
   local user, coarse, cell, not_after = args[1], args[2], args[3], args[4]
-  local value = redis.call('HGET', keys[1], user)
-  if not value then return false end
-  if not_after ~= '' and seen_of(value) > tonumber(not_after) then return false end
-  redis.call('HDEL', keys[1], user)
-  if redis.call('HLEN', keys[1]) == 0 then
-    redis.call('SREM', keys[2], cell)
-  end
+  local b = redis.call('GET', keys[1])
+  if not b then return false end
+  local first, last = find(b, user)
+  if not first then return false end
+  if not_after ~= '' and times(b, first) > tonumber(not_after) then return false end
+  local fields = string.sub(b, last - FIELDS + 1, last)
+  store(keys[1], keys[2], cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
   redis.call('ZREM', keys[3], entry(coarse, cell, user))
-  return value
+  return fields
 end)
 
 -- gm_user(user; cell, seen_ms, ttl_ms)
@@ -69,10 +106,10 @@ redis.register_function('gm_forget', function(keys, args)
 end)
 
 -- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix)
--- (the bucket and occupancy keys of an entry are the prefixes followed by its cells; they
--- share the expiry key's hash tag)
 -- Removes up to `limit` members of this tag whose ping expired by now_ms (a member pinged
--- again meanwhile has a later score and stays). Returns the number removed.
+-- again meanwhile has a later score and stays). Returns the number removed. (The bucket
+-- and occupancy keys of an entry are the prefixes followed by its cells; they share the
+-- expiry key's hash tag.)
 redis.register_function('gm_expire', function(keys, args)
   local now, limit = tonumber(args[1]), tonumber(args[2])
   local due = redis.call('ZRANGEBYSCORE', keys[1], '-inf', now, 'LIMIT', 0, limit)
@@ -83,19 +120,15 @@ redis.register_function('gm_expire', function(keys, args)
     local coarse = string.sub(e, 1, slash - 1)
     local cell, user = string.sub(e, slash + 1, bar - 1), string.sub(e, bar + 1)
     local bucket = args[3] .. cell
-    local value = redis.call('HGET', bucket, user)
-    if value then
-      local expired = #value ~= 11
-      if not expired then
-        local seen, ttl = struct.unpack('<I6I4', value)
-        expired = seen + ttl <= now
-      end
-      if expired then
-        redis.call('HDEL', bucket, user)
-        if redis.call('HLEN', bucket) == 0 then
-          redis.call('SREM', args[4] .. coarse, cell)
+    local b = redis.call('GET', bucket)
+    if b then
+      local first, last = find(b, user)
+      if first then
+        local seen, ttl = times(b, first)
+        if seen + ttl <= now then
+          store(bucket, args[4] .. coarse, cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
+          removed = removed + 1
         end
-        removed = removed + 1
       end
     end
     redis.call('ZREM', keys[1], e)

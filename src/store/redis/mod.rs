@@ -8,7 +8,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `gm1:{T}:b:<cell>` | HASH | user id → the member's fields (last seen, TTL, flags; 11 bytes) |
+//! | `gm1:{T}:b:<cell>` | STRING | the cell's members back to back, in the in-memory bucket encoding, in any order (readers sort) |
 //! | `gm1:{T}:o:<coarse>` | SET | the occupied privacy cells of a coarse (resolution 7) cell |
 //! | `gm1:{T}:x` | ZSET | `coarse/cell|user` → expiry (unix ms), for the sweep |
 //! | `gm1:u:{<user>}` | HASH | `c`: the user's privacy cell, `t`: last seen; expires with the ping |

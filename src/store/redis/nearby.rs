@@ -247,17 +247,16 @@ impl RedisNearby {
             return Ok(None);
         };
         let keys = CellKeys::new(cell);
-        let fields: Option<Vec<u8>> = self
+        let raw: Option<Vec<u8>> = self
             .conn
-            .query(
-                redis::cmd("HGET").arg(&keys.bucket).arg(user.as_str()),
-                self.timeout,
-            )
+            .query(redis::cmd("GET").arg(&keys.bucket), self.timeout)
             .await?;
         let id = user.as_str().as_bytes();
-        Ok(fields
+        let cell_members = raw
             .as_deref()
-            .and_then(|f| bucket::from_fields(id, f))
+            .map(bucket::from_unsorted)
+            .unwrap_or_default();
+        Ok(bucket::get(&cell_members, id)
             .filter(|m| !m.expired(now_ms))
             .map(|m| LocationStatus {
                 cell,
@@ -326,8 +325,11 @@ impl RedisNearby {
                 continue;
             }
             let mut pipe = redis::pipe();
-            for (_, bucket) in &cells {
-                pipe.cmd("HGETALL").arg(bucket);
+            if !cells.is_empty() {
+                let get = pipe.cmd("MGET");
+                for (_, bucket) in &cells {
+                    get.arg(bucket);
+                }
             }
             for &c in &coarse {
                 pipe.cmd("SMEMBERS")
@@ -419,32 +421,6 @@ async fn token_key(conn: &Conn, timeout: Duration) -> std::result::Result<[u8; 3
         .map_err(|_| StoreError::Incompatible("the store's page-token key is not 32 bytes".into()))
 }
 
-/// The (field, value) pairs of an HGETALL reply, moved out of it (RESP2 array or RESP3
-/// map) without copying the bytes.
-fn field_pairs(reply: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let bytes = |v: Value| match v {
-        Value::BulkString(b) => Some(b),
-        _ => None,
-    };
-    match reply {
-        Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len() / 2);
-            let mut items = items.into_iter();
-            while let (Some(k), Some(v)) = (items.next(), items.next()) {
-                if let (Some(k), Some(v)) = (bytes(k), bytes(v)) {
-                    out.push((k, v));
-                }
-            }
-            out
-        }
-        Value::Map(pairs) => pairs
-            .into_iter()
-            .filter_map(|(k, v)| Some((bytes(k)?, bytes(v)?)))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// The reads of one pipeline: privacy cells with their bucket keys, and coarse cells.
 type Group = (Vec<(CellIndex, String)>, Vec<CellIndex>);
 
@@ -465,8 +441,8 @@ impl Fetched {
         }
     }
 
-    /// Files the replies of one pipeline: an HGETALL per privacy cell, then an SMEMBERS
-    /// per coarse cell, in that order.
+    /// Files the replies of one pipeline: one MGET of the privacy cells (when there are
+    /// any), then an SMEMBERS per coarse cell, in that order.
     fn put_replies(
         &mut self,
         cells: Vec<(CellIndex, String)>,
@@ -474,10 +450,20 @@ impl Fetched {
         replies: Vec<Value>,
     ) {
         let mut replies = replies.into_iter();
-        for (cell, _) in cells {
-            let mut pairs = replies.next().map(field_pairs).unwrap_or_default();
-            let bucket = (!pairs.is_empty()).then(|| bucket::from_pairs(&mut pairs));
-            self.cells.insert(cell, bucket);
+        if !cells.is_empty() {
+            let mut values = match replies.next() {
+                Some(Value::Array(values)) => values.into_iter(),
+                _ => Vec::new().into_iter(),
+            };
+            for (cell, _) in cells {
+                let bucket = match values.next() {
+                    Some(Value::BulkString(raw)) if !raw.is_empty() => {
+                        Some(bucket::from_unsorted(&raw))
+                    }
+                    _ => None,
+                };
+                self.cells.insert(cell, bucket);
+            }
         }
         for c in coarse {
             let members: Vec<String> = replies
