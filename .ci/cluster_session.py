@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Runs the README's "Running a cluster" session as a user would: a loopback Redis Cluster
+of three masters and three replicas, two geomatch replicas over it, a ping through one and
+a search through the other, with the README's own commands. Checks the answer the README
+shows (the user found, at the banded distance shown; the timestamp differs run to run),
+then stops everything it started.
+
+Usage: cluster_session.py PATH/TO/geomatch (run from the repository root; needs
+redis-server, redis-cli and grpcurl on PATH). Loopback only.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+SECTION = "## Running a cluster"
+
+
+def blocks(readme):
+    """The fenced blocks of the section, as (language, text)."""
+    body = readme.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", body, re.S)
+
+
+def joined(text):
+    """Shell lines with backslash continuations joined."""
+    return text.replace("\\\n", " ")
+
+
+def wait_for(what, check, within=30.0):
+    """Polls `check` with a short backoff until it holds; fails naming `what`."""
+    deadline = time.monotonic() + within
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+    sys.exit(f"cluster session: {what} did not happen within {within:.0f} s")
+
+
+def quiet(cmd):
+    return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
+
+
+def main():
+    binary = sys.argv[1]
+    readme = open("README.md", encoding="utf-8").read()
+    shells = [text for lang, text in blocks(readme) if lang == "sh"]
+    answers = [text for lang, text in blocks(readme) if lang == "json"]
+    if len(shells) < 2 or not answers:
+        sys.exit("cluster session: the README section lost its setup, calls or answer")
+    setup, calls = shells[0], shells[1]
+    want = json.loads(answers[0])
+    ports = sorted(set(re.findall(r"\b(7\d{3})\b", setup)))
+    started = []
+    try:
+        shutil.rmtree("/tmp/gmc", ignore_errors=True)
+        lines = [l for l in joined(setup).splitlines() if l.strip()]
+        # The node loop and the cluster creation, as written.
+        nodes = "\n".join(l for l in lines if "geomatch" not in l and "cargo build" not in l)
+        r = subprocess.run(["bash", "-ec", nodes], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            sys.exit(f"cluster session: setup failed:\n{r.stdout}\n{r.stderr}")
+        wait_for(
+            "cluster_state:ok",
+            lambda: "cluster_state:ok" in quiet(f"redis-cli -p {ports[0]} cluster info").stdout,
+        )
+        # The two replicas, as written, with the binary under test.
+        for line in lines:
+            if line.startswith("target/release/geomatch"):
+                args = line.rstrip("& ").split()[1:]
+                started.append(
+                    subprocess.Popen(
+                        [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    )
+                )
+        addrs = re.findall(r"--listen (\S+)", joined(setup))
+        for addr in addrs:
+            wait_for(
+                f"geomatch on {addr} serving",
+                lambda a=addr: "SERVING" in quiet(
+                    f"grpcurl -plaintext {a} grpc.health.v1.Health/Check"
+                ).stdout,
+            )
+        outputs = []
+        for call in [l for l in joined(calls).splitlines() if l.strip()]:
+            r = subprocess.run(call, shell=True, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                sys.exit(f"cluster session: {call!r} failed:\n{r.stderr}")
+            outputs.append(r.stdout)
+        got = json.loads(outputs[-1])
+        strip = lambda users: [{k: v for k, v in u.items() if k != "lastSeenMs"} for u in users]
+        if strip(got.get("users", [])) != strip(want["users"]):
+            sys.exit(f"cluster session: expected {want}, got {got}")
+        print(f"ok   a ping through {addrs[0]} is found through {addrs[1]}")
+        print("1 passed, 0 failed")
+    finally:
+        for p in started:
+            p.terminate()
+        for p in started:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for port in ports:
+            quiet(f"redis-cli -p {port} shutdown nosave")
+        shutil.rmtree("/tmp/gmc", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
