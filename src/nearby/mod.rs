@@ -14,6 +14,7 @@ pub(crate) mod bucket;
 mod maps;
 pub(crate) mod search;
 pub mod snapshot;
+pub(crate) mod source;
 mod token;
 mod types;
 mod watch;

@@ -9,12 +9,13 @@
 
 use std::collections::HashSet;
 
-use h3o::{CellIndex, LatLng, Resolution};
+use h3o::{CellIndex, LatLng};
 
 use super::{
     Found, Gender, NearbyConfig, Query, SearchPage, SearchRequest,
     bucket::{self, Member},
-    maps::{COARSE_RESOLUTION, Maps, cell_shard},
+    maps::{COARSE_RESOLUTION, Maps},
+    source::{CellSource, Missed, Need, Walked},
     token::{Cursor, PageTokens, Scope},
 };
 use crate::{
@@ -31,71 +32,6 @@ use crate::{
 /// cells, a 1 km search at resolution 9): dense searches finish within them, wide sparse
 /// ones go on coarse.
 const FINE_RINGS: u32 = 6;
-
-/// What the query engine reads: the occupied privacy cells and their members.
-///
-/// The in-memory maps answer every read at once (`Miss = Infallible`, so the engine's
-/// "fetch and walk again" branch compiles away for them). A remote store answers from
-/// what it has fetched so far and misses the rest: the engine then stops with [`Need`],
-/// naming the whole batch the walk is at (a ring of privacy cells, or a ring of coarse
-/// cells), the caller fetches it in one round trip and runs the walk again. Ring order,
-/// early stop, filtering and pagination are the same code for every store.
-pub(crate) trait CellSource {
-    /// What a read that cannot be answered yet returns.
-    type Miss;
-
-    /// Resolution of the privacy cells.
-    fn resolution(&self) -> Resolution;
-
-    /// `f` over the packed, id-sorted members of privacy cell `cell`; `Ok(None)` when the
-    /// cell is empty.
-    ///
-    /// # Errors
-    /// `Miss` when the source does not know yet.
-    fn bucket<R>(
-        &self,
-        cell: CellIndex,
-        f: impl FnOnce(&[u8]) -> R,
-    ) -> Result<Option<R>, Self::Miss>;
-
-    /// Appends the occupied privacy cells of coarse cell `coarse` to `out`.
-    ///
-    /// # Errors
-    /// `Miss` when the source does not know yet.
-    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), Self::Miss>;
-}
-
-/// What a walk over a partial [`CellSource`] needs fetched before it can go on.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct Need {
-    /// Privacy cells whose members are wanted.
-    pub(crate) cells: Vec<CellIndex>,
-    /// Coarse cells whose occupied privacy cells are wanted.
-    pub(crate) coarse: Vec<CellIndex>,
-}
-
-impl CellSource for Maps {
-    type Miss = std::convert::Infallible;
-
-    fn resolution(&self) -> Resolution {
-        self.res
-    }
-
-    fn bucket<R>(
-        &self,
-        cell: CellIndex,
-        f: impl FnOnce(&[u8]) -> R,
-    ) -> Result<Option<R>, Self::Miss> {
-        Ok(self.cells.read(cell_shard(cell)).get(&cell).map(|b| f(b)))
-    }
-
-    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), Self::Miss> {
-        if let Some(list) = self.coarse.read(cell_shard(coarse)).get(&coarse) {
-            out.extend_from_slice(list);
-        }
-        Ok(())
-    }
-}
 
 /// Validates a search as received into a [`Query`]: radius and page size by the index's
 /// rules, the page token by its key and the query it was issued for.
@@ -151,20 +87,6 @@ impl Hit {
         }
     }
 }
-
-/// A walk stopped because its source missed: what to fetch, and the source's own miss.
-#[derive(Debug)]
-pub(crate) struct Missed<M> {
-    /// The batch to fetch before walking again (read by sources that can miss; the
-    /// in-memory maps never do).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) need: Need,
-    /// What the source said (uninhabited for sources that never miss).
-    pub(crate) miss: M,
-}
-
-/// The result of a walk over `S`.
-pub(crate) type Walked<T, S> = Result<T, Missed<<S as CellSource>::Miss>>;
 
 /// One page of the visible users within the query's radius, nearest first (ties by user
 /// id), with the token of the next page if there is one.

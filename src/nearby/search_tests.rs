@@ -8,7 +8,8 @@ use h3o::CellIndex;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
-    search::{CellSource, Need, page},
+    search::page,
+    source::{CellSource, Need},
     *,
 };
 use crate::geo::offset;

@@ -25,8 +25,8 @@ use crate::{
     id::UserId,
     nearby::{
         LocationStatus, NearbyConfig, PageTokens, Ping, Placement, Query, SearchPage,
-        SearchRequest, bucket,
-        search::{self, CellSource, Need},
+        SearchRequest, bucket, search,
+        source::{CellSource, Need},
     },
 };
 
