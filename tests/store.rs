@@ -129,6 +129,21 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
         panic!("a Redis store");
     };
     assert_eq!(remote.sweep(b.clock.now_ms()).await.unwrap(), 1);
+    // The sweep lease: one replica at a time sweeps; the holder keeps it by renewing.
+    let NearbyStore::Redis(other) = &a.app.store else {
+        panic!("a Redis store");
+    };
+    let hold = std::time::Duration::from_secs(60);
+    let (first, second) = if remote.sweep_lease(hold).await.unwrap() {
+        (remote, other)
+    } else {
+        (other, remote)
+    };
+    assert!(first.sweep_lease(hold).await.unwrap(), "the holder renews");
+    assert!(
+        !second.sweep_lease(hold).await.unwrap(),
+        "one holder at a time"
+    );
     let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit_all()).await;
     assert!(!seen.contains(&short), "swept: {seen:?}");
 

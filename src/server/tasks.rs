@@ -231,6 +231,16 @@ async fn watch_store(
         }
         if up && last_sweep.elapsed() >= app.config.sweep_interval {
             last_sweep = tokio::time::Instant::now();
+            // One replica sweeps at a time: the lease outlives two intervals, so a live
+            // holder keeps it and a dead one's passes to another replica.
+            match remote.sweep_lease(app.config.sweep_interval * 2).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store sweep lease failed");
+                    continue;
+                }
+            }
             match remote.sweep(app.clock.now_ms()).await {
                 Ok(n) => {
                     metrics::counter!(crate::telemetry::names::EXPIRATIONS).increment(n as u64);

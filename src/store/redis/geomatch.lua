@@ -135,3 +135,12 @@ redis.register_function('gm_expire', function(keys, args)
   end
   return removed
 end)
+
+-- gm_lease(lease; replica, hold_ms) -> 1 when `replica` holds the lease (taken or renewed
+-- for hold_ms), 0 when another replica does.
+redis.register_function('gm_lease', function(keys, args)
+  local holder = redis.call('GET', keys[1])
+  if holder and holder ~= args[1] then return 0 end
+  redis.call('SET', keys[1], args[1], 'PX', args[2])
+  return 1
+end)

@@ -46,6 +46,8 @@ pub struct RedisNearby {
     /// Tags this replica has registered in `gm1:tags` (so each is registered once per
     /// replica, not once per ping).
     registered: Mutex<HashSet<String>>,
+    /// This replica's name in the sweep lease: random, so two replicas never share one.
+    replica: String,
 }
 
 impl RedisNearby {
@@ -69,7 +71,27 @@ impl RedisNearby {
             tokens: PageTokens::new(key),
             timeout,
             registered: Mutex::default(),
+            replica: replica_name()?,
         })
+    }
+
+    /// Takes or renews the sweep lease for `hold`: whether this replica is the one that
+    /// sweeps now. One replica at a time holds it; when the holder dies, the lease runs
+    /// out and another takes it over (so the work is shared, not done N times).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn sweep_lease(&self, hold: Duration) -> Result<bool> {
+        let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+        let lease = redis::cmd("FCALL")
+            .arg("gm_lease")
+            .arg(1)
+            .arg(LEASE_KEY)
+            .arg(&self.replica)
+            .arg(ms)
+            .clone();
+        let held: i64 = self.conn.query(&lease, self.timeout).await?;
+        Ok(held == 1)
     }
 
     /// The rules requests are validated by.
@@ -394,6 +416,17 @@ impl RedisNearby {
         }
         Ok(removed)
     }
+}
+
+/// The sweep lease: who sweeps the store now.
+const LEASE_KEY: &str = "gm1:sweep-lease";
+
+/// A random name for this replica (hex of 64 random bits).
+fn replica_name() -> std::result::Result<String, StoreError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b)
+        .map_err(|e| StoreError::Unreachable(format!("no randomness for the replica name: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The page-token key every replica shares: the store's, made by the first replica that
