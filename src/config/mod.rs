@@ -22,10 +22,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use h3o::Resolution;
 
-use crate::{
-    guard::GuardConfig, nearby::NearbyConfig, server::ServerConfig, shake::ShakeConfig,
-    telemetry::LogFormat,
-};
+use crate::{guard::GuardConfig, nearby::NearbyConfig, shake::ShakeConfig, telemetry::LogFormat};
 
 mod guard;
 pub mod human;
@@ -40,9 +37,9 @@ mod watch;
 pub use guard::GuardArgs;
 pub use nearby::NearbyArgs;
 pub use privacy::PrivacyArgs;
-pub use server::ServerArgs;
+pub use server::{ServerArgs, ServerConfig};
 pub use shake::ShakeArgs;
-pub use snapshot::SnapshotArgs;
+pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use store::{StoreArgs, StoreConfig, StoreKind};
 pub use watch::WatchArgs;
 

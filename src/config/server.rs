@@ -1,11 +1,54 @@
 //! Server flags: message size, concurrency and queueing limits, keepalive, drain, the
-//! sweep, and (with [`SnapshotArgs`]) snapshots.
+//! sweep, and (with [`SnapshotArgs`]) snapshots; and [`ServerConfig`], the settings
+//! `server` runs by (defined here, so `server` depends on `config` and not back).
+
+use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
 
-use super::{SnapshotArgs, human::Human, longer_than_zero};
-use crate::server::ServerConfig;
+use super::{SnapshotArgs, SnapshotConfig, human::Human, longer_than_zero};
+
+/// How the server serves, drains, sweeps and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest request message accepted, bytes.
+    pub max_message_bytes: usize,
+    /// Most Nearby calls served at once; more are shed.
+    pub max_concurrent_requests: usize,
+    /// Most Shake calls in flight at once; more are shed.
+    pub max_concurrent_shakes: usize,
+    /// A call that waited longer than this for its handler is shed; zero disables.
+    pub max_queue_delay: Duration,
+    /// Interval of HTTP/2 (and TCP) keepalive pings.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// How long calls and streams may take to finish once the drain starts.
+    pub drain_timeout: Duration,
+    /// How often expired pings, old shake outcomes and idle limits are reclaimed.
+    pub sweep_interval: Duration,
+    /// The snapshot of the People Nearby index.
+    pub snapshot: SnapshotConfig,
+}
+
+impl Default for ServerConfig {
+    /// 256 KiB messages, 4 096 Nearby calls and 200 000 shakes at once, 20 ms of queueing,
+    /// keepalive every 30 s with 10 s to answer, 10 s to drain, a sweep every 10 s.
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 256 * 1024,
+            max_concurrent_requests: 4_096,
+            max_concurrent_shakes: 200_000,
+            max_queue_delay: Duration::from_millis(20),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(10),
+            snapshot: SnapshotConfig::default(),
+        }
+    }
+}
 
 /// The server's own flags; defaults from [`ServerConfig::default`].
 #[derive(Debug, Clone, Args)]

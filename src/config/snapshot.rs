@@ -1,11 +1,33 @@
 //! Snapshot flags: the file, how often it is written, and what to do with a corrupt one.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
 use super::{human::Human, longer_than_zero};
-use crate::server::SnapshotConfig;
+
+/// Where and how often the People Nearby index is snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// The snapshot file; no snapshots when `None`.
+    pub path: Option<PathBuf>,
+    /// How often the snapshot is written (and once more at shutdown).
+    pub interval: Duration,
+    /// Start empty (moving the file aside) instead of refusing a corrupt or
+    /// unknown-version snapshot.
+    pub ignore_corrupt: bool,
+}
+
+impl Default for SnapshotConfig {
+    /// No snapshots; when a file is given, written every 60 s.
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval: Duration::from_secs(60),
+            ignore_corrupt: false,
+        }
+    }
+}
 
 /// The snapshot's flags; defaults from [`SnapshotConfig::default`].
 #[derive(Debug, Clone, Args)]

@@ -1,11 +1,7 @@
 //! The service's shared state and its upkeep: the rooms wired together, restored from and
 //! written to the snapshot, swept, and described by gauges.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, sync::Arc};
 
 use super::{ServeError, ServerConfig};
 use crate::{
@@ -18,29 +14,6 @@ use crate::{
     store::{NearbyStore, redis::RedisNearby},
     telemetry::names,
 };
-
-/// Where and how often the People Nearby index is snapshotted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotConfig {
-    /// The snapshot file; no snapshots when `None`.
-    pub path: Option<PathBuf>,
-    /// How often the snapshot is written (and once more at shutdown).
-    pub interval: Duration,
-    /// Start empty (moving the file aside) instead of refusing a corrupt or
-    /// unknown-version snapshot.
-    pub ignore_corrupt: bool,
-}
-
-impl Default for SnapshotConfig {
-    /// No snapshots; when a file is given, written every 60 s.
-    fn default() -> Self {
-        Self {
-            path: None,
-            interval: Duration::from_secs(60),
-            ignore_corrupt: false,
-        }
-    }
-}
 
 /// The service's shared state: cheap to clone, every part behind an `Arc`.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! [`App`], runs its background tasks (`tasks`) and, at shutdown, drains, stops the
 //! tasks and writes the final snapshot.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -26,7 +26,8 @@ use crate::{
 mod app;
 mod tasks;
 
-pub use app::{App, SnapshotConfig};
+pub use crate::config::{ServerConfig, SnapshotConfig};
+pub use app::App;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, Error)]
@@ -52,47 +53,6 @@ pub enum ServeError {
     /// The Redis / Valkey store could not be opened.
     #[error("opening the store: {0}")]
     Store(#[from] crate::store::redis::StoreError),
-}
-
-/// How the server serves, drains, sweeps and snapshots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerConfig {
-    /// Largest request message accepted, bytes.
-    pub max_message_bytes: usize,
-    /// Most Nearby calls served at once; more are shed.
-    pub max_concurrent_requests: usize,
-    /// Most Shake calls in flight at once; more are shed.
-    pub max_concurrent_shakes: usize,
-    /// A call that waited longer than this for its handler is shed; zero disables.
-    pub max_queue_delay: Duration,
-    /// Interval of HTTP/2 (and TCP) keepalive pings.
-    pub keepalive_interval: Duration,
-    /// How long a keepalive ping may go unanswered.
-    pub keepalive_timeout: Duration,
-    /// How long calls and streams may take to finish once the drain starts.
-    pub drain_timeout: Duration,
-    /// How often expired pings, old shake outcomes and idle limits are reclaimed.
-    pub sweep_interval: Duration,
-    /// The snapshot of the People Nearby index.
-    pub snapshot: SnapshotConfig,
-}
-
-impl Default for ServerConfig {
-    /// 256 KiB messages, 4 096 Nearby calls and 200 000 shakes at once, 20 ms of queueing,
-    /// keepalive every 30 s with 10 s to answer, 10 s to drain, a sweep every 10 s.
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 256 * 1024,
-            max_concurrent_requests: 4_096,
-            max_concurrent_shakes: 200_000,
-            max_queue_delay: Duration::from_millis(20),
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(10),
-            sweep_interval: Duration::from_secs(10),
-            snapshot: SnapshotConfig::default(),
-        }
-    }
 }
 
 /// The sockets geomatch serves on.
