@@ -16,6 +16,7 @@ use common::{
     fixtures::{BEIJING, SHANGHAI, privacy_cell},
     found, redis, start_store,
 };
+use geomatch::grpc::pb::nearby_client::NearbyClient;
 use geomatch::{
     clock::{Clock as _, ManualClock},
     grpc::pb,
@@ -24,6 +25,7 @@ use geomatch::{
 };
 use rand::{SeedableRng, rngs::StdRng};
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// Two replicas over one store, and every check of the contract across them.
 async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64, f64)) {
@@ -49,47 +51,21 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
         .await
         .unwrap()
         .into_inner();
-    let st = cb
-        .get_location_status(status(&me))
-        .await
-        .unwrap()
-        .into_inner();
+    let st = held(&mut cb, &me).await;
     assert!(st.found);
     assert_eq!(st.cell, privacy_cell(centre).to_string());
     assert_eq!(st.cell, placed.cell);
     let far = common::fixtures::moved(centre, 2_000.0, 0.0);
     cb.update_location(ping(&me, far)).await.unwrap();
-    let st = ca
-        .get_location_status(status(&me))
-        .await
-        .unwrap()
-        .into_inner();
+    let st = held(&mut ca, &me).await;
     assert_eq!(st.cell, privacy_cell(far).to_string());
     let near_far = found(&mut ca, search(&format!("{prefix}x"), far).limit_all()).await;
     assert!(near_far.contains(&me), "{near_far:?}");
     let near_old = found(&mut ca, search(&format!("{prefix}x"), centre).limit_all()).await;
     assert!(!near_old.contains(&me), "moved away: {near_old:?}");
-    assert!(
-        ca.clear_location(clear(&me))
-            .await
-            .unwrap()
-            .into_inner()
-            .existed
-    );
-    assert!(
-        !cb.get_location_status(status(&me))
-            .await
-            .unwrap()
-            .into_inner()
-            .found
-    );
-    assert!(
-        !cb.clear_location(clear(&me))
-            .await
-            .unwrap()
-            .into_inner()
-            .existed
-    );
+    assert!(cleared(&mut ca, &me).await);
+    assert!(!held(&mut cb, &me).await.found);
+    assert!(!cleared(&mut cb, &me).await);
 
     // Invisible users search but are never found; a per-ping TTL ends visibility on every
     // replica (each reads its own clock: the store filters by the reader's now).
@@ -112,13 +88,7 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
     b.clock.advance_ms(60_000);
     let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit_all()).await;
     assert!(!seen.contains(&short), "expired on B: {seen:?}");
-    assert!(
-        !cb.get_location_status(status(&short))
-            .await
-            .unwrap()
-            .into_inner()
-            .found
-    );
+    assert!(!held(&mut cb, &short).await.found);
     let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit_all()).await;
     assert!(
         seen.contains(&short),
@@ -153,6 +123,23 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
 
     a.stop().await;
     b.stop().await;
+}
+
+/// What `c`'s replica reports about `user`.
+async fn held(c: &mut NearbyClient<Channel>, user: &str) -> pb::GetLocationStatusResponse {
+    c.get_location_status(status(user))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Clears `user` through `c`'s replica; whether a location existed.
+async fn cleared(c: &mut NearbyClient<Channel>, user: &str) -> bool {
+    c.clear_location(clear(user))
+        .await
+        .unwrap()
+        .into_inner()
+        .existed
 }
 
 /// A search that returns everyone within 1 km in one page.
@@ -246,11 +233,7 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest() {
     let mut c = a.nearby().await;
     for i in 0..200 {
         let user = format!("lww:{i:03}");
-        let st = c
-            .get_location_status(status(&user))
-            .await
-            .unwrap()
-            .into_inner();
+        let st = held(&mut c, &user).await;
         assert_eq!(st.cell, privacy_cell(newer(i)).to_string(), "{user}");
     }
     let left_behind: Vec<String> = contract::walk(
