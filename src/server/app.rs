@@ -172,8 +172,12 @@ impl App {
     /// Sets the gauges that describe the current state (read at scrape time, so the hot
     /// paths never touch them).
     pub fn publish_gauges(&self) {
-        metrics::gauge!(names::INDEXED_USERS).set(self.nearby.len() as f64);
-        metrics::gauge!(names::OCCUPIED_CELLS).set(self.nearby.cell_count() as f64);
+        // The index's own counts only when it is the store: over Redis / Valkey the
+        // replica holds none of them (the store's own metrics do), and a 0 would mislead.
+        if let Some(index) = self.store.memory() {
+            metrics::gauge!(names::INDEXED_USERS).set(index.len() as f64);
+            metrics::gauge!(names::OCCUPIED_CELLS).set(index.cell_count() as f64);
+        }
         metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
         metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);
