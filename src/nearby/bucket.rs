@@ -161,8 +161,8 @@ pub(super) fn single(member: &Member<'_>) -> Box<[u8]> {
     b
 }
 
-/// Bytes of a member's fields without its id: what a remote store keeps per member (the
-/// id is the field name there).
+/// Bytes of a member's fields without its id (what a remote store's functions read the
+/// last-seen time from, and hand back when they remove a member).
 pub(crate) const FIELDS: usize = FIXED - 1;
 
 /// A member's fields without its id: last seen (6 bytes LE), time to live (u32 LE),
