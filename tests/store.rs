@@ -252,6 +252,53 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest() {
     b.stop().await;
 }
 
+/// The SearchNearby rate limit is one token bucket per user in the store, not one per
+/// replica: a burst spent through one replica is spent for all.
+#[tokio::test]
+async fn the_search_rate_limit_holds_across_replicas() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = [
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--search-burst",
+        "3",
+        "--search-per-minute",
+        "60",
+    ];
+    let (a, b) = (start_store(&flags).await, start_store(&flags).await);
+    let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
+    for _ in 0..3 {
+        ca.search_nearby(search("rl:me", SHANGHAI)).await.unwrap();
+    }
+    let err = cb
+        .search_nearby(search("rl:me", SHANGHAI))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    use tonic_types::StatusExt as _;
+    let retry = err.get_details_retry_info().and_then(|r| r.retry_delay);
+    assert_eq!(retry, Some(std::time::Duration::from_secs(1)), "{err:?}");
+    // Others have their own bucket; a second later one token is back, on any replica.
+    cb.search_nearby(search("rl:other", SHANGHAI))
+        .await
+        .unwrap();
+    a.clock.advance_ms(1_000);
+    b.clock.advance_ms(1_000);
+    cb.search_nearby(search("rl:me", SHANGHAI)).await.unwrap();
+    let err = ca
+        .search_nearby(search("rl:me", SHANGHAI))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn valkey_serves_one_world_to_two_replicas() {
     let Some(server) = redis::valkey_standalone().await else {

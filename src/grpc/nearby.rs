@@ -177,6 +177,13 @@ impl pb::nearby_server::Nearby for NearbyService {
         let now = self.clock.now_ms();
         // Limits apply to valid requests only (a rejected one leaves no trace), and before
         // the search: a refused one costs no search work.
+        if let NearbyStore::Redis(remote) = &self.store {
+            // Shared by every replica over the store, not one bucket per replica.
+            let cfg = self.limits.search.config();
+            remote
+                .rate_limit("SearchNearby", &query.searcher, cfg, now)
+                .await?;
+        }
         self.limits.search(&query.searcher, &query.centre, now)?;
         let page = self.store.search(&query, now).await?;
         metrics::counter!(names::SEARCHES).increment(1);

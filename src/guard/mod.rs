@@ -94,6 +94,9 @@ pub struct Limits {
     /// Users' indexed positions, for the travel check; `None` when the index is remote
     /// (a store round trip per request), and then pings are recorded here instead.
     known: Option<Arc<dyn KnownPositions>>,
+    /// Whether the SearchNearby rate limit is applied elsewhere (by a store every replica
+    /// shares), so this guard skips its own.
+    shared_search_rate: bool,
 }
 
 impl Limits {
@@ -105,7 +108,15 @@ impl Limits {
             shake: RateLimiter::new(cfg.shake),
             travel: TravelGuard::new(cfg.travel),
             known,
+            shared_search_rate: false,
         }
+    }
+
+    /// The same controls, with the SearchNearby rate limit left to a store every replica
+    /// shares (so N replicas do not allow N times the rate).
+    pub fn with_shared_search_rate(mut self) -> Self {
+        self.shared_search_rate = true;
+        self
     }
 
     /// The user's indexed position, looked up only when the travel check is on.
@@ -148,7 +159,9 @@ impl Limits {
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
     pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
-        rate(&self.search, "SearchNearby", user, now_ms)?;
+        if !self.shared_search_rate {
+            rate(&self.search, "SearchNearby", user, now_ms)?;
+        }
         let known = self.known(user, now_ms);
         let record = self.worth_recording(at, known);
         self.travel(user, at, now_ms, known, record)

@@ -48,6 +48,11 @@ impl RateLimiter {
         }
     }
 
+    /// The limit's settings.
+    pub fn config(&self) -> RateConfig {
+        self.cfg
+    }
+
     fn per_ms(&self) -> f64 {
         f64::from(self.cfg.per_minute) / 60_000.0
     }

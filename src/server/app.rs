@@ -93,7 +93,7 @@ impl App {
         Ok(Self {
             nearby: Arc::new(NearbyIndex::new(settings.nearby, tokens)),
             store: NearbyStore::Redis(Arc::new(remote)),
-            limits: Arc::new(Limits::new(settings.guard, None)),
+            limits: Arc::new(Limits::new(settings.guard, None).with_shared_search_rate()),
             matcher: Arc::new(Matcher::new(settings.shake)),
             clock,
             config: Arc::new(settings.server),

@@ -144,3 +144,24 @@ redis.register_function('gm_lease', function(keys, args)
   redis.call('SET', keys[1], args[1], 'PX', args[2])
   return 1
 end)
+
+-- gm_rate(bucket; burst, per_minute, now_ms) -> 0 when a call is allowed (a token taken),
+-- else the ms until the next one is. A token bucket per user and call, shared by every
+-- replica; it expires once full again, so idle users cost nothing.
+redis.register_function('gm_rate', function(keys, args)
+  local burst, per_min, now = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
+  local held = redis.call('HMGET', keys[1], 'k', 'at')
+  local tokens = burst
+  if held[1] then
+    local elapsed = math.max(0, now - tonumber(held[2]))
+    tokens = math.min(burst, tonumber(held[1]) + elapsed * per_min / 60000)
+  end
+  if tokens >= 1 then
+    redis.call('HSET', keys[1], 'k', tokens - 1, 'at', now)
+    local refill_ms = (burst - tokens + 1) * 60000 / math.max(per_min, 1)
+    redis.call('PEXPIRE', keys[1], math.ceil(refill_ms) + 1000)
+    return 0
+  end
+  if per_min <= 0 then return 4294967295 end
+  return math.ceil((1 - tokens) * 60000 / per_min)
+end)

@@ -15,6 +15,7 @@
 //! | `gm1:tags` | SET | the tags that hold data, for the sweep |
 //! | `gm1:meta` | HASH | `schema`, and the page-token key every replica shares |
 //! | `gm1:sweep-lease` | STRING | the replica that sweeps now (expires unless renewed) |
+//! | `gm1:r:{<user>}:<call>` | HASH | the user's token bucket for a rate-limited call (expires once full) |
 //!
 //! Atomic steps are Redis Functions (`geomatch.lua`, library `geomatch_v1`), loaded at
 //! start with `FUNCTION LOAD REPLACE`: functions are replicated and survive a failover,

@@ -125,6 +125,40 @@ impl RedisNearby {
         Ok(())
     }
 
+    /// Takes one call of `what` from `user`'s token bucket, kept in the store so every
+    /// replica shares it (`cfg.burst` 0 disables it).
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] with the time to wait; [`Error::Unavailable`] when the store
+    /// does not answer.
+    pub async fn rate_limit(
+        &self,
+        what: &'static str,
+        user: &UserId,
+        cfg: crate::guard::RateConfig,
+        now_ms: i64,
+    ) -> Result<()> {
+        if cfg.burst == 0 {
+            return Ok(());
+        }
+        let take = redis::cmd("FCALL")
+            .arg("gm_rate")
+            .arg(1)
+            .arg(format!("gm1:r:{{{}}}:{what}", user.as_str()))
+            .arg(cfg.burst)
+            .arg(cfg.per_minute)
+            .arg(now_ms)
+            .clone();
+        let wait_ms: u64 = self.conn.query(&take, self.timeout).await?;
+        if wait_ms == 0 {
+            return Ok(());
+        }
+        Err(Error::RateLimited {
+            what,
+            retry_after: Duration::from_millis(wait_ms),
+        })
+    }
+
     /// Validates a search as received, exactly as the in-memory index does.
     ///
     /// # Errors
