@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 SECTION = "## Running a cluster"
@@ -65,27 +66,37 @@ def main():
         r = subprocess.run(["bash", "-ec", nodes], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             sys.exit(f"cluster session: setup failed:\n{r.stdout}\n{r.stderr}")
-        wait_for(
-            "cluster_state:ok",
-            lambda: "cluster_state:ok" in quiet(f"redis-cli -p {ports[0]} cluster info").stdout,
-        )
+        # Every node agrees the cluster is whole (not just the first one asked).
+        def whole():
+            for port in ports:
+                info = quiet(f"redis-cli -p {port} cluster info").stdout
+                if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
+                    return False
+            return True
+
+        wait_for("cluster_state:ok on every node", whole, within=60.0)
         # The two replicas, as written, with the binary under test.
+        logs = []
         for line in lines:
             if line.startswith("target/release/geomatch"):
                 args = line.rstrip("& ").split()[1:]
+                log = tempfile.TemporaryFile()
+                logs.append(log)
                 started.append(
-                    subprocess.Popen(
-                        [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                    )
+                    subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=log)
                 )
         addrs = re.findall(r"--listen (\S+)", joined(setup))
-        for addr in addrs:
-            wait_for(
-                f"geomatch on {addr} serving",
-                lambda a=addr: "SERVING" in quiet(
+        for addr, proc, log in zip(addrs, started, logs):
+
+            def serving(a=addr, p=proc, l=log):
+                if p.poll() is not None:
+                    l.seek(0)
+                    sys.exit(f"cluster session: geomatch on {a} exited:\n{l.read().decode()}")
+                return "SERVING" in quiet(
                     f"grpcurl -plaintext {a} grpc.health.v1.Health/Check"
-                ).stdout,
-            )
+                ).stdout
+
+            wait_for(f"geomatch on {addr} serving", serving, within=60.0)
         outputs = []
         for call in [l for l in joined(calls).splitlines() if l.strip()]:
             r = subprocess.run(call, shell=True, capture_output=True, text=True, timeout=30)
