@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::{
     T0,
-    build::{clear, ping, search, status, watch},
+    build::{SearchExt as _, clear, ping, search, status, watch},
     config, contract,
     fixtures::{BEIJING, SHANGHAI, privacy_cell},
     found, redis, start_store,
@@ -59,9 +59,9 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
     cb.update_location(ping(&me, far)).await.unwrap();
     let st = held(&mut ca, &me).await;
     assert_eq!(st.cell, privacy_cell(far).to_string());
-    let near_far = found(&mut ca, search(&format!("{prefix}x"), far).limit_all()).await;
+    let near_far = found(&mut ca, search(&format!("{prefix}x"), far).limit(100)).await;
     assert!(near_far.contains(&me), "{near_far:?}");
-    let near_old = found(&mut ca, search(&format!("{prefix}x"), centre).limit_all()).await;
+    let near_old = found(&mut ca, search(&format!("{prefix}x"), centre).limit(100)).await;
     assert!(!near_old.contains(&me), "moved away: {near_old:?}");
     assert!(cleared(&mut ca, &me).await);
     assert!(!held(&mut cb, &me).await.found);
@@ -83,13 +83,13 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
     })
     .await
     .unwrap();
-    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit_all()).await;
+    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit(100)).await;
     assert!(!seen.contains(&ghost) && seen.contains(&short), "{seen:?}");
     b.clock.advance_ms(60_000);
-    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit_all()).await;
+    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit(100)).await;
     assert!(!seen.contains(&short), "expired on B: {seen:?}");
     assert!(!held(&mut cb, &short).await.found);
-    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit_all()).await;
+    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit(100)).await;
     assert!(
         seen.contains(&short),
         "not yet expired on A's clock: {seen:?}"
@@ -114,7 +114,7 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
         !second.sweep_lease(hold).await.unwrap(),
         "one holder at a time"
     );
-    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit_all()).await;
+    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit(100)).await;
     assert!(!seen.contains(&short), "swept: {seen:?}");
 
     // WatchNearby is not served over a remote store: refused clearly, never half-served.
@@ -140,31 +140,6 @@ async fn cleared(c: &mut NearbyClient<Channel>, user: &str) -> bool {
         .unwrap()
         .into_inner()
         .existed
-}
-
-/// A search that returns everyone within 1 km in one page.
-trait LimitAll {
-    fn limit_all(self) -> Self;
-}
-
-impl LimitAll for pb::SearchNearbyRequest {
-    fn limit_all(self) -> Self {
-        Self { limit: 100, ..self }
-    }
-}
-
-/// A search of radius `m`.
-trait RadiusTo {
-    fn radius_to(self, m: f64) -> Self;
-}
-
-impl RadiusTo for pb::SearchNearbyRequest {
-    fn radius_to(self, m: f64) -> Self {
-        Self {
-            radius_m: m,
-            ..self
-        }
-    }
 }
 
 #[tokio::test]
@@ -238,9 +213,7 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest() {
     }
     let left_behind: Vec<String> = contract::walk(
         &mut [c.clone()],
-        search("lww:searcher", SHANGHAI)
-            .limit_all()
-            .radius_to(2_500.0),
+        search("lww:searcher", SHANGHAI).limit(100).radius(2_500.0),
     )
     .await
     .into_iter()

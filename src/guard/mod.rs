@@ -39,16 +39,6 @@ pub trait KnownPositions: Send + Sync + fmt::Debug {
     fn known_position(&self, user: &UserId, now_ms: i64) -> Known;
 }
 
-/// Knows nobody: for controls without an index (tests, benches).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoPositions;
-
-impl KnownPositions for NoPositions {
-    fn known_position(&self, _: &UserId, _: i64) -> Known {
-        None
-    }
-}
-
 /// Settings of every abuse control.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GuardConfig {

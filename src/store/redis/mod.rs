@@ -74,22 +74,37 @@ impl From<StoreError> for Error {
     }
 }
 
-/// A cloneable connection to the store, routed by slot in a Cluster.
+/// How a connection reaches the store.
 #[derive(Clone)]
-pub(crate) enum Conn {
+enum Link {
     /// One server, multiplexed, reconnecting by itself after the server comes back.
     Server(ConnectionManager),
     /// A Cluster, multiplexed per node.
     Cluster(ClusterConnection),
 }
 
+/// A cloneable connection to the store, routed by slot in a Cluster; every call on it is
+/// bounded by the store timeout it was opened with.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    link: Link,
+    timeout: Duration,
+}
+
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Server(_) => "Conn::Server",
-            Self::Cluster(_) => "Conn::Cluster",
+        f.write_str(match self.link {
+            Link::Server(_) => "Conn::Server",
+            Link::Cluster(_) => "Conn::Cluster",
         })
     }
+}
+
+/// One round trip: a command or a pipeline.
+#[derive(Clone, Copy)]
+enum Call<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a Pipeline),
 }
 
 /// A store call that failed.
@@ -119,7 +134,7 @@ impl Conn {
                         .set_response_timeout(Some(timeout));
                     ConnectionManager::new_with_config(client, config)
                         .await
-                        .map(Self::Server)
+                        .map(Link::Server)
                         .map_err(|e| unreachable(&e))
                 }
                 Target::Cluster(nodes) => {
@@ -135,75 +150,64 @@ impl Conn {
                     client
                         .get_async_connection()
                         .await
-                        .map(Self::Cluster)
+                        .map(Link::Cluster)
                         .map_err(|e| unreachable(&e))
                 }
             }
         };
-        tokio::time::timeout(timeout, made)
+        let link = tokio::time::timeout(timeout, made)
             .await
-            .map_err(|_| StoreError::Unreachable(format!("no connection within {timeout:?}")))?
+            .map_err(|_| StoreError::Unreachable(format!("no connection within {timeout:?}")))??;
+        Ok(Self { link, timeout })
     }
 
-    /// Runs `cmd`, bounded by `timeout`: the store's own answer, or `None` on time-out.
-    async fn run<T: FromRedisValue>(
-        &self,
-        cmd: &redis::Cmd,
-        timeout: Duration,
-    ) -> Option<redis::RedisResult<T>> {
-        let mut conn = self.clone();
+    /// Runs `call`, bounded by the store timeout: the store's own answer, or `None` on
+    /// time-out.
+    async fn run<T: FromRedisValue>(&self, call: Call<'_>) -> Option<redis::RedisResult<T>> {
+        let mut link = self.link.clone();
         let run = async {
-            match &mut conn {
-                Self::Server(c) => cmd.query_async(c).await,
-                Self::Cluster(c) => cmd.query_async(c).await,
+            match (&mut link, call) {
+                (Link::Server(c), Call::Cmd(cmd)) => cmd.query_async(c).await,
+                (Link::Cluster(c), Call::Cmd(cmd)) => cmd.query_async(c).await,
+                (Link::Server(c), Call::Pipe(p)) => p.query_async(c).await,
+                (Link::Cluster(c), Call::Pipe(p)) => p.query_async(c).await,
             }
         };
-        tokio::time::timeout(timeout, run).await.ok()
+        tokio::time::timeout(self.timeout, run).await.ok()
     }
 
-    /// Runs `cmd`, bounded by `timeout`.
-    pub(crate) async fn query<T: FromRedisValue>(
-        &self,
-        cmd: &redis::Cmd,
-        timeout: Duration,
-    ) -> Result<T, StoreError> {
-        match self.run(cmd, timeout).await {
+    /// A call's answer as a result: a time-out is [`StoreError::Unreachable`] too.
+    fn answered<T>(&self, r: Option<redis::RedisResult<T>>) -> Result<T, StoreError> {
+        match r {
             Some(r) => r.map_err(|e| unreachable(&e)),
             None => Err(StoreError::Unreachable(format!(
-                "no answer within {timeout:?}"
+                "no answer within {:?}",
+                self.timeout
             ))),
         }
     }
 
-    /// Runs `pipe` (every key of it in one slot when clustered), bounded by `timeout`.
-    pub(crate) async fn pipe<T: FromRedisValue>(
-        &self,
-        pipe: &Pipeline,
-        timeout: Duration,
-    ) -> Result<T, StoreError> {
-        let mut conn = self.clone();
-        let run = async {
-            match &mut conn {
-                Self::Server(c) => pipe.query_async(c).await,
-                Self::Cluster(c) => pipe.query_async(c).await,
-            }
-        };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(r) => r.map_err(|e| unreachable(&e)),
-            Err(_) => Err(StoreError::Unreachable(format!(
-                "no answer within {timeout:?}"
-            ))),
-        }
+    /// Runs `cmd`, bounded by the store timeout.
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let r = self.run(Call::Cmd(cmd)).await;
+        self.answered(r)
+    }
+
+    /// Runs `pipe` (every key of it in one slot when clustered), bounded by the store
+    /// timeout.
+    pub(crate) async fn pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        let r = self.run(Call::Pipe(pipe)).await;
+        self.answered(r)
     }
 
     /// Whether pipelines must keep to one slot.
     pub(crate) fn clustered(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self.link, Link::Cluster(_))
     }
 
-    /// Whether the store answers a PING within `timeout` (every master, when clustered).
-    pub(crate) async fn healthy(&self, timeout: Duration) -> bool {
-        self.query::<String>(&redis::cmd("PING"), timeout)
+    /// Whether the store answers a PING in time (every master, when clustered).
+    pub(crate) async fn healthy(&self) -> bool {
+        self.query::<String>(&redis::cmd("PING"))
             .await
             .is_ok_and(|pong| pong == "PONG")
     }
@@ -214,18 +218,14 @@ impl Conn {
     /// # Errors
     /// [`StoreError::Incompatible`] when the store holds another schema or does not
     /// support Functions (Redis before 7); [`StoreError::Unreachable`] as [`Self::query`].
-    pub(crate) async fn prepare(&self, timeout: Duration) -> Result<(), StoreError> {
+    pub(crate) async fn prepare(&self) -> Result<(), StoreError> {
         let load = redis::cmd("FUNCTION")
             .arg("LOAD")
             .arg("REPLACE")
             .arg(LIBRARY)
             .clone();
-        match self.run::<redis::Value>(&load, timeout).await {
-            None => {
-                return Err(StoreError::Unreachable(format!(
-                    "no answer within {timeout:?}"
-                )));
-            }
+        match self.run::<redis::Value>(Call::Cmd(&load)).await {
+            None => return self.answered(None),
             Some(Err(e)) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
                 return Err(unreachable(&e));
             }
@@ -239,14 +239,11 @@ impl Conn {
             Some(Ok(_)) => {}
         }
         let set: bool = self
-            .query(
-                redis::cmd("HSETNX").arg(META_KEY).arg("schema").arg(SCHEMA),
-                timeout,
-            )
+            .query(redis::cmd("HSETNX").arg(META_KEY).arg("schema").arg(SCHEMA))
             .await?;
         if !set {
             let schema: Option<String> = self
-                .query(redis::cmd("HGET").arg(META_KEY).arg("schema"), timeout)
+                .query(redis::cmd("HGET").arg(META_KEY).arg("schema"))
                 .await?;
             if schema.as_deref() != Some(SCHEMA) {
                 return Err(StoreError::Incompatible(format!(

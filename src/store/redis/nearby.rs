@@ -42,7 +42,6 @@ pub struct RedisNearby {
     conn: Conn,
     cfg: NearbyConfig,
     tokens: PageTokens,
-    timeout: Duration,
     /// Tags this replica has registered in `gm1:tags` (so each is registered once per
     /// replica, not once per ping).
     registered: Mutex<HashSet<String>>,
@@ -63,13 +62,12 @@ impl RedisNearby {
         timeout: Duration,
     ) -> std::result::Result<Self, StoreError> {
         let conn = Conn::open(target, timeout).await?;
-        conn.prepare(timeout).await?;
-        let key = token_key(&conn, timeout).await?;
+        conn.prepare().await?;
+        let key = token_key(&conn).await?;
         Ok(Self {
             conn,
             cfg,
             tokens: PageTokens::new(key),
-            timeout,
             registered: Mutex::default(),
             replica: replica_name()?,
         })
@@ -90,7 +88,7 @@ impl RedisNearby {
             .arg(&self.replica)
             .arg(ms)
             .clone();
-        let held: i64 = self.conn.query(&lease, self.timeout).await?;
+        let held: i64 = self.conn.query(&lease).await?;
         Ok(held == 1)
     }
 
@@ -101,7 +99,7 @@ impl RedisNearby {
 
     /// Whether the store answers now.
     pub async fn healthy(&self) -> bool {
-        self.conn.healthy(self.timeout).await
+        self.conn.healthy().await
     }
 
     /// Makes a store that came back usable again: a server restarted without its data
@@ -111,7 +109,7 @@ impl RedisNearby {
     /// # Errors
     /// [`StoreError`] as [`Self::connect`].
     pub async fn prepare_again(&self) -> std::result::Result<(), StoreError> {
-        self.conn.prepare(self.timeout).await?;
+        self.conn.prepare().await?;
         let _: bool = self
             .conn
             .query(
@@ -119,7 +117,6 @@ impl RedisNearby {
                     .arg(super::META_KEY)
                     .arg("token_key")
                     .arg(&self.tokens.key()[..]),
-                self.timeout,
             )
             .await?;
         Ok(())
@@ -149,7 +146,7 @@ impl RedisNearby {
             .arg(cfg.per_minute)
             .arg(now_ms)
             .clone();
-        let wait_ms: u64 = self.conn.query(&take, self.timeout).await?;
+        let wait_ms: u64 = self.conn.query(&take).await?;
         if wait_ms == 0 {
             return Ok(());
         }
@@ -202,8 +199,8 @@ impl RedisNearby {
         // In this order: the member first, then the record. A newer ping of the same user
         // that then reads this record finds the member to clean up; an older one that
         // reads the newer record cleans up its own member.
-        let _: i64 = self.conn.query(&put, self.timeout).await?;
-        let old: Option<String> = self.conn.query(&record, self.timeout).await?;
+        let _: i64 = self.conn.query(&put).await?;
+        let old: Option<String> = self.conn.query(&record).await?;
         match old {
             // A newer ping is recorded: this one lost; take back its member (unless a
             // newer ping put one in the same cell).
@@ -233,7 +230,7 @@ impl RedisNearby {
         if !known {
             let _: i64 = self
                 .conn
-                .query(redis::cmd("SADD").arg(TAGS_KEY).arg(tag), self.timeout)
+                .query(redis::cmd("SADD").arg(TAGS_KEY).arg(tag))
                 .await?;
             self.registered
                 .lock()
@@ -263,7 +260,7 @@ impl RedisNearby {
             .arg(cell.to_string())
             .arg(not_after_ms.map_or(String::new(), |t| t.to_string()))
             .clone();
-        Ok(self.conn.query(&del, self.timeout).await?)
+        Ok(self.conn.query(&del).await?)
     }
 
     /// Forgets `user`. Returns whether a visible location existed.
@@ -276,7 +273,7 @@ impl RedisNearby {
             .arg(1)
             .arg(user_key(user.as_str()))
             .clone();
-        let cell: String = self.conn.query(&forget, self.timeout).await?;
+        let cell: String = self.conn.query(&forget).await?;
         let Ok(cell) = cell.parse::<CellIndex>() else {
             return Ok(false);
         };
@@ -294,19 +291,13 @@ impl RedisNearby {
     pub async fn status(&self, user: &UserId, now_ms: i64) -> Result<Option<LocationStatus>> {
         let cell: Option<String> = self
             .conn
-            .query(
-                redis::cmd("HGET").arg(user_key(user.as_str())).arg("c"),
-                self.timeout,
-            )
+            .query(redis::cmd("HGET").arg(user_key(user.as_str())).arg("c"))
             .await?;
         let Some(cell) = cell.and_then(|c| c.parse::<CellIndex>().ok()) else {
             return Ok(None);
         };
         let keys = CellKeys::new(cell);
-        let raw: Option<Vec<u8>> = self
-            .conn
-            .query(redis::cmd("GET").arg(&keys.bucket), self.timeout)
-            .await?;
+        let raw: Option<Vec<u8>> = self.conn.query(redis::cmd("GET").arg(&keys.bucket)).await?;
         let id = user.as_str().as_bytes();
         let cell_members = raw
             .as_deref()
@@ -397,17 +388,16 @@ impl RedisNearby {
         // at once, one task each.
         if pipes.len() == 1 {
             if let Some((cells, coarse, pipe)) = pipes.pop() {
-                let replies = self.conn.pipe(&pipe, self.timeout).await?;
+                let replies = self.conn.pipe(&pipe).await?;
                 into.put_replies(cells, coarse, replies);
             }
             return Ok(());
         }
         let mut reads = tokio::task::JoinSet::new();
         for (cells, coarse, pipe) in pipes {
-            let (conn, timeout) = (self.conn.clone(), self.timeout);
+            let conn = self.conn.clone();
             reads.spawn(async move {
-                let replies: std::result::Result<Vec<Value>, StoreError> =
-                    conn.pipe(&pipe, timeout).await;
+                let replies: std::result::Result<Vec<Value>, StoreError> = conn.pipe(&pipe).await;
                 (cells, coarse, replies)
             });
         }
@@ -427,7 +417,7 @@ impl RedisNearby {
     pub async fn sweep(&self, now_ms: i64) -> Result<usize> {
         let tags: Vec<String> = self
             .conn
-            .query(redis::cmd("SMEMBERS").arg(TAGS_KEY), self.timeout)
+            .query(redis::cmd("SMEMBERS").arg(TAGS_KEY))
             .await?;
         let mut removed = 0;
         for tag in tags {
@@ -441,7 +431,7 @@ impl RedisNearby {
                     .arg(format!("gm1:{{{tag}}}:b:"))
                     .arg(format!("gm1:{{{tag}}}:o:"))
                     .clone();
-                let n: usize = self.conn.query(&expire, self.timeout).await?;
+                let n: usize = self.conn.query(&expire).await?;
                 removed += n;
                 if n < SWEEP_BATCH {
                     break;
@@ -465,7 +455,7 @@ fn replica_name() -> std::result::Result<String, StoreError> {
 
 /// The page-token key every replica shares: the store's, made by the first replica that
 /// finds none.
-async fn token_key(conn: &Conn, timeout: Duration) -> std::result::Result<[u8; 32], StoreError> {
+async fn token_key(conn: &Conn) -> std::result::Result<[u8; 32], StoreError> {
     let mut fresh = [0u8; 32];
     getrandom::fill(&mut fresh)
         .map_err(|e| StoreError::Unreachable(format!("no randomness for the token key: {e}")))?;
@@ -475,14 +465,10 @@ async fn token_key(conn: &Conn, timeout: Duration) -> std::result::Result<[u8; 3
                 .arg(super::META_KEY)
                 .arg("token_key")
                 .arg(&fresh[..]),
-            timeout,
         )
         .await?;
     let key: Vec<u8> = conn
-        .query(
-            redis::cmd("HGET").arg(super::META_KEY).arg("token_key"),
-            timeout,
-        )
+        .query(redis::cmd("HGET").arg(super::META_KEY).arg("token_key"))
         .await?;
     key.try_into()
         .map_err(|_| StoreError::Incompatible("the store's page-token key is not 32 bytes".into()))
