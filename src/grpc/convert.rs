@@ -13,8 +13,8 @@ use crate::{
     },
     id::{ShakeId, UserId},
     nearby::{Found, Gender, LocationStatus, Ping, Query, SearchRequest, WatchRequest},
-    shake::{Fallback, Match, Matcher, Outcome, ShakeRequest, Tier, ValidShake},
-    store::NearbyStore,
+    shake::{Fallback, Match, Outcome, ShakeRequest, Tier, ValidShake},
+    store::{NearbyStore, ShakeStore},
 };
 
 pub(super) fn user_id(value: &str) -> Result<UserId> {
@@ -78,7 +78,7 @@ pub(super) fn watch(req: &pb::WatchNearbyRequest, radius: &RadiusRule) -> Result
 /// A shake, checked by the matcher's rules; `deadline` is the caller's own.
 pub(super) fn shake(
     req: pb::ShakeRequest,
-    matcher: &Matcher,
+    matcher: &ShakeStore,
     deadline: Option<Instant>,
 ) -> Result<ValidShake> {
     matcher.validate(ShakeRequest {

@@ -16,13 +16,13 @@ use crate::{
     id::UserId,
     nearby::{NearbyConfig, NearbyIndex, PageTokens, SearchRequest},
     shake::{Matcher, ShakeConfig},
-    store::NearbyStore,
+    store::{NearbyStore, ShakeStore},
 };
 
 struct Fixture {
     index: std::sync::Arc<NearbyIndex>,
     store: NearbyStore,
-    matcher: Matcher,
+    matcher: ShakeStore,
 }
 
 fn fixture() -> &'static Fixture {
@@ -35,7 +35,7 @@ fn fixture() -> &'static Fixture {
         Fixture {
             store: NearbyStore::Memory(index.clone()),
             index,
-            matcher: Matcher::new(ShakeConfig::default()),
+            matcher: ShakeStore::Memory(std::sync::Arc::new(Matcher::new(ShakeConfig::default()))),
         }
     })
 }

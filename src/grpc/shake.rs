@@ -13,21 +13,22 @@ use super::{convert, pb};
 use crate::{
     clock::Clock,
     guard::Limits,
-    shake::{Matcher, Outcome, Tier},
+    shake::{Outcome, Tier},
+    store::ShakeStore,
     telemetry::names,
 };
 
-/// Serves `geomatch.v1.Shake` from a [`Matcher`].
+/// Serves `geomatch.v1.Shake` from a [`ShakeStore`].
 #[derive(Debug, Clone)]
 pub struct ShakeService {
-    matcher: Arc<Matcher>,
+    matcher: ShakeStore,
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
 }
 
 impl ShakeService {
     /// An adapter over `matcher`, guarded by `limits`, reading time from `clock`.
-    pub fn new(matcher: Arc<Matcher>, limits: Arc<Limits>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(matcher: ShakeStore, limits: Arc<Limits>, clock: Arc<dyn Clock>) -> Self {
         Self {
             matcher,
             limits,
@@ -42,9 +43,20 @@ impl pb::shake_server::Shake for ShakeService {
         &self,
         request: Request<pb::ShakeRequest>,
     ) -> Result<Response<pb::ShakeResponse>, Status> {
-        let deadline = request.extensions().get::<CallerDeadline>().map(|d| d.0);
+        // End our own wait a little before tonic's `grpc-timeout` enforcement does.
+        let margin = self.matcher.deadline_margin();
+        let deadline = request
+            .extensions()
+            .get::<CallerDeadline>()
+            .map(|d| d.0.checked_sub(margin).unwrap_or(d.0));
         let shake = convert::shake(request.into_inner(), &self.matcher, deadline)?;
         let now = self.clock.now_ms();
+        if let ShakeStore::Redis(remote) = &self.matcher {
+            // Shared by every replica over the store, not one bucket per replica.
+            remote
+                .rate_limit(shake.user(), self.limits.shake.config(), now)
+                .await?;
+        }
         self.limits.shake(shake.user(), &shake.position(), now)?;
         let outcome = self.matcher.shake(shake).await?;
         match &outcome {
@@ -60,9 +72,6 @@ impl pb::shake_server::Shake for ShakeService {
         Ok(Response::new(convert::outcome(outcome)))
     }
 }
-
-/// Ends our own wait a little before tonic's `grpc-timeout` enforcement does.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
 
 /// When the caller's `grpc-timeout` runs out, as seen on arrival.
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +91,7 @@ pub fn stamp_deadline(mut request: Request<()>) -> Result<Request<()>, Status> {
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
     {
-        let deadline = arrived + timeout.saturating_sub(DEADLINE_MARGIN);
+        let deadline = arrived + timeout;
         request.extensions_mut().insert(CallerDeadline(deadline));
     }
     Ok(request)

@@ -84,9 +84,9 @@ pub struct Limits {
     /// Users' indexed positions, for the travel check; `None` when the index is remote
     /// (a store round trip per request), and then pings are recorded here instead.
     known: Option<Arc<dyn KnownPositions>>,
-    /// Whether the SearchNearby rate limit is applied elsewhere (by a store every replica
-    /// shares), so this guard skips its own.
-    shared_search_rate: bool,
+    /// Whether the SearchNearby and Shake rate limits are applied elsewhere (by a store
+    /// every replica shares), so this guard skips its own.
+    shared_rates: bool,
 }
 
 impl Limits {
@@ -98,14 +98,14 @@ impl Limits {
             shake: RateLimiter::new(cfg.shake),
             travel: TravelGuard::new(cfg.travel),
             known,
-            shared_search_rate: false,
+            shared_rates: false,
         }
     }
 
-    /// The same controls, with the SearchNearby rate limit left to a store every replica
-    /// shares (so N replicas do not allow N times the rate).
-    pub fn with_shared_search_rate(mut self) -> Self {
-        self.shared_search_rate = true;
+    /// The same controls, with the SearchNearby and Shake rate limits left to a store
+    /// every replica shares (so N replicas do not allow N times the rate).
+    pub fn with_shared_rates(mut self) -> Self {
+        self.shared_rates = true;
         self
     }
 
@@ -149,7 +149,7 @@ impl Limits {
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
     pub fn search(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
-        if !self.shared_search_rate {
+        if !self.shared_rates {
             rate(&self.search, "SearchNearby", user, now_ms)?;
         }
         let known = self.known(user, now_ms);
@@ -162,7 +162,9 @@ impl Limits {
     /// # Errors
     /// [`Error::RateLimited`] or [`Error::ImpossibleTravel`].
     pub fn shake(&self, user: &UserId, at: &Coordinates, now_ms: i64) -> Result<()> {
-        rate(&self.shake, "Shake", user, now_ms)?;
+        if !self.shared_rates {
+            rate(&self.shake, "Shake", user, now_ms)?;
+        }
         let known = self.known(user, now_ms);
         let record = self.worth_recording(at, known);
         self.travel(user, at, now_ms, known, record)

@@ -11,7 +11,10 @@ use crate::{
     nearby::snapshot::{self, SnapshotError},
     nearby::{NearbyIndex, PageTokens},
     shake::Matcher,
-    store::{NearbyStore, redis::RedisNearby},
+    store::{
+        NearbyStore, ShakeStore,
+        redis::{RedisNearby, RedisShake},
+    },
     telemetry::names,
 };
 
@@ -23,8 +26,10 @@ pub struct App {
     pub nearby: Arc<NearbyIndex>,
     /// Where People Nearby is held: the in-memory index, or Redis / Valkey.
     pub store: NearbyStore,
-    /// The Shake matcher.
+    /// The in-memory Shake matcher (idle when [`Self::shakes`] is remote).
     pub matcher: Arc<Matcher>,
+    /// Where Shake pairs: the in-memory matcher, or Redis / Valkey.
+    pub shakes: ShakeStore,
     /// Rate limits and the impossible-travel check.
     pub limits: Arc<Limits>,
     /// Wall-clock time for TTLs.
@@ -61,11 +66,13 @@ impl App {
         }
         let tokens = PageTokens::random().map_err(ServeError::Random)?;
         let nearby = Arc::new(NearbyIndex::new(settings.nearby, tokens));
+        let matcher = Arc::new(Matcher::new(settings.shake));
         let app = Self {
             limits: Arc::new(Limits::new(settings.guard, Some(nearby.clone()))),
             store: NearbyStore::Memory(nearby.clone()),
             nearby,
-            matcher: Arc::new(Matcher::new(settings.shake)),
+            shakes: ShakeStore::Memory(matcher.clone()),
+            matcher,
             clock,
             config: Arc::new(settings.server),
             snapshot_lock: Arc::default(),
@@ -89,11 +96,14 @@ impl App {
         };
         let remote =
             RedisNearby::connect(&target, settings.nearby.clone(), settings.store.timeout).await?;
+        let shakes =
+            RedisShake::connect(&target, settings.shake.clone(), settings.store.timeout).await?;
         let tokens = PageTokens::random().map_err(ServeError::Random)?;
         Ok(Self {
             nearby: Arc::new(NearbyIndex::new(settings.nearby, tokens)),
             store: NearbyStore::Redis(Arc::new(remote)),
-            limits: Arc::new(Limits::new(settings.guard, None).with_shared_search_rate()),
+            limits: Arc::new(Limits::new(settings.guard, None).with_shared_rates()),
+            shakes: ShakeStore::Redis(Arc::new(shakes)),
             matcher: Arc::new(Matcher::new(settings.shake)),
             clock,
             config: Arc::new(settings.server),
@@ -178,7 +188,7 @@ impl App {
             metrics::gauge!(names::INDEXED_USERS).set(index.len() as f64);
             metrics::gauge!(names::OCCUPIED_CELLS).set(index.cell_count() as f64);
         }
-        metrics::gauge!(names::WAITING_SHAKES).set(self.matcher.waiting() as f64);
+        metrics::gauge!(names::WAITING_SHAKES).set(self.shakes.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
         metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);
         for (control, n) in [

@@ -100,7 +100,7 @@ pub async fn serve(
     .max_decoding_message_size(cfg.max_message_bytes);
     let shake = InterceptedService::new(
         ShakeServer::new(ShakeService::new(
-            app.matcher.clone(),
+            app.shakes.clone(),
             app.limits.clone(),
             app.clock.clone(),
         ))

@@ -117,11 +117,7 @@ impl Drop for CallerGuard<'_> {
 impl Matcher {
     /// An idle matcher.
     pub fn new(cfg: ShakeConfig) -> Self {
-        let match_prefix = getrandom::u64().unwrap_or_else(|_| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
+        let match_prefix = random_prefix();
         Self {
             cfg,
             stripes: Stripes::default(),
@@ -351,6 +347,16 @@ impl Matcher {
         self.withdraw(w, Why::Expired);
         Ok(w.outcome().unwrap_or(Outcome::NoMatch))
     }
+}
+
+/// A random 64-bit match-id prefix (the clock's nanoseconds if the system has no
+/// randomness), so that two matchers never name two pairings alike.
+pub fn random_prefix() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    })
 }
 
 /// The shake's outcome if it is decided before `until`.

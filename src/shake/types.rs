@@ -79,7 +79,7 @@ impl ValidShake {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `max_distance_m` or `exclude_user_ids`.
-    pub(super) fn new(req: ShakeRequest, cfg: &ShakeConfig) -> Result<Self> {
+    pub fn new(req: ShakeRequest, cfg: &ShakeConfig) -> Result<Self> {
         let max_distance = cfg.max_distance.apply(req.max_distance_m)?;
         if req.exclude.len() > cfg.max_excludes {
             return Err(Error::invalid(
@@ -102,6 +102,16 @@ impl ValidShake {
     /// Where, exactly.
     pub fn position(&self) -> Coordinates {
         self.req.position
+    }
+
+    /// The request, every field checked.
+    pub fn request(&self) -> &ShakeRequest {
+        &self.req
+    }
+
+    /// Farthest acceptable partner, metres (the default applied).
+    pub fn max_distance_m(&self) -> f64 {
+        self.max_distance.m()
     }
 }
 
@@ -132,6 +142,23 @@ pub enum Tier {
 pub struct MatchId {
     pub(super) prefix: u64,
     pub(super) seq: u64,
+}
+
+impl MatchId {
+    /// The id numbered `seq` under `prefix` (a matcher's random prefix).
+    pub fn new(prefix: u64, seq: u64) -> Self {
+        Self { prefix, seq }
+    }
+
+    /// Reads an id as [`Display`](fmt::Display) writes it: exactly 32 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let prefix = u64::from_str_radix(&s[..16], 16).ok()?;
+        let seq = u64::from_str_radix(&s[16..], 16).ok()?;
+        Some(Self { prefix, seq })
+    }
 }
 
 impl fmt::Display for MatchId {

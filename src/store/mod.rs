@@ -2,6 +2,8 @@
 //! fastest) or in Redis / Valkey ([`redis`]: `--store redis | redis-cluster`), so that any
 //! number of replicas serve one world.
 //!
+//! Shake pairs in this process or through the same store ([`ShakeStore`]).
+//!
 //! [`NearbyStore`] is the seam the gRPC edge calls. Both stores take the same validated
 //! requests (validated once, by the same rules) and answer through the same query engine,
 //! bands and page tokens; only where the maps live differs.
@@ -17,6 +19,7 @@ use crate::{
         LocationStatus, NearbyConfig, NearbyIndex, Ping, Placement, Query, SearchPage,
         SearchRequest,
     },
+    shake::{Matcher, Outcome, ShakeConfig, ShakeRequest, ValidShake},
 };
 
 /// The People Nearby store the services use. Cheap to clone.
@@ -99,6 +102,73 @@ impl NearbyStore {
         match self {
             Self::Memory(i) => Ok(i.search(q, now_ms)),
             Self::Redis(r) => r.search(q, now_ms).await,
+        }
+    }
+}
+
+/// Where Shake pairs: in this process, or through Redis / Valkey with every replica of the
+/// store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum ShakeStore {
+    /// The in-memory matcher.
+    Memory(Arc<Matcher>),
+    /// Redis or Valkey, standalone or Cluster.
+    Redis(Arc<redis::RedisShake>),
+}
+
+impl ShakeStore {
+    /// The matcher's configuration.
+    pub fn config(&self) -> &ShakeConfig {
+        match self {
+            Self::Memory(m) => m.config(),
+            Self::Redis(r) => r.config(),
+        }
+    }
+
+    /// Checks a shake as received against the matcher's limits.
+    ///
+    /// # Errors
+    /// [`crate::error::Error::InvalidArgument`] naming `max_distance_m` or
+    /// `exclude_user_ids`.
+    pub fn validate(&self, req: ShakeRequest) -> Result<ValidShake> {
+        ValidShake::new(req, self.config())
+    }
+
+    /// Shakes: pairs with the best waiting partner, or waits up to the window.
+    ///
+    /// # Errors
+    /// As [`Matcher::shake`]; [`crate::error::Error::Unavailable`] when a remote store
+    /// does not answer.
+    pub async fn shake(&self, shake: ValidShake) -> Result<Outcome> {
+        match self {
+            Self::Memory(m) => m.shake(shake).await,
+            Self::Redis(r) => r.shake(shake).await,
+        }
+    }
+
+    /// Resolves once exactly `n` calls of this replica wait for a partner.
+    pub async fn until_waiting(&self, n: usize) {
+        match self {
+            Self::Memory(m) => m.until_waiting(n).await,
+            Self::Redis(r) => r.until_waiting(n).await,
+        }
+    }
+
+    /// How long before the caller's own deadline a waiting shake gives up, so that it
+    /// can still withdraw and answer before the transport's own time-out: a moment in
+    /// memory, a few store round trips over Redis / Valkey.
+    pub fn deadline_margin(&self) -> std::time::Duration {
+        match self {
+            Self::Memory(_) => std::time::Duration::from_millis(1),
+            Self::Redis(_) => std::time::Duration::from_millis(20),
+        }
+    }
+
+    /// Calls of this replica waiting for a partner right now.
+    pub fn waiting(&self) -> usize {
+        match self {
+            Self::Memory(m) => m.waiting(),
+            Self::Redis(r) => r.waiting(),
         }
     }
 }

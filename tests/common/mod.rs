@@ -132,7 +132,7 @@ impl TestServer {
     ) -> JoinHandle<Result<pb::ShakeResponse, tonic::Status>> {
         let mut c = self.shake().await;
         let call = tokio::spawn(async move { c.shake(req).await.map(tonic::Response::into_inner) });
-        self.app.matcher.until_waiting(1).await;
+        self.app.shakes.until_waiting(1).await;
         call
     }
 

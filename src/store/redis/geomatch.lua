@@ -165,3 +165,201 @@ redis.register_function('gm_rate', function(keys, args)
   if per_min <= 0 then return 4294967295 end
   return math.ceil((1 - tokens) * 60000 / per_min)
 end)
+
+-- Shake. A shake's state is a HASH in its user's slot, gm1:sh:{user}:s:<shake id>:
+--   st  W waiting, R reserving a partner, M matched, N no match
+--   dl  deadline (unix ms)          k, e  its waiting-index key and member
+--   x   excluded user ids, each [length: 1 byte][id]
+--   r   replicas to wake, space-separated   n  callers waiting on it
+--   M:  p partner, d distance band, mid match id, t tier
+--   R:  ri intended partner, rk its state key, rm proposed match id, rd distance band,
+--       rt tier, rx expiry (unix ms)
+-- The user's current shake id is gm1:sh:{user}:p. A waiting shake is listed in the waiting
+-- index of its bucket (a ZSET in its tag, member -> deadline); a listing only helps others
+-- find it, the state decides. Two shakes in different slots pair by reserve (the claimer's
+-- own state) -> claim (the partner's) -> commit or revert (the claimer's): a claim decides
+-- the partner's outcome in one step, and a reservation never outlives its expiry, since
+-- anyone may resolve it through gm_sh_abort.
+
+local function excluded(x, user)
+  local pos, n = 1, #x
+  while pos <= n do
+    local len = string.byte(x, pos)
+    if string.sub(x, pos + 1, pos + len) == user then return true end
+    pos = pos + 1 + len
+  end
+  return false
+end
+
+local RESERVATION = {'ri', 'rk', 'rm', 'rd', 'rt', 'rx'}
+
+local function done(state)
+  return {'done', unpack(redis.call('HMGET', state, 'st', 'p', 'd', 'mid', 't'))}
+end
+
+-- gm_sh_enter(pointer, state; id, now_ms, deadline_ms, index_key, member, excludes,
+--             replica, keep_ms, state_prefix)
+-- Starts a shake, or joins it when the id is the user's current one. Returns
+--   {'done', st, p, d, mid, t}   a finished shake of this id (a retry);
+--   {'join'}                     it is still open: wait for it;
+--   {'busy'}                     the user's previous shake is reserving a partner: retry;
+--   {'new', r, k, e}             started; r/k/e name a waiting shake it superseded.
+redis.register_function('gm_sh_enter', function(keys, args)
+  local ptr, state = keys[1], keys[2]
+  local id, now, replica = args[1], tonumber(args[2]), args[7]
+  local cur = redis.call('HMGET', state, 'st', 'dl', 'r')
+  if cur[1] then
+    if cur[1] == 'W' and tonumber(cur[2]) <= now then
+      redis.call('HSET', state, 'st', 'N')
+      return done(state)
+    end
+    if cur[1] == 'M' or cur[1] == 'N' then return done(state) end
+    if not string.find(' ' .. cur[3] .. ' ', ' ' .. replica .. ' ', 1, true) then
+      redis.call('HSET', state, 'r', cur[3] .. ' ' .. replica)
+    end
+    redis.call('HINCRBY', state, 'n', 1)
+    return {'join'}
+  end
+  local result = {'new'}
+  local old = redis.call('GET', ptr)
+  if old and old ~= id then
+    local olds = args[9] .. old
+    local o = redis.call('HMGET', olds, 'st', 'r', 'k', 'e')
+    if o[1] == 'R' then return {'busy'} end
+    if o[1] == 'W' then
+      redis.call('HSET', olds, 'st', 'N')
+      result = {'new', o[2], o[3], o[4]}
+    end
+  end
+  redis.call('SET', ptr, id, 'PX', args[8])
+  redis.call('HSET', state, 'st', 'W', 'dl', args[3], 'k', args[4], 'e', args[5], 'x', args[6],
+    'r', replica, 'n', 1)
+  redis.call('PEXPIRE', state, args[8])
+  return result
+end)
+
+-- gm_sh_reserve(state; partner, partner_state, mid, band, tier, expires_ms, now_ms)
+-- Reserves a waiting shake for a claim on `partner`, so nobody else can claim it meanwhile.
+-- Returns {'ok'}, {'done', ...} when it has an outcome already, or {'gone'}.
+redis.register_function('gm_sh_reserve', function(keys, args)
+  local s = redis.call('HMGET', keys[1], 'st', 'dl')
+  if s[1] == 'W' then
+    if tonumber(s[2]) <= tonumber(args[7]) then return {'gone'} end
+    redis.call('HSET', keys[1], 'st', 'R', 'ri', args[1], 'rk', args[2], 'rm', args[3],
+      'rd', args[4], 'rt', args[5], 'rx', args[6])
+    return {'ok'}
+  end
+  if s[1] == 'M' or s[1] == 'N' then return done(keys[1]) end
+  if s[1] == 'R' then return {'busy'} end
+  return {'gone'}
+end)
+
+-- gm_sh_claim(state, tombstone; claimer, mid, band, tier, now_ms)
+-- Pairs a waiting shake with `claimer`. Two shakes claiming each other at once agree on
+-- the lower of their proposals. Returns {'ok', mid, band, tier, replicas} (also for a
+-- repeated claim), {'busy'} while it reserves another partner, or {'gone'}.
+redis.register_function('gm_sh_claim', function(keys, args)
+  if redis.call('EXISTS', keys[2]) == 1 then return {'gone'} end
+  local claimer, mid, band, tier = args[1], args[2], args[3], args[4]
+  local s = redis.call('HMGET', keys[1], 'st', 'dl', 'x', 'ri', 'rm', 'rd', 'rt', 'p', 'mid',
+    'd', 't', 'r')
+  if s[1] == 'M' then
+    if s[8] == claimer then return {'ok', s[9], s[10], s[11], s[12]} end
+    return {'gone'}
+  end
+  if s[1] == 'W' or (s[1] == 'R' and s[4] == claimer) then
+    if tonumber(s[2]) <= tonumber(args[5]) or excluded(s[3], claimer) then return {'gone'} end
+    if s[1] == 'R' and s[5] < mid then mid, band, tier = s[5], s[6], s[7] end
+    redis.call('HSET', keys[1], 'st', 'M', 'p', claimer, 'd', band, 'mid', mid, 't', tier)
+    redis.call('HDEL', keys[1], unpack(RESERVATION))
+    return {'ok', mid, band, tier, s[12]}
+  end
+  if s[1] == 'R' then return {'busy'} end
+  return {'gone'}
+end)
+
+-- gm_sh_commit(state; partner, mid, band, tier) -> {'ok', replicas} once the reserved
+-- shake is matched with `partner`, else {'conflict', st}.
+redis.register_function('gm_sh_commit', function(keys, args)
+  local s = redis.call('HMGET', keys[1], 'st', 'ri', 'p', 'r')
+  if s[1] == 'R' and s[2] == args[1] then
+    redis.call('HSET', keys[1], 'st', 'M', 'p', args[1], 'mid', args[2], 'd', args[3],
+      't', args[4])
+    redis.call('HDEL', keys[1], unpack(RESERVATION))
+    return {'ok', s[4]}
+  end
+  if s[1] == 'M' and s[3] == args[1] then return {'ok', s[4]} end
+  return {'conflict', s[1] or ''}
+end)
+
+-- gm_sh_revert(state;) -> {'ok'} when a reservation is undone (waiting again), else
+-- {'done', ...} or {'gone'}.
+redis.register_function('gm_sh_revert', function(keys, args)
+  local st = redis.call('HGET', keys[1], 'st')
+  if st == 'R' then
+    redis.call('HSET', keys[1], 'st', 'W')
+    redis.call('HDEL', keys[1], unpack(RESERVATION))
+    return {'ok'}
+  end
+  if st == 'M' or st == 'N' then return done(keys[1]) end
+  return {'gone'}
+end)
+
+-- gm_sh_abort(state, tombstone; claimer, keep_ms)
+-- Settles a claim whose claimer may have died: {'claimed', mid, band, tier} when the shake
+-- is matched with `claimer`, else {'aborted'}, after which no claim of that proposal lands.
+redis.register_function('gm_sh_abort', function(keys, args)
+  local s = redis.call('HMGET', keys[1], 'st', 'p', 'mid', 'd', 't')
+  if s[1] == 'M' and s[2] == args[1] then return {'claimed', s[3], s[4], s[5]} end
+  redis.call('SET', keys[2], '1', 'PX', args[2])
+  return {'aborted'}
+end)
+
+-- gm_sh_leave(pointer, state; id)
+-- A caller stops waiting. The last one withdraws a shake still waiting: it is forgotten
+-- (a retry starts afresh) and {'withdrawn', k, e} names its listing. Else {'done', ...}
+-- when it has an outcome, or {'left'}.
+redis.register_function('gm_sh_leave', function(keys, args)
+  local st = redis.call('HGET', keys[2], 'st')
+  if not st then return {'left'} end
+  if st == 'M' or st == 'N' then return done(keys[2]) end
+  local n = redis.call('HINCRBY', keys[2], 'n', -1)
+  if n <= 0 and st == 'W' then
+    local s = redis.call('HMGET', keys[2], 'k', 'e')
+    redis.call('DEL', keys[2])
+    if redis.call('GET', keys[1]) == args[1] then redis.call('DEL', keys[1]) end
+    return {'withdrawn', s[1], s[2]}
+  end
+  return {'left'}
+end)
+
+-- gm_sh_expire(state; now_ms) -> {'expired', k, e} when a waiting shake's window has
+-- passed (NO_MATCH, kept for retries), {'done', ...} when it has an outcome, {'busy'}
+-- while it reserves, {'wait'} before its deadline, {'gone'} when unknown.
+redis.register_function('gm_sh_expire', function(keys, args)
+  local s = redis.call('HMGET', keys[1], 'st', 'dl', 'k', 'e')
+  if not s[1] then return {'gone'} end
+  if s[1] == 'M' or s[1] == 'N' then return done(keys[1]) end
+  if s[1] == 'R' then return {'busy'} end
+  if tonumber(s[2]) > tonumber(args[1]) then return {'wait'} end
+  redis.call('HSET', keys[1], 'st', 'N')
+  return {'expired', s[3], s[4]}
+end)
+
+-- gm_sh_scan(index...; now_ms, add (0 = none, else which key), member, deadline_ms, keep_ms)
+-- Drops listings past their deadline, lists the caller's shake under keys[add], then
+-- returns every listing of the keys (all in one tag). Listing and scanning in one step is
+-- what makes two simultaneous shakes find each other: the later scan sees the earlier.
+redis.register_function('gm_sh_scan', function(keys, args)
+  local now, add = tonumber(args[1]), tonumber(args[2])
+  local out = {}
+  for i, k in ipairs(keys) do
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+    if i == add then
+      redis.call('ZADD', k, args[4], args[3])
+      redis.call('PEXPIRE', k, args[5])
+    end
+    for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do out[#out + 1] = m end
+  end
+  return out
+end)

@@ -16,6 +16,12 @@
 //! | `gm1:meta` | HASH | `schema`, and the page-token key every replica shares |
 //! | `gm1:sweep-lease` | STRING | the replica that sweeps now (expires unless renewed) |
 //! | `gm1:r:{<user>}:<call>` | HASH | the user's token bucket for a rate-limited call (expires once full) |
+//! | `gm1:sh:{<user>}:p` | STRING | the user's current shake id |
+//! | `gm1:sh:{<user>}:s:<id>` | HASH | one shake's state and outcome (kept for retries; see `geomatch.lua`) |
+//! | `gm1:sh:{<user>}:s:<id>:a:<match>` | STRING | a claim that may no longer land (a settled reservation) |
+//! | `gm1:{T}:sw:<bucket>` | ZSET | the shakes waiting in a bucket (resolution 7): listing → deadline |
+//! | `gm1:{sh-any}:pool` | ZSET | the ANYWHERE pool: listing → deadline |
+//! | channel `gm1:w:{<replica>}` | (sharded) pub/sub | wakes a replica's calls when their shake's outcome is decided |
 //!
 //! Atomic steps are Redis Functions (`geomatch.lua`, library `geomatch_v1`), loaded at
 //! start with `FUNCTION LOAD REPLACE`: functions are replicated and survive a failover,
@@ -23,6 +29,7 @@
 //! client retries a call whose reply it lost.
 
 mod nearby;
+mod shake;
 
 use std::time::Duration;
 
@@ -36,6 +43,7 @@ use redis::{
 use thiserror::Error;
 
 pub use nearby::RedisNearby;
+pub use shake::RedisShake;
 
 use crate::error::Error;
 
@@ -299,4 +307,38 @@ fn expiry_key(tag: &str) -> String {
 
 fn user_key(user: &str) -> String {
     format!("gm1:u:{{{user}}}")
+}
+
+/// Takes one call of `what` from `user`'s token bucket in the store, shared by every
+/// replica (`cfg.burst` 0 disables it).
+///
+/// # Errors
+/// [`Error::RateLimited`] with the time to wait; [`Error::Unavailable`] when the store
+/// does not answer.
+async fn take_token(
+    conn: &Conn,
+    what: &'static str,
+    user: &crate::id::UserId,
+    cfg: crate::guard::RateConfig,
+    now_ms: i64,
+) -> crate::error::Result<()> {
+    if cfg.burst == 0 {
+        return Ok(());
+    }
+    let take = redis::cmd("FCALL")
+        .arg("gm_rate")
+        .arg(1)
+        .arg(format!("gm1:r:{{{}}}:{what}", user.as_str()))
+        .arg(cfg.burst)
+        .arg(cfg.per_minute)
+        .arg(now_ms)
+        .clone();
+    let wait_ms: u64 = conn.query(&take).await?;
+    if wait_ms == 0 {
+        return Ok(());
+    }
+    Err(Error::RateLimited {
+        what,
+        retry_after: Duration::from_millis(wait_ms),
+    })
 }

@@ -138,22 +138,7 @@ impl RedisNearby {
         if cfg.burst == 0 {
             return Ok(());
         }
-        let take = redis::cmd("FCALL")
-            .arg("gm_rate")
-            .arg(1)
-            .arg(format!("gm1:r:{{{}}}:{what}", user.as_str()))
-            .arg(cfg.burst)
-            .arg(cfg.per_minute)
-            .arg(now_ms)
-            .clone();
-        let wait_ms: u64 = self.conn.query(&take).await?;
-        if wait_ms == 0 {
-            return Ok(());
-        }
-        Err(Error::RateLimited {
-            what,
-            retry_after: Duration::from_millis(wait_ms),
-        })
+        super::take_token(&self.conn, what, user, cfg, now_ms).await
     }
 
     /// Validates a search as received, exactly as the in-memory index does.
@@ -446,7 +431,7 @@ impl RedisNearby {
 const LEASE_KEY: &str = "gm1:sweep-lease";
 
 /// A random name for this replica (hex of 64 random bits).
-fn replica_name() -> std::result::Result<String, StoreError> {
+pub(super) fn replica_name() -> std::result::Result<String, StoreError> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b)
         .map_err(|e| StoreError::Unreachable(format!("no randomness for the replica name: {e}")))?;

@@ -1,0 +1,482 @@
+//! Shake over a Redis / Valkey store, through real gRPC and real servers the tests start
+//! themselves: shakes sent to different replicas pair exactly once and symmetrically with
+//! one match id, across the border of two hash tags; retries through another replica get
+//! the recorded outcome; exclusions, supersede, cancel and the ANYWHERE tier hold across
+//! replicas; a concurrent crowd over three replicas keeps every invariant; and a replica
+//! killed with `kill -9` mid-shake leaves its partner a consistent answer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    process::Stdio,
+    time::Duration,
+};
+
+use common::{
+    TestServer,
+    build::shake,
+    fixtures::{BEIJING, SHANGHAI, moved},
+    redis, start_store,
+};
+use geomatch::grpc::pb::{self, shake_client::ShakeClient, shake_response};
+use h3o::{LatLng, Resolution};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::{Code, transport::Channel};
+
+/// Two points ~200 m apart whose shake buckets (resolution 7) have different resolution-5
+/// parents: their shakes live in two hash tags, so pairing them crosses slots.
+fn across_a_tag_border() -> ((f64, f64), (f64, f64)) {
+    // As the server files them: the bucket of the privacy cell's centre.
+    let tag = |p: (f64, f64)| {
+        let p = common::fixtures::cell_centre(p);
+        LatLng::new(p.0, p.1)
+            .unwrap()
+            .to_cell(Resolution::Seven)
+            .parent(Resolution::Five)
+            .unwrap()
+    };
+    let mut a = SHANGHAI;
+    for _ in 0..2_000 {
+        let b = moved(a, 200.0, 0.0);
+        if tag(a) != tag(b) {
+            return (a, b);
+        }
+        a = b;
+    }
+    panic!("no tag border within 400 km east of Shanghai");
+}
+
+type Call = tokio::task::JoinHandle<Result<pb::ShakeResponse, tonic::Status>>;
+
+fn send(mut c: ShakeClient<Channel>, req: pb::ShakeRequest) -> Call {
+    tokio::spawn(async move { c.shake(req).await.map(tonic::Response::into_inner) })
+}
+
+fn matched(r: &pb::ShakeResponse) -> bool {
+    r.outcome == shake_response::Outcome::Matched as i32
+}
+
+/// Both sides matched each other, with one match id and one distance.
+fn assert_pair(a: &pb::ShakeResponse, b: &pb::ShakeResponse, ua: &str, ub: &str) {
+    assert!(matched(a) && matched(b), "{a:?} {b:?}");
+    assert_eq!(
+        (a.partner_user_id.as_str(), b.partner_user_id.as_str()),
+        (ub, ua)
+    );
+    assert_eq!(a.match_id, b.match_id);
+    assert_eq!(a.match_id.len(), 32);
+    assert_eq!(a.distance_m, b.distance_m);
+    assert_eq!(a.tier, b.tier);
+}
+
+async fn cluster_flags() -> Option<(redis::SharedCluster, Vec<String>)> {
+    let cluster = redis::shared_cluster().await?;
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes]
+        .map(String::from)
+        .to_vec();
+    Some((cluster, flags))
+}
+
+async fn replicas(flags: &[String], extra: &[&str], n: usize) -> Vec<TestServer> {
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(start_store(&args).await);
+    }
+    out
+}
+
+/// Two shakes at a tag border, one through each replica, sent together: one pairing, seen
+/// alike from both sides; a retry of either id through the other replica returns it.
+async fn pair_across_replicas(flags: &[String], prefix: &str) {
+    let rs = replicas(flags, &[], 2).await;
+    let (pa, pb) = across_a_tag_border();
+    let (ua, ub) = (format!("{prefix}a"), format!("{prefix}b"));
+    let a = send(rs[0].shake().await, shake(&ua, "s1", pa));
+    let b = send(rs[1].shake().await, shake(&ub, "s1", pb));
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_pair(&a, &b, &ua, &ub);
+    assert_eq!(a.tier, shake_response::Tier::Nearby as i32);
+
+    let again_a = rs[1]
+        .shake()
+        .await
+        .shake(shake(&ua, "s1", pa))
+        .await
+        .unwrap();
+    let again_b = rs[0]
+        .shake()
+        .await
+        .shake(shake(&ub, "s1", pb))
+        .await
+        .unwrap();
+    assert_eq!(again_a.into_inner(), a);
+    assert_eq!(again_b.into_inner(), b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shakes_through_two_replicas_of_a_cluster_pair_once() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    pair_across_replicas(&flags, &redis::unique_prefix("shc")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shakes_through_two_replicas_of_one_server_pair_once() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let flags = ["--store", "redis", "--redis-url", &server.url()]
+        .map(String::from)
+        .to_vec();
+    pair_across_replicas(&flags, "shs:").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shakes_through_two_replicas_of_a_valkey_cluster_pair_once() {
+    let Some(cluster) = redis::valkey_cluster(3, 0).await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes]
+        .map(String::from)
+        .to_vec();
+    pair_across_replicas(&flags, "shv:").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusions_hold_across_replicas() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("shx");
+    let rs = replicas(&flags, &["--shake-window", "600ms"], 2).await;
+    let (pa, pb) = across_a_tag_border();
+    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
+    let mut req = shake(&ua, "s1", pa);
+    req.exclude_user_ids = vec![ub.clone()];
+    let a = send(rs[0].shake().await, req);
+    let b = send(rs[1].shake().await, shake(&ub, "s1", pb));
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert!(!matched(&a) && !matched(&b), "{a:?} {b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shake_id_through_another_replica_supersedes_the_waiting_one() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("shp");
+    // A long window: the superseded call must end because it was woken, not by its window.
+    let rs = replicas(&flags, &["--shake-window", "30s"], 2).await;
+    let (pa, pb) = across_a_tag_border();
+    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
+    let first = rs[0].waiting_shake(shake(&ua, "s1", pa)).await;
+    let second = send(rs[1].shake().await, shake(&ua, "s2", pa));
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the superseded shake was not woken")
+        .unwrap()
+        .unwrap();
+    assert!(!matched(&first), "{first:?}");
+    // The new shake is the one a partner finds.
+    rs[1].app.shakes.until_waiting(1).await;
+    let b = rs[0]
+        .shake()
+        .await
+        .shake(shake(&ub, "s1", pb))
+        .await
+        .unwrap();
+    let second = second.await.unwrap().unwrap();
+    assert_pair(&second, &b.into_inner(), &ua, &ub);
+    // A retry of the superseded id still says NO_MATCH.
+    let again = rs[1]
+        .shake()
+        .await
+        .shake(shake(&ua, "s1", pa))
+        .await
+        .unwrap();
+    assert!(!matched(&again.into_inner()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_shake_is_never_matched_through_another_replica() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("shk");
+    let rs = replicas(&flags, &["--shake-window", "30s"], 2).await;
+    let (pa, pb) = across_a_tag_border();
+    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
+    let mut req = tonic::Request::new(shake(&ua, "s1", pa));
+    req.set_timeout(Duration::from_millis(300));
+    let err = rs[0].shake().await.shake(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // The cancelled shake was withdrawn before the call ended: B waits alone.
+    let mut req = tonic::Request::new(shake(&ub, "s1", pb));
+    req.set_timeout(Duration::from_millis(1_500));
+    let err = rs[1].shake().await.shake(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anywhere_pairs_far_shakes_through_two_replicas() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("sha");
+    let rs = replicas(&flags, &["--shake-window", "1s"], 2).await;
+    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
+    let anywhere = |u: &str, at| pb::ShakeRequest {
+        fallback: pb::shake_request::Fallback::Anywhere.into(),
+        ..shake(u, "s1", at)
+    };
+    let a = send(rs[0].shake().await, anywhere(&ua, SHANGHAI));
+    let b = send(rs[1].shake().await, anywhere(&ub, BEIJING));
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_pair(&a, &b, &ua, &ub);
+    assert_eq!(a.tier, shake_response::Tier::Anywhere as i32);
+    assert!(a.distance_m > 1_000_000, "{a:?}");
+}
+
+/// A crowd shakes at once around a tag border through three replicas, some excluding
+/// others, some giving up early: every match id names exactly two shakes that name each
+/// other, nobody is paired twice or with someone they excluded, and no shake whose caller
+/// got DEADLINE_EXCEEDED is anyone's partner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_crowd_over_three_replicas_pairs_exactly_once() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("shcrowd");
+    let rs = replicas(&flags, &["--shake-window", "1s"], 3).await;
+    let (border, _) = across_a_tag_border();
+    let mut rng = StdRng::seed_from_u64(7);
+    let users: Vec<String> = (0..60).map(|i| format!("{p}{i:02}")).collect();
+    let mut excluded: HashSet<(String, String)> = HashSet::new();
+    let mut calls = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let at = moved(
+            border,
+            rng.random_range(-600.0..600.0),
+            rng.random_range(-600.0..600.0),
+        );
+        let mut req = shake(u, "s1", at);
+        if rng.random_bool(0.2) {
+            let other = users[rng.random_range(0..users.len())].clone();
+            excluded.insert((u.clone(), other.clone()));
+            excluded.insert((other.clone(), u.clone()));
+            req.exclude_user_ids = vec![other];
+        }
+        let mut req = tonic::Request::new(req);
+        if rng.random_bool(0.2) {
+            req.set_timeout(Duration::from_millis(rng.random_range(30..400)));
+        }
+        let mut c = rs[i % 3].shake().await;
+        calls.push(tokio::spawn(async move {
+            c.shake(req).await.map(|r| r.into_inner())
+        }));
+    }
+    let mut partner: HashMap<String, String> = HashMap::new();
+    let mut ids: HashMap<String, Vec<String>> = HashMap::new();
+    let mut cancelled: HashSet<String> = HashSet::new();
+    for (u, call) in users.iter().zip(calls) {
+        match call.await.unwrap() {
+            Ok(r) if matched(&r) => {
+                partner.insert(u.clone(), r.partner_user_id.clone());
+                ids.entry(r.match_id.clone()).or_default().push(u.clone());
+            }
+            Ok(_) => {}
+            Err(s) if s.code() == Code::DeadlineExceeded => {
+                cancelled.insert(u.clone());
+            }
+            Err(s) => panic!("{u}: {s:?}"),
+        }
+    }
+    assert!(
+        !partner.is_empty(),
+        "a crowd within a few hundred metres pairs"
+    );
+    for (id, who) in &ids {
+        assert_eq!(who.len(), 2, "match id {id} names {who:?}");
+    }
+    for (u, v) in &partner {
+        assert_eq!(partner.get(v), Some(u), "{u} -> {v} is not symmetric");
+        assert!(
+            !excluded.contains(&(u.clone(), v.clone())),
+            "{u} and {v} excluded"
+        );
+        assert!(!cancelled.contains(v), "{u} was paired with cancelled {v}");
+    }
+}
+
+/// A geomatch process killed with `kill -9` while its shake waits: a partner through
+/// another replica gets a consistent answer, and the killed shake's retry through that
+/// replica returns the same pairing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_shake_leaves_a_consistent_outcome() {
+    let Some((cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("sh9");
+    let (pa, pb) = across_a_tag_border();
+    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
+    let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    args.extend(flags.iter().cloned());
+    args.extend(["--shake-window", "20s", "--log-format", "json"].map(String::from));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_geomatch"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("replica exited");
+        if line.contains("gRPC listening") {
+            let at = line.find("\"addr\":\"").unwrap() + 8;
+            break line[at..].split('"').next().unwrap().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let lost = send(ShakeClient::new(channel), shake(&ua, "s1", pa));
+    // Its shake waits in the store once it is listed in its bucket's waiting index.
+    let bucket = common::fixtures::cell_centre(pa);
+    let bucket = LatLng::new(bucket.0, bucket.1)
+        .unwrap()
+        .to_cell(Resolution::Seven);
+    let index = format!(
+        "gm1:{{{}}}:sw:{bucket}",
+        bucket.parent(Resolution::Five).unwrap()
+    );
+    let mut conn = cluster.connection().await;
+    loop {
+        let listed: Vec<String> = ::redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if listed.iter().any(|l| l.ends_with(&ua)) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert!(
+        lost.await.unwrap().is_err(),
+        "the killed replica's call is lost"
+    );
+
+    let rs = replicas(&flags, &["--shake-window", "20s"], 1).await;
+    let b = rs[0]
+        .shake()
+        .await
+        .shake(shake(&ub, "s1", pb))
+        .await
+        .unwrap();
+    let b = b.into_inner();
+    let a = rs[0]
+        .shake()
+        .await
+        .shake(shake(&ua, "s1", pa))
+        .await
+        .unwrap();
+    assert_pair(&a.into_inner(), &b, &ua, &ub);
+}
+
+/// A retry of a waiting shake through another replica joins it: when a partner comes,
+/// both calls return the one pairing (the joined replica is woken, not left to its window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_through_another_replica_joins_the_waiting_shake() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("shj");
+    let rs = replicas(&flags, &["--shake-window", "30s"], 2).await;
+    let (pa, pb) = across_a_tag_border();
+    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
+    let first = rs[0].waiting_shake(shake(&ua, "s1", pa)).await;
+    let retry = rs[1].waiting_shake(shake(&ua, "s1", pa)).await;
+    let b = rs[1]
+        .shake()
+        .await
+        .shake(shake(&ub, "s1", pb))
+        .await
+        .unwrap();
+    let b = b.into_inner();
+    for call in [first, retry] {
+        let a = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a waiting call was not woken")
+            .unwrap()
+            .unwrap();
+        assert_pair(&a, &b, &ua, &ub);
+    }
+}
+
+/// The Shake rate limit is one token bucket per user in the store: a burst spent through
+/// one replica is spent for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shake_rate_limit_holds_across_replicas() {
+    let Some((_cluster, flags)) = cluster_flags().await else {
+        return;
+    };
+    let p = redis::unique_prefix("shr");
+    let limits = [
+        "--shake-burst",
+        "2",
+        "--shake-per-minute",
+        "60",
+        "--shake-window",
+        "50ms",
+    ];
+    let rs = replicas(&flags, &limits, 2).await;
+    let me = format!("{p}me");
+    for (i, r) in rs.iter().enumerate() {
+        r.shake()
+            .await
+            .shake(shake(&me, &format!("s{i}"), SHANGHAI))
+            .await
+            .unwrap();
+    }
+    let err = rs[0]
+        .shake()
+        .await
+        .shake(shake(&me, "s9", SHANGHAI))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Another user has a bucket of their own; a second later a token is back.
+    rs[1]
+        .shake()
+        .await
+        .shake(shake(&format!("{p}other"), "s1", SHANGHAI))
+        .await
+        .unwrap();
+    for r in &rs {
+        r.clock.advance_ms(1_000);
+    }
+    rs[1]
+        .shake()
+        .await
+        .shake(shake(&me, "s9", SHANGHAI))
+        .await
+        .unwrap();
+}
