@@ -43,6 +43,19 @@ def wait_for(what, check, within=30.0):
     sys.exit(f"cluster session: {what} did not happen within {within:.0f} s")
 
 
+def split_json(text):
+    """The JSON objects printed one after another."""
+    decoder, out, at = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while at < len(text):
+        obj, end = decoder.raw_decode(text, at)
+        out.append(json.dumps(obj))
+        at = end
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return out
+
+
 def quiet(cmd):
     return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
 
@@ -108,7 +121,22 @@ def main():
         if strip(got.get("users", [])) != strip(want["users"]):
             sys.exit(f"cluster session: expected {want}, got {got}")
         print(f"ok   a ping through {addrs[0]} is found through {addrs[1]}")
-        print("1 passed, 0 failed")
+        # Two shakes, one through each replica, sent together as written: both matched,
+        # each other's partner, one match id.
+        if len(shells) < 3 or len(answers) < 2:
+            sys.exit("cluster session: the README section lost its shake calls or answer")
+        r = subprocess.run(["bash", "-ec", shells[2]], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            sys.exit(f"cluster session: the shakes failed:\n{r.stderr}")
+        got = [json.loads(part) for part in split_json(r.stdout)]
+        want = [json.loads(part) for part in split_json(answers[1])]
+        same = lambda a: {k: v for k, v in a.items() if k != "matchId"}
+        if [same(g) for g in got] != [same(w) for w in want]:
+            sys.exit(f"cluster session: expected {want}, got {got}")
+        if len({g["matchId"] for g in got}) != 1 or len(got[0]["matchId"]) != 32:
+            sys.exit(f"cluster session: the two sides name different matches: {got}")
+        print(f"ok   shakes through {addrs[0]} and {addrs[1]} pair with one match id")
+        print("2 passed, 0 failed")
     finally:
         for p in started:
             p.terminate()
