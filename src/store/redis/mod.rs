@@ -120,6 +120,30 @@ fn unreachable(e: &redis::RedisError) -> StoreError {
     StoreError::Unreachable(e.to_string())
 }
 
+/// How a connection to one server reconnects: a lost connection is re-made in the
+/// background, a few quick tries at a time, so calls meanwhile fail fast (UNAVAILABLE)
+/// and never hang.
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(200))
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+}
+
+/// A Cluster client over seed `nodes`: a redirect or a lost connection is retried a couple
+/// of times with short waits (the crate's defaults wait seconds, too long for a 2 s shake).
+fn cluster_builder(nodes: &[String], timeout: Duration) -> redis::cluster::ClusterClientBuilder {
+    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
+    ClusterClient::builder(urls)
+        .retries(2)
+        .min_retry_wait(10)
+        .max_retry_wait(100)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+}
+
 impl Conn {
     /// Connects to `target`, each call bounded by `timeout`. Cluster clients retry a
     /// redirect or a lost connection a couple of times with short waits (the crate's
@@ -134,25 +158,13 @@ impl Conn {
                     let client = redis::Client::open(url.as_str()).map_err(|e| unreachable(&e))?;
                     // A lost connection is re-made in the background, a few quick tries at
                     // a time: calls meanwhile fail fast (UNAVAILABLE), never hang.
-                    let config = ConnectionManagerConfig::new()
-                        .set_number_of_retries(2)
-                        .set_min_delay(Duration::from_millis(10))
-                        .set_max_delay(Duration::from_millis(200))
-                        .set_connection_timeout(Some(timeout))
-                        .set_response_timeout(Some(timeout));
-                    ConnectionManager::new_with_config(client, config)
+                    ConnectionManager::new_with_config(client, manager_config(timeout))
                         .await
                         .map(Link::Server)
                         .map_err(|e| unreachable(&e))
                 }
                 Target::Cluster(nodes) => {
-                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
-                    let client = ClusterClient::builder(urls)
-                        .retries(2)
-                        .min_retry_wait(10)
-                        .max_retry_wait(100)
-                        .connection_timeout(timeout)
-                        .response_timeout(timeout)
+                    let client = cluster_builder(nodes, timeout)
                         .build()
                         .map_err(|e| unreachable(&e))?;
                     client

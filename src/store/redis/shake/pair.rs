@@ -44,14 +44,7 @@ impl RedisShake {
         }
         for pass in 0..PASSES {
             let listed = self.scan(me, &tags, pass == 0).await?;
-            let mut candidates: Vec<(Listing, f64)> = listed
-                .into_iter()
-                .filter_map(|l| {
-                    let d = distance_m(me.snapped, snapped(l.cell));
-                    self.judge(me, &l, d, false).then_some((l, d))
-                })
-                .collect();
-            candidates.sort_by_key(|(l, d)| preference(distance_key(*d), l.seq));
+            let candidates = self.ranked(me, listed, false);
             match self.try_all(me, &candidates, Tier::Nearby).await? {
                 (Some(o), _) => return Ok(Some(o)),
                 (None, false) => return Ok(None),
@@ -80,15 +73,8 @@ impl RedisShake {
                     .arg(keep);
                 self.conn.query(&cmd).await?
             };
-            let mut candidates: Vec<(Listing, f64)> = listed
-                .iter()
-                .filter_map(|s| Listing::decode(s))
-                .filter_map(|l| {
-                    let d = distance_m(me.snapped, snapped(l.cell));
-                    self.judge(me, &l, d, true).then_some((l, d))
-                })
-                .collect();
-            candidates.sort_by_key(|(l, d)| preference(distance_key(*d), l.seq));
+            let listed = listed.iter().filter_map(|s| Listing::decode(s));
+            let candidates = self.ranked(me, listed, true);
             match self.try_all(me, &candidates, Tier::Anywhere).await? {
                 (Some(o), _) => return Ok(Some(o)),
                 (None, false) => return Ok(None),
@@ -96,6 +82,26 @@ impl RedisShake {
             }
         }
         Ok(None)
+    }
+
+    /// The listed shakes `me` may pair with, best first by the rule's preference, with
+    /// their distances.
+    fn ranked(
+        &self,
+        me: &Me,
+        listed: impl IntoIterator<Item = Listing>,
+        anywhere: bool,
+    ) -> Vec<(Listing, f64)> {
+        let mut candidates: Vec<(Listing, f64)> = listed
+            .into_iter()
+            .filter(|l| l.user != me.listing.user)
+            .filter_map(|l| {
+                let d = distance_m(me.snapped, snapped(l.cell));
+                self.judge(me, &l, d, anywhere).then_some((l, d))
+            })
+            .collect();
+        candidates.sort_by_key(|(l, d)| preference(distance_key(*d), l.seq));
+        candidates
     }
 
     /// Whether `them` may pair with `me` as far as the listing tells (their exclusions

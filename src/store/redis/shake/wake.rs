@@ -7,11 +7,7 @@ use std::{
     time::Duration,
 };
 
-use redis::{
-    PushKind,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-    cluster::ClusterClient,
-};
+use redis::{PushKind, aio::ConnectionManager};
 use tokio::{sync::Notify, task::JoinHandle};
 
 use super::super::{StoreError, Target};
@@ -170,12 +166,7 @@ impl Subscription {
                         .set_protocol(redis::ProtocolVersion::RESP3);
                     let client =
                         redis::Client::open(info.set_redis_settings(settings)).map_err(fail)?;
-                    let config = ConnectionManagerConfig::new()
-                        .set_number_of_retries(2)
-                        .set_min_delay(Duration::from_millis(10))
-                        .set_max_delay(Duration::from_millis(200))
-                        .set_connection_timeout(Some(timeout))
-                        .set_response_timeout(Some(timeout))
+                    let config = super::super::manager_config(timeout)
                         .set_push_sender(tx)
                         .set_automatic_resubscription();
                     let mut c = ConnectionManager::new_with_config(client, config)
@@ -185,13 +176,7 @@ impl Subscription {
                     Ok::<_, StoreError>(SubLink::Server(c))
                 }
                 Target::Cluster(nodes) => {
-                    let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
-                    let client = ClusterClient::builder(urls)
-                        .retries(2)
-                        .min_retry_wait(10)
-                        .max_retry_wait(100)
-                        .connection_timeout(timeout)
-                        .response_timeout(timeout)
+                    let client = super::super::cluster_builder(nodes, timeout)
                         .use_protocol(redis::ProtocolVersion::RESP3)
                         .push_sender(tx)
                         .build()
