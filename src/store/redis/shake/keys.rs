@@ -18,6 +18,9 @@ use crate::{
 pub(super) struct Keys {
     pub(super) pointer: String,
     pub(super) state: String,
+    /// The shake id itself (ids may hold any character, so it is never parsed back out of
+    /// a key).
+    pub(super) shake_id: String,
 }
 
 impl Keys {
@@ -25,6 +28,7 @@ impl Keys {
         Self {
             pointer: format!("gm1:sh:{{{user}}}:p"),
             state: format!("gm1:sh:{{{user}}}:s:{shake_id}"),
+            shake_id: shake_id.to_owned(),
         }
     }
 

@@ -268,9 +268,12 @@ impl RedisShake {
     /// This call stops waiting on the shake (the last one withdraws it); its outcome if it
     /// has one.
     async fn leave(&self, keys: &Keys) -> Result<Option<Outcome>> {
-        let id = keys.state.rsplit_once(":s:").map_or("", |(_, id)| id);
         let r = self
-            .fcall("gm_sh_leave", &[&keys.pointer, &keys.state], &[id])
+            .fcall(
+                "gm_sh_leave",
+                &[&keys.pointer, &keys.state],
+                &[&keys.shake_id],
+            )
             .await?;
         match word(&r) {
             "withdrawn" => {
@@ -335,8 +338,12 @@ impl RedisShake {
                 .query(redis::cmd("GET").arg(&me.keys.pointer))
                 .await?;
             if let Some(old) = current {
-                self.settle(&Keys::new(&me.listing.user, &old).state, false)
-                    .await?;
+                self.settle(
+                    &me.listing.user,
+                    &Keys::new(&me.listing.user, &old).state,
+                    false,
+                )
+                .await?;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
@@ -429,7 +436,7 @@ impl RedisShake {
                     return Ok(Outcome::NoMatch);
                 }
                 "busy" => {
-                    if let Some(o) = self.settle(&me.keys.state, false).await? {
+                    if let Some(o) = self.settle(&me.listing.user, &me.keys.state, false).await? {
                         return Ok(o);
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;

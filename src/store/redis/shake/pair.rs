@@ -229,7 +229,7 @@ impl RedisShake {
             // The claim may or may not have landed: settle it for certain.
             Err(_) => {
                 return Ok(self
-                    .settle(&me.keys.state, true)
+                    .settle(&me.listing.user, &me.keys.state, true)
                     .await?
                     .map_or(Tried::Gone, Tried::Decided));
             }
@@ -272,10 +272,15 @@ impl RedisShake {
         }
     }
 
-    /// Settles a reservation on `state` (once it has run out, unless `now`): asks its
+    /// Settles a reservation on `user`'s shake `state` (once it has run out, unless `now`): asks its
     /// partner whether the claim landed, then commits or reverts. The outcome when the
     /// shake has one.
-    pub(super) async fn settle(&self, state: &str, now: bool) -> Result<Option<Outcome>> {
+    pub(super) async fn settle(
+        &self,
+        user: &str,
+        state: &str,
+        now: bool,
+    ) -> Result<Option<Outcome>> {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(state)
             .arg(&["st", "ri", "rk", "rm", "rx", "p", "d", "mid", "t"][..]);
@@ -297,10 +302,6 @@ impl RedisShake {
         let (partner, their_state, mid) = (field(&s, 1), field(&s, 2), field(&s, 3));
         let keep = ms(self.cfg.window + self.cfg.result_ttl) + 1_000;
         let tombstone = Keys::tombstone(their_state, mid);
-        let user = state
-            .split_once('{')
-            .and_then(|(_, rest)| rest.rsplit_once("}:s:"))
-            .map_or("", |(u, _)| u);
         let aborted = self
             .fcall(
                 "gm_sh_abort",
