@@ -2,7 +2,8 @@
 //! start themselves: the same brute-force contract as in memory, two replicas over one
 //! store serving one world (a ping through one found, reported and cleared through the
 //! other, a page token from one continued on the other), TTL and visibility, health while
-//! the store is down, and stores geomatch must refuse at start.
+//! the store is down, and stores geomatch must refuse at start. WatchNearby over a store
+//! is in `store_watch.rs`, Shake in `store_shake.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use common::{
     T0,
-    build::{SearchExt as _, clear, ping, search, status, watch},
+    build::{SearchExt as _, clear, ping, search, status},
     config, contract,
     fixtures::{BEIJING, SHANGHAI, privacy_cell},
     found, redis, start_store,
@@ -116,10 +117,6 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
     );
     let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit(100)).await;
     assert!(!seen.contains(&short), "swept: {seen:?}");
-
-    // WatchNearby is not served over a remote store: refused clearly, never half-served.
-    let err = ca.watch_nearby(watch(&me, 1_000.0)).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     a.stop().await;
     b.stop().await;

@@ -13,13 +13,17 @@ use crate::{
     error::Error,
     guard::Limits,
     nearby::{Placement, Watch, WatchEnd, WatchEvent},
-    store::NearbyStore,
+    store::{NearbyStore, redis::TagLease},
     telemetry::names,
 };
 
 /// A WatchNearby response stream. Dropping it (the client went away) closes the watch.
 #[derive(Debug)]
-pub struct WatchStream(Watch);
+pub struct WatchStream {
+    watch: Watch,
+    /// Over a remote store: keeps the watch's change channels subscribed.
+    _lease: Option<TagLease>,
+}
 
 impl tokio_stream::Stream for WatchStream {
     type Item = Result<pb::NearbyEvent, Status>;
@@ -29,7 +33,7 @@ impl tokio_stream::Stream for WatchStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use pb::nearby_event::Kind;
-        self.0.poll_event(cx).map(|event| {
+        self.watch.poll_event(cx).map(|event| {
             event.map(|e| match e {
                 Ok(WatchEvent::Enter(f)) => Ok(pb::NearbyEvent {
                     kind: Kind::Enter.into(),
@@ -139,15 +143,12 @@ impl pb::nearby_server::Nearby for NearbyService {
         request: Request<pb::WatchNearbyRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let req = convert::watch(request.get_ref(), &self.store.config().radius)?;
-        let Some(index) = self.store.memory() else {
-            return Err(Status::failed_precondition(
-                "WatchNearby is served with --store memory only: watches over a Redis / \
-                 Valkey store are not available in this version",
-            ));
-        };
-        let watch = index.watch(&req, self.clock.now_ms())?;
+        let (watch, lease) = self.store.watch(&req, self.clock.now_ms()).await?;
         metrics::counter!(names::WATCHES_OPENED).increment(1);
-        Ok(Response::new(WatchStream(watch)))
+        Ok(Response::new(WatchStream {
+            watch,
+            _lease: lease,
+        }))
     }
 
     async fn get_location_status(

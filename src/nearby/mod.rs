@@ -249,6 +249,59 @@ impl NearbyIndex {
             })
     }
 
+    /// Opens a watch centred on `centre` that starts with `start` (everyone it admits
+    /// within its radius, found elsewhere: a remote store's replica holds no maps), and
+    /// from then on learns of changes through [`Self::changed_elsewhere`].
+    ///
+    /// # Errors
+    /// [`Error::ResourceExhausted`] when too many watches are open.
+    pub fn watch_from(
+        &self,
+        req: &WatchRequest,
+        centre: LatLng,
+        start: Vec<Found>,
+    ) -> Result<Watch> {
+        self.watchers
+            .open(
+                req.watcher.clone(),
+                req.radius.m(),
+                req.gender,
+                centre,
+                |_, _| start,
+            )
+            .ok_or_else(|| {
+                Error::ResourceExhausted(format!(
+                    "too many watches open (at most {}); retry later",
+                    self.cfg.watch.max_watches
+                ))
+            })
+    }
+
+    /// Tells the watches about a change made elsewhere (another replica, through a remote
+    /// store): `user` left `old` (if known) and is now `new`, a cell and the member's
+    /// encoded fields, or gone. Fields that do not decode are ignored.
+    pub fn changed_elsewhere(
+        &self,
+        user: &[u8],
+        old: Option<CellIndex>,
+        new: Option<(CellIndex, &[u8])>,
+    ) {
+        let member = match new {
+            Some((_, fields)) => match bucket::from_fields(user, fields) {
+                Some(m) => Some(m),
+                None => return,
+            },
+            None => None,
+        };
+        let new = new.zip(member.as_ref()).map(|((cell, _), m)| (cell, m));
+        self.watchers.changed(&watch::Change { user, old, new });
+    }
+
+    /// How far a user watched with `radius_m` may move before the watch reports LEAVE.
+    pub fn watch_leave_radius_m(&self, radius_m: f64) -> f64 {
+        self.watchers.leave_radius_m(radius_m)
+    }
+
     /// Watches open now.
     pub fn watch_count(&self) -> usize {
         self.watchers.len()

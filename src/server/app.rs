@@ -94,13 +94,20 @@ impl App {
         let Some(target) = settings.store.target.clone() else {
             return Self::from_settings(settings, clock);
         };
-        let remote =
-            RedisNearby::connect(&target, settings.nearby.clone(), settings.store.timeout).await?;
+        let tokens = PageTokens::random().map_err(ServeError::Random)?;
+        // The replica's own index holds no pings over a remote store: only the watches.
+        let nearby = Arc::new(NearbyIndex::new(settings.nearby.clone(), tokens));
+        let remote = RedisNearby::connect(
+            &target,
+            settings.nearby,
+            settings.store.timeout,
+            nearby.clone(),
+        )
+        .await?;
         let shakes =
             RedisShake::connect(&target, settings.shake.clone(), settings.store.timeout).await?;
-        let tokens = PageTokens::random().map_err(ServeError::Random)?;
         Ok(Self {
-            nearby: Arc::new(NearbyIndex::new(settings.nearby, tokens)),
+            nearby,
             store: NearbyStore::Redis(Arc::new(remote)),
             limits: Arc::new(Limits::new(settings.guard, None).with_shared_rates()),
             shakes: ShakeStore::Redis(Arc::new(shakes)),

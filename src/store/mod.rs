@@ -17,7 +17,7 @@ use crate::{
     id::UserId,
     nearby::{
         LocationStatus, NearbyConfig, NearbyIndex, Ping, Placement, Query, SearchPage,
-        SearchRequest,
+        SearchRequest, Watch, WatchRequest,
     },
     shake::{Matcher, Outcome, ShakeConfig, ShakeRequest, ValidShake},
 };
@@ -45,6 +45,23 @@ impl NearbyStore {
         match self {
             Self::Memory(i) => Some(i),
             Self::Redis(_) => None,
+        }
+    }
+
+    /// Opens a watch; over a remote store, with the lease that keeps its change channels
+    /// subscribed (drop it with the watch).
+    ///
+    /// # Errors
+    /// As [`NearbyIndex::watch`]; [`crate::error::Error::Unavailable`] when a remote store
+    /// does not answer.
+    pub async fn watch(
+        &self,
+        req: &WatchRequest,
+        now_ms: i64,
+    ) -> Result<(Watch, Option<redis::TagLease>)> {
+        match self {
+            Self::Memory(i) => Ok((i.watch(req, now_ms)?, None)),
+            Self::Redis(r) => r.watch(req, now_ms).await.map(|(w, l)| (w, Some(l))),
         }
     }
 

@@ -42,12 +42,25 @@ local function store(bucket, occupancy, cell, b)
   end
 end
 
+-- Tells the replicas watching this tag about a change: `kind` 'P' (the member is now in
+-- `cell`), 'D' (it left `cell`) or 'M' (it moved from `cell`), then the cell, '|' and the
+-- member as stored ('M': the new cell, '|' and the new member). `mode` is
+-- 'S' (sharded pub/sub, a Cluster: the channel shares the tag's slot), 'P' (one server)
+-- or '' (nobody is told).
+local function tell(mode, channel, kind, cell, member)
+  if mode == 'S' then
+    redis.call('SPUBLISH', channel, kind .. cell .. '|' .. member)
+  elseif mode == 'P' then
+    redis.call('PUBLISH', channel, kind .. cell .. '|' .. member)
+  end
+end
+
 -- An expiry entry names its coarse cell, privacy cell and user: "coarse/cell|user".
 local function entry(coarse, cell, user)
   return coarse .. '/' .. cell .. '|' .. user
 end
 
--- gm_put(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms)
+-- gm_put(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms, mode, channel)
 -- Puts a member in its privacy cell unless the cell already holds a newer ping of the same
 -- user (last write wins); returns 1 when written, 0 when a newer one was kept.
 redis.register_function('gm_put', function(keys, args)
@@ -64,10 +77,11 @@ redis.register_function('gm_put', function(keys, args)
   redis.call('SET', keys[1], b)
   redis.call('SADD', keys[2], cell)
   redis.call('ZADD', keys[3], expires, entry(coarse, cell, user))
+  tell(args[6], args[7], 'P', cell, member)
   return 1
 end)
 
--- gm_del(bucket, occupancy, expiry; user, coarse, cell, not_after_ms)
+-- gm_del(bucket, occupancy, expiry; user, coarse, cell, not_after_ms, mode, channel, moved_to)
 -- Takes a member out of its privacy cell if its ping is not newer than not_after_ms ('' =
 -- any); drops the cell from its coarse cell's occupancy once empty. Returns the removed
 -- member's fields, or false.
@@ -79,6 +93,13 @@ redis.register_function('gm_del', function(keys, args)
   if not first then return false end
   if not_after ~= '' and times(b, first) > tonumber(not_after) then return false end
   local fields = string.sub(b, last - FIELDS + 1, last)
+  -- A member that moved ('M': the user's newer ping is in another cell, given as
+  -- "cell|member") is told as the move, so a watch never mistakes it for a LEAVE.
+  if args[7] and args[7] ~= '' then
+    tell(args[5], args[6], 'M', cell, args[7])
+  else
+    tell(args[5], args[6], 'D', cell, string.sub(b, first, last))
+  end
   store(keys[1], keys[2], cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
   redis.call('ZREM', keys[3], entry(coarse, cell, user))
   return fields
@@ -105,7 +126,7 @@ redis.register_function('gm_forget', function(keys, args)
   return cell or ''
 end)
 
--- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix)
+-- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix, mode, channel)
 -- Removes up to `limit` members of this tag whose ping expired by now_ms (a member pinged
 -- again meanwhile has a later score and stays). Returns the number removed. (The bucket
 -- and occupancy keys of an entry are the prefixes followed by its cells; they share the
@@ -126,6 +147,7 @@ redis.register_function('gm_expire', function(keys, args)
       if first then
         local seen, ttl = times(b, first)
         if seen + ttl <= now then
+          tell(args[5], args[6], 'D', cell, string.sub(b, first, last))
           store(bucket, args[4] .. coarse, cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
           removed = removed + 1
         end

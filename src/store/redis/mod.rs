@@ -22,6 +22,7 @@
 //! | `gm1:{T}:sw:<bucket>` | ZSET | the shakes waiting in a bucket (resolution 7): listing → deadline |
 //! | `gm1:{sh-any}:pool` | ZSET | the ANYWHERE pool: listing → deadline |
 //! | channel `gm1:w:{<replica>}` | (sharded) pub/sub | wakes a replica's calls when their shake's outcome is decided |
+//! | channel `gm1:c:{T}` | (sharded) pub/sub | every change of a member in tag `T` (`P`/`D`, cell, member), for WatchNearby |
 //!
 //! Atomic steps are Redis Functions (`geomatch.lua`, library `geomatch_v1`), loaded at
 //! start with `FUNCTION LOAD REPLACE`: functions are replicated and survive a failover,
@@ -29,7 +30,9 @@
 //! client retries a call whose reply it lost.
 
 mod nearby;
+mod pubsub;
 mod shake;
+mod watch;
 
 use std::time::Duration;
 
@@ -44,6 +47,7 @@ use thiserror::Error;
 
 pub use nearby::RedisNearby;
 pub use shake::RedisShake;
+pub use watch::TagLease;
 
 use crate::error::Error;
 
@@ -220,6 +224,12 @@ impl Conn {
         self.answered(r)
     }
 
+    /// How the Functions tell watching replicas about changes: sharded pub/sub in a
+    /// Cluster (the channel shares its tag's slot), plain pub/sub on one server.
+    pub(crate) fn tell_mode(&self) -> &'static str {
+        if self.clustered() { "S" } else { "P" }
+    }
+
     /// Whether pipelines must keep to one slot.
     pub(crate) fn clustered(&self) -> bool {
         matches!(self.link, Link::Cluster(_))
@@ -307,6 +317,11 @@ impl CellKeys {
             tag,
         }
     }
+}
+
+/// The channel that tells watching replicas about every change in a tag.
+fn change_channel(tag: &str) -> String {
+    format!("gm1:c:{{{tag}}}")
 }
 
 fn occupancy_key(tag: &str, coarse: CellIndex) -> String {

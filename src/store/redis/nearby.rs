@@ -47,6 +47,8 @@ pub struct RedisNearby {
     registered: Mutex<HashSet<String>>,
     /// This replica's name in the sweep lease: random, so two replicas never share one.
     replica: String,
+    /// The watches open on this replica, fed by the store's change channels.
+    watches: super::watch::RemoteWatches,
 }
 
 impl RedisNearby {
@@ -56,21 +58,41 @@ impl RedisNearby {
     ///
     /// # Errors
     /// [`StoreError`] when the store cannot be reached or holds incompatible data.
+    ///
+    /// Watches opened through it live in `watch_index`'s registry (its maps stay empty).
     pub async fn connect(
         target: &Target,
         cfg: NearbyConfig,
         timeout: Duration,
+        watch_index: std::sync::Arc<crate::nearby::NearbyIndex>,
     ) -> std::result::Result<Self, StoreError> {
         let conn = Conn::open(target, timeout).await?;
         conn.prepare().await?;
         let key = token_key(&conn).await?;
+        let watches = super::watch::RemoteWatches::open(target, timeout, watch_index).await?;
         Ok(Self {
             conn,
             cfg,
             tokens: PageTokens::new(key),
             registered: Mutex::default(),
             replica: replica_name()?,
+            watches,
         })
+    }
+
+    /// Opens a watch: ENTER / LEAVE for changes made through any replica. The lease keeps
+    /// the watch's tags subscribed; drop it with the watch.
+    ///
+    /// # Errors
+    /// [`Error::FailedPrecondition`] when the watcher has no location;
+    /// [`Error::ResourceExhausted`] when too many watches are open;
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn watch(
+        &self,
+        req: &crate::nearby::WatchRequest,
+        now_ms: i64,
+    ) -> Result<(crate::nearby::Watch, super::watch::TagLease)> {
+        self.watches.watch(self, req, now_ms).await
     }
 
     /// Takes or renews the sweep lease for `hold`: whether this replica is the one that
@@ -172,6 +194,8 @@ impl RedisNearby {
             .arg(keys.coarse.to_string())
             .arg(cell.to_string())
             .arg(expires)
+            .arg(self.conn.tell_mode())
+            .arg(super::change_channel(&keys.tag))
             .clone();
         let record = redis::cmd("FCALL")
             .arg("gm_user")
@@ -190,12 +214,17 @@ impl RedisNearby {
             // A newer ping is recorded: this one lost; take back its member (unless a
             // newer ping put one in the same cell).
             None => {
-                self.remove(cell, ping.user.as_str(), Some(now_ms)).await?;
+                self.remove(cell, ping.user.as_str(), Some(now_ms), None)
+                    .await?;
             }
             Some(old) => {
                 let old = old.parse::<CellIndex>().ok();
                 if let Some(old) = old.filter(|&o| o != cell) {
-                    self.remove(old, ping.user.as_str(), Some(now_ms)).await?;
+                    let mut stored = vec![u8::try_from(ping.user.as_str().len()).unwrap_or(0)];
+                    stored.extend_from_slice(ping.user.as_str().as_bytes());
+                    stored.extend_from_slice(&fields);
+                    self.remove(old, ping.user.as_str(), Some(now_ms), Some((cell, &stored)))
+                        .await?;
                 }
             }
         }
@@ -232,7 +261,15 @@ impl RedisNearby {
         cell: CellIndex,
         user: &str,
         not_after_ms: Option<i64>,
+        moved_to: Option<(CellIndex, &[u8])>,
     ) -> Result<Option<Vec<u8>>> {
+        // A move is told to watches as one change: "cell|member" of where the user is now.
+        let moved_to = moved_to.map_or_else(Vec::new, |(to, member)| {
+            let mut note = to.to_string().into_bytes();
+            note.push(b'|');
+            note.extend_from_slice(member);
+            note
+        });
         let keys = CellKeys::new(cell);
         let del = redis::cmd("FCALL")
             .arg("gm_del")
@@ -244,6 +281,9 @@ impl RedisNearby {
             .arg(keys.coarse.to_string())
             .arg(cell.to_string())
             .arg(not_after_ms.map_or(String::new(), |t| t.to_string()))
+            .arg(self.conn.tell_mode())
+            .arg(super::change_channel(&keys.tag))
+            .arg(moved_to)
             .clone();
         Ok(self.conn.query(&del).await?)
     }
@@ -262,7 +302,7 @@ impl RedisNearby {
         let Ok(cell) = cell.parse::<CellIndex>() else {
             return Ok(false);
         };
-        let removed = self.remove(cell, user.as_str(), None).await?;
+        let removed = self.remove(cell, user.as_str(), None, None).await?;
         Ok(removed
             .as_deref()
             .and_then(|f| bucket::from_fields(user.as_str().as_bytes(), f))
@@ -415,6 +455,8 @@ impl RedisNearby {
                     .arg(SWEEP_BATCH)
                     .arg(format!("gm1:{{{tag}}}:b:"))
                     .arg(format!("gm1:{{{tag}}}:o:"))
+                    .arg(self.conn.tell_mode())
+                    .arg(super::change_channel(&tag))
                     .clone();
                 let n: usize = self.conn.query(&expire).await?;
                 removed += n;

@@ -37,7 +37,7 @@ use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
 use self::{
     keys::{Keys, Listing, Reply, encode_excludes, field, index_key, ms, outcome_of, word},
-    wake::{Subscription, Waker, Wakes, channel},
+    wake::{Listener, Waker, Wakes, channel},
 };
 use super::{Conn, StoreError, Target};
 use crate::{
@@ -69,7 +69,7 @@ pub struct RedisShake {
     changed: Notify,
     /// How long a reservation holds before anyone may settle it.
     hold: Duration,
-    _subscription: Subscription,
+    _listener: Listener,
 }
 
 /// Wall-clock milliseconds for the deadlines replicas share, read off the same monotonic
@@ -136,7 +136,7 @@ impl RedisShake {
         let replica = super::nearby::replica_name()?;
         let wakes = Arc::new(Wakes::default());
         let channel = channel(&replica);
-        let subscription = Subscription::open(target, timeout, &channel, wakes.clone()).await?;
+        let listener = wake::listen(target, timeout, &channel, wakes.clone()).await?;
         Ok(Self {
             conn,
             cfg,
@@ -148,7 +148,7 @@ impl RedisShake {
             waiting: AtomicUsize::new(0),
             changed: Notify::new(),
             hold: (timeout * 4).max(Duration::from_millis(500)),
-            _subscription: subscription,
+            _listener: listener,
         })
     }
 

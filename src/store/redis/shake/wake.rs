@@ -7,10 +7,12 @@ use std::{
     time::Duration,
 };
 
-use redis::{PushKind, aio::ConnectionManager};
 use tokio::{sync::Notify, task::JoinHandle};
 
-use super::super::{StoreError, Target};
+use super::super::{
+    StoreError, Target,
+    pubsub::{Subscription, maybe_lost, message},
+};
 use super::RedisShake;
 
 impl RedisShake {
@@ -121,93 +123,42 @@ impl Drop for Waker {
     }
 }
 
-/// This replica's subscription to its wake channel, on a connection of its own (RESP3,
-/// resubscribed by the client after a reconnect).
-pub(super) struct Subscription {
-    pub(super) task: JoinHandle<()>,
-    pub(super) _link: SubLink,
+/// Listens on this replica's wake channel: wakes the calls of each shake named.
+///
+/// # Errors
+/// [`StoreError::Unreachable`] when the subscription cannot be made.
+pub(super) async fn listen(
+    target: &Target,
+    timeout: Duration,
+    channel: &str,
+    wakes: Arc<Wakes>,
+) -> std::result::Result<Listener, StoreError> {
+    let (sub, mut rx) = Subscription::open(target, timeout).await?;
+    sub.subscribe(channel).await?;
+    let task = tokio::spawn(async move {
+        while let Some(push) = rx.recv().await {
+            if let Some((_, state)) = message(&push) {
+                if let Ok(state) = std::str::from_utf8(state) {
+                    wakes.wake(state);
+                }
+            } else if maybe_lost(&push) {
+                // Messages may have been lost while the link was down.
+                wakes.wake_everyone();
+            }
+        }
+    });
+    Ok(Listener { task, _sub: sub })
 }
 
-#[allow(dead_code)]
-pub(super) enum SubLink {
-    Server(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+/// The wake subscription and its task (stopped when dropped).
+#[derive(Debug)]
+pub(super) struct Listener {
+    task: JoinHandle<()>,
+    _sub: Subscription,
 }
 
-impl std::fmt::Debug for Subscription {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Subscription")
-    }
-}
-
-impl Drop for Subscription {
+impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-impl Subscription {
-    pub(super) async fn open(
-        target: &Target,
-        timeout: Duration,
-        channel: &str,
-        wakes: Arc<Wakes>,
-    ) -> std::result::Result<Self, StoreError> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
-        let fail = |e: redis::RedisError| StoreError::Unreachable(format!("subscribing: {e}"));
-        let made = async {
-            match target {
-                Target::Server(url) => {
-                    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                        .map_err(fail)?;
-                    let settings = info
-                        .redis_settings()
-                        .clone()
-                        .set_protocol(redis::ProtocolVersion::RESP3);
-                    let client =
-                        redis::Client::open(info.set_redis_settings(settings)).map_err(fail)?;
-                    let config = super::super::manager_config(timeout)
-                        .set_push_sender(tx)
-                        .set_automatic_resubscription();
-                    let mut c = ConnectionManager::new_with_config(client, config)
-                        .await
-                        .map_err(fail)?;
-                    c.subscribe(channel).await.map_err(fail)?;
-                    Ok::<_, StoreError>(SubLink::Server(c))
-                }
-                Target::Cluster(nodes) => {
-                    let client = super::super::cluster_builder(nodes, timeout)
-                        .use_protocol(redis::ProtocolVersion::RESP3)
-                        .push_sender(tx)
-                        .build()
-                        .map_err(fail)?;
-                    let mut c = client.get_async_connection().await.map_err(fail)?;
-                    c.ssubscribe(channel).await.map_err(fail)?;
-                    Ok(SubLink::Cluster(c))
-                }
-            }
-        };
-        let link = tokio::time::timeout(timeout, made).await.map_err(|_| {
-            StoreError::Unreachable(format!("no subscription within {timeout:?}"))
-        })??;
-        let task = tokio::spawn(async move {
-            while let Some(push) = rx.recv().await {
-                match push.kind {
-                    PushKind::Message | PushKind::SMessage => {
-                        if let Some(redis::Value::BulkString(b)) = push.data.get(1)
-                            && let Ok(state) = std::str::from_utf8(b)
-                        {
-                            wakes.wake(state);
-                        }
-                    }
-                    // Messages may have been lost while the link was down.
-                    PushKind::Disconnection | PushKind::Subscribe | PushKind::SSubscribe => {
-                        wakes.wake_everyone();
-                    }
-                    _ => {}
-                }
-            }
-        });
-        Ok(Self { task, _link: link })
     }
 }
