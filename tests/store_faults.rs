@@ -1,7 +1,8 @@
 //! Real faults under load over a Redis Cluster: `kill -9` of the master holding the
-//! pinged area. Calls in between fail only with UNAVAILABLE, service comes back by itself
-//! once the replica has taken over, and what was acknowledged well before the kill is
-//! still there.
+//! pinged area, with pings, searches and shakes through two geomatch replicas. Calls in
+//! between fail only with UNAVAILABLE, service comes back by itself once the replica has
+//! taken over, what was acknowledged well before the kill is still there, and no shake is
+//! paired twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -15,7 +16,7 @@ use std::{
 };
 
 use common::{
-    build::{ping, search, status},
+    build::{ping, search, shake, status},
     fixtures::{SHANGHAI, moved, privacy_cell},
     redis, start_store,
 };
@@ -35,15 +36,16 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
         return;
     };
     let nodes = cluster.seeds().join(",");
-    let gm = start_store(&[
+    let flags = [
         "--store",
         "redis-cluster",
         "--redis-nodes",
         &nodes,
         "--store-timeout",
         "300ms",
-    ])
-    .await;
+    ];
+    let gm = start_store(&flags).await;
+    let other = start_store(&flags).await;
     let mut c = gm.nearby().await;
 
     // Acknowledged pings, all in one area (one hash tag, so one master holds them).
@@ -87,6 +89,37 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
             }
         })
     };
+    // Shakes meanwhile: four loops, each sending pairs of shakes at one spot, one side
+    // through each replica (the loops' shakes may pair across loops too).
+    type Shook = (String, Result<(String, String), Code>);
+    let shook: Arc<Mutex<Vec<Shook>>> = Arc::default();
+    let mut shakers = Vec::new();
+    for l in 0..4 {
+        let (stop, shook) = (stop.clone(), shook.clone());
+        let (mut sa, mut sb) = (gm.shake().await, other.shake().await);
+        shakers.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let (ua, ub) = (format!("f:s{l}a{}", n % 5), format!("f:s{l}b{}", n % 5));
+                let id = format!("k{n}");
+                let (ra, rb) = tokio::join!(
+                    sa.shake(shake(&ua, &id, SHANGHAI)),
+                    sb.shake(shake(&ub, &id, SHANGHAI))
+                );
+                let mut shook = shook.lock().await;
+                for (u, r) in [(ua, ra), (ub, rb)] {
+                    let r = r
+                        .map(|r| {
+                            let r = r.into_inner();
+                            (r.partner_user_id, r.match_id)
+                        })
+                        .map_err(|s| s.code());
+                    shook.push((format!("{u}/{id}"), r));
+                }
+                n += 1;
+            }
+        }));
+    }
     // Let replication carry the acknowledged pings: a few hundred calls go by first.
     while done.load(Ordering::SeqCst) < 300 {
         tokio::task::yield_now().await;
@@ -113,6 +146,9 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
     };
     stop.store(true, Ordering::SeqCst);
     load.await.unwrap();
+    for s in shakers {
+        s.await.unwrap();
+    }
 
     let outcomes = outcomes.lock().await;
     let errors: Vec<Code> = outcomes.iter().filter_map(|(_, r)| r.err()).collect();
@@ -128,6 +164,42 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
     );
     assert!(back_after <= BACK_WITHIN, "back after {back_after:?}");
 
+    // Shakes: only UNAVAILABLE, and every match id names at most two shakes, each other.
+    let shook = shook.lock().await;
+    let shake_errors: Vec<Code> = shook
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err().copied())
+        .collect();
+    assert!(
+        shake_errors.iter().all(|&e| e == Code::Unavailable),
+        "only UNAVAILABLE for shakes, got {shake_errors:?}"
+    );
+    let mut by_id: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for (who, r) in shook.iter() {
+        if let Ok((_, id)) = r
+            && !id.is_empty()
+        {
+            by_id.entry(id.as_str()).or_default().push(who.as_str());
+        }
+    }
+    assert!(
+        by_id.values().any(|w| w.len() == 2),
+        "shakes paired during the run"
+    );
+    for (id, who) in &by_id {
+        assert!(
+            who.len() <= 2,
+            "match {id} names {who:?}: a shake paired twice"
+        );
+    }
+    eprintln!(
+        "failover: {} shakes, {} pairs, {} shake calls failed (UNAVAILABLE)",
+        shook.len(),
+        by_id.len(),
+        shake_errors.len()
+    );
+    drop(shook);
+
     // Every ping acknowledged before the load began is still held.
     let mut missing = Vec::new();
     for u in &users {
@@ -139,4 +211,5 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
     assert!(missing.is_empty(), "lost after the failover: {missing:?}");
     drop(outcomes);
     gm.stop().await;
+    other.stop().await;
 }
