@@ -192,6 +192,14 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
             "match {id} names {who:?}: a shake paired twice"
         );
     }
+    // A match seen from one side only is explained by the other side's failed call, never
+    // by that side reporting another partner.
+    let one_sided = by_id.values().filter(|w| w.len() == 1).count();
+    assert!(
+        one_sided <= shake_errors.len(),
+        "{one_sided} matches seen from one side, only {} failed calls",
+        shake_errors.len()
+    );
     eprintln!(
         "failover: {} shakes, {} pairs, {} shake calls failed (UNAVAILABLE)",
         shook.len(),
