@@ -404,3 +404,66 @@ impl Drop for Restarted {
         let _ = self.0.wait();
     }
 }
+
+/// A full store (`maxmemory` with `noeviction`) refuses new pings, which get UNAVAILABLE,
+/// and still serves searches (the shared rate limit runs even then).
+#[tokio::test]
+async fn a_full_store_refuses_pings_and_still_serves_searches() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let gm = start_store(&[
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--search-burst",
+        "10",
+    ])
+    .await;
+    let mut c = gm.nearby().await;
+    c.update_location(ping("full:a", SHANGHAI)).await.unwrap();
+    let mut conn = server.connection().await;
+    let info: String = ::redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used / 2)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = c
+        .update_location(ping("full:b", SHANGHAI))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let seen = found(&mut c, search("full:me", SHANGHAI)).await;
+    assert_eq!(seen, vec!["full:a".to_owned()]);
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    gm.stop().await;
+}

@@ -169,8 +169,10 @@ end)
 
 -- gm_rate(bucket; burst, per_minute, now_ms) -> 0 when a call is allowed (a token taken),
 -- else the ms until the next one is. A token bucket per user and call, shared by every
--- replica; it expires once full again, so idle users cost nothing.
-redis.register_function('gm_rate', function(keys, args)
+-- replica; it expires once full again, so idle users cost nothing. It runs even when the
+-- store is full ('allow-oom': a few bytes per caller), so a store that refuses new pings
+-- still serves searches.
+local function rate(keys, args)
   local burst, per_min, now = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
   local held = redis.call('HMGET', keys[1], 'k', 'at')
   local tokens = burst
@@ -186,7 +188,8 @@ redis.register_function('gm_rate', function(keys, args)
   end
   if per_min <= 0 then return 4294967295 end
   return math.ceil((1 - tokens) * 60000 / per_min)
-end)
+end
+redis.register_function{function_name = 'gm_rate', callback = rate, flags = {'allow-oom'}}
 
 -- Shake. A shake's state is a HASH in its user's slot, gm1:sh:{user}:s:<shake id>:
 --   st  W waiting, R reserving a partner, M matched, N no match
