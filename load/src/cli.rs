@@ -51,8 +51,10 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value = "search-dense-1km")]
     pub(crate) scenario: Scenario,
     /// geomatch gRPC address (loopback). Default 127.0.0.1:50051 when no --redis is given.
+    /// Give it again for more replicas of one store: each gets --connections connections,
+    /// and the callers are spread over all of them.
     #[arg(long)]
-    pub(crate) grpc: Option<SocketAddr>,
+    pub(crate) grpc: Vec<SocketAddr>,
     /// Redis/Valkey URL (loopback), e.g. redis://127.0.0.1:6390: the same scenario with
     /// GEOADD / GEOSEARCH. With --grpc as well, both are loaded, a sample of searches is
     /// cross-checked, and the scenario runs against each in turn (one JSON line each).

@@ -56,18 +56,26 @@ async fn main() -> anyhow::Result<()> {
     if args.duration > Duration::from_secs(3_600) {
         bail!("--duration: at most 1h");
     }
-    let grpc_addr = match (args.grpc, &args.redis) {
-        (Some(a), _) => Some(a),
-        (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
-        (None, Some(_)) => None,
+    let grpc_addrs = match (args.grpc.is_empty(), &args.redis) {
+        (false, _) => args.grpc.clone(),
+        (true, None) => vec![SocketAddr::from(([127, 0, 0, 1], 50051))],
+        (true, Some(_)) => Vec::new(),
     };
-    let channels = match grpc_addr {
-        Some(addr) => {
-            cli::ensure_loopback(addr)?;
-            grpc::connect(addr, args.connections).await?
+    // Connections to several replicas interleave, so callers (which take connections in
+    // turn) are spread over every replica.
+    let mut per_replica = Vec::new();
+    for &addr in &grpc_addrs {
+        cli::ensure_loopback(addr)?;
+        per_replica.push(grpc::connect(addr, args.connections).await?);
+    }
+    let mut channels = Vec::new();
+    for i in 0..args.connections.max(1) {
+        for conns in &per_replica {
+            if let Some(c) = conns.get(i) {
+                channels.push(c.clone());
+            }
         }
-        None => Vec::new(),
-    };
+    }
     let redis = match &args.redis {
         // One connection per caller: every command waits for its reply before the caller
         // sends the next (unpipelined), as a Redis client per request handler would.

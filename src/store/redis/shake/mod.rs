@@ -108,6 +108,8 @@ struct Me {
     snapped: LatLng,
     max_distance_m: f64,
     excludes: Vec<UserId>,
+    /// Whether it may join the ANYWHERE pool.
+    anywhere: bool,
 }
 
 /// What trying one candidate came to.
@@ -214,6 +216,7 @@ impl RedisShake {
             snapped,
             max_distance_m,
             excludes: req.exclude.clone(),
+            anywhere: req.fallback == Fallback::Anywhere,
         };
         let wake = self.wakes.register(&me.keys.state);
         let entered = self.enter(&me, now, now + ms(window)).await?;
@@ -226,7 +229,7 @@ impl RedisShake {
         let creator = word == "new";
         if let Some(old) = Listing::decode(field(&entered, 3)).filter(|_| creator) {
             // The user's previous shake was superseded: wake whoever waits on it.
-            self.after_withdrawn(field(&entered, 2), field(&entered, 3));
+            self.unlist(&[(field(&entered, 2), field(&entered, 3))], true);
             self.wake_all(field(&entered, 1), &old.state());
         }
         let _waiting = Counted::new(&self.waiting, &self.changed);
@@ -277,7 +280,7 @@ impl RedisShake {
             .await?;
         match word(&r) {
             "withdrawn" => {
-                self.after_withdrawn(field(&r, 1), field(&r, 2));
+                self.unlist(&[(field(&r, 1), field(&r, 2))], true);
                 Ok(None)
             }
             "done" => outcome_of(&r),
@@ -432,7 +435,7 @@ impl RedisShake {
             match word(&r) {
                 "done" => return Ok(outcome_of(&r)?.unwrap_or(Outcome::NoMatch)),
                 "expired" => {
-                    self.after_withdrawn(field(&r, 1), field(&r, 2));
+                    self.unlist(&[(field(&r, 1), field(&r, 2))], me.anywhere);
                     return Ok(Outcome::NoMatch);
                 }
                 "busy" => {

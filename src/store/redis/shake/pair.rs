@@ -254,11 +254,11 @@ impl RedisShake {
                 self.wake_all(field(&claimed, 4), &their_state);
                 // Retries of our own shake waiting through other replicas.
                 self.wake_others(field(&committed, 1), &me.keys.state);
-                self.after_withdrawn(
-                    &index_key_of(them, self.cfg.bucket_resolution),
-                    &them.encode(),
+                let theirs = index_key_of(them, self.cfg.bucket_resolution);
+                self.unlist(
+                    &[(&theirs, &them.encode()), (&me.index, &me.listing.encode())],
+                    tier == "a",
                 );
-                self.after_withdrawn(&me.index, &me.listing.encode());
                 Ok(Tried::Decided(matched(&them.user, band, mid, tier)?))
             }
             other => {
@@ -324,20 +324,49 @@ impl RedisShake {
         outcome_of(&reverted)
     }
 
-    /// Drops a withdrawn or matched shake's listings (best effort: listings only help
-    /// others find a shake, and a stale one is skipped at its claim).
-    pub(super) fn after_withdrawn(&self, index: &str, listing: &str) {
-        if index.is_empty() || listing.is_empty() {
+    /// Drops the listings `(index, listing)` of withdrawn or matched shakes, and their
+    /// ANYWHERE pool entries when `pooled` (best effort, in the background: listings only
+    /// help others find a shake, a stale one is skipped at its claim, and pool entries
+    /// also lapse at their deadline). One round trip per slot.
+    pub(super) fn unlist(&self, listed: &[(&str, &str)], pooled: bool) {
+        let listed: Vec<(String, String)> = listed
+            .iter()
+            .filter(|(i, l)| !i.is_empty() && !l.is_empty())
+            .map(|(i, l)| ((*i).to_owned(), (*l).to_owned()))
+            .collect();
+        if listed.is_empty() {
             return;
         }
+        let tag = |key: &str| {
+            key.split_once('{')
+                .and_then(|(_, r)| r.split_once('}'))
+                .map(|(t, _)| t.to_owned())
+        };
+        let mut pipes: Vec<(Option<String>, redis::Pipeline)> = Vec::new();
+        for (index, listing) in &listed {
+            let t = tag(index);
+            let at = match pipes.iter().position(|(p, _)| *p == t) {
+                Some(at) => at,
+                None => {
+                    pipes.push((t, redis::pipe()));
+                    pipes.len() - 1
+                }
+            };
+            pipes[at].1.cmd("ZREM").arg(index).arg(listing).ignore();
+        }
+        if pooled {
+            let mut pool = redis::pipe();
+            pool.cmd("ZREM").arg(POOL_KEY);
+            for (_, listing) in &listed {
+                pool.arg(listing);
+            }
+            pipes.push((None, pool.ignore().clone()));
+        }
         let conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREM").arg(index).arg(listing).ignore();
-        let mut pool = redis::pipe();
-        pool.cmd("ZREM").arg(POOL_KEY).arg(listing).ignore();
         tokio::spawn(async move {
-            let _ = conn.pipe::<()>(&pipe).await;
-            let _ = conn.pipe::<()>(&pool).await;
+            for (_, pipe) in pipes {
+                let _ = conn.pipe::<()>(&pipe).await;
+            }
         });
     }
 }
