@@ -144,11 +144,10 @@ async fn attack(client: NearbyClient<Channel>, v: u64) -> (usize, f64) {
     (attacker.queries, offset_from_centre - error)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trilateration_learns_the_privacy_cell_and_nothing_finer() {
-    let server = start(&[]).await;
-    let client = server.nearby().await;
-    let attacks: Vec<_> = (0..200)
+/// `victims` attacked at once through `client`: each attack pins the privacy cell's
+/// centre, takes hundreds of queries, and gets no closer than that centre.
+async fn attacks(client: NearbyClient<Channel>, victims: u64) {
+    let attacks: Vec<_> = (0..victims)
         .map(|v| tokio::spawn(attack(client.clone(), v)))
         .collect();
     let mut total_queries = 0;
@@ -159,10 +158,29 @@ async fn trilateration_learns_the_privacy_cell_and_nothing_finer() {
         worst_gain = worst_gain.max(gain);
     }
     assert!(
-        total_queries >= 200 * 150,
+        total_queries >= victims as usize * 150,
         "hundreds of queries per victim: {total_queries}"
     );
     assert!(worst_gain <= 5.0, "{worst_gain}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trilateration_learns_the_privacy_cell_and_nothing_finer() {
+    let server = start(&[]).await;
+    attacks(server.nearby().await, 200).await;
+    server.stop().await;
+}
+
+/// The same attack against replicas over a Redis Cluster: the store holds nothing finer
+/// either (fewer victims: each query crosses the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trilateration_over_a_cluster_learns_the_privacy_cell_and_nothing_finer() {
+    let Some(cluster) = common::redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let server = common::start_store(&["--store", "redis-cluster", "--redis-nodes", &nodes]).await;
+    attacks(server.nearby().await, 20).await;
     server.stop().await;
 }
 

@@ -467,3 +467,58 @@ async fn a_full_store_refuses_pings_and_still_serves_searches() {
         .unwrap();
     gm.stop().await;
 }
+
+/// Bulk ingest over a Cluster: a stream through one replica is applied item by item (a
+/// bad item is reported, the rest stored) and found through another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_ingest_through_one_replica_is_found_through_another() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    let (a, b) = (start_store(&flags).await, start_store(&flags).await);
+    let p = redis::unique_prefix("bulk");
+    let mut items: Vec<pb::UpdateLocationRequest> = (0..40)
+        .map(|i| {
+            ping(
+                &format!("{p}{i:02}"),
+                common::fixtures::moved(BEIJING, i as f64 * 15.0, 0.0),
+            )
+        })
+        .collect();
+    items[7].position = None;
+    items[23].user_id = String::new();
+    let summary = a
+        .nearby()
+        .await
+        .update_locations(tokio_stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((summary.accepted, summary.rejected), (38, 2));
+    let fields: Vec<(u64, &str)> = summary
+        .rejections
+        .iter()
+        .map(|r| (r.index, r.field.as_str()))
+        .collect();
+    assert_eq!(fields, vec![(7, "position"), (23, "user_id")]);
+    let mut cb = b.nearby().await;
+    let seen = found(
+        &mut cb,
+        search(&format!("{p}me"), BEIJING)
+            .radius(2_000.0)
+            .limit(100),
+    )
+    .await;
+    let mut want: Vec<String> = (0..40)
+        .filter(|i| *i != 7 && *i != 23)
+        .map(|i| format!("{p}{i:02}"))
+        .collect();
+    want.sort();
+    let mut seen = seen;
+    seen.sort();
+    assert_eq!(seen, want);
+    a.stop().await;
+    b.stop().await;
+}
