@@ -225,3 +225,60 @@ async fn users_in_one_privacy_cell_come_back_in_id_order_wherever_they_stand() {
     );
     server.stop().await;
 }
+
+/// Page tokens are opaque: the exact distance of the last user of a page (finer than
+/// its band) is nowhere in a token, decoded as an attacker would (base64), from many
+/// spots; two searches from one spot give two different tokens.
+#[tokio::test]
+async fn page_tokens_reveal_nothing_finer_than_the_band() {
+    use base64::Engine as _;
+    let server = start(&[]).await;
+    let mut c = server.nearby().await;
+    let victim_at = moved(SHANGHAI, 123.0, -45.0);
+    c.update_location(ping("tv:victim", victim_at))
+        .await
+        .unwrap();
+    c.update_location(ping("tv:other", moved(SHANGHAI, 400.0, 400.0)))
+        .await
+        .unwrap();
+    let victim_centre = LatLng::from(privacy_cell(victim_at));
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut tokens = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let from = moved(
+            SHANGHAI,
+            rng.random_range(-300.0..300.0),
+            rng.random_range(-300.0..300.0),
+        );
+        let page = c
+            .search_nearby(search("tv:attacker", from).radius(2_000.0).limit(1))
+            .await
+            .unwrap()
+            .into_inner();
+        if page.users.first().map(|u| u.user_id.as_str()) != Some("tv:victim") {
+            continue;
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&page.next_page_token)
+            .unwrap();
+        let exact = geomatch::geo::distance_key(distance_m(point(from), victim_centre));
+        for k in [exact.saturating_sub(1), exact, exact + 1] {
+            let le = k.to_le_bytes();
+            let be = k.to_be_bytes();
+            assert!(
+                !raw.windows(8).any(|w| w == le || w == be),
+                "a token holds the exact distance"
+            );
+        }
+        assert!(
+            !raw.windows(9).any(|w| w == b"tv:victim"),
+            "a token holds the id in clear"
+        );
+        assert!(tokens.insert(page.next_page_token), "a token repeated");
+    }
+    assert!(
+        tokens.len() >= 10,
+        "the victim came first from enough spots"
+    );
+    server.stop().await;
+}

@@ -1,21 +1,32 @@
 //! Opaque, tamper-evident page tokens.
 //!
-//! A token carries the sort key of the last user on the previous page and a 128-bit keyed
-//! BLAKE3 MAC over that cursor and the query it was issued for (searcher, centre, radius,
-//! gender filter). A forged, truncated or corrupted token, or one replayed with a different
-//! query, fails the MAC and is rejected. The key is drawn at start-up, so tokens are valid
-//! for the life of the process that issued them.
+//! A token is the cursor (the sort key of the last user on the previous page: its exact
+//! distance key and id) encrypted and authenticated with XChaCha20-Poly1305, an AEAD from
+//! the RustCrypto `chacha20poly1305` crate, under a random 192-bit nonce. The query it was
+//! issued for (searcher, centre, radius, gender filter) is the associated data. So a client
+//! learns nothing from a token (not the exact distance, which would be finer than the
+//! band), and a forged, truncated or corrupted token, or one replayed with a different
+//! query, fails authentication and is rejected. Tokens stay stateless: the key is all a
+//! server keeps, drawn at start-up (or shared through a remote store by every replica).
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chacha20poly1305::{
+    KeyInit, XChaCha20Poly1305, XNonce,
+    aead::{Aead, Payload},
+};
 use thiserror::Error;
 
 use crate::id::{MAX_ID_BYTES, UserId};
 
-const VERSION: u8 = 1;
-const MAC_LEN: usize = 16;
-const HEADER_LEN: usize = 1 + 8;
+/// Version 2: encrypted. (Version 1 tokens, a MAC over a cursor in clear, are refused.)
+const VERSION: u8 = 2;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// The cursor's distance key, before the user id.
+const KEY_LEN: usize = 8;
+const OVERHEAD: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 /// Longest token accepted before decoding, in characters.
-pub const MAX_TOKEN_LEN: usize = (HEADER_LEN + MAX_ID_BYTES + MAC_LEN).div_ceil(3) * 4;
+pub const MAX_TOKEN_LEN: usize = (OVERHEAD + MAX_ID_BYTES).div_ceil(3) * 4;
 
 /// Why a page token was refused. Deliberately coarse: a client learns nothing about the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -51,10 +62,26 @@ pub struct Scope<'a> {
     pub gender: u8,
 }
 
+impl Scope<'_> {
+    /// The associated data a token is bound to: every field, unambiguously.
+    fn aad(&self) -> Vec<u8> {
+        let mut a = Vec::with_capacity(8 + self.searcher.len() + 3 * 8 + 2);
+        a.push(VERSION);
+        a.extend_from_slice(&(self.searcher.len() as u64).to_le_bytes());
+        a.extend_from_slice(self.searcher.as_bytes());
+        a.extend_from_slice(&self.lat.to_bits().to_le_bytes());
+        a.extend_from_slice(&self.lng.to_bits().to_le_bytes());
+        a.extend_from_slice(&self.radius_m.to_bits().to_le_bytes());
+        a.push(self.gender);
+        a
+    }
+}
+
 /// Issues and checks page tokens with one secret key.
 #[derive(Clone)]
 pub struct PageTokens {
     key: [u8; 32],
+    cipher: XChaCha20Poly1305,
 }
 
 impl std::fmt::Debug for PageTokens {
@@ -64,9 +91,12 @@ impl std::fmt::Debug for PageTokens {
 }
 
 impl PageTokens {
-    /// Tokens signed with `key`.
+    /// Tokens sealed with `key`.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { key }
+        Self {
+            cipher: XChaCha20Poly1305::new(&key.into()),
+            key,
+        }
     }
 
     /// The secret key, for a store that keeps it for every replica (never logged).
@@ -74,7 +104,7 @@ impl PageTokens {
         &self.key
     }
 
-    /// Tokens signed with a fresh random key.
+    /// Tokens sealed with a fresh random key.
     ///
     /// # Errors
     /// When the operating system has no randomness to give.
@@ -84,29 +114,34 @@ impl PageTokens {
         Ok(Self::new(key))
     }
 
-    fn mac(&self, scope: &Scope<'_>, body: &[u8]) -> [u8; MAC_LEN] {
-        let mut h = blake3::Hasher::new_keyed(&self.key);
-        h.update(&(scope.searcher.len() as u64).to_le_bytes());
-        h.update(scope.searcher.as_bytes());
-        h.update(&scope.lat.to_bits().to_le_bytes());
-        h.update(&scope.lng.to_bits().to_le_bytes());
-        h.update(&scope.radius_m.to_bits().to_le_bytes());
-        h.update(&[scope.gender]);
-        h.update(body);
-        let mut out = [0; MAC_LEN];
-        out.copy_from_slice(&h.finalize().as_bytes()[..MAC_LEN]);
-        out
-    }
-
     /// Encodes `cursor` for the query `scope`.
     pub fn encode(&self, scope: &Scope<'_>, cursor: &Cursor) -> String {
         let user = cursor.user.as_str().as_bytes();
-        let mut buf = Vec::with_capacity(HEADER_LEN + user.len() + MAC_LEN);
+        let mut plain = Vec::with_capacity(KEY_LEN + user.len());
+        plain.extend_from_slice(&cursor.distance_key.to_le_bytes());
+        plain.extend_from_slice(user);
+        let mut nonce = [0u8; NONCE_LEN];
+        if getrandom::fill(&mut nonce).is_err() {
+            // No randomness: a nonce no other token of this process repeats (a counter
+            // under a per-process random-or-clock prefix) keeps the AEAD sound.
+            nonce = fallback_nonce();
+        }
+        let aad = scope.aad();
+        let sealed = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            // Encryption fails only for messages of gigabytes.
+            .unwrap_or_default();
+        let mut buf = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         buf.push(VERSION);
-        buf.extend_from_slice(&cursor.distance_key.to_le_bytes());
-        buf.extend_from_slice(user);
-        let mac = self.mac(scope, &buf);
-        buf.extend_from_slice(&mac);
+        buf.extend_from_slice(&nonce);
+        buf.extend_from_slice(&sealed);
         URL_SAFE_NO_PAD.encode(buf)
     }
 
@@ -121,28 +156,46 @@ impl PageTokens {
         let buf = URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Invalid)?;
-        if buf.len() <= HEADER_LEN + MAC_LEN || buf[0] != VERSION {
+        if buf.len() <= OVERHEAD || buf[0] != VERSION {
             return Err(TokenError::Invalid);
         }
-        let (body, mac) = buf.split_at(buf.len() - MAC_LEN);
-        let want = self.mac(scope, body);
-        // Constant-time comparison: no timing oracle on the MAC.
-        if !constant_time_eq(&want, mac) {
-            return Err(TokenError::Invalid);
-        }
-        let mut key = [0; 8];
-        key.copy_from_slice(&body[1..HEADER_LEN]);
-        let user = std::str::from_utf8(&body[HEADER_LEN..]).map_err(|_| TokenError::Invalid)?;
+        let (nonce, sealed) = buf[1..].split_at(NONCE_LEN);
+        let aad = scope.aad();
+        let plain = self
+            .cipher
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| TokenError::Invalid)?;
+        let (key, user) = plain.split_at(KEY_LEN);
+        let mut k = [0; KEY_LEN];
+        k.copy_from_slice(key);
+        let user = std::str::from_utf8(user).map_err(|_| TokenError::Invalid)?;
         let user = UserId::new("page_token", user).map_err(|_| TokenError::Invalid)?;
         Ok(Cursor {
-            distance_key: u64::from_le_bytes(key),
+            distance_key: u64::from_le_bytes(k),
             user,
         })
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// A nonce for a system without randomness: a process-wide counter under the process's
+/// start time and id, never repeated within a process.
+fn fallback_nonce() -> [u8; NONCE_LEN] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut n = [0u8; NONCE_LEN];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    n[..8].copy_from_slice(&now.to_le_bytes());
+    n[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    n[16..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    n
 }
 
 #[cfg(test)]
@@ -213,6 +266,43 @@ mod tests {
             PageTokens::new([8; 32])
                 .decode(&scope("me"), &token)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn hides_the_cursor() {
+        let t = PageTokens::new([7; 32]);
+        let a = URL_SAFE_NO_PAD
+            .decode(t.encode(&scope("me"), &cursor()))
+            .unwrap();
+        let b = URL_SAFE_NO_PAD
+            .decode(t.encode(&scope("me"), &cursor()))
+            .unwrap();
+        // Fresh nonces: one cursor never gives the same token twice.
+        assert_ne!(a, b);
+        // Neither the distance key nor the user id appears in clear.
+        let key = cursor().distance_key.to_le_bytes();
+        for raw in [&a, &b] {
+            assert!(!raw.windows(key.len()).any(|w| w == key));
+            assert!(!raw.windows(4).any(|w| w == b"user"));
+        }
+        // Two cursors' tokens differ in no systematic way: flipping the distance key
+        // changes bytes all over the ciphertext, not in one place.
+        let other = Cursor {
+            distance_key: cursor().distance_key + 1,
+            ..cursor()
+        };
+        let c = URL_SAFE_NO_PAD
+            .decode(t.encode(&scope("me"), &other))
+            .unwrap();
+        assert_eq!(a.len(), c.len());
+        assert!(
+            a[1 + NONCE_LEN..]
+                .iter()
+                .zip(&c[1 + NONCE_LEN..])
+                .filter(|(x, y)| x != y)
+                .count()
+                > 8
         );
     }
 
