@@ -296,3 +296,38 @@ async fn hundreds_of_simultaneous_shakes_pair_exactly_once() {
     assert!(by_match.values().all(|v| v.len() == 2));
     server.stop().await;
 }
+
+/// Match ids say nothing about the server: consecutive pairings share no prefix and
+/// follow no order, so a client cannot read the shake volume or rate off its own ids.
+#[tokio::test]
+async fn match_ids_are_random_not_counted() {
+    let server = start(&["--shake-window", "30s"]).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let first = server
+            .waiting_shake(shake(&format!("mi:a{i}"), "s", SHANGHAI))
+            .await;
+        let mut b = server.shake().await;
+        let second = b
+            .shake(shake(&format!("mi:b{i}"), "s", SHANGHAI))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.match_id, second.match_id);
+        ids.push(u128::from_str_radix(&second.match_id, 16).unwrap());
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len());
+    let prefixes: std::collections::HashSet<_> = ids.iter().map(|id| id >> 64).collect();
+    assert_eq!(prefixes.len(), ids.len(), "no shared prefix");
+    let rising = ids.windows(2).filter(|w| w[1] > w[0]).count();
+    assert!(
+        (3..=16).contains(&rising),
+        "no order: {rising} of 19 steps rise"
+    );
+    let steps: std::collections::HashSet<_> =
+        ids.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    assert!(steps.len() > 15, "no fixed stride");
+    server.stop().await;
+}

@@ -101,10 +101,7 @@ impl Matcher {
     /// sees the outcome rather than racing it, and a retry of either shake id sees the
     /// match from this moment on.
     pub(super) fn pair(&self, a: &Waiter, b: &Waiter, d: f64, tier: Tier) {
-        let match_id = MatchId {
-            prefix: self.match_prefix,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
-        };
+        let match_id = MatchId::random();
         let distance_m = band_m(d);
         let for_b = Outcome::Matched(Match {
             partner: a.user.clone(),

@@ -76,7 +76,6 @@ pub struct Matcher {
     active_hasher: DefaultHashBuilder,
     done: Outcomes,
     seq: AtomicU64,
-    match_prefix: u64,
     waiting: AtomicUsize,
     /// Wakes [`Matcher::until_waiting`]; notified only while someone watches, so the hot
     /// path pays one atomic load, not the notifier's lock.
@@ -117,7 +116,6 @@ impl Drop for CallerGuard<'_> {
 impl Matcher {
     /// An idle matcher.
     pub fn new(cfg: ShakeConfig) -> Self {
-        let match_prefix = random_prefix();
         Self {
             cfg,
             stripes: Stripes::default(),
@@ -126,7 +124,6 @@ impl Matcher {
             active_hasher: DefaultHashBuilder::default(),
             done: Outcomes::default(),
             seq: AtomicU64::new(0),
-            match_prefix,
             waiting: AtomicUsize::new(0),
             changed: Notify::new(),
             watchers: AtomicUsize::new(0),
@@ -347,16 +344,6 @@ impl Matcher {
         self.withdraw(w, Why::Expired);
         Ok(w.outcome().unwrap_or(Outcome::NoMatch))
     }
-}
-
-/// A random 64-bit match-id prefix (the clock's nanoseconds if the system has no
-/// randomness), so that two matchers never name two pairings alike.
-pub fn random_prefix() -> u64 {
-    getrandom::u64().unwrap_or_else(|_| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    })
 }
 
 /// The shake's outcome if it is decided before `until`.

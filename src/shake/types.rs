@@ -135,9 +135,11 @@ pub enum Tier {
     Anywhere,
 }
 
-/// Names one pairing, identically on both sides: the matcher's random 64-bit prefix and a
-/// sequence number, shown as 32 hex digits. Held as two integers, not a string, because
-/// every outcome kept for retries holds one.
+/// Names one pairing, identically on both sides: 128 random bits (from a CSPRNG seeded by
+/// the operating system), shown as 32 hex digits. Random, so a client can neither guess
+/// another pairing's id nor read the server's shake volume or rate off its own ids, and
+/// unique across replicas without coordination. Held as two integers, not a string,
+/// because every outcome kept for retries holds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MatchId {
     pub(super) prefix: u64,
@@ -145,9 +147,17 @@ pub struct MatchId {
 }
 
 impl MatchId {
-    /// The id numbered `seq` under `prefix` (a matcher's random prefix).
+    /// The id made of these two halves (as read back from storage).
     pub fn new(prefix: u64, seq: u64) -> Self {
         Self { prefix, seq }
+    }
+
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self {
+            prefix: rand::random(),
+            seq: rand::random(),
+        }
     }
 
     /// Reads an id as [`Display`](fmt::Display) writes it: exactly 32 hex digits.

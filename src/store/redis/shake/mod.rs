@@ -44,7 +44,7 @@ use crate::{
     error::{Error, Result},
     geo::snapped,
     id::UserId,
-    shake::{Fallback, Outcome, ShakeConfig, ValidShake, random_prefix},
+    shake::{Fallback, Outcome, ShakeConfig, ValidShake},
 };
 
 /// How many passes a newcomer makes over its candidates while some of them are busy
@@ -61,7 +61,6 @@ pub struct RedisShake {
     clock: WallClock,
     /// This replica's name: its wake channel, and how shakes it waits on name it.
     replica: String,
-    prefix: u64,
     seq: AtomicU64,
     wakes: Arc<Wakes>,
     waiting: AtomicUsize,
@@ -144,7 +143,6 @@ impl RedisShake {
             cfg,
             clock: WallClock::now(),
             replica,
-            prefix: random_prefix(),
             seq: AtomicU64::new(0),
             wakes,
             waiting: AtomicUsize::new(0),

@@ -1,7 +1,7 @@
 //! Finding and making a pair: list and scan, judge the candidates by the pairing rule,
 //! then reserve -> claim -> commit (or revert), and settle reservations left behind.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::time::Duration;
 
 use super::super::tag_of_coarse;
 use super::{
@@ -188,7 +188,7 @@ impl RedisShake {
 
     /// Reserve ourselves, claim `them`, commit (or revert).
     pub(super) async fn pair(&self, me: &Me, them: &Listing, d: f64, tier: Tier) -> Result<Tried> {
-        let mid = MatchId::new(self.prefix, self.seq.fetch_add(1, Ordering::Relaxed)).to_string();
+        let mid = MatchId::random().to_string();
         let band = band_m(d).to_string();
         let tier = tier_code(tier);
         let now = self.clock.now_ms();
