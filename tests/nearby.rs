@@ -282,3 +282,31 @@ async fn a_token_from_one_query_is_refused_for_another() {
     );
     server.stop().await;
 }
+
+/// User ids that would print as something else downstream (controls, bidi overrides,
+/// edge white space) are refused on every RPC that takes one, and nothing is stored.
+#[tokio::test]
+async fn user_ids_with_controls_bidi_or_edge_space_are_refused() {
+    let server = start(&[]).await;
+    let mut c = server.nearby().await;
+    let mut s = server.shake().await;
+    for bad in [
+        "a\u{0}b",
+        "a\nb",
+        "\u{202e}evil",
+        " ",
+        " lead",
+        "trail\u{2029}",
+    ] {
+        let err = c.update_location(ping(bad, SHANGHAI)).await.unwrap_err();
+        assert_eq!(bad_field(&err), "user_id", "{bad:?}");
+        let err = c.search_nearby(search(bad, SHANGHAI)).await.unwrap_err();
+        assert_eq!(bad_field(&err), "user_id", "{bad:?}");
+        let mut sh = common::build::shake("ok-user", "s1", SHANGHAI);
+        sh.exclude_user_ids = vec![bad.to_owned()];
+        let err = s.shake(sh).await.unwrap_err();
+        assert_eq!(bad_field(&err), "exclude_user_ids", "{bad:?}");
+    }
+    assert!(found(&mut c, search("watcher", SHANGHAI)).await.is_empty());
+    server.stop().await;
+}

@@ -303,7 +303,7 @@ pub fn decode(
         let user = r.take(len).ok_or_else(bad)?;
         let user = std::str::from_utf8(user)
             .ok()
-            .and_then(|u| UserId::new("user_id", u).ok())
+            .and_then(UserId::stored)
             .ok_or_else(|| corrupt("invalid user id"))?;
         let cell =
             CellIndex::try_from(r.u64().ok_or_else(bad)?).map_err(|_| corrupt("invalid cell"))?;

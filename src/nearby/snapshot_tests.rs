@@ -227,3 +227,21 @@ fn version_1_files_still_load_visible_with_the_server_ttl() {
         }]
     );
 }
+
+#[test]
+fn ids_from_before_the_alphabet_rule_still_load() {
+    let now = 1_700_000_000_000;
+    let idx = index();
+    let p = Coordinates::new("p", 31.23, 121.47).unwrap();
+    // Held before ids had an alphabet: accepted then, refused now at the edge.
+    for old in ["a\u{0}b", "\u{202e}evil", " padded "] {
+        assert!(UserId::new("user_id", old).is_err(), "{old:?}");
+        idx.update(UserId::trusted(old), p, Gender::Unspecified, now);
+    }
+    let path = temp_path("old-ids");
+    write(&idx, &path, now).unwrap();
+    let back = index();
+    load(&back, &path, now).unwrap();
+    assert_eq!(records(&back), records(&idx));
+    assert_eq!(back.len(), 3);
+}

@@ -175,7 +175,7 @@ impl PageTokens {
         let mut k = [0; KEY_LEN];
         k.copy_from_slice(key);
         let user = std::str::from_utf8(user).map_err(|_| TokenError::Invalid)?;
-        let user = UserId::new("page_token", user).map_err(|_| TokenError::Invalid)?;
+        let user = UserId::stored(user).ok_or(TokenError::Invalid)?;
         Ok(Cursor {
             distance_key: u64::from_le_bytes(k),
             user,

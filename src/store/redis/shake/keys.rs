@@ -112,7 +112,7 @@ pub(super) fn outcome_of(r: &Reply) -> Result<Option<Outcome>> {
 pub(super) fn matched(partner: &str, band: &str, mid: &str, tier: &str) -> Result<Outcome> {
     let corrupt = || Error::Unavailable("the store holds a malformed shake outcome".into());
     Ok(Outcome::Matched(Match {
-        partner: UserId::new("partner_user_id", partner).map_err(|_| corrupt())?,
+        partner: UserId::stored(partner).ok_or_else(corrupt)?,
         distance_m: band.parse().map_err(|_| corrupt())?,
         match_id: MatchId::from_hex(mid).ok_or_else(corrupt)?,
         tier: if tier == "a" {

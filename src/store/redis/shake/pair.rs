@@ -107,7 +107,7 @@ impl RedisShake {
     /// Whether `them` may pair with `me` as far as the listing tells (their exclusions
     /// are checked by the claim itself).
     pub(super) fn judge(&self, me: &Me, them: &Listing, d: f64, anywhere: bool) -> bool {
-        let Ok(their_user) = UserId::new("user_id", &them.user) else {
+        let Some(their_user) = UserId::stored(&them.user) else {
             return false;
         };
         let mine = Shaker {
