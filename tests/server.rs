@@ -6,7 +6,7 @@ mod common;
 use common::{
     build::{ping, search, shake},
     fixtures::SHANGHAI,
-    start,
+    http_get, start,
 };
 use geomatch::grpc::pb;
 use tokio_stream::StreamExt as _;
@@ -108,18 +108,6 @@ async fn shutdown_lets_in_flight_calls_finish() {
 }
 
 /// GET over plain HTTP/1.1; returns the body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 #[tokio::test]
 async fn metrics_expose_grpc_and_domain_series() {
     let server = start(&["--metrics-listen", "127.0.0.1:0"]).await;

@@ -32,6 +32,7 @@ mod server;
 mod shake;
 mod snapshot;
 mod store;
+mod tls;
 mod watch;
 
 pub use guard::GuardArgs;
@@ -41,6 +42,7 @@ pub use server::{ServerArgs, ServerConfig};
 pub use shake::ShakeArgs;
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use store::{StoreArgs, StoreConfig, StoreKind};
+pub use tls::{TlsArgs, TlsFiles};
 pub use watch::WatchArgs;
 
 /// geomatch: People Nearby and Shake over gRPC.

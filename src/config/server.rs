@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 
-use super::{SnapshotArgs, SnapshotConfig, human::Human, longer_than_zero};
+use super::{SnapshotArgs, SnapshotConfig, TlsArgs, TlsFiles, human::Human, longer_than_zero};
 
 /// How the server serves, drains, sweeps and snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub sweep_interval: Duration,
     /// The snapshot of the People Nearby index.
     pub snapshot: SnapshotConfig,
+    /// TLS on the gRPC port; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +48,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(10),
             snapshot: SnapshotConfig::default(),
+            tls: None,
         }
     }
 }
@@ -92,6 +95,10 @@ pub struct ServerArgs {
     /// Snapshots of the index.
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
+
+    /// TLS on the gRPC port.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl ServerArgs {
@@ -125,6 +132,7 @@ impl ServerArgs {
             drain_timeout: self.drain_timeout.get(),
             sweep_interval: self.sweep_interval.get(),
             snapshot: self.snapshot.settings()?,
+            tls: self.tls.settings()?,
         })
     }
 }

@@ -25,6 +25,7 @@ use crate::{
 
 mod app;
 mod tasks;
+pub mod tls;
 
 pub use crate::config::{ServerConfig, SnapshotConfig};
 pub use app::App;
@@ -53,6 +54,9 @@ pub enum ServeError {
     /// The Redis / Valkey store could not be opened.
     #[error("opening the store: {0}")]
     Store(#[from] crate::store::redis::StoreError),
+    /// The TLS files could not be used at start.
+    #[error("loading TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The sockets geomatch serves on.
@@ -107,9 +111,23 @@ pub async fn serve(
         .max_decoding_message_size(cfg.max_message_bytes),
         stamp_deadline,
     );
-    let incoming = TcpIncoming::from(listeners.grpc)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(cfg.keepalive_interval));
+    // TLS when configured (the files are loaded now: bad ones stop the start, with the
+    // reason); plaintext otherwise, with a warning when that is reachable from elsewhere.
+    let tls = match &cfg.tls {
+        Some(files) => Some(tls::Reloading::start(files.clone())?),
+        None => {
+            if listeners
+                .grpc
+                .local_addr()
+                .is_ok_and(|a| !a.ip().is_loopback())
+            {
+                tracing::warn!(
+                    "serving plaintext gRPC beyond loopback: anyone who reaches the port can read and write locations; use --tls-cert and --tls-key"
+                );
+            }
+            None
+        }
+    };
 
     let draining = Arc::new(tokio::sync::Notify::new());
     let drain = {
@@ -131,7 +149,7 @@ pub async fn serve(
         }
     };
 
-    let serving = Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
         .layer(RpcLayer)
@@ -144,8 +162,21 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(nearby)
-        .add_service(shake)
-        .serve_with_incoming_shutdown(incoming, drain);
+        .add_service(shake);
+    let serving: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match &tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls.incoming(listeners.grpc, cfg.keepalive_interval),
+            drain,
+        )),
+        None => {
+            let incoming = TcpIncoming::from(listeners.grpc)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(cfg.keepalive_interval));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, drain))
+        }
+    };
     // A graceful shutdown waits for every connection to close; a client holding a stream
     // open (a health Watch, say) must not keep the process up forever.
     let deadline = async {

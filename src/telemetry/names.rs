@@ -49,3 +49,8 @@ pub const SWEEP_SECONDS: &str = "geomatch_sweep_duration_seconds";
 pub const SNAPSHOT_SECONDS: &str = "geomatch_snapshot_duration_seconds";
 /// Gauge: size of the last snapshot written, bytes.
 pub const SNAPSHOT_BYTES: &str = "geomatch_snapshot_size_bytes";
+/// TLS handshakes refused or timed out (plaintext to a TLS port, no or a foreign client
+/// certificate under mutual TLS).
+pub const TLS_HANDSHAKE_FAILURES: &str = "geomatch_tls_handshake_failures_total";
+/// Reloads of the TLS files, by result (`ok`, `error`: the old files kept).
+pub const TLS_RELOADS: &str = "geomatch_tls_reloads_total";
