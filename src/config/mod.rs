@@ -24,6 +24,7 @@ use h3o::Resolution;
 
 use crate::{guard::GuardConfig, nearby::NearbyConfig, shake::ShakeConfig, telemetry::LogFormat};
 
+mod auth;
 mod guard;
 pub mod human;
 mod nearby;
@@ -35,6 +36,7 @@ mod store;
 mod tls;
 mod watch;
 
+pub use auth::{AuthArgs, AuthFiles};
 pub use guard::GuardArgs;
 pub use nearby::NearbyArgs;
 pub use privacy::PrivacyArgs;

@@ -7,7 +7,10 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 
-use super::{SnapshotArgs, SnapshotConfig, TlsArgs, TlsFiles, human::Human, longer_than_zero};
+use super::{
+    AuthArgs, AuthFiles, SnapshotArgs, SnapshotConfig, TlsArgs, TlsFiles, human::Human,
+    longer_than_zero,
+};
 
 /// How the server serves, drains, sweeps and snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +35,8 @@ pub struct ServerConfig {
     pub snapshot: SnapshotConfig,
     /// TLS on the gRPC port; `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// Who may call what; empty: everyone, everything.
+    pub auth: AuthFiles,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +54,7 @@ impl Default for ServerConfig {
             sweep_interval: Duration::from_secs(10),
             snapshot: SnapshotConfig::default(),
             tls: None,
+            auth: AuthFiles::default(),
         }
     }
 }
@@ -99,6 +105,10 @@ pub struct ServerArgs {
     /// TLS on the gRPC port.
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    /// Who may call what.
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 impl ServerArgs {
@@ -133,6 +143,7 @@ impl ServerArgs {
             sweep_interval: self.sweep_interval.get(),
             snapshot: self.snapshot.settings()?,
             tls: self.tls.settings()?,
+            auth: self.auth.settings(),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! protobuf ones. Nothing outside this module names tonic or prost.
 
 pub mod admission;
+pub mod auth;
 mod convert;
 #[doc(hidden)]
 pub mod fuzz;

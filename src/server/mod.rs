@@ -16,6 +16,7 @@ use crate::{
     grpc::{
         NearbyService, ShakeService,
         admission::AdmissionLayer,
+        auth::{AuthLayer, Rules, RulesError},
         layer::RpcLayer,
         pb::{self, nearby_server::NearbyServer, shake_server::ShakeServer},
         stamp_deadline,
@@ -24,6 +25,7 @@ use crate::{
 };
 
 mod app;
+mod reload;
 mod tasks;
 pub mod tls;
 
@@ -57,6 +59,9 @@ pub enum ServeError {
     /// The TLS files could not be used at start.
     #[error("loading TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// The auth files could not be used at start.
+    #[error("loading the auth files: {0}")]
+    Auth(#[from] RulesError),
 }
 
 /// The sockets geomatch serves on.
@@ -149,10 +154,28 @@ pub async fn serve(
         }
     };
 
+    // Who may call what, read again when the files change (the old rules stay on a bad
+    // file); no auth flags: everyone may call everything.
+    let (rules, _auth_watch) = if cfg.auth.enabled() {
+        let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::load(&cfg.auth)?));
+        let (live, files) = (rules.clone(), cfg.auth.clone());
+        let paths = [files.tokens.clone(), files.authz.clone()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let watch = reload::watch("auth", paths, move || {
+            live.store(Arc::new(Rules::load(&files).map_err(|e| e.to_string())?));
+            Ok(())
+        });
+        (Some(rules), Some(AbortOnDrop(watch)))
+    } else {
+        (None, None)
+    };
     let router = Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
         .layer(RpcLayer)
+        .layer(AuthLayer::new(rules))
         .layer(AdmissionLayer::new(
             cfg.max_queue_delay,
             cfg.max_concurrent_requests,
@@ -208,4 +231,13 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

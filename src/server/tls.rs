@@ -4,16 +4,11 @@
 //! Every accepted connection is handshaken with the configuration current at that moment
 //! (an [`ArcSwap`]), in a task of its own, so a slow or silent client never holds up the
 //! others. The files are read again when their modification time or size changes (checked
-//! every second) and on SIGHUP. A new set that fails to load (a half-written key, a
+//! every second) and on SIGHUP ([`super::reload`]). A new set that fails to load (a half-written key, a
 //! certificate that does not match its key) is logged and the old one kept: the server
 //! never stops accepting. Open connections are never cut by a rotation.
 
-use std::{
-    io,
-    path::Path,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{io, path::Path, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -58,8 +53,6 @@ pub enum TlsError {
 
 /// How long a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the files are checked for a change.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 fn pem_error(path: &Path, what: impl Into<String>) -> TlsError {
     TlsError::Pem {
@@ -120,23 +113,6 @@ pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(cfg)
 }
 
-/// What the files looked like when last loaded: modification time and size of each.
-fn stamp(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
-    [
-        Some(&files.cert),
-        Some(&files.key),
-        files.client_ca.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|p| {
-        std::fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())))
-    })
-    .collect()
-}
-
 /// The current TLS configuration, reloaded when its files change or on SIGHUP.
 #[derive(Debug)]
 pub struct Reloading {
@@ -157,7 +133,20 @@ impl Reloading {
     /// [`TlsError`] when the files cannot be used at start (the server does not start).
     pub fn start(files: TlsFiles) -> Result<Self, TlsError> {
         let current = Arc::new(ArcSwap::from_pointee(load(&files)?));
-        let watcher = tokio::spawn(watch(files, current.clone()));
+        let paths = [
+            Some(&files.cert),
+            Some(&files.key),
+            files.client_ca.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        let live = current.clone();
+        let watcher = super::reload::watch("tls", paths, move || {
+            live.store(Arc::new(load(&files).map_err(|e| e.to_string())?));
+            Ok(())
+        });
         Ok(Self { current, watcher })
     }
 
@@ -209,42 +198,5 @@ impl Reloading {
             }
         });
         ReceiverStream::new(rx)
-    }
-}
-
-/// Reloads on a change of the files (checked every second) or on SIGHUP; keeps the old
-/// configuration when the new files do not load.
-async fn watch(files: TlsFiles, current: Arc<ArcSwap<ServerConfig>>) {
-    let mut seen = stamp(&files);
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut tick = tokio::time::interval(WATCH_EVERY);
-    loop {
-        let signalled = tokio::select! {
-            _ = tick.tick() => false,
-            Some(()) = async {
-                match hup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => true,
-        };
-        let now = stamp(&files);
-        if !signalled && now == seen {
-            continue;
-        }
-        seen = now;
-        match load(&files) {
-            Ok(cfg) => {
-                current.store(Arc::new(cfg));
-                metrics::counter!(crate::telemetry::names::TLS_RELOADS, "result" => "ok")
-                    .increment(1);
-                tracing::info!(signalled, "TLS certificates reloaded");
-            }
-            Err(e) => {
-                metrics::counter!(crate::telemetry::names::TLS_RELOADS, "result" => "error")
-                    .increment(1);
-                tracing::error!(error = %e, "TLS reload failed: still serving the previous certificates");
-            }
-        }
     }
 }

@@ -52,5 +52,9 @@ pub const SNAPSHOT_BYTES: &str = "geomatch_snapshot_size_bytes";
 /// TLS handshakes refused or timed out (plaintext to a TLS port, no or a foreign client
 /// certificate under mutual TLS).
 pub const TLS_HANDSHAKE_FAILURES: &str = "geomatch_tls_handshake_failures_total";
-/// Reloads of the TLS files, by result (`ok`, `error`: the old files kept).
-pub const TLS_RELOADS: &str = "geomatch_tls_reloads_total";
+/// Reloads of watched files, by `files` (`tls`, `auth`) and result (`ok`, `error`: the
+/// old files kept).
+pub const RELOADS: &str = "geomatch_reloads_total";
+/// Calls refused by caller authentication (`reason` `unauthenticated`) or authorization
+/// (`permission_denied`), by caller name (`unknown` when there is none; never a token).
+pub const AUTH_REFUSALS: &str = "geomatch_auth_refusals_total";
