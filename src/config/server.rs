@@ -21,6 +21,8 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// Most Shake calls in flight at once; more are shed.
     pub max_concurrent_shakes: usize,
+    /// Most HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
     /// A call that waited longer than this for its handler is shed; zero disables.
     pub max_queue_delay: Duration,
     /// Interval of HTTP/2 (and TCP) keepalive pings.
@@ -47,6 +49,7 @@ impl Default for ServerConfig {
             max_message_bytes: 256 * 1024,
             max_concurrent_requests: 4_096,
             max_concurrent_shakes: 200_000,
+            max_concurrent_streams: 2_048,
             max_queue_delay: Duration::from_millis(20),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
@@ -75,6 +78,11 @@ pub struct ServerArgs {
     /// calls are shed at once with RESOURCE_EXHAUSTED.
     #[arg(long, env = "GEOMATCH_MAX_CONCURRENT_SHAKES", default_value_t = ServerConfig::default().max_concurrent_shakes)]
     pub max_concurrent_shakes: usize,
+
+    /// Most calls (HTTP/2 streams) one connection may have open at once; a client that
+    /// opens more waits for one to finish (HTTP/2 flow control, not an error).
+    #[arg(long, env = "GEOMATCH_MAX_CONCURRENT_STREAMS", default_value_t = ServerConfig::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
 
     /// A call that waited longer than this between arriving and its handler starting is
     /// shed with RESOURCE_EXHAUSTED (overload: answer fast or not at all); 0 disables.
@@ -129,6 +137,9 @@ impl ServerArgs {
         if self.max_concurrent_shakes == 0 {
             bail!("--max-concurrent-shakes 0: at least 1");
         }
+        if self.max_concurrent_streams == 0 {
+            bail!("--max-concurrent-streams 0: at least 1");
+        }
         longer_than_zero("--sweep-interval", self.sweep_interval.get())?;
         longer_than_zero("--keepalive-interval", self.keepalive_interval.get())?;
         longer_than_zero("--keepalive-timeout", self.keepalive_timeout.get())?;
@@ -136,6 +147,7 @@ impl ServerArgs {
             max_message_bytes: self.max_message_bytes,
             max_concurrent_requests: self.max_concurrent_requests,
             max_concurrent_shakes: self.max_concurrent_shakes,
+            max_concurrent_streams: self.max_concurrent_streams,
             max_queue_delay: self.max_queue_delay.get(),
             keepalive_interval: self.keepalive_interval.get(),
             keepalive_timeout: self.keepalive_timeout.get(),

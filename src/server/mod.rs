@@ -64,6 +64,15 @@ pub enum ServeError {
     Auth(#[from] RulesError),
 }
 
+/// Largest HTTP/2 header block a call may send (metadata included), bytes.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Streams a client may open and reset before the server has served them, at once; more
+/// ends the connection (the HTTP/2 "rapid reset" attack).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams the server may reset on one connection because the client misbehaved; more
+/// ends the connection.
+const MAX_LOCAL_RESETS: usize = 1_024;
+
 /// The sockets geomatch serves on.
 #[derive(Debug)]
 pub struct Listeners {
@@ -171,9 +180,16 @@ pub async fn serve(
     } else {
         (None, None)
     };
+    // Transport limits, so that no one client can exhaust the server: streams per
+    // connection, the header block, and (h2 0.4.20's own defaults, made explicit) streams
+    // reset before they are served (rapid reset) and streams the server had to reset.
     let router = Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
         .layer(RpcLayer)
         .layer(AuthLayer::new(rules))
         .layer(AdmissionLayer::new(
