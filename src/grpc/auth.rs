@@ -59,11 +59,22 @@ impl Pattern {
     }
 }
 
-/// The rules in force: known tokens and, with an authz file, each caller's grants.
-#[derive(Debug, Default)]
+/// The rules in force: known tokens and, with an authz file, each caller's grants. The
+/// tokens are wiped from memory when a reload replaces the rules.
+#[derive(Default)]
 pub struct Rules {
-    tokens: Vec<(String, Vec<u8>)>,
+    tokens: Vec<(String, zeroize::Zeroizing<Vec<u8>>)>,
     grants: Option<HashMap<String, Vec<Pattern>>>,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.tokens.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Rules")
+            .field("token_holders", &names)
+            .field("grants", &self.grants)
+            .finish()
+    }
 }
 
 /// Why the auth files could not be used.
@@ -76,11 +87,11 @@ pub struct RulesError {
 }
 
 fn lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, RulesError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RulesError {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| RulesError {
         path: path.display().to_string(),
         line: 0,
         reason: e.to_string(),
-    })?;
+    })?);
     Ok(text
         .lines()
         .enumerate()
@@ -111,7 +122,10 @@ impl Rules {
                         reason: "expected `name token`".into(),
                     });
                 };
-                rules.tokens.push((name.clone(), token.as_bytes().to_vec()));
+                rules.tokens.push((
+                    name.clone(),
+                    zeroize::Zeroizing::new(token.as_bytes().to_vec()),
+                ));
             }
         }
         if let Some(path) = &files.authz {
@@ -309,8 +323,14 @@ mod tests {
     fn tokens_name_callers_and_grants_decide() {
         let rules = Rules {
             tokens: vec![
-                ("backend".into(), b"s3cret-a".to_vec()),
-                ("operator".into(), b"s3cret-b".to_vec()),
+                (
+                    "backend".into(),
+                    zeroize::Zeroizing::new(b"s3cret-a".to_vec()),
+                ),
+                (
+                    "operator".into(),
+                    zeroize::Zeroizing::new(b"s3cret-b".to_vec()),
+                ),
             ],
             grants: Some(HashMap::from([
                 ("backend".into(), vec![Pattern::All]),
@@ -330,5 +350,11 @@ mod tests {
         assert!(!rules.allows("stranger", "geomatch.v1.Nearby/SearchNearby"));
         assert_eq!(rules.by_certificate(&["x", "operator"]), Some("operator"));
         assert_eq!(rules.by_certificate(&["x"]), None);
+        // Debug output names token holders, never tokens.
+        let shown = format!("{rules:?}");
+        assert!(
+            shown.contains("backend") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 }

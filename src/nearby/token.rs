@@ -77,10 +77,11 @@ impl Scope<'_> {
     }
 }
 
-/// Issues and checks page tokens with one secret key.
+/// Issues and checks page tokens with one secret key. The key is wiped from memory when
+/// the value is dropped (the cipher wipes its own copy too).
 #[derive(Clone)]
 pub struct PageTokens {
-    key: [u8; 32],
+    key: zeroize::Zeroizing<[u8; 32]>,
     cipher: XChaCha20Poly1305,
 }
 
@@ -95,7 +96,7 @@ impl PageTokens {
     pub fn new(key: [u8; 32]) -> Self {
         Self {
             cipher: XChaCha20Poly1305::new(&key.into()),
-            key,
+            key: zeroize::Zeroizing::new(key),
         }
     }
 
