@@ -108,6 +108,58 @@ print(check(grpc.ssl_channel_credentials(read("ca.pem"))))
             sys.exit(f"tls session: grpcio got {out}:\n{r.stderr[-500:]}")
         print("ok   grpcio: served with the client certificate, refused without")
         passed += 1
+        # Tokens and the authz file, as written.
+        if len(shells) < 5:
+            sys.exit("tls session: the README section lost its authz blocks")
+        setup, authz_calls = shells[3], shells[4]
+        setup_lines = [l for l in joined(setup).splitlines() if l.strip()]
+        files = "\n".join(l for l in setup_lines if not l.startswith("target/release/geomatch"))
+        subprocess.run(["bash", "-ec", files], cwd=workdir, check=True, timeout=30)
+        start_line = next(l for l in setup_lines if l.startswith("target/release/geomatch"))
+        auth_addr = re.search(r"--listen (\S+)", start_line).group(1)
+        authed = subprocess.Popen([binary, *start_line.rstrip("& ").split()[1:]], cwd=workdir,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # Health needs no token (grpcio's stub: grpcurl would need reflection, which
+            # follows the authz file).
+            health = f"""
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+ch = grpc.secure_channel("{auth_addr}", grpc.ssl_channel_credentials(open("ca.pem", "rb").read()))
+try:
+    print(health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+except grpc.RpcError as e:
+    print(e.code())
+"""
+            deadline = time.monotonic() + 60
+            while subprocess.run([sys.executable, "-c", health], cwd=workdir, capture_output=True,
+                                 text=True, timeout=30).stdout.strip() != "1":
+                if authed.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("tls session: geomatch with auth never served health without a token")
+                time.sleep(0.2)
+            print("ok   health is open without a token")
+            passed += 1
+            lines = [l for l in joined(authz_calls).splitlines() if l.strip()]
+            r = subprocess.run(lines[0], shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                sys.exit(f"tls session: the operator's search failed:\n{r.stdout}{r.stderr}")
+            print("ok   the operator may search")
+            passed += 1
+            r = subprocess.run(lines[1], shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+            out = r.stdout + r.stderr
+            if r.returncode == 0 or "PermissionDenied" not in out or "UpdateLocation" not in out:
+                sys.exit(f"tls session: the operator's ping was not refused by name:\n{out}")
+            print("ok   the operator may not ping: PERMISSION_DENIED naming the method")
+            passed += 1
+            wrong = lines[0].replace("tok-operator", "tok-nobody")
+            r = subprocess.run(wrong, shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 or "Unauthenticated" not in r.stdout + r.stderr:
+                sys.exit(f"tls session: an unknown token was not UNAUTHENTICATED:\n{r.stdout}{r.stderr}")
+            print("ok   an unknown token is UNAUTHENTICATED")
+            passed += 1
+        finally:
+            authed.terminate()
+            authed.wait(timeout=15)
         print(f"{passed} passed, 0 failed")
     finally:
         if server is not None:

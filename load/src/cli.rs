@@ -55,6 +55,16 @@ pub(crate) struct Args {
     /// and the callers are spread over all of them.
     #[arg(long)]
     pub(crate) grpc: Vec<SocketAddr>,
+    /// TLS to geomatch: the PEM CA its certificate chains to (the server name checked
+    /// is `localhost`).
+    #[arg(long)]
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's PEM certificate (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's PEM key.
+    #[arg(long, requires = "tls_cert")]
+    pub(crate) tls_key: Option<std::path::PathBuf>,
     /// Redis/Valkey URL (loopback), e.g. redis://127.0.0.1:6390: the same scenario with
     /// GEOADD / GEOSEARCH. With --grpc as well, both are loaded, a sample of searches is
     /// cross-checked, and the scenario runs against each in turn (one JSON line each).

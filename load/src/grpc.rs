@@ -16,18 +16,27 @@ use geomatch::grpc::pb::{
 };
 use geomatch_load::population;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::{
     cli::Scenario,
     scenario::{BULK_BATCH, Ctx, bulk_batch, city, pick, search},
 };
 
-/// Opens `n` (at least one) HTTP/2 connections to `addr`.
-pub(crate) async fn connect(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+/// Opens `n` (at least one) HTTP/2 connections to `addr`, over TLS when `tls` is given.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    n: usize,
+    tls: Option<&ClientTlsConfig>,
+) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let ch = endpoint
             .tcp_nodelay(true)
             .connect()
             .await

@@ -63,10 +63,25 @@ async fn main() -> anyhow::Result<()> {
     };
     // Connections to several replicas interleave, so callers (which take connections in
     // turn) are spread over every replica.
+    let tls = match &args.tls_ca {
+        Some(ca) => {
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))
+                .domain_name("localhost");
+            if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(cert)?,
+                    std::fs::read(key)?,
+                ));
+            }
+            Some(tls)
+        }
+        None => None,
+    };
     let mut per_replica = Vec::new();
     for &addr in &grpc_addrs {
         cli::ensure_loopback(addr)?;
-        per_replica.push(grpc::connect(addr, args.connections).await?);
+        per_replica.push(grpc::connect(addr, args.connections, tls.as_ref()).await?);
     }
     let mut channels = Vec::new();
     for i in 0..args.connections.max(1) {
