@@ -74,6 +74,22 @@ def main():
             sys.exit(f"tls session: {lines[1]!r} was answered without a client certificate")
         print("ok   a call without a client certificate is refused")
         passed += 1
+        # An expired client certificate, and one from another CA: refused.
+        others = """
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=old -keyout old.key -out old.csr
+openssl x509 -req -in old.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days -1 -out old.pem
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=other-ca -keyout other-ca.key -out other-ca.pem
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=backend -keyout foreign.key -out foreign.csr
+openssl x509 -req -in foreign.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -days 30 -extfile backend.ext -out foreign.pem
+"""
+        subprocess.run(["bash", "-ec", others], cwd=workdir, check=True, capture_output=True, timeout=60)
+        for name in ["old", "foreign"]:
+            bad = lines[0].replace("-cert backend.pem -key backend.key", f"-cert {name}.pem -key {name}.key")
+            r = subprocess.run(bad, shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+            if r.returncode == 0:
+                sys.exit(f"tls session: the {name} client certificate was accepted")
+        print("ok   an expired client certificate and one from another CA are refused")
+        passed += 1
         # Plaintext to the TLS port: nothing.
         r = subprocess.run(f"grpcurl -plaintext -max-time 5 {addr} list", shell=True,
                            capture_output=True, text=True, timeout=30)
@@ -150,6 +166,12 @@ except grpc.RpcError as e:
             if r.returncode == 0 or "PermissionDenied" not in out or "UpdateLocation" not in out:
                 sys.exit(f"tls session: the operator's ping was not refused by name:\n{out}")
             print("ok   the operator may not ping: PERMISSION_DENIED naming the method")
+            passed += 1
+            backend = lines[1].replace("tok-operator", "tok-backend")
+            r = subprocess.run(backend, shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                sys.exit(f"tls session: the backend's ping failed:\n{r.stdout}{r.stderr}")
+            print("ok   the backend may ping")
             passed += 1
             wrong = lines[0].replace("tok-operator", "tok-nobody")
             r = subprocess.run(wrong, shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
