@@ -1,8 +1,30 @@
 #!/usr/bin/env python3
 """Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""Runs the README's "Securing geomatch" commands as written against a release build:
 makes the test certificates, starts geomatch with mutual TLS, and checks that a grpcurl
 call with the client certificate is answered, one without is refused, plaintext gets
 nothing, and Python's grpcio connects the same way (with and without a certificate).
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
 
 Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
 is installed with pip if missing. Loopback only.
@@ -61,6 +83,7 @@ def main():
                 sys.exit(f"tls session: geomatch never served TLS:\n{r.stderr}")
             time.sleep(0.2)
         lines = [l for l in joined(calls).splitlines() if l.strip()]
+        mtls_lines = lines
         passed = 0
         # The first call, with the client certificate: answered with a cell.
         r = subprocess.run(lines[0], shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
@@ -75,12 +98,34 @@ def main():
         print("ok   a call without a client certificate is refused")
         passed += 1
         # An expired client certificate, and one from another CA: refused.
-        others = """
+        others = """Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=old -keyout old.key -out old.csr
 openssl x509 -req -in old.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days -1 -out old.pem
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=other-ca -keyout other-ca.key -out other-ca.pem
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=backend -keyout foreign.key -out foreign.csr
 openssl x509 -req -in foreign.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -days 30 -extfile backend.ext -out foreign.pem
+"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
 """
         subprocess.run(["bash", "-ec", others], cwd=workdir, check=True, capture_output=True, timeout=60)
         for name in ["old", "foreign"]:
@@ -105,7 +150,18 @@ openssl x509 -req -in foreign.csr -CA other-ca.pem -CAkey other-ca.key -CAcreate
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
                             "--disable-pip-version-check", "grpcio", "grpcio-health-checking"],
                            check=True, timeout=600)
-        probe = f"""
+        probe = f"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 read = lambda f: open(f, "rb").read()
@@ -117,6 +173,17 @@ def check(creds):
         return str(e.code())
 print(check(grpc.ssl_channel_credentials(read("ca.pem"), read("backend.key"), read("backend.pem"))))
 print(check(grpc.ssl_channel_credentials(read("ca.pem"))))
+"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
 """
         r = subprocess.run([sys.executable, "-c", probe], cwd=workdir, capture_output=True, text=True, timeout=60)
         out = r.stdout.split()
@@ -138,7 +205,18 @@ print(check(grpc.ssl_channel_credentials(read("ca.pem"))))
         try:
             # Health needs no token (grpcio's stub: grpcurl would need reflection, which
             # follows the authz file).
-            health = f"""
+            health = f"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 ch = grpc.secure_channel("{auth_addr}", grpc.ssl_channel_credentials(open("ca.pem", "rb").read()))
@@ -146,6 +224,17 @@ try:
     print(health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status)
 except grpc.RpcError as e:
     print(e.code())
+"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
 """
             deadline = time.monotonic() + 60
             while subprocess.run([sys.executable, "-c", health], cwd=workdir, capture_output=True,
@@ -182,6 +271,74 @@ except grpc.RpcError as e:
         finally:
             authed.terminate()
             authed.wait(timeout=15)
+        # Rotation: a WatchNearby stream opened now survives; new connections get the new
+        # certificate (from a new CA) without a restart.
+        watcher = subprocess.run(mtls_lines[0].replace('"user_id":"alice"', '"user_id":"watcher"'),
+                                 shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+        if watcher.returncode != 0:
+            sys.exit(f"tls session: the watcher's ping failed:\n{watcher.stderr}")
+        watch = subprocess.Popen(
+            f"grpcurl {ok} -d '{{\"user_id\":\"watcher\",\"radius_m\":1000}}' {addr} geomatch.v1.Nearby/WatchNearby",
+            shell=True, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = watch.stdout.readline()
+            while first and "SNAPSHOT_END" not in first:
+                first = watch.stdout.readline()
+            rotate = """Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=new-ca -keyout new-ca.key -out new-ca.pem
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=server -keyout new-server.key -out new-server.csr
+openssl x509 -req -in new-server.csr -CA new-ca.pem -CAkey new-ca.key -CAcreateserial -days 30 -extfile server.ext -out new-server.pem
+mv new-server.key server.key && mv new-server.pem server.pem
+"""Runs the README's "Securing geomatch" commands as written against a release build:
+makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
+Python's grpcio that a call with the client certificate is answered and one without, with
+an expired certificate or with one from another CA is refused, and that plaintext gets
+nothing; then, with tokens and the authz file, that health is open, each caller may call
+exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
+token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
+while a WatchNearby stream opened before the rotation keeps receiving events.
+
+Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
+is installed with pip if missing. Loopback only.
+"""
+            subprocess.run(["bash", "-ec", rotate], cwd=workdir, check=True, capture_output=True, timeout=60)
+            new_ok = ok.replace("-cacert ca.pem", "-cacert new-ca.pem")
+            deadline = time.monotonic() + 15
+            while "SERVING" not in subprocess.run(f"grpcurl {new_ok} {addr} grpc.health.v1.Health/Check",
+                                                  shell=True, cwd=workdir, capture_output=True,
+                                                  text=True, timeout=30).stdout:
+                if time.monotonic() > deadline:
+                    sys.exit("tls session: the rotated certificate was not served within 15 s")
+                time.sleep(0.2)
+            near = mtls_lines[0].replace("-cacert ca.pem", "-cacert new-ca.pem").replace('"user_id":"alice"', '"user_id":"near"')
+            r = subprocess.run(near, shell=True, cwd=workdir, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                sys.exit(f"tls session: a call with the new certificate failed:\n{r.stderr}")
+            seen = ""
+            deadline = time.monotonic() + 15
+            while '"near"' not in seen and time.monotonic() < deadline:
+                line = watch.stdout.readline()
+                if not line:
+                    break
+                seen += line
+            if '"near"' not in seen:
+                sys.exit(f"tls session: the stream opened before the rotation saw nothing after it:\n{seen}")
+            print("ok   a rotated certificate reaches new connections; an open WatchNearby lives on")
+            passed += 1
+        finally:
+            watch.kill()
+            watch.wait()
         print(f"{passed} passed, 0 failed")
     finally:
         if server is not None:
