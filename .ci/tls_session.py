@@ -10,24 +10,6 @@ while a WatchNearby stream opened before the rotation keeps receiving events.
 
 Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
 is installed with pip if missing. Loopback only.
-"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks that a grpcurl
-call with the client certificate is answered, one without is refused, plaintext gets
-nothing, and Python's grpcio connects the same way (with and without a certificate).
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
-"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
 """
 
 import json
@@ -98,34 +80,12 @@ def main():
         print("ok   a call without a client certificate is refused")
         passed += 1
         # An expired client certificate, and one from another CA: refused.
-        others = """Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
-"""
+        others = """
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=old -keyout old.key -out old.csr
 openssl x509 -req -in old.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days -1 -out old.pem
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=other-ca -keyout other-ca.key -out other-ca.pem
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=backend -keyout foreign.key -out foreign.csr
 openssl x509 -req -in foreign.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -days 30 -extfile backend.ext -out foreign.pem
-"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
 """
         subprocess.run(["bash", "-ec", others], cwd=workdir, check=True, capture_output=True, timeout=60)
         for name in ["old", "foreign"]:
@@ -150,18 +110,7 @@ is installed with pip if missing. Loopback only.
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
                             "--disable-pip-version-check", "grpcio", "grpcio-health-checking"],
                            check=True, timeout=600)
-        probe = f"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
-"""
+        probe = f"""
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 read = lambda f: open(f, "rb").read()
@@ -173,17 +122,6 @@ def check(creds):
         return str(e.code())
 print(check(grpc.ssl_channel_credentials(read("ca.pem"), read("backend.key"), read("backend.pem"))))
 print(check(grpc.ssl_channel_credentials(read("ca.pem"))))
-"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
 """
         r = subprocess.run([sys.executable, "-c", probe], cwd=workdir, capture_output=True, text=True, timeout=60)
         out = r.stdout.split()
@@ -205,18 +143,7 @@ is installed with pip if missing. Loopback only.
         try:
             # Health needs no token (grpcio's stub: grpcurl would need reflection, which
             # follows the authz file).
-            health = f"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
-"""
+            health = f"""
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 ch = grpc.secure_channel("{auth_addr}", grpc.ssl_channel_credentials(open("ca.pem", "rb").read()))
@@ -224,17 +151,6 @@ try:
     print(health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status)
 except grpc.RpcError as e:
     print(e.code())
-"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
 """
             deadline = time.monotonic() + 60
             while subprocess.run([sys.executable, "-c", health], cwd=workdir, capture_output=True,
@@ -284,33 +200,11 @@ is installed with pip if missing. Loopback only.
             first = watch.stdout.readline()
             while first and "SNAPSHOT_END" not in first:
                 first = watch.stdout.readline()
-            rotate = """Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
-"""
+            rotate = """
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=new-ca -keyout new-ca.key -out new-ca.pem
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=server -keyout new-server.key -out new-server.csr
 openssl x509 -req -in new-server.csr -CA new-ca.pem -CAkey new-ca.key -CAcreateserial -days 30 -extfile server.ext -out new-server.pem
 mv new-server.key server.key && mv new-server.pem server.pem
-"""Runs the README's "Securing geomatch" commands as written against a release build:
-makes the test certificates, starts geomatch with mutual TLS, and checks with grpcurl and
-Python's grpcio that a call with the client certificate is answered and one without, with
-an expired certificate or with one from another CA is refused, and that plaintext gets
-nothing; then, with tokens and the authz file, that health is open, each caller may call
-exactly what its line allows (PERMISSION_DENIED naming the method elsewhere) and an unknown
-token is UNAUTHENTICATED; last, that a certificate rotated in place reaches new connections
-while a WatchNearby stream opened before the rotation keeps receiving events.
-
-Usage: tls_session.py <path to geomatch binary>. Needs openssl and grpcurl on PATH; grpcio
-is installed with pip if missing. Loopback only.
 """
             subprocess.run(["bash", "-ec", rotate], cwd=workdir, check=True, capture_output=True, timeout=60)
             new_ok = ok.replace("-cacert ca.pem", "-cacert new-ca.pem")
