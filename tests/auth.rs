@@ -190,19 +190,6 @@ async fn mutual_tls_certificates_name_callers() {
 async fn auth_files_that_do_not_parse_stop_the_start_with_the_line_named() {
     let d = dir("auth-bad");
     put(&d.join("authz"), "backend *\noperator\n");
-    let cfg = common::config(&["--authz-file", d.join("authz").to_str().unwrap()]);
-    let app = geomatch::server::App::new(&cfg, std::sync::Arc::new(geomatch::clock::SystemClock))
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = geomatch::server::serve(
-        app,
-        geomatch::server::Listeners {
-            grpc: listener,
-            metrics: None,
-        },
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
+    let err = common::serve_error(&["--authz-file", d.join("authz").to_str().unwrap()]).await;
     assert!(err.to_string().contains("authz:2"), "{err}");
 }

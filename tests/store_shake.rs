@@ -17,7 +17,7 @@ use std::{
 use common::{
     TestServer,
     build::shake,
-    fixtures::{BEIJING, SHANGHAI, moved},
+    fixtures::{BEIJING, SHANGHAI, moved, north_of},
     redis, start_store,
 };
 use geomatch::grpc::pb::{self, shake_client::ShakeClient, shake_response};
@@ -29,6 +29,15 @@ use tonic::{Code, transport::Channel};
 /// Two points ~200 m apart whose shake buckets (resolution 7) have different resolution-5
 /// parents: their shakes live in two hash tags, so pairing them crosses slots.
 fn across_a_tag_border() -> ((f64, f64), (f64, f64)) {
+    // Tests run at once over one cluster: each gets its own stretch of the map, so no
+    // test's shakes pair with another's.
+    static LANE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let lane = LANE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    across_a_tag_border_from(north_of(SHANGHAI, f64::from(lane) * 30_000.0))
+}
+
+/// As [`across_a_tag_border`], walking east from `start`.
+fn across_a_tag_border_from(start: (f64, f64)) -> ((f64, f64), (f64, f64)) {
     // As the server files them: the bucket of the privacy cell's centre.
     let tag = |p: (f64, f64)| {
         let p = common::fixtures::cell_centre(p);
@@ -38,7 +47,7 @@ fn across_a_tag_border() -> ((f64, f64), (f64, f64)) {
             .parent(Resolution::Five)
             .unwrap()
     };
-    let mut a = SHANGHAI;
+    let mut a = start;
     for _ in 0..2_000 {
         let b = moved(a, 200.0, 0.0);
         if tag(a) != tag(b) {
@@ -46,7 +55,7 @@ fn across_a_tag_border() -> ((f64, f64), (f64, f64)) {
         }
         a = b;
     }
-    panic!("no tag border within 400 km east of Shanghai");
+    panic!("no tag border within 400 km east of {start:?}");
 }
 
 type Call = tokio::task::JoinHandle<Result<pb::ShakeResponse, tonic::Status>>;
@@ -89,6 +98,33 @@ async fn replicas(flags: &[String], extra: &[&str], n: usize) -> Vec<TestServer>
         out.push(start_store(&args).await);
     }
     out
+}
+
+/// Two users about to shake on either side of a tag border, and replicas over the shared
+/// cluster to shake through.
+struct Border {
+    _cluster: redis::SharedCluster,
+    rs: Vec<TestServer>,
+    pa: (f64, f64),
+    pb: (f64, f64),
+    ua: String,
+    ub: String,
+}
+
+/// [`Border`] with `n` replicas started with `extra` flags, users named under `label`;
+/// `None` (the test skips) without a cluster.
+async fn border(label: &str, extra: &[&str], n: usize) -> Option<Border> {
+    let (cluster, flags) = cluster_flags().await?;
+    let p = redis::unique_prefix(label);
+    let (pa, pb) = across_a_tag_border();
+    Some(Border {
+        rs: replicas(&flags, extra, n).await,
+        _cluster: cluster,
+        pa,
+        pb,
+        ua: format!("{p}a"),
+        ub: format!("{p}b"),
+    })
 }
 
 /// Two shakes at a tag border, one through each replica, sent together: one pairing, seen
@@ -153,13 +189,12 @@ async fn shakes_through_two_replicas_of_a_valkey_cluster_pair_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exclusions_hold_across_replicas() {
-    let Some((_cluster, flags)) = cluster_flags().await else {
+    let Some(Border {
+        rs, pa, pb, ua, ub, ..
+    }) = border("shx", &["--shake-window", "600ms"], 2).await
+    else {
         return;
     };
-    let p = redis::unique_prefix("shx");
-    let rs = replicas(&flags, &["--shake-window", "600ms"], 2).await;
-    let (pa, pb) = across_a_tag_border();
-    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
     let mut req = shake(&ua, "s1", pa);
     req.exclude_user_ids = vec![ub.clone()];
     let a = send(rs[0].shake().await, req);
@@ -170,14 +205,12 @@ async fn exclusions_hold_across_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_shake_id_through_another_replica_supersedes_the_waiting_one() {
-    let Some((_cluster, flags)) = cluster_flags().await else {
+    let Some(Border {
+        rs, pa, pb, ua, ub, ..
+    }) = border("shp", &["--shake-window", "30s"], 2).await
+    else {
         return;
     };
-    let p = redis::unique_prefix("shp");
-    // A long window: the superseded call must end because it was woken, not by its window.
-    let rs = replicas(&flags, &["--shake-window", "30s"], 2).await;
-    let (pa, pb) = across_a_tag_border();
-    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
     let first = rs[0].waiting_shake(shake(&ua, "s1", pa)).await;
     let second = send(rs[1].shake().await, shake(&ua, "s2", pa));
     let first = tokio::time::timeout(Duration::from_secs(10), first)
@@ -208,13 +241,12 @@ async fn a_new_shake_id_through_another_replica_supersedes_the_waiting_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_shake_is_never_matched_through_another_replica() {
-    let Some((_cluster, flags)) = cluster_flags().await else {
+    let Some(Border {
+        rs, pa, pb, ua, ub, ..
+    }) = border("shk", &["--shake-window", "30s"], 2).await
+    else {
         return;
     };
-    let p = redis::unique_prefix("shk");
-    let rs = replicas(&flags, &["--shake-window", "30s"], 2).await;
-    let (pa, pb) = across_a_tag_border();
-    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
     let mut req = tonic::Request::new(shake(&ua, "s1", pa));
     req.set_timeout(Duration::from_millis(300));
     let err = rs[0].shake().await.shake(req).await.unwrap_err();
@@ -421,13 +453,12 @@ async fn a_replica_killed_mid_shake_leaves_a_consistent_outcome() {
 /// both calls return the one pairing (the joined replica is woken, not left to its window).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_through_another_replica_joins_the_waiting_shake() {
-    let Some((_cluster, flags)) = cluster_flags().await else {
+    let Some(Border {
+        rs, pa, pb, ua, ub, ..
+    }) = border("shj", &["--shake-window", "30s"], 2).await
+    else {
         return;
     };
-    let p = redis::unique_prefix("shj");
-    let rs = replicas(&flags, &["--shake-window", "30s"], 2).await;
-    let (pa, pb) = across_a_tag_border();
-    let (ua, ub) = (format!("{p}a"), format!("{p}b"));
     let first = rs[0].waiting_shake(shake(&ua, "s1", pa)).await;
     let retry = rs[1].waiting_shake(shake(&ua, "s1", pa)).await;
     let b = rs[1]

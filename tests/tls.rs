@@ -180,24 +180,12 @@ async fn tls_flags_that_do_not_go_together_are_named() {
         assert!(err.contains(needle), "{flags:?}: {err}");
     }
     // Files that do not exist stop the start with the file named.
-    let cfg = common::config(&[
+    let err = common::serve_error(&[
         "--tls-cert",
         "/nonexistent/c.pem",
         "--tls-key",
         "/nonexistent/k.pem",
-    ]);
-    let app = geomatch::server::App::new(&cfg, std::sync::Arc::new(geomatch::clock::SystemClock))
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = geomatch::server::serve(
-        app,
-        geomatch::server::Listeners {
-            grpc: listener,
-            metrics: None,
-        },
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
+    ])
+    .await;
     assert!(err.to_string().contains("/nonexistent/c.pem"), "{err}");
 }

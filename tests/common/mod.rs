@@ -181,3 +181,18 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out.split_once("\r\n\r\n").unwrap().1.to_string()
 }
+
+/// Why geomatch with these flags refuses to serve (it must): the error `serve` returns
+/// before binding anything but the given listener.
+pub async fn serve_error(args: &[&str]) -> ServeError {
+    let cfg = config(args);
+    let app = App::new(&cfg, Arc::new(geomatch::clock::SystemClock)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listeners = server::Listeners {
+        grpc: listener,
+        metrics: None,
+    };
+    server::serve(app, listeners, std::future::pending())
+        .await
+        .expect_err("geomatch served with flags it should refuse")
+}
