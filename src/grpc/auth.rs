@@ -28,7 +28,7 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::{config::AuthFiles, telemetry::names};
+use crate::telemetry::names;
 
 /// What callers may call: patterns of `service/Method`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,13 +107,14 @@ fn lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, RulesError> {
 }
 
 impl Rules {
-    /// Reads the files.
+    /// Reads the tokens file (`name token` lines) and the authz file (`name method...`
+    /// lines), each if given.
     ///
     /// # Errors
     /// [`RulesError`] naming the file and line (never a token).
-    pub fn load(files: &AuthFiles) -> Result<Self, RulesError> {
+    pub fn load(tokens: Option<&Path>, authz: Option<&Path>) -> Result<Self, RulesError> {
         let mut rules = Self::default();
-        if let Some(path) = &files.tokens {
+        if let Some(path) = tokens {
             for (line, words) in lines(path)? {
                 let [name, token] = &words[..] else {
                     return Err(RulesError {
@@ -128,7 +129,7 @@ impl Rules {
                 ));
             }
         }
-        if let Some(path) = &files.authz {
+        if let Some(path) = authz {
             let mut grants: HashMap<String, Vec<Pattern>> = HashMap::new();
             for (line, words) in lines(path)? {
                 let Some((name, methods)) = words.split_first().filter(|(_, m)| !m.is_empty())

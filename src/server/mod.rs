@@ -166,14 +166,16 @@ pub async fn serve(
     // Who may call what, read again when the files change (the old rules stay on a bad
     // file); no auth flags: everyone may call everything.
     let (rules, _auth_watch) = if cfg.auth.enabled() {
-        let rules = Arc::new(arc_swap::ArcSwap::from_pointee(Rules::load(&cfg.auth)?));
+        let load =
+            |f: &crate::config::AuthFiles| Rules::load(f.tokens.as_deref(), f.authz.as_deref());
+        let rules = Arc::new(arc_swap::ArcSwap::from_pointee(load(&cfg.auth)?));
         let (live, files) = (rules.clone(), cfg.auth.clone());
         let paths = [files.tokens.clone(), files.authz.clone()]
             .into_iter()
             .flatten()
             .collect();
         let watch = reload::watch("auth", paths, move || {
-            live.store(Arc::new(Rules::load(&files).map_err(|e| e.to_string())?));
+            live.store(Arc::new(load(&files).map_err(|e| e.to_string())?));
             Ok(())
         });
         (Some(rules), Some(AbortOnDrop(watch)))
