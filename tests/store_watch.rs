@@ -226,3 +226,49 @@ async fn a_watcher_without_a_location_is_refused_over_a_store() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 }
+
+/// A watch follows its watcher: a ping of the watcher through another replica moves the
+/// watch there, reporting who was left behind and who is around the new spot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_follows_its_watchers_pings_through_another_replica() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    let (a, b) = replicas(&flags).await;
+    let p = redis::unique_prefix("wf");
+    let home = moved(BEIJING, 30_000.0, -40_000.0);
+    let away = moved(home, 8_000.0, 0.0);
+    let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
+    let u = |n: &str| format!("{p}{n}");
+    ca.update_location(ping(&u("me"), home)).await.unwrap();
+    cb.update_location(ping(&u("near"), north_of(home, 300.0)))
+        .await
+        .unwrap();
+    cb.update_location(ping(&u("there"), north_of(away, 300.0)))
+        .await
+        .unwrap();
+    let mut events = ca
+        .watch_nearby(watch(&u("me"), 1_000.0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut events).await.1, u("near"));
+    assert_eq!(next(&mut events).await.0, Kind::SnapshotEnd);
+    // The watcher moves, through the other replica.
+    cb.update_location(ping(&u("me"), away)).await.unwrap();
+    let left = next(&mut events).await;
+    assert_eq!((left.0, left.1), (Kind::Leave, u("near")));
+    let entered = next(&mut events).await;
+    assert_eq!((entered.0, entered.1), (Kind::Enter, u("there")));
+    // And from there on it sees changes around the new spot.
+    cb.update_location(ping(&u("later"), north_of(away, 500.0)))
+        .await
+        .unwrap();
+    let later = next(&mut events).await;
+    assert_eq!((later.0, later.1), (Kind::Enter, u("later")));
+    drop(events);
+    a.stop().await;
+    b.stop().await;
+}

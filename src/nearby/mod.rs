@@ -297,6 +297,25 @@ impl NearbyIndex {
         self.watchers.changed(&watch::Change { user, old, new });
     }
 
+    /// The radius, leave radius and gender filter of each watch `user` has open.
+    pub fn watches_of(&self, user: &str) -> Vec<(f64, f64, Gender)> {
+        self.watchers.params_of(user)
+    }
+
+    /// Moves `user`'s own watches to `centre` (their new position, learnt elsewhere):
+    /// `found(radius_m, gender, within_m)` lists everyone a watch of that radius and
+    /// filter admits within `within_m` of `centre` (its radius, then its leave radius).
+    pub fn follow_elsewhere(
+        &self,
+        user: &str,
+        centre: LatLng,
+        found: impl Fn(f64, Gender, f64) -> Vec<Found>,
+    ) {
+        self.watchers.follow(user, centre, |w, _, within| {
+            found(w.radius_m(), w.gender(), within)
+        });
+    }
+
     /// How far a user watched with `radius_m` may move before the watch reports LEAVE.
     pub fn watch_leave_radius_m(&self, radius_m: f64) -> f64 {
         self.watchers.leave_radius_m(radius_m)

@@ -472,6 +472,22 @@ impl Watchers {
         }
     }
 
+    /// The radius, leave radius and gender filter of each of `user`'s open watches.
+    pub(super) fn params_of(&self, user: &str) -> Vec<(f64, f64, Gender)> {
+        if self.len() == 0 {
+            return Vec::new();
+        }
+        self.by_user
+            .read(self.user_shard(user))
+            .get(user)
+            .map(|list| {
+                list.iter()
+                    .map(|w| (w.radius_m, w.leave_m, w.gender))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Moves `user`'s own watches to their new exact position: re-registers their areas
     /// and re-scans, reporting who entered and who is now beyond the leave radius.
     /// `scan(w, centre, radius)` lists everyone `w` admits within `radius` of `centre`.
@@ -522,6 +538,11 @@ impl Watcher {
     /// The watcher (never in its own events).
     pub(super) fn user(&self) -> &UserId {
         &self.user
+    }
+
+    /// The radius ENTER is decided by, metres.
+    pub(super) fn radius_m(&self) -> f64 {
+        self.radius_m
     }
 
     /// The gender filter.

@@ -108,7 +108,7 @@ impl App {
             RedisShake::connect(&target, settings.shake.clone(), settings.store.timeout).await?;
         Ok(Self {
             nearby,
-            store: NearbyStore::Redis(Arc::new(remote)),
+            store: NearbyStore::Redis(remote),
             limits: Arc::new(Limits::new(settings.guard, None).with_shared_rates()),
             shakes: ShakeStore::Redis(Arc::new(shakes)),
             matcher: Arc::new(Matcher::new(settings.shake)),

@@ -65,19 +65,59 @@ impl RedisNearby {
         cfg: NearbyConfig,
         timeout: Duration,
         watch_index: std::sync::Arc<crate::nearby::NearbyIndex>,
-    ) -> std::result::Result<Self, StoreError> {
+    ) -> std::result::Result<std::sync::Arc<Self>, StoreError> {
         let conn = Conn::open(target, timeout).await?;
         conn.prepare().await?;
         let key = token_key(&conn).await?;
         let watches = super::watch::RemoteWatches::open(target, timeout, watch_index).await?;
-        Ok(Self {
+        let me = std::sync::Arc::new(Self {
             conn,
             cfg,
             tokens: PageTokens::new(key),
             registered: Mutex::default(),
             replica: replica_name()?,
             watches,
-        })
+        });
+        // A watcher's own pings move its watches: re-scanning needs the store.
+        me.watches.follow_through(std::sync::Arc::downgrade(&me));
+        Ok(me)
+    }
+
+    /// Everyone `searcher` would find within `radius_m` of `centre` with `gender`, every
+    /// page (the radius may exceed the search limit: a watch's leave radius does).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub(crate) async fn within(
+        &self,
+        searcher: &UserId,
+        centre: crate::geo::Coordinates,
+        radius_m: f64,
+        gender: crate::nearby::Gender,
+        now_ms: i64,
+    ) -> Result<Vec<crate::nearby::Found>> {
+        let mut cfg = self.cfg.clone();
+        cfg.radius.max_m = cfg.radius.max_m.max(radius_m);
+        let mut found = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = SearchRequest {
+                searcher: searcher.clone(),
+                centre,
+                radius_m,
+                limit: cfg.page.max,
+                gender,
+                page_token,
+            };
+            let page = self
+                .search(&search::query(&cfg, &self.tokens, &req)?, now_ms)
+                .await?;
+            found.extend(page.users);
+            match page.next_page_token {
+                Some(t) => page_token = t,
+                None => return Ok(found),
+            }
+        }
     }
 
     /// Opens a watch: ENTER / LEAVE for changes made through any replica. The lease keeps

@@ -59,6 +59,12 @@ struct Shared {
     latest: Mutex<HashMap<Box<[u8]>, Latest>>,
     /// Held while a watch scans: changes arriving meanwhile wait until it has opened.
     gate: tokio::sync::Mutex<()>,
+    /// The store, to re-scan a watch whose watcher moved (set once it exists).
+    store: std::sync::OnceLock<std::sync::Weak<RedisNearby>>,
+    /// The tags around where each watcher moved to, kept subscribed while they watch.
+    followed: Mutex<HashMap<Box<[u8]>, TagLease>>,
+    /// The subscription connection (for the tags a followed watch moves to).
+    sub: std::sync::OnceLock<Subscription>,
 }
 
 impl Drop for RemoteWatches {
@@ -73,10 +79,23 @@ pub struct TagLease {
     tags: Vec<String>,
     shared: Arc<Shared>,
     sub: Subscription,
+    /// A stream's lease: its watcher, whose followed tags go too once its last watch does.
+    watcher: Option<(Box<[u8]>, Arc<NearbyIndex>)>,
 }
 
 impl Drop for TagLease {
     fn drop(&mut self) {
+        if let Some((watcher, index)) = &self.watcher
+            && std::str::from_utf8(watcher).is_ok_and(|w| index.watches_of(w).is_empty())
+        {
+            let followed = self
+                .shared
+                .followed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(watcher);
+            drop(followed);
+        }
         let mut gone = Vec::new();
         {
             let mut tags = self
@@ -127,6 +146,7 @@ impl RemoteWatches {
     ) -> std::result::Result<Self, StoreError> {
         let (sub, rx) = Subscription::open(target, timeout).await?;
         let shared = Arc::new(Shared::default());
+        let _ = shared.sub.set(sub.clone());
         let task = tokio::spawn(apply_all(rx, index.clone(), shared.clone()));
         Ok(Self {
             index,
@@ -156,7 +176,8 @@ impl RemoteWatches {
             });
         };
         let centre = LatLng::from(own.cell);
-        let lease = self.subscribe(centre, req.radius.m()).await?;
+        let mut lease = self.subscribe(centre, req.radius.m()).await?;
+        lease.watcher = Some((req.watcher.as_str().as_bytes().into(), self.index.clone()));
         let _paused = self.shared.gate.lock().await;
         let start = self.scan(store, req, centre, now_ms).await?;
         {
@@ -176,42 +197,14 @@ impl RemoteWatches {
         Ok((watch, lease))
     }
 
+    /// Lets watches follow their watchers' pings, re-scanning through `store`.
+    pub(super) fn follow_through(&self, store: std::sync::Weak<RedisNearby>) {
+        let _ = self.shared.store.set(store);
+    }
+
     /// Subscribes to every tag a watch of `radius_m` around `centre` covers.
     async fn subscribe(&self, centre: LatLng, radius_m: f64) -> Result<TagLease> {
-        // Members are filed by the coarse cell holding their privacy cell's centre, and
-        // distances are measured to that centre: every coarse cell within the leave
-        // radius may hold a member the watch cares about.
-        let leave_m = self.index.watch_leave_radius_m(radius_m);
-        let mut tags: Vec<String> = RingCover::cells_within(centre, Resolution::Seven, leave_m)
-            .into_iter()
-            .map(|(c, _)| tag_of_coarse(c))
-            .collect();
-        tags.sort_unstable();
-        tags.dedup();
-        let fresh: Vec<String> = {
-            let mut held = self
-                .shared
-                .tags
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            tags.iter()
-                .filter(|t| {
-                    let n = held.entry((*t).clone()).or_insert(0);
-                    *n += 1;
-                    *n == 1
-                })
-                .cloned()
-                .collect()
-        };
-        let lease = TagLease {
-            tags,
-            shared: self.shared.clone(),
-            sub: self.sub.clone(),
-        };
-        for t in fresh {
-            self.sub.subscribe(&change_channel(&t)).await?;
-        }
-        Ok(lease)
+        subscribe(&self.index, &self.sub, &self.shared, centre, radius_m).await
     }
 
     /// Everyone the watch admits within its radius, as the store holds them now.
@@ -241,6 +234,107 @@ impl RemoteWatches {
             }
         }
     }
+}
+
+/// Subscribes to every tag a watch of `radius_m` around `centre` covers.
+async fn subscribe(
+    index: &NearbyIndex,
+    sub: &Subscription,
+    shared: &Arc<Shared>,
+    centre: LatLng,
+    radius_m: f64,
+) -> Result<TagLease> {
+    // Members are filed by the coarse cell holding their privacy cell's centre, and
+    // distances are measured to that centre: every coarse cell within the leave
+    // radius may hold a member the watch cares about.
+    let leave_m = index.watch_leave_radius_m(radius_m);
+    let mut tags: Vec<String> = RingCover::cells_within(centre, Resolution::Seven, leave_m)
+        .into_iter()
+        .map(|(c, _)| tag_of_coarse(c))
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    let fresh: Vec<String> = {
+        let mut held = shared.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        tags.iter()
+            .filter(|t| {
+                let n = held.entry((*t).clone()).or_insert(0);
+                *n += 1;
+                *n == 1
+            })
+            .cloned()
+            .collect()
+    };
+    let lease = TagLease {
+        tags,
+        shared: shared.clone(),
+        sub: sub.clone(),
+        watcher: None,
+    };
+    for t in fresh {
+        sub.subscribe(&change_channel(&t)).await?;
+    }
+    Ok(lease)
+}
+
+/// Moves `watcher`'s watches to `cell`'s centre in the background: subscribes to the tags
+/// around it, then, with changes paused, re-scans the store for each watch and reports who
+/// entered and who is now beyond the leave radius. `now` is the moving ping's own time
+/// (as in memory, where a watch follows its watcher's ping at that ping's time).
+fn follow(
+    index: &Arc<NearbyIndex>,
+    shared: &Arc<Shared>,
+    watcher: String,
+    cell: CellIndex,
+    now: i64,
+) {
+    let Some(store) = shared.store.get().and_then(std::sync::Weak::upgrade) else {
+        return;
+    };
+    let (index, shared) = (index.clone(), shared.clone());
+    tokio::spawn(async move {
+        let centre = LatLng::from(cell);
+        let Ok(at) = Coordinates::new("position", centre.lat(), centre.lng()) else {
+            return;
+        };
+        let Ok(who) = crate::id::UserId::new("user_id", &watcher) else {
+            return;
+        };
+        let watches = index.watches_of(&watcher);
+        let Some(widest) = watches.iter().map(|w| w.0).reduce(f64::max) else {
+            return;
+        };
+        let Some(sub) = shared.sub.get().cloned() else {
+            return;
+        };
+        let Ok(lease) = subscribe(&index, &sub, &shared, centre, widest).await else {
+            return;
+        };
+        let _paused = shared.gate.lock().await;
+        let mut scans: Vec<((u64, crate::nearby::Gender, u64), Vec<crate::nearby::Found>)> =
+            Vec::new();
+        for (radius, leave, gender) in watches {
+            for within in [radius, leave] {
+                match store.within(&who, at, within, gender, now).await {
+                    Ok(found) => scans.push(((radius.to_bits(), gender, within.to_bits()), found)),
+                    // The store is away: the watch stays where it was.
+                    Err(_) => return,
+                }
+            }
+        }
+        index.follow_elsewhere(&watcher, centre, |radius, gender, within| {
+            scans
+                .iter()
+                .find(|(k, _)| *k == (radius.to_bits(), gender, within.to_bits()))
+                .map(|(_, f)| f.clone())
+                .unwrap_or_default()
+        });
+        shared
+            .followed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(watcher.as_bytes().into(), lease);
+    });
 }
 
 /// Applies every change message, in arrival order.
@@ -275,7 +369,7 @@ fn stored(member: &[u8]) -> Option<(&[u8], &[u8], i64)> {
 
 /// One change: `P` (now in the cell) or `D` (gone from it), the cell, `|` and the member
 /// as stored; or `M`, the cell moved from, `|`, the cell moved to, `|` and the new member.
-fn apply(index: &NearbyIndex, shared: &Shared, payload: &[u8]) {
+fn apply(index: &Arc<NearbyIndex>, shared: &Arc<Shared>, payload: &[u8]) {
     let Some((&kind, rest)) = payload.split_first() else {
         return;
     };
@@ -307,6 +401,13 @@ fn apply(index: &NearbyIndex, shared: &Shared, payload: &[u8]) {
             let old = if kind == b'M' { from } else { before };
             drop(latest);
             index.changed_elsewhere(user, old, Some((cell, fields)));
+            // The watcher's own watches move with them (after this change is applied).
+            if old != Some(cell)
+                && let Ok(watcher) = std::str::from_utf8(user)
+                && !index.watches_of(watcher).is_empty()
+            {
+                follow(index, shared, watcher.to_owned(), cell, seen);
+            }
         }
         b'D' => {
             latest.remove(user);
