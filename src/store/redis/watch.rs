@@ -41,7 +41,6 @@ use crate::{
 #[derive(Debug)]
 pub(super) struct RemoteWatches {
     index: Arc<NearbyIndex>,
-    sub: Subscription,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -50,7 +49,7 @@ pub(super) struct RemoteWatches {
 /// scan) and the member's last-seen time.
 type Latest = (Option<CellIndex>, i64);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     /// Open watches per tag they cover.
     tags: Mutex<HashMap<String, usize>>,
@@ -63,8 +62,8 @@ struct Shared {
     store: std::sync::OnceLock<std::sync::Weak<RedisNearby>>,
     /// The tags around where each watcher moved to, kept subscribed while they watch.
     followed: Mutex<HashMap<Box<[u8]>, TagLease>>,
-    /// The subscription connection (for the tags a followed watch moves to).
-    sub: std::sync::OnceLock<Subscription>,
+    /// The subscription connection the tags are subscribed on.
+    sub: Subscription,
 }
 
 impl Drop for RemoteWatches {
@@ -78,7 +77,6 @@ impl Drop for RemoteWatches {
 pub struct TagLease {
     tags: Vec<String>,
     shared: Arc<Shared>,
-    sub: Subscription,
     /// A stream's lease: its watcher, whose followed tags go too once its last watch does.
     watcher: Option<(Box<[u8]>, Arc<NearbyIndex>)>,
 }
@@ -123,7 +121,7 @@ impl Drop for TagLease {
         if gone.is_empty() {
             return;
         }
-        let sub = self.sub.clone();
+        let sub = self.shared.sub.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for t in gone {
@@ -145,12 +143,17 @@ impl RemoteWatches {
         index: Arc<NearbyIndex>,
     ) -> std::result::Result<Self, StoreError> {
         let (sub, rx) = Subscription::open(target, timeout).await?;
-        let shared = Arc::new(Shared::default());
-        let _ = shared.sub.set(sub.clone());
+        let shared = Arc::new(Shared {
+            tags: Mutex::default(),
+            latest: Mutex::default(),
+            gate: tokio::sync::Mutex::default(),
+            store: std::sync::OnceLock::new(),
+            followed: Mutex::default(),
+            sub,
+        });
         let task = tokio::spawn(apply_all(rx, index.clone(), shared.clone()));
         Ok(Self {
             index,
-            sub,
             shared,
             task,
         })
@@ -204,7 +207,7 @@ impl RemoteWatches {
 
     /// Subscribes to every tag a watch of `radius_m` around `centre` covers.
     async fn subscribe(&self, centre: LatLng, radius_m: f64) -> Result<TagLease> {
-        subscribe(&self.index, &self.sub, &self.shared, centre, radius_m).await
+        subscribe(&self.index, &self.shared, centre, radius_m).await
     }
 
     /// Everyone the watch admits within its radius, as the store holds them now.
@@ -239,7 +242,6 @@ impl RemoteWatches {
 /// Subscribes to every tag a watch of `radius_m` around `centre` covers.
 async fn subscribe(
     index: &NearbyIndex,
-    sub: &Subscription,
     shared: &Arc<Shared>,
     centre: LatLng,
     radius_m: f64,
@@ -268,11 +270,10 @@ async fn subscribe(
     let lease = TagLease {
         tags,
         shared: shared.clone(),
-        sub: sub.clone(),
         watcher: None,
     };
     for t in fresh {
-        sub.subscribe(&change_channel(&t)).await?;
+        shared.sub.subscribe(&change_channel(&t)).await?;
     }
     Ok(lease)
 }
@@ -304,10 +305,7 @@ fn follow(
         let Some(widest) = watches.iter().map(|w| w.0).reduce(f64::max) else {
             return;
         };
-        let Some(sub) = shared.sub.get().cloned() else {
-            return;
-        };
-        let Ok(lease) = subscribe(&index, &sub, &shared, centre, widest).await else {
+        let Ok(lease) = subscribe(&index, &shared, centre, widest).await else {
             return;
         };
         let _paused = shared.gate.lock().await;

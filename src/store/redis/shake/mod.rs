@@ -240,8 +240,8 @@ impl RedisShake {
             }),
             armed: true,
         };
-        let fallback = (creator && req.fallback == Fallback::Anywhere)
-            .then(|| deadline.checked_sub(window / 2).unwrap_or(deadline));
+        let fallback =
+            (creator && me.anywhere).then(|| deadline.checked_sub(window / 2).unwrap_or(deadline));
         let outcome = self
             .wait(&me, &wake, &mut guard, deadline, fallback, req.deadline)
             .await;

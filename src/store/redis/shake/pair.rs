@@ -160,11 +160,7 @@ impl RedisShake {
         for (_, keys) in others {
             out.extend(self.conn.query::<Vec<String>>(&call(keys, false)).await?);
         }
-        Ok(out
-            .iter()
-            .filter_map(|s| Listing::decode(s))
-            .filter(|l| l.user != me.listing.user)
-            .collect())
+        Ok(out.iter().filter_map(|s| Listing::decode(s)).collect())
     }
 
     /// Tries `candidates` in order: the outcome once one pairs (or someone paired us), and

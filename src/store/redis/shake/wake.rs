@@ -18,15 +18,16 @@ use super::RedisShake;
 impl RedisShake {
     /// Wakes the replicas (space-separated) waiting on `state`, but for this one.
     pub(super) fn wake_others(&self, replicas: &str, state: &str) {
-        let others: Vec<&str> = replicas
-            .split(' ')
-            .filter(|r| !r.is_empty() && *r != self.replica)
-            .collect();
-        self.wake_all(&others.join(" "), state);
+        self.publish(replicas.split(' ').filter(|r| *r != self.replica), state);
     }
 
     /// Wakes the replicas (space-separated) waiting on `state`.
     pub(super) fn wake_all(&self, replicas: &str, state: &str) {
+        self.publish(replicas.split(' '), state);
+    }
+
+    /// Sends `state` to each replica's wake channel, in the background.
+    fn publish<'a>(&self, replicas: impl Iterator<Item = &'a str>, state: &str) {
         let conn = self.conn.clone();
         let publish = if conn.clustered() {
             "SPUBLISH"
@@ -34,7 +35,6 @@ impl RedisShake {
             "PUBLISH"
         };
         let cmds: Vec<redis::Cmd> = replicas
-            .split(' ')
             .filter(|r| !r.is_empty())
             .map(|r| redis::cmd(publish).arg(channel(r)).arg(state).clone())
             .collect();
