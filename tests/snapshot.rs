@@ -4,14 +4,16 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use common::{
     T0,
     build::{SearchExt as _, ping, search},
     config,
     fixtures::{SHANGHAI, north_of},
-    found, start, start_at,
+    found,
+    process::{self, Process},
+    start, start_at,
 };
 use geomatch::{
     clock::ManualClock,
@@ -20,7 +22,6 @@ use geomatch::{
     server::{App, ServeError},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("geomatch-it-{}-{name}", std::process::id()));
@@ -102,50 +103,18 @@ async fn a_corrupt_snapshot_stops_start_up_unless_told_to_ignore_it() {
     );
 }
 
-/// A real `geomatch` process with JSON logs on a pipe.
-struct Child {
-    child: tokio::process::Child,
-    addr: String,
-}
-
-async fn spawn_server(snapshot: &str) -> Child {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_geomatch"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--snapshot",
-            snapshot,
-            "--snapshot-interval",
-            "20ms",
-            "--log-format",
-            "json",
-            // A debug build on a busy machine: no load shedding, so every ping lands.
-            "--max-queue-delay",
-            "0",
-        ])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("server exited before listening");
-        assert!(!line.contains("\"level\":\"ERROR\""), "{line}");
-        if line.contains("gRPC listening") {
-            let at = line.find("\"addr\":\"").unwrap() + 8;
-            break line[at..].split('"').next().unwrap().to_string();
-        }
-    };
-    // Keep draining the pipe so the server never blocks on a full stderr.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Child { child, addr }
+/// A real `geomatch` process writing snapshots every 20 ms.
+async fn spawn_server(snapshot: &str) -> Process {
+    process::spawn(&[
+        "--snapshot",
+        snapshot,
+        "--snapshot-interval",
+        "20ms",
+        // A debug build on a busy machine: no load shedding, so every ping lands.
+        "--max-queue-delay",
+        "0",
+    ])
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,11 +125,7 @@ async fn kill_9_during_snapshot_writes_always_leaves_a_loadable_snapshot() {
     let mut rng = StdRng::seed_from_u64(99);
 
     let mut server = spawn_server(&path_s).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let users = 20_000;
     let mut tasks = Vec::new();
     for t in 0..8 {

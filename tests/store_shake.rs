@@ -10,7 +10,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    process::Stdio,
     time::Duration,
 };
 
@@ -18,12 +17,11 @@ use common::{
     TestServer,
     build::shake,
     fixtures::{BEIJING, SHANGHAI, moved, north_of},
-    redis, start_store,
+    process, redis, start_store,
 };
 use geomatch::grpc::pb::{self, shake_client::ShakeClient, shake_response};
 use h3o::{LatLng, Resolution};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::{Code, transport::Channel};
 
 /// Two points ~200 m apart whose shake buckets (resolution 7) have different resolution-5
@@ -375,32 +373,10 @@ async fn a_replica_killed_mid_shake_leaves_a_consistent_outcome() {
     let p = redis::unique_prefix("sh9");
     let (pa, pb) = across_a_tag_border();
     let (ua, ub) = (format!("{p}a"), format!("{p}b"));
-    let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
-    args.extend(flags.iter().cloned());
-    args.extend(["--shake-window", "20s", "--log-format", "json"].map(String::from));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_geomatch"))
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("replica exited");
-        if line.contains("gRPC listening") {
-            let at = line.find("\"addr\":\"").unwrap() + 8;
-            break line[at..].split('"').next().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(["--shake-window", "20s"]);
+    let mut child = process::spawn(&args).await;
+    let channel = child.channel().await;
     let lost = send(ShakeClient::new(channel), shake(&ua, "s1", pa));
     // Its shake waits in the store once it is listed in its bucket's waiting index.
     let bucket = common::fixtures::cell_centre(pa);
@@ -425,8 +401,8 @@ async fn a_replica_killed_mid_shake_leaves_a_consistent_outcome() {
         }
         tokio::task::yield_now().await;
     }
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    child.child.start_kill().unwrap();
+    child.child.wait().await.unwrap();
     assert!(
         lost.await.unwrap().is_err(),
         "the killed replica's call is lost"

@@ -6,6 +6,7 @@ pub mod build;
 pub mod contract;
 pub mod fixtures;
 pub mod pki;
+pub mod process;
 pub mod redis;
 
 use std::{net::SocketAddr, sync::Arc};

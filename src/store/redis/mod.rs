@@ -29,6 +29,7 @@
 //! which the `EVAL` script cache does not. Every function is idempotent, because the
 //! client retries a call whose reply it lost.
 
+mod fetched;
 mod nearby;
 mod pubsub;
 mod shake;

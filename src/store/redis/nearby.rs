@@ -16,17 +16,20 @@ use std::{
     time::Duration,
 };
 
-use h3o::{CellIndex, Resolution};
+use h3o::CellIndex;
 use redis::Value;
 
-use super::{CellKeys, Conn, StoreError, TAGS_KEY, Target, occupancy_key, tag_of_coarse, user_key};
+use super::{
+    CellKeys, Conn, StoreError, TAGS_KEY, Target,
+    fetched::{Fetched, Group},
+    occupancy_key, tag_of_coarse, user_key,
+};
 use crate::{
     error::{Error, Result},
     id::UserId,
     nearby::{
         LocationStatus, NearbyConfig, PageTokens, Ping, Placement, Query, SearchPage,
-        SearchRequest, bucket, search,
-        source::{CellSource, Need},
+        SearchRequest, bucket, search, source::Need,
     },
 };
 
@@ -539,90 +542,4 @@ async fn token_key(conn: &Conn) -> std::result::Result<[u8; 32], StoreError> {
         .await?;
     key.try_into()
         .map_err(|_| StoreError::Incompatible("the store's page-token key is not 32 bytes".into()))
-}
-
-/// The reads of one pipeline: privacy cells with their bucket keys, and coarse cells.
-type Group = (Vec<(CellIndex, String)>, Vec<CellIndex>);
-
-/// The cells a search has read so far: a [`CellSource`] that misses the rest.
-#[derive(Debug)]
-struct Fetched {
-    res: Resolution,
-    cells: HashMap<CellIndex, Option<Box<[u8]>>>,
-    coarse: HashMap<CellIndex, Vec<CellIndex>>,
-}
-
-impl Fetched {
-    fn new(res: Resolution) -> Self {
-        Self {
-            res,
-            cells: HashMap::new(),
-            coarse: HashMap::new(),
-        }
-    }
-
-    /// Files the replies of one pipeline: one MGET of the privacy cells (when there are
-    /// any), then an SMEMBERS per coarse cell, in that order.
-    fn put_replies(
-        &mut self,
-        cells: Vec<(CellIndex, String)>,
-        coarse: Vec<CellIndex>,
-        replies: Vec<Value>,
-    ) {
-        let mut replies = replies.into_iter();
-        if !cells.is_empty() {
-            let mut values = match replies.next() {
-                Some(Value::Array(values)) => values.into_iter(),
-                _ => Vec::new().into_iter(),
-            };
-            for (cell, _) in cells {
-                let bucket = match values.next() {
-                    Some(Value::BulkString(raw)) if !raw.is_empty() => {
-                        Some(bucket::from_unsorted(&raw))
-                    }
-                    _ => None,
-                };
-                self.cells.insert(cell, bucket);
-            }
-        }
-        for c in coarse {
-            let members: Vec<String> = replies
-                .next()
-                .and_then(|v| redis::from_redis_value(v).ok())
-                .unwrap_or_default();
-            self.coarse.insert(
-                c,
-                members
-                    .iter()
-                    .filter_map(|m| m.parse::<CellIndex>().ok())
-                    .collect(),
-            );
-        }
-    }
-}
-
-impl CellSource for Fetched {
-    type Miss = ();
-
-    fn resolution(&self) -> Resolution {
-        self.res
-    }
-
-    fn bucket<R>(
-        &self,
-        cell: CellIndex,
-        f: impl FnOnce(&[u8]) -> R,
-    ) -> std::result::Result<Option<R>, ()> {
-        match self.cells.get(&cell) {
-            Some(Some(b)) => Ok(Some(f(b))),
-            Some(None) => Ok(None),
-            None => Err(()),
-        }
-    }
-
-    fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> std::result::Result<(), ()> {
-        let list = self.coarse.get(&coarse).ok_or(())?;
-        out.extend_from_slice(list);
-        Ok(())
-    }
 }
