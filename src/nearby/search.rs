@@ -75,6 +75,7 @@ struct Hit {
     user: UserId,
     gender: Gender,
     last_seen_ms: i64,
+    cell: CellIndex,
 }
 
 impl Hit {
@@ -84,6 +85,7 @@ impl Hit {
             user: self.user,
             gender: self.gender,
             last_seen_ms: self.last_seen_ms,
+            cell: self.cell,
         }
     }
 }
@@ -286,6 +288,7 @@ fn collect<S: CellSource>(
                         user: UserId::trusted(&user),
                         gender: m.gender,
                         last_seen_ms: m.last_seen_ms,
+                        cell: c.cell,
                     });
                     // A lone cell is already in id order: stop as soon as the page is full.
                     if single && hits.len() == need {

@@ -110,6 +110,7 @@ fn brute_force(model: &HashMap<String, ModelUser>, q: &SearchRequest, now: i64) 
                         distance_m: band_m(d),
                         gender: u.gender,
                         last_seen_ms: u.last_seen,
+                        cell: u.position.cell(Resolution::Nine),
                     },
                 )
             })

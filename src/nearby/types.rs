@@ -161,6 +161,9 @@ pub struct Found {
     pub gender: Gender,
     /// Unix ms of the user's last ping.
     pub last_seen_ms: i64,
+    /// The user's privacy cell, the position distances are measured to. Kept inside the
+    /// server (a watch measures a LEAVE from it); the wire shows only the banded distance.
+    pub cell: CellIndex,
 }
 
 /// One page of results.

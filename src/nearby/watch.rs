@@ -19,7 +19,7 @@
 //! any state lock.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdMap, HashSet},
     hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -129,7 +129,8 @@ pub(super) struct Watcher {
 struct State {
     centre: LatLng,
     area: Vec<CellIndex>,
-    inside: HashSet<UserId>,
+    /// The users reported inside, each with what the watch last saw of them.
+    inside: StdMap<UserId, Seen>,
     tx: Option<mpsc::Sender<WatchEvent>>,
 }
 
@@ -182,7 +183,7 @@ impl State {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 w.end.store(OVERFLOW, Ordering::Release);
                 self.tx = None;
-                self.inside = HashSet::new();
+                self.inside = StdMap::new();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
         }
@@ -294,7 +295,7 @@ impl Watchers {
             state: Mutex::new(State {
                 centre,
                 area: Vec::new(),
-                inside: HashSet::new(),
+                inside: StdMap::new(),
                 tx: None,
             }),
         });
@@ -312,7 +313,7 @@ impl Watchers {
             let (tx, rx) = mpsc::channel(start.len() + 1 + self.cfg.buffer);
             st.tx = Some(tx);
             for f in start {
-                st.inside.insert(f.user.clone());
+                st.inside.insert(f.user.clone(), Seen::of(&f));
                 st.send(&w, WatchEvent::Enter(f));
             }
             st.send(&w, WatchEvent::SnapshotEnd);
@@ -372,7 +373,7 @@ impl Watchers {
                 }
             }
         }
-        st.inside = HashSet::new();
+        st.inside = StdMap::new();
         drop(st);
         let mut users = self.by_user.write(self.user_shard(w.user.as_str()));
         if let Some(list) = users.get_mut(w.user.as_str()) {
@@ -450,22 +451,29 @@ impl Watchers {
                 .new
                 .zip(new_centre)
                 .filter(|((_, m), _)| w.admits(m))
-                .map(|((_, m), p)| (distance_m(st.centre, p), m));
-            let inside = st.inside.contains(user);
+                .map(|((cell, m), p)| (distance_m(st.centre, p), cell, m));
+            let inside = st.inside.contains_key(user);
             match now {
-                Some((d, m)) if !inside && d <= w.radius_m => {
+                Some((d, cell, m)) if !inside && d <= w.radius_m => {
                     let id = UserId::trusted(user);
-                    st.inside.insert(id.clone());
-                    st.send(&w, WatchEvent::Enter(found(id, d, m)));
+                    st.inside.insert(id.clone(), Seen::new(cell, m));
+                    st.send(&w, WatchEvent::Enter(found(id, d, cell, m)));
                 }
-                Some((d, _)) if inside && d <= w.leave_m => {}
-                Some((d, m)) if inside => {
+                Some((d, cell, m)) if inside && d <= w.leave_m => {
+                    st.inside.insert(UserId::trusted(user), Seen::new(cell, m));
+                }
+                Some((d, cell, m)) if inside => {
                     st.inside.remove(user);
-                    st.send(&w, WatchEvent::Leave(found(UserId::trusted(user), d, m)));
+                    let id = UserId::trusted(user);
+                    st.send(&w, WatchEvent::Leave(found(id, d, cell, m)));
                 }
                 None if inside => {
-                    st.inside.remove(user);
-                    st.send(&w, WatchEvent::Leave(gone(UserId::trusted(user))));
+                    if let Some(seen) = st.inside.remove(user) {
+                        st.send(
+                            &w,
+                            WatchEvent::Leave(gone(UserId::trusted(user), seen.cell)),
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -515,18 +523,35 @@ impl Watchers {
                 .into_iter()
                 .map(|f| f.user)
                 .collect();
-            let left: Vec<UserId> = st
+            // Those left behind are measured from the new centre to where the watch last
+            // saw them: beyond the leave radius, a LEAVE with that banded distance (what a
+            // search from here shows); within it, they stopped being found (expired or
+            // turned invisible): a LEAVE with 0.
+            let left: Vec<(UserId, Seen)> = st
                 .inside
                 .iter()
-                .filter(|u| !kept.contains(*u))
-                .cloned()
+                .filter(|(u, _)| !kept.contains(*u))
+                .map(|(u, seen)| (u.clone(), *seen))
                 .collect();
-            for u in left {
+            for (u, seen) in left {
                 st.inside.remove(&u);
-                st.send(&w, WatchEvent::Leave(gone(u)));
+                let d = distance_m(centre, LatLng::from(seen.cell));
+                let event = if d > w.leave_m {
+                    Found {
+                        user: u,
+                        distance_m: band_m(d),
+                        gender: seen.gender,
+                        last_seen_ms: seen.last_seen_ms,
+                        cell: seen.cell,
+                    }
+                } else {
+                    gone(u, seen.cell)
+                };
+                st.send(&w, WatchEvent::Leave(event));
             }
             for f in entered {
-                if st.inside.insert(f.user.clone()) {
+                if !st.inside.contains_key(&f.user) {
+                    st.inside.insert(f.user.clone(), Seen::of(&f));
                     st.send(&w, WatchEvent::Enter(f));
                 }
             }
@@ -551,21 +576,50 @@ impl Watcher {
     }
 }
 
-fn found(user: UserId, d: f64, m: &Member<'_>) -> Found {
+fn found(user: UserId, d: f64, cell: CellIndex, m: &Member<'_>) -> Found {
     Found {
         user,
         distance_m: band_m(d),
         gender: m.gender,
         last_seen_ms: m.last_seen_ms,
+        cell,
     }
 }
 
-fn gone(user: UserId) -> Found {
+fn gone(user: UserId, cell: CellIndex) -> Found {
     Found {
         user,
         distance_m: 0,
         gender: Gender::Unspecified,
         last_seen_ms: 0,
+        cell,
+    }
+}
+
+/// What a watch last saw of a user it reported inside: where (their privacy cell, to
+/// measure a LEAVE from a new centre), and what their events carry.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    cell: CellIndex,
+    gender: Gender,
+    last_seen_ms: i64,
+}
+
+impl Seen {
+    fn new(cell: CellIndex, m: &Member<'_>) -> Self {
+        Self {
+            cell,
+            gender: m.gender,
+            last_seen_ms: m.last_seen_ms,
+        }
+    }
+
+    fn of(f: &Found) -> Self {
+        Self {
+            cell: f.cell,
+            gender: f.gender,
+            last_seen_ms: f.last_seen_ms,
+        }
     }
 }
 

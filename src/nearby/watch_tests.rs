@@ -11,7 +11,7 @@ use h3o::Resolution;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
-use crate::geo::{distance_m, offset};
+use crate::geo::{band_m, distance_m, offset};
 
 const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
 const NOW: i64 = 1_700_000_000_000;
@@ -193,6 +193,50 @@ fn a_watch_follows_its_watcher() {
     assert_eq!(marks(&mut w), ["+new"]);
     idx.update(uid("here"), at(0.0, 200.0), Gender::Female, NOW);
     assert!(marks(&mut w).is_empty());
+}
+
+/// When the watcher's own ping moves it away, the LEAVE of a user left behind carries the
+/// banded distance from the new position (0 is for cleared, expired or invisible users),
+/// the same distance a search from there shows.
+#[test]
+fn a_watcher_moving_away_reports_the_banded_distance_of_whom_it_left() {
+    let idx = index_with(WatchConfig::default());
+    idx.update(uid("left"), at(300.0, 0.0), Gender::Female, NOW);
+    let mut w = watch(&idx, "me", 1_000.0);
+    assert_eq!(marks(&mut w), ["+left", "|"]);
+    let new_spot = at(-3_000.0, 0.0);
+    idx.update(uid("me"), new_spot, Gender::Male, NOW + 10);
+    let leaves: Vec<(String, u32)> = drain(&mut w)
+        .into_iter()
+        .filter_map(|e| match e.unwrap() {
+            WatchEvent::Leave(f) => Some((f.user.to_string(), f.distance_m)),
+            _ => None,
+        })
+        .collect();
+    let from_there = band_m(distance_m(new_spot.latlng(), at(300.0, 0.0).latlng()));
+    assert!(from_there >= 3_000, "{from_there}");
+    assert!(
+        leaves.contains(&("left".to_string(), from_there)),
+        "{leaves:?}"
+    );
+    // A search from the new spot shows the same distance.
+    let q = idx
+        .query(&SearchRequest {
+            searcher: uid("me"),
+            centre: new_spot,
+            radius_m: 10_000.0,
+            limit: 0,
+            gender: Gender::Unspecified,
+            page_token: String::new(),
+        })
+        .unwrap();
+    let page = idx.search(&q, NOW + 10);
+    let shown = page
+        .users
+        .iter()
+        .find(|f| f.user.as_str() == "left")
+        .unwrap();
+    assert_eq!(shown.distance_m, from_there);
 }
 
 #[test]
