@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, except that an undecodable request is INVALID_ARGUMENT, not
+        // INTERNAL (src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::GeomatchCodec")
         .compile_fds(fds)?;
     Ok(())
 }

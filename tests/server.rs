@@ -6,7 +6,7 @@ mod common;
 use common::{
     build::{ping, search, shake},
     fixtures::SHANGHAI,
-    http_get, start,
+    http_get, process, start,
 };
 use geomatch::grpc::pb;
 use tokio_stream::StreamExt as _;
@@ -206,5 +206,88 @@ async fn calls_that_queued_too_long_are_shed_at_once() {
     let err = s.shake(shake("alice", "s", SHANGHAI)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert_eq!(server.app.nearby.len(), 0);
+    server.stop().await;
+}
+
+/// Text logs written to a pipe (not a terminal) carry no ANSI colour escapes.
+#[tokio::test]
+async fn logs_to_a_pipe_are_plain_text() {
+    let mut lines = 0;
+    let server = process::spawn_logging(&["--log-format", "text"], &[], |line| {
+        lines += 1;
+        assert!(!line.contains('\u{1b}'), "colour escape in {line:?}");
+    })
+    .await;
+    assert!(lines > 0);
+    // And it serves: the address read from the plain text line is the real one.
+    let mut health = HealthClient::new(server.channel().await);
+    let resp = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp.into_inner().status(), ServingStatus::Serving);
+}
+
+/// A request body that is not a protobuf message is the client's fault: INVALID_ARGUMENT
+/// naming the request, counted as such, never INTERNAL (which server-error alerts page on).
+#[tokio::test]
+async fn an_undecodable_request_is_invalid_argument_not_internal() {
+    let server = start(&["--metrics-listen", "127.0.0.1:0"]).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://{}/geomatch.v1.Nearby/UpdateLocation",
+        server.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    // One uncompressed gRPC frame of 5 bytes: "hello".
+    body.send_data(
+        bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello"),
+        true,
+    )
+    .unwrap();
+    let response = response.await.unwrap();
+    // A trailers-only answer carries the status in its headers, others in trailers.
+    let mut trailers = response.headers().clone();
+    let mut recv = response.into_body();
+    while let Some(chunk) = recv.data().await {
+        chunk.unwrap();
+    }
+    if let Some(t) = recv.trailers().await.unwrap() {
+        trailers.extend(t);
+    }
+    let status = trailers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let message = trailers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        status, "3",
+        "grpc-status (3 = INVALID_ARGUMENT); message {message:?}"
+    );
+    assert!(message.starts_with("request"), "{message}");
+    let body = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        body.contains(r#"grpc_method="UpdateLocation",grpc_code="InvalidArgument"} 1"#),
+        "{body}"
+    );
+    assert!(!body.contains(r#"grpc_code="Internal""#), "{body}");
+    assert!(
+        body.contains(r#"geomatch_rejections_total{reason="request"} 1"#),
+        "{body}"
+    );
     server.stop().await;
 }

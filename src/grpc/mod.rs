@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod codec;
 mod convert;
 #[doc(hidden)]
 pub mod fuzz;
