@@ -71,15 +71,25 @@ impl NearbyArgs {
     pub fn settings(&self, privacy: Resolution) -> anyhow::Result<NearbyConfig> {
         let (ttl, max_ttl) = (self.location_ttl.get(), self.max_location_ttl.get());
         longer_than_zero("--location-ttl", ttl)?;
-        // Time to live is stored in 32 bits of ms per user.
+        // Time to live is stored in 32 bits of ms per user: 2^32 - 1 ms, 49 days and 17 h.
         let ttl_cap = Duration::from_millis(u64::from(u32::MAX));
-        for (flag, d) in [("--location-ttl", ttl), ("--max-location-ttl", max_ttl)] {
-            if d > ttl_cap {
-                bail!("{flag} {d:?}: must be at most {ttl_cap:?}");
+        for (flag, given) in [
+            ("--location-ttl", self.location_ttl),
+            ("--max-location-ttl", self.max_location_ttl),
+        ] {
+            if given.get() > ttl_cap {
+                bail!(
+                    "{flag} {}: must be at most 49 days (49days 17h 2m 47s)",
+                    humantime::format_duration(given.get())
+                );
             }
         }
         if ttl > max_ttl {
-            bail!("--location-ttl {ttl:?}: must be at most --max-location-ttl ({max_ttl:?})");
+            bail!(
+                "--location-ttl {}: must be at most --max-location-ttl ({})",
+                self.location_ttl,
+                self.max_location_ttl
+            );
         }
         positive_m("--default-radius-m", self.default_radius_m)?;
         positive_m("--max-radius-m", self.max_radius_m)?;
@@ -99,11 +109,16 @@ impl NearbyArgs {
         if self.max_limit > 10_000 {
             bail!("--max-limit {}: at most 10000", self.max_limit);
         }
-        if self.default_limit == 0 || self.default_limit > self.max_limit {
+        if self.default_limit == 0 {
+            bail!("--default-limit 0: must be at least 1");
+        }
+        if self.default_limit > self.max_limit {
+            // Either flag may be the one the operator set: name both, and what to do.
             bail!(
-                "--default-limit {}: must be within 1..=--max-limit ({})",
-                self.default_limit,
-                self.max_limit
+                "--max-limit {} is below --default-limit {}: raise --max-limit or lower \
+                 --default-limit",
+                self.max_limit,
+                self.default_limit
             );
         }
         if self.max_users == 0 {
@@ -147,9 +162,22 @@ mod tests {
             (&["--location-ttl", "80h"][..], "--max-location-ttl"),
             (&["--max-location-ttl", "50days"][..], "--max-location-ttl"),
             (&["--max-users", "0"][..], "--max-users 0"),
+            (
+                &["--max-limit", "10"][..],
+                "--max-limit 10 is below --default-limit 20",
+            ),
+            (
+                &["--max-location-ttl", "50d"][..],
+                "--max-location-ttl 50days",
+            ),
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+        // The cap is said in days, as --help says it, not as a count of seconds.
+        let err = parse(&["--max-location-ttl", "50d"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("49 days") && !err.contains("4294967"), "{err}");
     }
 }

@@ -1,7 +1,11 @@
 //! Snapshot flags: the file, how often it is written, and what to do with a corrupt one.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use anyhow::{anyhow, bail};
 use clap::Args;
 
 use super::{human::Human, longer_than_zero};
@@ -52,15 +56,49 @@ impl SnapshotArgs {
     /// The snapshot's settings.
     ///
     /// # Errors
-    /// When `--snapshot-interval` is zero (checked even without `--snapshot`).
+    /// When `--snapshot-interval` is zero (checked even without `--snapshot`), or when the
+    /// snapshot could not be written: its folder is missing or not writable, or the path
+    /// is a folder. Checked at start, so persistence is never silently off.
     pub fn settings(&self) -> anyhow::Result<SnapshotConfig> {
         longer_than_zero("--snapshot-interval", self.snapshot_interval.get())?;
+        if let Some(path) = &self.snapshot {
+            writable(path)?;
+        }
         Ok(SnapshotConfig {
             path: self.snapshot.clone(),
             interval: self.snapshot_interval.get(),
             ignore_corrupt: self.snapshot_ignore_corrupt,
         })
     }
+}
+
+/// Whether a snapshot could be written at `path`: the file is written beside itself
+/// (`PATH.tmp`, then renamed), so its folder must exist and take a new file.
+fn writable(path: &Path) -> anyhow::Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!("--snapshot {shown}: is a directory, not a file");
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--snapshot {shown}: the directory {} does not exist",
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".geomatch-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .map_err(|e| anyhow!("--snapshot {shown}: cannot write in {}: {e}", dir.display()))?;
+    // The probe is only a test of the folder; failing to remove it changes nothing.
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -81,5 +119,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--snapshot-interval 0"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_that_could_not_be_written_stops_start_up() {
+        let err = parse(&["--snapshot", "/no/such/dir/x.snap"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--snapshot /no/such/dir/x.snap") && err.contains("does not exist"),
+            "{err}"
+        );
+        let dir = std::env::temp_dir();
+        let err = parse(&["--snapshot", dir.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        // A folder that exists but takes no new file (/proc is never writable).
+        let err = parse(&["--snapshot", "/proc/x.snap"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot write in /proc"), "{err}");
     }
 }

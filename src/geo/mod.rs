@@ -13,6 +13,24 @@ pub mod value;
 
 use crate::error::{Error, Result};
 
+/// A number a client sent, shown in an error the way a person reads it: plainly when it
+/// is of everyday size, in scientific notation when it is huge or tiny (`1e308`, not a
+/// 309-digit number).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shown(pub f64);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let x = self.0;
+        let a = x.abs();
+        if x.is_finite() && x != 0.0 && !(1e-4..1e9).contains(&a) {
+            write!(f, "{x:e}")
+        } else {
+            write!(f, "{x}")
+        }
+    }
+}
+
 /// A validated WGS84 position: finite, latitude in `-90..=90`, longitude in `-180..=180`.
 ///
 /// h3o only checks finiteness, so the range check lives here.
@@ -30,13 +48,19 @@ impl Coordinates {
         if !lat.is_finite() || !(-90.0..=90.0).contains(&lat) {
             return Err(Error::invalid(
                 lat_field,
-                format!("must be a finite latitude in -90..=90 degrees, got {lat}"),
+                format!(
+                    "must be a finite latitude in -90..=90 degrees, got {}",
+                    Shown(lat)
+                ),
             ));
         }
         if !lng.is_finite() || !(-180.0..=180.0).contains(&lng) {
             return Err(Error::invalid(
                 lng_field,
-                format!("must be a finite longitude in -180..=180 degrees, got {lng}"),
+                format!(
+                    "must be a finite longitude in -180..=180 degrees, got {}",
+                    Shown(lng)
+                ),
             ));
         }
         LatLng::new(lat, lng)

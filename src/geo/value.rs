@@ -56,13 +56,20 @@ impl RadiusRule {
         if !requested_m.is_finite() || requested_m < 0.0 {
             return Err(Error::invalid(
                 self.field,
-                format!("must be a finite number of metres >= 0, got {requested_m}"),
+                format!(
+                    "must be a finite number of metres >= 0, got {}",
+                    super::Shown(requested_m)
+                ),
             ));
         }
         if requested_m > self.max_m {
             return Err(Error::invalid(
                 self.field,
-                format!("must be at most {} m, got {requested_m}", self.max_m),
+                format!(
+                    "must be at most {} m, got {}",
+                    self.max_m,
+                    super::Shown(requested_m)
+                ),
             ));
         }
         Ok(Radius(if requested_m == 0.0 {
@@ -199,6 +206,20 @@ mod tests {
             }
         }
         assert!(RadiusRule::SEARCH.apply(10_001.0).is_err());
+    }
+
+    #[test]
+    fn a_huge_radius_is_quoted_in_scientific_notation() {
+        let Err(err) = RadiusRule::SEARCH.apply(1e308) else {
+            panic!("1e308 m accepted");
+        };
+        let text = err.to_string();
+        assert!(text.contains("got 1e308"), "{text}");
+        assert!(text.len() < 80, "{text}");
+        let Err(err) = RadiusRule::SEARCH.apply(10_000.5) else {
+            panic!("10000.5 m accepted");
+        };
+        assert!(err.to_string().contains("got 10000.5"), "{err}");
     }
 
     #[test]
