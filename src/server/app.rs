@@ -163,7 +163,10 @@ impl App {
                     "snapshot written"
                 );
             }
-            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+            Err(e) => {
+                metrics::counter!(names::SNAPSHOT_FAILURES).increment(1);
+                tracing::error!(error = %e, "snapshot failed");
+            }
         }
         Some(result)
     }
@@ -194,6 +197,10 @@ impl App {
         if let Some(index) = self.store.memory() {
             metrics::gauge!(names::INDEXED_USERS).set(index.len() as f64);
             metrics::gauge!(names::OCCUPIED_CELLS).set(index.cell_count() as f64);
+            metrics::gauge!(names::MAX_USERS).set(index.config().max_users as f64);
+            // In memory the store is this process: up while it answers scrapes. A remote
+            // store's gauge is kept by its health probe (server::tasks).
+            metrics::gauge!(names::STORE_UP).set(1.0);
         }
         metrics::gauge!(names::WAITING_SHAKES).set(self.shakes.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);

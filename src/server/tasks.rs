@@ -209,6 +209,7 @@ async fn watch_store(
                 up = false;
             }
         }
+        metrics::gauge!(telemetry::names::STORE_UP).set(if up { 1.0 } else { 0.0 });
         if up != serving {
             serving = up;
             if up {

@@ -31,6 +31,10 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .and_then(PrometheusBuilder::install_recorder)
         .map_err(|e| e.to_string())?;
     describe();
+    // Counters that alert rules watch with increase() exist from the start, at 0: a series
+    // born at its first failure would hide that failure from increase().
+    metrics::counter!(names::SNAPSHOT_FAILURES).absolute(0);
+    metrics::counter!(names::WATCH_OVERFLOWS).absolute(0);
     *slot = Some(handle.clone());
     Ok(handle)
 }
@@ -47,6 +51,9 @@ fn describe() {
         "latency of RPCs answered OK, from arrival at the server"
     );
     describe_gauge!(INDEXED_USERS, "users held by the index");
+    describe_gauge!(MAX_USERS, "most users the index holds (--max-users)");
+    describe_gauge!(STORE_UP, "1 while the store is reachable, else 0");
+    describe_counter!(SNAPSHOT_FAILURES, "snapshot writes that failed");
     describe_gauge!(OCCUPIED_CELLS, "occupied privacy cells");
     describe_gauge!(WAITING_SHAKES, "shakes waiting for a partner");
     describe_counter!(PINGS, "accepted location pings");

@@ -58,3 +58,11 @@ pub const RELOADS: &str = "geomatch_reloads_total";
 /// Calls refused by caller authentication (`reason` `unauthenticated`) or authorization
 /// (`permission_denied`), by caller name (`unknown` when there is none; never a token).
 pub const AUTH_REFUSALS: &str = "geomatch_auth_refusals_total";
+/// Counter: snapshot writes that failed (the previous snapshot is kept).
+pub const SNAPSHOT_FAILURES: &str = "geomatch_snapshot_failures_total";
+/// Gauge: the most users the index holds (`--max-users`); published with the in-memory
+/// store, beside [`INDEXED_USERS`].
+pub const MAX_USERS: &str = "geomatch_max_users";
+/// Gauge: 1 while the store is reachable (always, in memory), 0 while a remote store is
+/// not (the replica reports NOT_SERVING meanwhile).
+pub const STORE_UP: &str = "geomatch_store_up";
