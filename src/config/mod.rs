@@ -34,6 +34,7 @@ mod shake;
 mod snapshot;
 mod store;
 mod tls;
+mod trace;
 mod watch;
 
 pub use auth::{AuthArgs, AuthFiles};
@@ -45,6 +46,7 @@ pub use shake::ShakeArgs;
 pub use snapshot::{SnapshotArgs, SnapshotConfig};
 pub use store::{StoreArgs, StoreConfig, StoreKind};
 pub use tls::{TlsArgs, TlsFiles};
+pub use trace::TraceArgs;
 pub use watch::WatchArgs;
 
 /// geomatch: People Nearby and Shake over gRPC.

@@ -8,12 +8,13 @@ use anyhow::bail;
 use clap::Args;
 
 use super::{
-    AuthArgs, AuthFiles, SnapshotArgs, SnapshotConfig, TlsArgs, TlsFiles, human::Human,
+    AuthArgs, AuthFiles, SnapshotArgs, SnapshotConfig, TlsArgs, TlsFiles, TraceArgs, human::Human,
     longer_than_zero,
 };
+use crate::telemetry::trace::TraceConfig;
 
 /// How the server serves, drains, sweeps and snapshots.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Largest request message accepted, bytes.
     pub max_message_bytes: usize,
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Who may call what; empty: everyone, everything.
     pub auth: AuthFiles,
+    /// Distributed tracing; `None`: off.
+    pub trace: Option<TraceConfig>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +61,7 @@ impl Default for ServerConfig {
             snapshot: SnapshotConfig::default(),
             tls: None,
             auth: AuthFiles::default(),
+            trace: None,
         }
     }
 }
@@ -117,6 +121,10 @@ pub struct ServerArgs {
     /// Who may call what.
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    /// Distributed tracing.
+    #[command(flatten)]
+    pub trace: TraceArgs,
 }
 
 impl ServerArgs {
@@ -156,6 +164,7 @@ impl ServerArgs {
             snapshot: self.snapshot.settings()?,
             tls: self.tls.settings()?,
             auth: self.auth.settings(),
+            trace: self.trace.settings()?,
         })
     }
 }

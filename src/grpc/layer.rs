@@ -1,29 +1,59 @@
-//! Per-RPC instrumentation for every service: the conventional `grpc_server_*` series and a
-//! `rpc` tracing span with method, status code and latency. Labels are static strings
+//! Per-RPC instrumentation for every service: the conventional `grpc_server_*` series, a
+//! `rpc` log span with method, status code and latency, and (with `--otlp-endpoint`) an
+//! OpenTelemetry server span continuing the caller's trace. Labels are static strings
 //! looked up from the path, so recording allocates nothing.
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
+
+use opentelemetry::{context::FutureExt as _, propagation::Extractor};
 
 use tonic::codegen::http;
 use tower::{Layer, Service};
 use tracing::{Instrument as _, field::Empty};
 
-use crate::telemetry::names;
+pub use crate::telemetry::names::code_name;
+use crate::telemetry::{names, trace::Tracing};
 
 /// Wraps a service with [`RpcService`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcLayer;
+#[derive(Debug, Clone, Default)]
+pub struct RpcLayer {
+    tracing: Option<Arc<Tracing>>,
+}
+
+impl RpcLayer {
+    /// Instruments every call; with `tracing`, each also gets a server span.
+    pub fn new(tracing: Option<Arc<Tracing>>) -> Self {
+        Self { tracing }
+    }
+}
 
 impl<S> Layer<S> for RpcLayer {
     type Service = RpcService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcService { inner }
+        RpcService {
+            inner,
+            tracing: self.tracing.clone(),
+        }
+    }
+}
+
+/// A call's HTTP/2 headers, read by the W3C trace-context propagator.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -37,6 +67,7 @@ pub struct Arrival(pub Instant);
 #[derive(Debug, Clone)]
 pub struct RpcService<S> {
     inner: S,
+    tracing: Option<Arc<Tracing>>,
 }
 
 /// `(path, service, method, type)` of every RPC served.
@@ -116,30 +147,6 @@ fn classify(path: &str) -> (&'static str, &'static str, &'static str) {
         .map_or(("unknown", "unknown", "unknown"), |&(_, s, m, t)| (s, m, t))
 }
 
-/// The conventional name of a gRPC status code, as `grpc_code` label values use.
-pub fn code_name(code: i32) -> &'static str {
-    match code {
-        0 => "OK",
-        1 => "Canceled",
-        2 => "Unknown",
-        3 => "InvalidArgument",
-        4 => "DeadlineExceeded",
-        5 => "NotFound",
-        6 => "AlreadyExists",
-        7 => "PermissionDenied",
-        8 => "ResourceExhausted",
-        9 => "FailedPrecondition",
-        10 => "Aborted",
-        11 => "OutOfRange",
-        12 => "Unimplemented",
-        13 => "Internal",
-        14 => "Unavailable",
-        15 => "DataLoss",
-        16 => "Unauthenticated",
-        _ => "Unknown",
-    }
-}
-
 impl<S, B, RB> Service<http::Request<B>> for RpcService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>> + Send,
@@ -162,19 +169,32 @@ where
             .increment(1);
         let span = tracing::debug_span!("rpc", service, method, code = Empty, latency_us = Empty);
         let started = Instant::now();
+        let otel = self
+            .tracing
+            .as_ref()
+            .map(|t| t.rpc(service, method, &Headers(req.headers())));
         let fut = self.inner.call(req).instrument(span.clone());
+        let cx = otel.as_ref().map(|o| o.context());
         Box::pin(async move {
-            let res = fut.await;
-            let code = match &res {
+            let res = match cx {
+                // The handler runs in the span's context, so its child spans join the trace.
+                Some(cx) => fut.with_context(cx).await,
+                None => fut.await,
+            };
+            let number = match &res {
                 // Errors travel in the headers ("trailers-only"); a unary success has none.
                 Ok(resp) => resp
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok())
-                    .map_or("OK", code_name),
-                Err(_) => "Internal",
+                    .unwrap_or(0),
+                Err(_) => 13,
             };
+            let code = code_name(number);
+            if let Some(otel) = otel {
+                otel.end(number);
+            }
             let elapsed = started.elapsed();
             metrics::counter!(names::GRPC_HANDLED, "grpc_type" => kind, "grpc_service" => service, "grpc_method" => method, "grpc_code" => code)
                 .increment(1);

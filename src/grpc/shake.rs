@@ -6,6 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use opentelemetry::context::FutureExt as _;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -15,7 +16,7 @@ use crate::{
     guard::Limits,
     shake::{Outcome, Tier},
     store::ShakeStore,
-    telemetry::names,
+    telemetry::{names, trace},
 };
 
 /// Serves `geomatch.v1.Shake` from a [`ShakeStore`].
@@ -58,7 +59,20 @@ impl pb::shake_server::Shake for ShakeService {
                 .await?;
         }
         self.limits.shake(shake.user(), &shake.position(), now)?;
-        let outcome = self.matcher.shake(shake).await?;
+        // The wait for a partner, as a span of its own when the call is traced.
+        let wait = trace::child(trace::Kind::Internal, || "geomatch.shake.wait".into());
+        let outcome = match &wait {
+            Some(span) => self.matcher.shake(shake).with_context(span.context()).await,
+            None => self.matcher.shake(shake).await,
+        }?;
+        if let Some(span) = &wait {
+            let shown = match &outcome {
+                Outcome::Matched(_) => "matched",
+                Outcome::NoMatch => "no_match",
+            };
+            span.attribute("geomatch.shake.outcome", shown);
+        }
+        drop(wait);
         match &outcome {
             Outcome::Matched(m) => {
                 let tier = match m.tier {

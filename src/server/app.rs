@@ -15,7 +15,7 @@ use crate::{
         NearbyStore, ShakeStore,
         redis::{RedisNearby, RedisShake},
     },
-    telemetry::names,
+    telemetry::{names, trace::Tracing},
 };
 
 /// The service's shared state: cheap to clone, every part behind an `Arc`.
@@ -36,8 +36,18 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// How the server serves, drains, sweeps and snapshots.
     pub config: Arc<ServerConfig>,
+    /// OpenTelemetry spans, when `--otlp-endpoint` is given.
+    pub tracing: Option<Arc<Tracing>>,
     /// Serialises snapshot writers.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
+}
+
+/// Starts tracing when the config asks for it.
+fn start_tracing(cfg: &ServerConfig) -> Result<Option<Arc<Tracing>>, ServeError> {
+    Ok(match &cfg.trace {
+        Some(t) => Some(Tracing::start(t)?),
+        None => None,
+    })
 }
 
 impl App {
@@ -74,6 +84,7 @@ impl App {
             shakes: ShakeStore::Memory(matcher.clone()),
             matcher,
             clock,
+            tracing: start_tracing(&settings.server)?,
             config: Arc::new(settings.server),
             snapshot_lock: Arc::default(),
         };
@@ -113,6 +124,7 @@ impl App {
             shakes: ShakeStore::Redis(Arc::new(shakes)),
             matcher: Arc::new(Matcher::new(settings.shake)),
             clock,
+            tracing: start_tracing(&settings.server)?,
             config: Arc::new(settings.server),
             snapshot_lock: Arc::default(),
         })
@@ -149,6 +161,10 @@ impl App {
             .snapshot_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let span = self
+            .tracing
+            .as_ref()
+            .map(|t| t.background("geomatch.snapshot.write"));
         let started = std::time::Instant::now();
         let result = snapshot::write(&self.nearby, path, self.clock.now_ms());
         let took = started.elapsed();
@@ -164,6 +180,9 @@ impl App {
                 );
             }
             Err(e) => {
+                if let Some(span) = &span {
+                    span.failed("snapshot failed");
+                }
                 metrics::counter!(names::SNAPSHOT_FAILURES).increment(1);
                 tracing::error!(error = %e, "snapshot failed");
             }

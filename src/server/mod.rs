@@ -62,6 +62,9 @@ pub enum ServeError {
     /// The auth files could not be used at start.
     #[error("loading the auth files: {0}")]
     Auth(#[from] RulesError),
+    /// Tracing could not start.
+    #[error("starting tracing: {0}")]
+    Trace(#[from] crate::telemetry::trace::TraceError),
 }
 
 /// Largest HTTP/2 header block a call may send (metadata included), bytes.
@@ -192,7 +195,7 @@ pub async fn serve(
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
-        .layer(RpcLayer)
+        .layer(RpcLayer::new(app.tracing.clone()))
         .layer(AuthLayer::new(rules))
         .layer(AdmissionLayer::new(
             cfg.max_queue_delay,
@@ -236,8 +239,7 @@ pub async fn serve(
     };
     // Stopped and joined on every path, so nothing keeps running after serve returns.
     tasks.shutdown().await;
-    served?;
-    if cfg.snapshot.path.is_some() {
+    if served.is_ok() && cfg.snapshot.path.is_some() {
         // Written once the periodic writer is joined: the last write, after the drain.
         let app = app.clone();
         if tokio::task::spawn_blocking(move || app.write_snapshot())
@@ -247,6 +249,11 @@ pub async fn serve(
             tracing::error!("final snapshot task failed");
         }
     }
+    // The last spans (the final snapshot's included) are exported before serve returns.
+    if let Some(tracing) = &app.tracing {
+        tracing.shutdown().await;
+    }
+    served?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,6 +11,7 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 mod metrics;
 pub mod names;
+pub mod trace;
 
 pub use metrics::install_metrics;
 

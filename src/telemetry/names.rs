@@ -66,3 +66,31 @@ pub const MAX_USERS: &str = "geomatch_max_users";
 /// Gauge: 1 while the store is reachable (always, in memory), 0 while a remote store is
 /// not (the replica reports NOT_SERVING meanwhile).
 pub const STORE_UP: &str = "geomatch_store_up";
+/// Counter: finished spans not exported (the export queue was full, or the collector
+/// failed or did not answer in time).
+pub const TRACE_SPANS_DROPPED: &str = "geomatch_trace_spans_dropped_total";
+
+/// The conventional name of a gRPC status code, as `grpc_code` label values (and trace
+/// span statuses) use.
+pub fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "Canceled",
+        2 => "Unknown",
+        3 => "InvalidArgument",
+        4 => "DeadlineExceeded",
+        5 => "NotFound",
+        6 => "AlreadyExists",
+        7 => "PermissionDenied",
+        8 => "ResourceExhausted",
+        9 => "FailedPrecondition",
+        10 => "Aborted",
+        11 => "OutOfRange",
+        12 => "Unimplemented",
+        13 => "Internal",
+        14 => "Unavailable",
+        15 => "DataLoss",
+        16 => "Unauthenticated",
+        _ => "Unknown",
+    }
+}

@@ -50,7 +50,7 @@ pub use nearby::RedisNearby;
 pub use shake::RedisShake;
 pub use watch::TagLease;
 
-use crate::error::Error;
+use crate::{error::Error, telemetry::trace};
 
 /// The functions library, loaded at start.
 const LIBRARY: &str = include_str!("geomatch.lua");
@@ -189,6 +189,12 @@ impl Conn {
     /// Runs `call`, bounded by the store timeout: the store's own answer, or `None` on
     /// time-out.
     async fn run<T: FromRedisValue>(&self, call: Call<'_>) -> Option<redis::RedisResult<T>> {
+        // A client span per store call when the RPC is traced: the command (and Function)
+        // name only, never a key or an argument (they hold ids and cells).
+        let span = trace::child(trace::Kind::Client, || operation(&call).into());
+        if let Some(span) = &span {
+            span.attribute("db.system.name", "redis");
+        }
         let mut link = self.link.clone();
         let run = async {
             match (&mut link, call) {
@@ -198,7 +204,15 @@ impl Conn {
                 (Link::Cluster(c), Call::Pipe(p)) => p.query_async(c).await,
             }
         };
-        tokio::time::timeout(self.timeout, run).await.ok()
+        let answer = tokio::time::timeout(self.timeout, run).await.ok();
+        if let Some(span) = &span {
+            match &answer {
+                None => span.failed("store timeout"),
+                Some(Err(_)) => span.failed("store error"),
+                Some(Ok(_)) => {}
+            }
+        }
+        answer
     }
 
     /// A call's answer as a result: a time-out is [`StoreError::Unreachable`] too.
@@ -369,4 +383,27 @@ async fn take_token(
         what,
         retry_after: Duration::from_millis(wait_ms),
     })
+}
+
+/// A store call's name for its span: the command, with the Function's name for FCALL
+/// (`FCALL gm_put`), or `pipeline` with its command count; no key and no argument.
+fn operation(call: &Call<'_>) -> String {
+    fn name(cmd: &redis::Cmd) -> String {
+        let mut args = cmd.args_iter().filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(String::from_utf8_lossy(b).to_ascii_uppercase()),
+            _ => None,
+        });
+        let first = args.next().unwrap_or_default();
+        match first.as_str() {
+            "FCALL" | "FCALL_RO" => {
+                let function = args.next().unwrap_or_default().to_ascii_lowercase();
+                format!("{first} {function}")
+            }
+            _ => first,
+        }
+    }
+    match call {
+        Call::Cmd(cmd) => name(cmd),
+        Call::Pipe(p) => format!("pipeline ({} commands)", p.cmd_iter().count()),
+    }
 }
