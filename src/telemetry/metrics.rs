@@ -35,6 +35,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
     // born at its first failure would hide that failure from increase().
     metrics::counter!(names::SNAPSHOT_FAILURES).absolute(0);
     metrics::counter!(names::WATCH_OVERFLOWS).absolute(0);
+    metrics::counter!(names::TRACE_SPANS_DROPPED).absolute(0);
     *slot = Some(handle.clone());
     Ok(handle)
 }
@@ -54,6 +55,10 @@ fn describe() {
     describe_gauge!(MAX_USERS, "most users the index holds (--max-users)");
     describe_gauge!(STORE_UP, "1 while the store is reachable, else 0");
     describe_counter!(SNAPSHOT_FAILURES, "snapshot writes that failed");
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "finished spans not exported (queue full, or the collector failed)"
+    );
     describe_gauge!(OCCUPIED_CELLS, "occupied privacy cells");
     describe_gauge!(WAITING_SHAKES, "shakes waiting for a partner");
     describe_counter!(PINGS, "accepted location pings");

@@ -123,7 +123,6 @@ impl Tracing {
             .build();
         let tracer = provider.tracer("geomatch");
         LIVE.fetch_add(1, Ordering::AcqRel);
-        metrics::counter!(names::TRACE_SPANS_DROPPED).absolute(0);
         Ok(Arc::new(Self {
             tracer,
             provider,
