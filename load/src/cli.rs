@@ -44,7 +44,7 @@ impl Scenario {
 }
 
 /// Load generator for geomatch: standard population, scenarios, closed or open loop.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "geomatch-load", version, about)]
 pub(crate) struct Args {
     /// What to run.
@@ -85,6 +85,21 @@ pub(crate) struct Args {
     /// Open loop: requests per second on a fixed schedule. Closed loop when not given.
     #[arg(long)]
     pub(crate) rate: Option<f64>,
+    /// Open-loop sweep: runs the scenario at each of these rates in turn (requests/s,
+    /// comma-separated, e.g. 5000,10000,20000,40000), each for --duration, against each
+    /// target (one table row and JSON line per run). With --report: latency and achieved
+    /// throughput against offered load.
+    #[arg(
+        long,
+        value_name = "RATES",
+        value_delimiter = ',',
+        conflicts_with = "rate"
+    )]
+    pub(crate) sweep: Vec<f64>,
+    /// Also write a self-contained HTML report with charts (inline SVG, no script) to this
+    /// file, and each chart beside it as FILE-<chart>.svg (FILE without its .html).
+    #[arg(long, value_name = "FILE.html")]
+    pub(crate) report: Option<std::path::PathBuf>,
     /// Population and request seed.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
@@ -104,6 +119,24 @@ pub(crate) struct Args {
     /// left waiting and no watches open.
     #[arg(long)]
     pub(crate) metrics_addr: Option<SocketAddr>,
+}
+
+impl Args {
+    /// The runs' rates: `--sweep`'s (each open loop), or `--rate` alone (`None`: closed loop).
+    pub(crate) fn rates(&self) -> anyhow::Result<Vec<Option<f64>>> {
+        for &rate in self.rate.iter().chain(&self.sweep) {
+            if !(rate > 0.0 && rate.is_finite()) {
+                bail!("rate {rate}: must be a positive number of requests per second");
+            }
+        }
+        if self.sweep.is_empty() {
+            return Ok(vec![self.rate]);
+        }
+        if self.scenario == Scenario::Soak {
+            bail!("--sweep: not with the soak (one long run)");
+        }
+        Ok(self.sweep.iter().map(|&r| Some(r)).collect())
+    }
 }
 
 /// Refuses any gRPC target that is not a loopback address.

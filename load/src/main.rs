@@ -19,12 +19,18 @@
 //!   (the read/write blend of a People Nearby feature: pings far outnumber searches);
 //! - `update-bulk` and `soak`: see `--help`.
 //!
+//! `--sweep RATES` runs open loop at each rate in turn (latency against offered load), and
+//! `--report FILE.html` also writes a self-contained HTML report with SVG charts.
+//!
 //! Modules: [`cli`] (flags and scenarios), [`scenario`] (one operation, either target),
-//! [`grpc`] and [`redis_geo`] (the two targets), [`run`] (closed and open loop),
-//! [`report`] (histograms, table, JSON lines, soak verdicts).
+//! [`grpc`] and [`redis_geo`] (the two targets), [`run`] (closed and open loop, sweeps),
+//! [`report`] (histograms, table, JSON lines, soak verdicts), [`charts`] and [`html`]
+//! (the `--report`).
 
+mod charts;
 mod cli;
 mod grpc;
+mod html;
 mod redis_geo;
 mod report;
 mod run;
@@ -55,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.duration > Duration::from_secs(3_600) {
         bail!("--duration: at most 1h");
+    }
+    let rates = args.rates()?;
+    if let Some(path) = &args.report {
+        html::check_path(path)?;
     }
     let grpc_addrs = match (args.grpc.is_empty(), &args.redis) {
         (false, _) => args.grpc.clone(),
@@ -121,17 +131,39 @@ async fn main() -> anyhow::Result<()> {
         soak_active: args.soak_active,
         soak_turnover: args.soak_turnover,
     };
-    let mut printed_header = false;
-    if !channels.is_empty() {
-        let conns: Vec<Conn> = channels.iter().cloned().map(Conn::Grpc).collect();
-        run::run(&args, &ctx, "grpc", &conns, &mut printed_header).await?;
+    let grpc_conns: Vec<Conn> = channels.iter().cloned().map(Conn::Grpc).collect();
+    let redis_conns: Vec<Conn> = redis.iter().cloned().map(Conn::Redis).collect();
+    let mut targets = Vec::new();
+    let mut addresses = Vec::new();
+    if !grpc_conns.is_empty() {
+        targets.push("grpc");
+        let addrs: Vec<String> = grpc_addrs.iter().map(ToString::to_string).collect();
+        addresses.push(("grpc", addrs.join(", ")));
     }
-    if !redis.is_empty() {
-        if matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
-            bail!("scenario {} has no Redis equivalent", args.scenario.name());
+    if let Some(url) = args.redis.as_ref().filter(|_| !redis_conns.is_empty()) {
+        targets.push("redis");
+        addresses.push(("redis", url.clone()));
+    }
+    let mut printed_header = false;
+    let runs = run::run_all(&targets, &rates, async |target, rate| {
+        let conns = if target == "grpc" {
+            &grpc_conns
+        } else {
+            if matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
+                bail!("scenario {} has no Redis equivalent", args.scenario.name());
+            }
+            &redis_conns
+        };
+        let mut at_rate = args.clone();
+        at_rate.rate = rate;
+        run::run(&at_rate, &ctx, target, conns, &mut printed_header).await
+    })
+    .await?;
+    if let Some(path) = &args.report {
+        let written = html::write(path, &args, &addresses, &runs)?;
+        for f in written {
+            eprintln!("report: {}", f.display());
         }
-        let conns: Vec<Conn> = redis.iter().cloned().map(Conn::Redis).collect();
-        run::run(&args, &ctx, "redis", &conns, &mut printed_header).await?;
     }
     Ok(())
 }

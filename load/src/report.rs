@@ -46,6 +46,18 @@ pub(crate) struct Stats {
     pub(crate) misses: u64,
     /// The first few errors, as reported (code and message), to say what went wrong.
     pub(crate) first_errors: Vec<String>,
+    /// Per second of the run (index: whole seconds from its start to the call's end): the
+    /// operations that succeeded and the calls that failed, for the report's time series.
+    pub(crate) per_second: Vec<Second>,
+}
+
+/// One second of a run: what ended in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Second {
+    /// Operations that succeeded (as [`Stats::ops`] counts them).
+    pub(crate) ok: u64,
+    /// Calls that failed (as [`Stats::errors`] counts them).
+    pub(crate) errors: u64,
 }
 
 impl Stats {
@@ -60,22 +72,49 @@ impl Stats {
             dropped: 0,
             misses: 0,
             first_errors: Vec::new(),
+            per_second: Vec::new(),
         }
     }
 
-    /// Records one call that counted for `weight` operations.
-    pub(crate) fn record(&mut self, latency: Duration, result: OpResult, weight: u64) {
-        self.record_sent(latency, latency, result, weight);
+    /// The bucket of second `second` of the run (grown as needed).
+    fn second(&mut self, second: u64) -> &mut Second {
+        // At most an hour (--duration), plus the last calls' tail.
+        let i = usize::try_from(second).unwrap_or(usize::MAX).min(4 * 3_600);
+        if self.per_second.len() <= i {
+            self.per_second.resize(i + 1, Second::default());
+        }
+        &mut self.per_second[i]
     }
 
-    /// Records one call: `latency` from its scheduled time, `sent` from its actual send.
+    /// Records a scheduled call that was not sent (open loop, `--concurrency` in flight):
+    /// an error, in second `second` of the run.
+    pub(crate) fn record_dropped(&mut self, second: u64) {
+        self.errors += 1;
+        self.dropped += 1;
+        self.second(second).errors += 1;
+    }
+
+    /// Records one call that counted for `weight` operations and ended in second `second`
+    /// of the run.
+    pub(crate) fn record(&mut self, second: u64, latency: Duration, result: OpResult, weight: u64) {
+        self.record_sent(second, latency, latency, result, weight);
+    }
+
+    /// Records one call: `latency` from its scheduled time, `sent` from its actual send;
+    /// it ended in second `second` of the run.
     pub(crate) fn record_sent(
         &mut self,
+        second: u64,
         latency: Duration,
         sent: Duration,
         result: OpResult,
         weight: u64,
     ) {
+        let bucket = self.second(second);
+        match &result {
+            Ok(_) => bucket.ok += weight,
+            Err(_) => bucket.errors += 1,
+        }
         match result {
             Ok(good) => {
                 self.ops += weight;
@@ -107,6 +146,42 @@ impl Stats {
             }
         }
         self.misses += other.misses;
+        if self.per_second.len() < other.per_second.len() {
+            self.per_second
+                .resize(other.per_second.len(), Second::default());
+        }
+        for (mine, theirs) in self.per_second.iter_mut().zip(&other.per_second) {
+            mine.ok += theirs.ok;
+            mine.errors += theirs.errors;
+        }
+    }
+}
+
+/// One run (one target at one rate) as the `--report` draws it.
+pub(crate) struct RunOutcome {
+    /// The target's name ("grpc", "redis").
+    pub(crate) target: String,
+    /// Open loop: the requests per second scheduled (`--rate`, or one of `--sweep`).
+    pub(crate) rate: Option<f64>,
+    /// Operations one call counts for (1 but for `update-bulk`).
+    pub(crate) weight: u64,
+    /// How long the scenario ran (`--duration`).
+    pub(crate) duration: Duration,
+    /// Seconds from the start to the last call's end (what the table's ops/s divides by).
+    pub(crate) elapsed: f64,
+    /// The run's counts, histograms and per-second buckets.
+    pub(crate) stats: Stats,
+}
+
+impl RunOutcome {
+    /// Successful operations per second, as the table prints it.
+    pub(crate) fn ops_per_s(&self) -> f64 {
+        self.stats.ops as f64 / self.elapsed.max(1e-9)
+    }
+
+    /// Open loop: the offered load in operations per second.
+    pub(crate) fn offered(&self) -> Option<f64> {
+        self.rate.map(|r| r * self.weight as f64)
     }
 }
 
@@ -241,4 +316,56 @@ pub(crate) fn print_run(
         q(0.999),
         stats.errors
     );
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A synthetic run: `calls` successful calls a second for `secs` seconds, latencies
+    /// spread from `base_ms` up to 10 × `base_ms`, and one error a second.
+    pub(crate) fn synthetic(
+        target: &str,
+        rate: Option<f64>,
+        base_ms: f64,
+        calls: u64,
+        secs: u64,
+    ) -> RunOutcome {
+        let mut stats = Stats::new();
+        for s in 0..secs {
+            for i in 0..calls {
+                let ms = base_ms * (1.0 + 9.0 * (i as f64 / calls as f64).powi(4));
+                stats.record(s, Duration::from_secs_f64(ms / 1e3), Ok(true), 1);
+            }
+            stats.record(
+                s,
+                Duration::from_millis(1),
+                Err("Unavailable: down".into()),
+                1,
+            );
+        }
+        RunOutcome {
+            target: target.into(),
+            rate,
+            weight: 1,
+            duration: Duration::from_secs(secs),
+            elapsed: secs as f64,
+            stats,
+        }
+    }
+
+    #[test]
+    fn per_second_buckets_count_ok_and_errors_and_merge() {
+        let mut a = Stats::new();
+        a.record(0, Duration::from_millis(1), Ok(true), 1);
+        a.record(2, Duration::from_millis(1), Ok(false), 1000);
+        a.record(2, Duration::from_millis(1), Err("x".into()), 1000);
+        let mut b = Stats::new();
+        b.record(1, Duration::from_millis(1), Ok(true), 1);
+        b.record_dropped(3);
+        a.merge(&b);
+        let got: Vec<(u64, u64)> = a.per_second.iter().map(|s| (s.ok, s.errors)).collect();
+        assert_eq!(got, vec![(1, 0), (1, 0), (1000, 1), (0, 1)]);
+        assert_eq!((a.ops, a.errors, a.dropped), (1002, 2, 1));
+    }
 }

@@ -15,19 +15,35 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::{
     cli::{Args, Scenario},
     grpc, redis_geo,
-    report::{Stats, lock, print_run, rss_bytes, soak_report},
+    report::{RunOutcome, Stats, lock, print_run, rss_bytes, soak_report},
     scenario::{Conn, Ctx, OpResult, weight},
 };
 
-/// Runs the scenario against one target for `--duration`, closed or open loop, and prints
-/// its table row (after the header, once) and JSON line.
+/// Runs every target at every rate of `rates` in turn (target by target, the rates in the
+/// order given), through `one`, and returns the runs' outcomes in that order.
+pub(crate) async fn run_all(
+    targets: &[&str],
+    rates: &[Option<f64>],
+    mut one: impl AsyncFnMut(&str, Option<f64>) -> anyhow::Result<RunOutcome>,
+) -> anyhow::Result<Vec<RunOutcome>> {
+    let mut out = Vec::with_capacity(targets.len() * rates.len());
+    for target in targets {
+        for &rate in rates {
+            out.push(one(target, rate).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the scenario against one target for `--duration`, closed or open loop (`--rate`),
+/// prints its table row (after the header, once) and JSON line, and returns its outcome.
 pub(crate) async fn run(
     args: &Args,
     ctx: &Ctx,
     target: &str,
     conns: &[Conn],
     printed_header: &mut bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RunOutcome> {
     let total = Arc::new(Mutex::new(Stats::new()));
     let done = Arc::new(AtomicBool::new(false));
     let progress_ops = Arc::new(AtomicU64::new(0));
@@ -93,7 +109,12 @@ pub(crate) async fn run(
                     while Instant::now() < end {
                         let t = Instant::now();
                         let r = one_op(&ctx, &mut rng, &conn).await;
-                        mine.record(t.elapsed(), r, weight(ctx.scenario));
+                        mine.record(
+                            started.elapsed().as_secs(),
+                            t.elapsed(),
+                            r,
+                            weight(ctx.scenario),
+                        );
                         ops.fetch_add(weight(ctx.scenario), Ordering::Relaxed);
                     }
                     lock(&total).merge(&mine);
@@ -139,6 +160,7 @@ pub(crate) async fn run(
                         let r = one_op(&ctx, &mut op_rng, &conn).await;
                         // Latency from the scheduled send time: a stalled server shows up here.
                         lock(&total).record_sent(
+                            started.elapsed().as_secs(),
                             scheduled.elapsed(),
                             sent.elapsed(),
                             r,
@@ -148,11 +170,7 @@ pub(crate) async fn run(
                         drop(permit);
                     })),
                     // Over the in-flight bound: counted as an error, never silently delayed.
-                    Err(_) => {
-                        let mut t = lock(&total);
-                        t.errors += 1;
-                        t.dropped += 1;
-                    }
+                    Err(_) => lock(&total).record_dropped(started.elapsed().as_secs()),
                 }
                 i += 1;
             }
@@ -169,7 +187,15 @@ pub(crate) async fn run(
     }
 
     print_run(args, target, &lock(&total), elapsed, printed_header);
-    Ok(())
+    let stats = std::mem::replace(&mut *lock(&total), Stats::new());
+    Ok(RunOutcome {
+        target: target.to_string(),
+        rate: args.rate,
+        weight: weight(args.scenario),
+        duration: args.duration,
+        elapsed,
+        stats,
+    })
 }
 
 /// Runs one operation; `Ok(true)` when it did what the scenario expects.
