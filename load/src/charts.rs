@@ -1,8 +1,9 @@
 //! The `--report`'s charts, drawn as SVG with plotters: the latency histogram, the
 //! percentile curve, throughput and errors per second, and the sweep (latency and achieved
 //! throughput against offered load). Every target of the invocation is in the same chart,
-//! in its own colour, named in the legend; in a sweep, a target's runs are shades of its
-//! colour, darker for higher rates.
+//! in its own colour (geomatch blue, Redis red, Valkey green), named in the legend
+//! ([`display_name`]: geomatch as "geomatch (grpc)"); in a sweep, a target's runs are
+//! shades of its colour, darker for higher rates.
 
 use plotters::{
     coord::{Shift, combinators::WithKeyPoints},
@@ -20,14 +21,15 @@ const HEIGHT: u32 = 460;
 /// Height of a two-panel chart (throughput, sweep), in pixels.
 const HEIGHT_2: u32 = 760;
 /// Width of the legend column right of every plot, in pixels.
-const LEGEND_WIDTH: u32 = 190;
+const LEGEND_WIDTH: u32 = 240;
 /// Bins of the latency histogram (equal widths on its log scale).
 const BINS: usize = 60;
 /// The percentiles marked on the percentile curve (and listed in the report's table).
 pub(crate) const MARKED: [(f64, &str); 4] =
     [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")];
 
-/// Target colours, in the order the targets ran: blue, red, green, purple, orange.
+/// Target colours: blue (geomatch), red (Redis), green (Valkey), then purple and orange
+/// for any other target, in the order they ran.
 const PALETTE: [(u8, u8, u8); 5] = [
     (31, 119, 180),
     (214, 39, 40),
@@ -35,6 +37,29 @@ const PALETTE: [(u8, u8, u8); 5] = [
     (148, 103, 189),
     (255, 127, 14),
 ];
+
+/// The colour of `target`, the `i`-th target to run: each known target always has its own
+/// (the same in every report, whichever targets ran beside it).
+fn target_rgb(target: &str, i: usize) -> RGBColor {
+    let k = match target {
+        "grpc" => 0,
+        "redis" => 1,
+        "valkey" => 2,
+        _ => 3 + i % 2,
+    };
+    let (r, g, b) = PALETTE[k];
+    RGBColor(r, g, b)
+}
+
+/// A target as people read it in the report and the legends: the gRPC target is geomatch
+/// ("geomatch (grpc)"); the others by their name (`redis`, `valkey`). The table and the JSON
+/// lines keep the bare names.
+pub(crate) fn display_name(target: &str) -> String {
+    match target {
+        "grpc" => "geomatch (grpc)".to_string(),
+        other => other.to_string(),
+    }
+}
 
 /// A grey for references (offered load, the ideal diagonal).
 const GREY: RGBColor = RGBColor(120, 120, 120);
@@ -118,8 +143,7 @@ pub(crate) fn series(runs: &[RunOutcome]) -> Vec<Series<'_>> {
     runs.iter()
         .map(|run| {
             let t = targets.iter().position(|t| *t == run.target).unwrap_or(0);
-            let (r, g, b) = PALETTE[t % PALETTE.len()];
-            let base = RGBColor(r, g, b);
+            let base = target_rgb(&run.target, t);
             let mine: Vec<&RunOutcome> = runs.iter().filter(|o| o.target == run.target).collect();
             let (color, label) = if mine.len() > 1 {
                 // Lighter for the lowest rate, darker for the highest.
@@ -131,9 +155,12 @@ pub(crate) fn series(runs: &[RunOutcome]) -> Vec<Series<'_>> {
                 let rate = run
                     .rate
                     .map_or(String::from(" closed"), |r| format!(" {}/s", count(r)));
-                (shade(base, t), format!("{}{rate}", run.target))
+                (
+                    shade(base, t),
+                    format!("{}{rate}", display_name(&run.target)),
+                )
             } else {
-                (base, run.target.clone())
+                (base, display_name(&run.target))
             };
             Series {
                 run,
@@ -614,7 +641,7 @@ pub(crate) fn throughput(series: &[Series<'_>]) -> anyhow::Result<String> {
                 chart
                     .draw_series(LineSeries::new(line, style))
                     .map_err(&e)?;
-                legend.push((s.run.target.clone(), Key::Line(style)));
+                legend.push((display_name(&s.run.target), Key::Line(style)));
             }
             // The offered load, once (every target ran the same rates).
             if col == 1
@@ -746,7 +773,7 @@ pub(crate) fn sweep_chart(series: &[Series<'_>]) -> anyhow::Result<String> {
                     solid,
                 ))
                 .map_err(&e)?;
-            legend.push((format!("{target} p50"), Key::Line(solid)));
+            legend.push((format!("{} p50", display_name(target)), Key::Line(solid)));
             chart
                 .draw_series(
                     pts.iter()
@@ -763,7 +790,7 @@ pub(crate) fn sweep_chart(series: &[Series<'_>]) -> anyhow::Result<String> {
                     solid,
                 ))
                 .map_err(&e)?;
-            legend.push((format!("{target} p99"), Key::Dashed(solid)));
+            legend.push((format!("{} p99", display_name(target)), Key::Dashed(solid)));
             chart
                 .draw_series(
                     pts.iter()
@@ -812,7 +839,7 @@ pub(crate) fn sweep_chart(series: &[Series<'_>]) -> anyhow::Result<String> {
                     solid,
                 ))
                 .map_err(&e)?;
-            legend.push((target.to_string(), Key::Line(solid)));
+            legend.push((display_name(target), Key::Line(solid)));
             chart
                 .draw_series(
                     pts.iter()
@@ -862,7 +889,7 @@ pub(crate) mod tests {
         assert_ne!(s[0].color, s[1].color);
         assert_eq!(
             (s[0].label.as_str(), s[1].label.as_str()),
-            ("grpc", "redis")
+            ("geomatch (grpc)", "redis")
         );
 
         let runs = [
@@ -870,11 +897,47 @@ pub(crate) mod tests {
             synthetic("grpc", Some(1000.0), 0.2, 100, 2),
         ];
         let s = series(&runs);
-        assert_eq!(s[0].label, "grpc 2k/s");
+        assert_eq!(s[0].label, "geomatch (grpc) 2k/s");
         assert_eq!(s[0].target_color, s[1].target_color);
         // The higher rate is the darker shade.
         let lum = |c: RGBColor| u32::from(c.0) + u32::from(c.1) + u32::from(c.2);
         assert!(lum(s[0].color) < lum(s[1].color));
+    }
+
+    #[test]
+    fn geomatch_redis_and_valkey_each_keep_their_own_colour() {
+        let runs = [
+            synthetic("grpc", None, 0.2, 100, 2),
+            synthetic("redis", None, 0.4, 100, 2),
+            synthetic("valkey", None, 0.3, 100, 2),
+        ];
+        let s = series(&runs);
+        let colours: Vec<String> = s.iter().map(Series::css_color).collect();
+        assert_eq!(colours, ["#1f77b4", "#d62728", "#2ca02c"]);
+        let labels: Vec<&str> = s.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["geomatch (grpc)", "redis", "valkey"]);
+        // Valkey is green even without Redis beside it.
+        let runs = [
+            synthetic("grpc", None, 0.2, 100, 2),
+            synthetic("valkey", None, 0.3, 100, 2),
+        ];
+        assert_eq!(series(&runs)[1].css_color(), "#2ca02c");
+        // Every chart names all three in its legend.
+        let runs = [
+            synthetic("grpc", Some(1000.0), 0.2, 100, 2),
+            synthetic("redis", Some(1000.0), 0.4, 100, 2),
+            synthetic("valkey", Some(1000.0), 0.3, 100, 2),
+        ];
+        for chart in all(&runs, true).unwrap() {
+            let texts = svg_texts(&chart.svg);
+            for name in ["geomatch (grpc)", "redis", "valkey"] {
+                assert!(
+                    texts.iter().any(|t| t.starts_with(name)),
+                    "{}: no {name} in {texts:?}",
+                    chart.name
+                );
+            }
+        }
     }
 
     #[tokio::test]
@@ -923,11 +986,11 @@ pub(crate) mod tests {
             "offered load (operations/s)",
             "latency (ms, log scale)",
             "achieved (successful operations/s)",
-            "grpc p50",
-            "grpc p99",
+            "geomatch (grpc) p50",
+            "geomatch (grpc) p99",
             "redis p50",
             "redis p99",
-            "grpc",
+            "geomatch (grpc)",
             "redis",
         ] {
             assert!(

@@ -50,7 +50,8 @@ pub(crate) struct Args {
     /// What to run.
     #[arg(long, value_enum, default_value = "search-dense-1km")]
     pub(crate) scenario: Scenario,
-    /// geomatch gRPC address (loopback). Default 127.0.0.1:50051 when no --redis is given.
+    /// geomatch gRPC address (loopback). Default 127.0.0.1:50051 when neither --redis nor
+    /// --valkey is given.
     /// Give it again for more replicas of one store: each gets --connections connections,
     /// and the callers are spread over all of them.
     #[arg(long)]
@@ -65,11 +66,17 @@ pub(crate) struct Args {
     /// Mutual TLS: this client's PEM key.
     #[arg(long, requires = "tls_cert")]
     pub(crate) tls_key: Option<std::path::PathBuf>,
-    /// Redis/Valkey URL (loopback), e.g. redis://127.0.0.1:6390: the same scenario with
-    /// GEOADD / GEOSEARCH. With --grpc as well, both are loaded, a sample of searches is
-    /// cross-checked, and the scenario runs against each in turn (one JSON line each).
+    /// Redis URL (loopback), e.g. redis://127.0.0.1:6390: the same scenario with GEOADD /
+    /// GEOSEARCH (a Valkey server works too; --valkey runs one beside it, under its own
+    /// name). With --grpc as well, both are loaded, a sample of searches is cross-checked,
+    /// and the scenario runs against each in turn (one JSON line each).
     #[arg(long)]
     pub(crate) redis: Option<String>,
+    /// Valkey URL (loopback), e.g. redis://127.0.0.1:6391: a second RESP target, named
+    /// `valkey` in the table, the JSON lines and the report, loaded, cross-checked and run
+    /// exactly as --redis (which it may accompany: then every target runs in turn).
+    #[arg(long)]
+    pub(crate) valkey: Option<String>,
     /// Population size.
     #[arg(long, default_value_t = 1_000_000)]
     pub(crate) users: u64,
@@ -106,9 +113,26 @@ pub(crate) struct Args {
     /// Do not load the population (the server already holds it from an earlier run).
     #[arg(long)]
     pub(crate) skip_load: bool,
-    /// Report this process's resident memory (e.g. the server's pid) in the JSON line.
-    #[arg(long)]
-    pub(crate) server_pid: Option<u32>,
+    /// The geomatch server's pid: each gRPC run's JSON line reports its resident memory
+    /// (`rss_bytes`) and its CPU time (user + system) per successful operation over the
+    /// measured window (`server_cpu_us_per_op`, also the table's last column). Give it
+    /// again for replicas (with --grpc given several times): their CPU and memory add up.
+    #[arg(long, value_name = "PID")]
+    pub(crate) server_pid: Vec<u32>,
+    /// The --redis server's pid: its runs report its memory and CPU per operation, as
+    /// --server-pid does for geomatch.
+    #[arg(long, value_name = "PID", requires = "redis")]
+    pub(crate) redis_pid: Option<u32>,
+    /// The --valkey server's pid: its runs report its memory and CPU per operation, as
+    /// --server-pid does for geomatch.
+    #[arg(long, value_name = "PID", requires = "valkey")]
+    pub(crate) valkey_pid: Option<u32>,
+    /// shake / soak: derive the shakers' user ids from this seed, so two invocations shake
+    /// as the same users. Without it each invocation's shakers are fresh (a per-run random
+    /// nonce in their ids): the server would otherwise refuse a second run's shakers, who
+    /// already shook in the first (per-user shake rate limit, impossible travel).
+    #[arg(long, value_name = "N")]
+    pub(crate) shake_seed: Option<u64>,
     /// soak: users active at once (the sliding window).
     #[arg(long, default_value_t = 100_000)]
     pub(crate) soak_active: u64,
@@ -122,6 +146,17 @@ pub(crate) struct Args {
 }
 
 impl Args {
+    /// The processes whose memory and CPU the runs against `target` report: geomatch's
+    /// (`--server-pid`, every replica) for "grpc", the peer's for "redis" and "valkey".
+    pub(crate) fn pids(&self, target: &str) -> Vec<u32> {
+        match target {
+            "grpc" => self.server_pid.clone(),
+            "redis" => self.redis_pid.into_iter().collect(),
+            "valkey" => self.valkey_pid.into_iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The runs' rates: `--sweep`'s (each open loop), or `--rate` alone (`None`: closed loop).
     pub(crate) fn rates(&self) -> anyhow::Result<Vec<Option<f64>>> {
         for &rate in self.rate.iter().chain(&self.sweep) {
@@ -145,4 +180,42 @@ pub(crate) fn ensure_loopback(addr: SocketAddr) -> anyhow::Result<()> {
         bail!("--grpc {addr}: load tests may only target loopback addresses");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_target_has_its_own_pids() {
+        let a = Args::try_parse_from([
+            "geomatch-load",
+            "--grpc",
+            "127.0.0.1:50401",
+            "--grpc",
+            "127.0.0.1:50402",
+            "--server-pid",
+            "11",
+            "--server-pid",
+            "12",
+            "--redis",
+            "redis://127.0.0.1:6400",
+            "--redis-pid",
+            "21",
+            "--valkey",
+            "redis://127.0.0.1:6401",
+            "--valkey-pid",
+            "31",
+        ])
+        .unwrap();
+        assert_eq!(a.pids("grpc"), [11, 12]);
+        assert_eq!(a.pids("redis"), [21]);
+        assert_eq!(a.pids("valkey"), [31]);
+        let a = Args::try_parse_from(["geomatch-load", "--server-pid", "11"]).unwrap();
+        assert_eq!(a.pids("grpc"), [11]);
+        assert!(a.pids("redis").is_empty());
+        // A peer's pid without the peer.
+        assert!(Args::try_parse_from(["geomatch-load", "--redis-pid", "21"]).is_err());
+        assert!(Args::try_parse_from(["geomatch-load", "--valkey-pid", "31"]).is_err());
+    }
 }

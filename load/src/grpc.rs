@@ -20,7 +20,8 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::{
     cli::Scenario,
-    scenario::{BULK_BATCH, Ctx, bulk_batch, city, pick, search},
+    retry::{self, Backoff},
+    scenario::{BULK_BATCH, Ctx, bulk_batch, city, pick, search, shakers},
 };
 
 /// Opens `n` (at least one) HTTP/2 connections to `addr`, over TLS when `tls` is given.
@@ -56,7 +57,10 @@ fn update(i: u64, (lat, lng): (f64, f64)) -> pb::UpdateLocationRequest {
     }
 }
 
-/// Loads the population over gRPC, `concurrency` pings in flight (not timed).
+/// Loads the population over gRPC, `concurrency` pings in flight (not timed). A ping the
+/// server sheds (RESOURCE_EXHAUSTED) or cannot take yet (UNAVAILABLE) is retried after a
+/// backoff (see [`retry`]); the load fails only on another error, or once one ping has
+/// been refused for [`retry::GIVE_UP`].
 pub(crate) async fn load_population(
     channels: &[Channel],
     users: u64,
@@ -65,18 +69,26 @@ pub(crate) async fn load_population(
 ) -> anyhow::Result<()> {
     let positions = Arc::new(population::positions(users, seed));
     let next = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency.max(1) {
-        let mut c = NearbyClient::new(channels[w % channels.len()].clone());
-        let (positions, next) = (positions.clone(), next.clone());
+        let c = NearbyClient::new(channels[w % channels.len()].clone());
+        let (positions, next, retries) = (positions.clone(), next.clone(), retries.clone());
         tasks.push(tokio::spawn(async move {
+            let mut backoff = Backoff::standard();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= users {
-                    return Ok::<_, tonic::Status>(());
+                    return Ok::<_, anyhow::Error>(());
                 }
-                c.update_location(update(i, positions[i as usize])).await?;
+                let req = update(i, positions[i as usize]);
+                retry::retry(&mut backoff, &retries, retry::grpc_transient, || {
+                    let (mut c, req) = (c.clone(), req.clone());
+                    async move { c.update_location(req).await }
+                })
+                .await
+                .with_context(|| format!("loading the population: user {i}"))?;
             }
         }));
     }
@@ -84,9 +96,10 @@ pub(crate) async fn load_population(
         t.await??;
     }
     eprintln!(
-        "loaded {users} users in {:.1} s ({:.0} pings/s)",
+        "loaded {users} users in {:.1} s ({:.0} pings/s, {} retries)",
         started.elapsed().as_secs_f64(),
-        users as f64 / started.elapsed().as_secs_f64()
+        users as f64 / started.elapsed().as_secs_f64(),
+        retries.load(Ordering::Relaxed)
     );
     Ok(())
 }
@@ -178,7 +191,8 @@ async fn soak_op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool, toni
                 spot.random_range(100.0..125.0),
             );
             let n = ctx.pair_seq.fetch_add(1, Ordering::Relaxed);
-            match shake_pair(ch, &format!("soak-shaker:{k}"), n, (lat, lng)).await {
+            let who = format!("soak-shaker:{:016x}:{k}", ctx.shake_nonce);
+            match shake_pair(ch, &who, n, (lat, lng)).await {
                 (Ok(_), Ok(_)) => Ok(true),
                 (Err(s), _) | (_, Err(s)) => refusal(s),
             }
@@ -217,7 +231,7 @@ pub(crate) async fn op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool
                 5_000.0
             };
             let centre = city(rng);
-            let req = search(rng, centre, r);
+            let req = search(rng, ctx.search_nonce, centre, r);
             Ok(!nearby
                 .search_nearby(req)
                 .await?
@@ -227,14 +241,14 @@ pub(crate) async fn op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool
         }
         Scenario::SearchSparse => {
             let centre = population::sparse_point(rng);
-            let req = search(rng, centre, 10_000.0);
+            let req = search(rng, ctx.search_nonce, centre, 10_000.0);
             nearby.search_nearby(req).await?;
             Ok(true)
         }
         Scenario::Shake | Scenario::Mixed | Scenario::Soak => {
             let n = ctx.pair_seq.fetch_add(1, Ordering::Relaxed);
             let (lat, lng) = (rng.random_range(20.0..45.0), rng.random_range(100.0..125.0));
-            let (ra, rb) = shake_pair(ch, &format!("shaker:{n}"), n, (lat, lng)).await;
+            let (ra, rb) = shake_pair(ch, &shakers(ctx.shake_nonce, n), n, (lat, lng)).await;
             let (ra, rb) = (ra?.into_inner(), rb?.into_inner());
             Ok(ra.outcome() == Outcome::Matched
                 && rb.outcome() == Outcome::Matched

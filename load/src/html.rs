@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    charts::{self, Chart, MARKED},
+    charts::{self, Chart, MARKED, display_name},
     cli::Args,
     report::RunOutcome,
 };
@@ -104,8 +104,8 @@ pub(crate) fn render(
             let at = addresses
                 .iter()
                 .find(|(name, _)| name == t)
-                .map_or(String::new(), |(_, a)| format!(" ({a})"));
-            format!("{t}{at}")
+                .map_or(String::new(), |(_, a)| format!(" at {a}"));
+            format!("{}{at}", display_name(t))
         })
         .collect();
     let loop_kind = if !args.sweep.is_empty() {
@@ -166,13 +166,15 @@ pub(crate) fn render(
     // Results: one row per run.
     p.push_str(
         "<h2>Results</h2>\n<p class=\"note\">Latencies in milliseconds, of the successful \
-         calls (open loop: from each call's scheduled send time, so a stall is counted).</p>\n\
+         calls (open loop: from each call's scheduled send time, so a stall is counted). \
+         Server CPU: the target's user + system CPU time over the run per successful \
+         operation (with its pid: --server-pid, --redis-pid, --valkey-pid).</p>\n\
          <table class=\"results\">\n<tr><th>target</th><th>mode</th><th>ops/s</th>",
     );
     for (_, name) in MARKED {
         let _ = write!(p, "<th>{name} ms</th>");
     }
-    p.push_str("<th>max ms</th><th>errors</th><th>unexpected</th></tr>\n");
+    p.push_str("<th>max ms</th><th>errors</th><th>unexpected</th><th>server CPU µs/op</th></tr>\n");
     let series = charts::series(runs);
     for s in &series {
         let r = s.run;
@@ -182,16 +184,19 @@ pub(crate) fn render(
             p,
             "<tr><td><span class=\"key\" style=\"background:{}\"></span>{}</td><td>{}</td><td>{:.0}</td>",
             s.css_color(),
-            esc(&r.target),
+            esc(&display_name(&r.target)),
             esc(&mode(r.rate)),
             r.ops_per_s()
         );
         for (q, _) in MARKED {
             let _ = write!(p, "<td>{}</td>", ms(h.value_at_quantile(q)));
         }
+        let cpu = r
+            .server_cpu_us_per_op
+            .map_or("—".to_string(), |c| format!("{c:.2}"));
         let _ = writeln!(
             p,
-            "<td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<td>{}</td><td>{}</td><td>{}</td><td>{cpu}</td></tr>",
             ms(h.max()),
             r.stats.errors,
             r.stats.misses
@@ -224,7 +229,7 @@ pub(crate) fn render(
     if !errors.is_empty() {
         p.push_str("<h2>First errors</h2>\n<ul class=\"errors\">\n");
         for (t, e) in errors {
-            let _ = writeln!(p, "<li><b>{}</b>: {}</li>", esc(t), esc(e));
+            let _ = writeln!(p, "<li><b>{}</b>: {}</li>", esc(&display_name(t)), esc(e));
         }
         p.push_str("</ul>\n");
     }
@@ -239,7 +244,7 @@ h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; }
 th, td { padding: 0.25em 0.8em; border: 1px solid #ddd; text-align: left; }
 table.results td { text-align: right; font-variant-numeric: tabular-nums; }
-table.results td:first-child, table.results td:nth-child(2) { text-align: left; }
+table.results td:first-child, table.results td:nth-child(2) { text-align: left; white-space: nowrap; }
 .params th { background: #f4f4f4; }
 .note { color: #555; }
 .file { color: #888; font-size: 0.9em; }
@@ -292,6 +297,8 @@ mod tests {
             "127.0.0.1:50400",
             "--redis",
             "redis://127.0.0.1:6400",
+            "--valkey",
+            "redis://127.0.0.1:6401",
             "--scenario",
             "search-dense-1km",
             "--concurrency",
@@ -302,13 +309,16 @@ mod tests {
             html.to_str().unwrap(),
         ])
         .unwrap();
-        let runs = [
+        let mut runs = [
             synthetic("grpc", None, 0.2, 500, 3),
             synthetic("redis", None, 0.5, 300, 3),
+            synthetic("valkey", None, 0.4, 350, 3),
         ];
+        runs[2].server_cpu_us_per_op = None;
         let addresses = [
             ("grpc", "127.0.0.1:50400".to_string()),
             ("redis", "redis://127.0.0.1:6400".to_string()),
+            ("valkey", "redis://127.0.0.1:6401".to_string()),
         ];
         let written = write(&html, &args, &addresses, &runs).unwrap();
         let names: Vec<String> = written
@@ -350,8 +360,9 @@ mod tests {
         for text in [
             // Parameters.
             "search-dense-1km",
-            "grpc (127.0.0.1:50400)",
-            "redis (redis://127.0.0.1:6400)",
+            "geomatch (grpc) at 127.0.0.1:50400",
+            "redis at redis://127.0.0.1:6400",
+            "valkey at redis://127.0.0.1:6401",
             "32 concurrent callers",
             "3s per run",
             // The percentile table.
@@ -363,8 +374,14 @@ mod tests {
             "successful operations per second",
             "failed calls per second",
             "time into the run (s)",
+            // Server CPU per operation, "—" without the target's pid.
+            "<th>server CPU µs/op</th>",
+            "<td>20.00</td></tr>",
+            "<td>50.00</td></tr>",
+            "<td>—</td></tr>",
             // Errors, word for word.
-            "Unavailable: down",
+            "<li><b>geomatch (grpc)</b>: Unavailable: down</li>",
+            "<li><b>valkey</b>: Unavailable: down</li>",
         ] {
             assert!(page.contains(text), "report without {text:?}");
         }
@@ -372,9 +389,9 @@ mod tests {
             let svg = std::fs::read_to_string(f).unwrap();
             assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
             assert!(page.contains(svg.trim()), "{} not inline", f.display());
-            // Both targets in every chart's legend.
+            // Every target in every chart's legend.
             let texts = svg_texts(&svg);
-            for target in ["grpc", "redis"] {
+            for target in ["geomatch (grpc)", "redis", "valkey"] {
                 assert!(
                     texts.iter().any(|t| t == target),
                     "{}: {texts:?}",

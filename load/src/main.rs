@@ -1,4 +1,5 @@
-//! `geomatch-load`: a load generator for geomatch (and, for comparison, Redis GEO).
+//! `geomatch-load`: a load generator for geomatch (and, for comparison, Redis and Valkey
+//! GEO).
 //!
 //! It loads the standard population (see `geomatch_load::population`) in bulk, then runs
 //! one scenario for a fixed duration, closed loop (`--concurrency` callers, as fast as they
@@ -20,12 +21,14 @@
 //! - `update-bulk` and `soak`: see `--help`.
 //!
 //! `--sweep RATES` runs open loop at each rate in turn (latency against offered load), and
-//! `--report FILE.html` also writes a self-contained HTML report with SVG charts.
+//! `--report FILE.html` also writes a self-contained HTML report with SVG charts. With the
+//! targets' pids (`--server-pid`, `--redis-pid`, `--valkey-pid`) each run also reports the
+//! target's memory and its CPU time per operation.
 //!
-//! Modules: [`cli`] (flags and scenarios), [`scenario`] (one operation, either target),
-//! [`grpc`] and [`redis_geo`] (the two targets), [`run`] (closed and open loop, sweeps),
-//! [`report`] (histograms, table, JSON lines, soak verdicts), [`charts`] and [`html`]
-//! (the `--report`).
+//! Modules: [`cli`] (flags and scenarios), [`scenario`] (one operation, any target),
+//! [`grpc`] and [`redis_geo`] (geomatch; Redis and Valkey), [`retry`] (loading through load
+//! shedding), [`run`] (closed and open loop, sweeps), [`report`] (histograms, table, JSON
+//! lines, CPU and memory, soak verdicts), [`charts`] and [`html`] (the `--report`).
 
 mod charts;
 mod cli;
@@ -33,6 +36,7 @@ mod grpc;
 mod html;
 mod redis_geo;
 mod report;
+mod retry;
 mod run;
 mod scenario;
 
@@ -66,10 +70,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.report {
         html::check_path(path)?;
     }
-    let grpc_addrs = match (args.grpc.is_empty(), &args.redis) {
-        (false, _) => args.grpc.clone(),
-        (true, None) => vec![SocketAddr::from(([127, 0, 0, 1], 50051))],
-        (true, Some(_)) => Vec::new(),
+    let grpc_addrs = if !args.grpc.is_empty() {
+        args.grpc.clone()
+    } else if args.redis.is_none() && args.valkey.is_none() {
+        vec![SocketAddr::from(([127, 0, 0, 1], 50051))]
+    } else {
+        Vec::new()
     };
     // Connections to several replicas interleave, so callers (which take connections in
     // turn) are spread over every replica.
@@ -101,12 +107,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let redis = match &args.redis {
-        // One connection per caller: every command waits for its reply before the caller
-        // sends the next (unpipelined), as a Redis client per request handler would.
-        Some(url) => redis_geo::connect(url, args.concurrency).await?,
-        None => Vec::new(),
-    };
+    // The RESP targets: Redis, then Valkey. One connection per caller: every command waits
+    // for its reply before the caller sends the next (unpipelined), as a Redis client per
+    // request handler would.
+    let mut peers = Vec::new();
+    for (target, url) in [("redis", &args.redis), ("valkey", &args.valkey)] {
+        if let Some(url) = url {
+            let conns = redis_geo::connect(target, url, args.concurrency).await?;
+            peers.push((target, url.clone(), conns));
+        }
+    }
     // Shakes need no population; the soak's users enter through its own churn (a preloaded
     // million expiring at once would be one mass event, not churn, and the allocator takes
     // minutes to hand that memory back, which would mask the steady state the soak checks).
@@ -115,44 +125,50 @@ async fn main() -> anyhow::Result<()> {
             grpc::load_population(&channels, args.users, args.seed, args.concurrency.max(32))
                 .await?;
         }
-        if !redis.is_empty() {
-            redis_geo::load(&redis, args.users, args.seed).await?;
+        for (target, _, conns) in &peers {
+            redis_geo::load(target, conns, args.users, args.seed).await?;
         }
     }
-    if !channels.is_empty() && !redis.is_empty() {
-        redis_geo::cross_check(&channels, &redis, args.seed).await?;
+    if !channels.is_empty() {
+        for (target, _, conns) in &peers {
+            redis_geo::cross_check(target, &channels, conns, args.seed).await?;
+        }
     }
     let ctx = Ctx {
         scenario: args.scenario,
         users: args.users,
         positions: Arc::new(population::positions(args.users, args.seed)),
         pair_seq: Arc::new(AtomicU64::new(args.seed << 40)),
+        shake_nonce: scenario::shake_nonce(args.shake_seed),
+        search_nonce: rand::random(),
         started: Instant::now(),
         soak_active: args.soak_active,
         soak_turnover: args.soak_turnover,
     };
-    let grpc_conns: Vec<Conn> = channels.iter().cloned().map(Conn::Grpc).collect();
-    let redis_conns: Vec<Conn> = redis.iter().cloned().map(Conn::Redis).collect();
-    let mut targets = Vec::new();
+    // Every target with its connections, in the order they run: geomatch, Redis, Valkey.
+    let mut targets: Vec<(&str, Vec<Conn>)> = Vec::new();
     let mut addresses = Vec::new();
-    if !grpc_conns.is_empty() {
-        targets.push("grpc");
+    if !channels.is_empty() {
+        targets.push(("grpc", channels.iter().cloned().map(Conn::Grpc).collect()));
         let addrs: Vec<String> = grpc_addrs.iter().map(ToString::to_string).collect();
         addresses.push(("grpc", addrs.join(", ")));
     }
-    if let Some(url) = args.redis.as_ref().filter(|_| !redis_conns.is_empty()) {
-        targets.push("redis");
-        addresses.push(("redis", url.clone()));
+    for (target, url, conns) in &peers {
+        targets.push((target, conns.iter().cloned().map(Conn::Redis).collect()));
+        addresses.push((target, url.clone()));
     }
+    let names: Vec<&str> = targets.iter().map(|(t, _)| *t).collect();
     let mut printed_header = false;
-    let runs = run::run_all(&targets, &rates, async |target, rate| {
-        let conns = if target == "grpc" {
-            &grpc_conns
-        } else {
-            if matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
-                bail!("scenario {} has no Redis equivalent", args.scenario.name());
-            }
-            &redis_conns
+    let runs = run::run_all(&names, &rates, async |target, rate| {
+        if target != "grpc" && matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
+            bail!(
+                "scenario {} has no {} equivalent",
+                args.scenario.name(),
+                redis_geo::human(target)
+            );
+        }
+        let Some((_, conns)) = targets.iter().find(|(t, _)| *t == target) else {
+            bail!("no connections to {target}");
         };
         let mut at_rate = args.clone();
         at_rate.rate = rate;

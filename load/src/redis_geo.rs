@@ -1,7 +1,13 @@
 //! The Redis / Valkey GEO target: connecting, loading the population, each scenario's
 //! operation, and the cross-check against geomatch.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use geomatch::grpc::pb::nearby_client::NearbyClient;
@@ -11,18 +17,30 @@ use tonic::transport::Channel;
 
 use crate::{
     cli::Scenario,
+    retry::{self, Backoff},
     scenario::{Ctx, bulk_batch, city, pick, search},
 };
 
 /// The sorted set that holds the population.
 const REDIS_KEY: &str = "geomatch:users";
 
-/// Opens `n` (at least one) connections to the Redis / Valkey at `url` (loopback only).
+/// A RESP target's name for people: "Redis" for the target `redis`, "Valkey" for `valkey`.
+pub(crate) fn human(target: &str) -> &str {
+    match target {
+        "redis" => "Redis",
+        "valkey" => "Valkey",
+        other => other,
+    }
+}
+
+/// Opens `n` (at least one) connections to the Redis / Valkey at `url` (loopback only),
+/// the target `target` (`redis` or `valkey`: its flag in messages).
 pub(crate) async fn connect(
+    target: &str,
     url: &str,
     n: usize,
 ) -> anyhow::Result<Vec<redis::aio::MultiplexedConnection>> {
-    let client = redis::Client::open(url).with_context(|| format!("--redis {url}"))?;
+    let client = redis::Client::open(url).with_context(|| format!("--{target} {url}"))?;
     let loopback = match client.get_connection_info().addr() {
         redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
             host == "localhost"
@@ -34,7 +52,7 @@ pub(crate) async fn connect(
         _ => true,
     };
     if !loopback {
-        bail!("--redis {url}: load tests may only target loopback addresses");
+        bail!("--{target} {url}: load tests may only target loopback addresses");
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
@@ -53,19 +71,31 @@ pub(crate) async fn connect(
     Ok(out)
 }
 
-/// Loads the population with GEOADD, 1 000 members per command (not timed).
+/// Loads the population into the target `target` with GEOADD, 1 000 members per command
+/// (not timed). A command the server is too busy for (or whose reply timed out) is retried
+/// after a backoff (see [`retry`]); the load fails on another error, or once one command
+/// has failed for [`retry::GIVE_UP`].
 pub(crate) async fn load(
+    target: &str,
     conns: &[redis::aio::MultiplexedConnection],
     users: u64,
     seed: u64,
 ) -> anyhow::Result<()> {
     let positions = population::positions(users, seed);
     let started = Instant::now();
-    let mut c = conns[0].clone();
-    redis::cmd("DEL")
-        .arg(REDIS_KEY)
-        .query_async::<()>(&mut c)
-        .await?;
+    let retries = Arc::new(AtomicU64::new(0));
+    let c = &conns[0];
+    let mut backoff = Backoff::standard();
+    retry::retry(&mut backoff, &retries, retry::redis_transient, || {
+        let mut c = c.clone();
+        async move {
+            redis::cmd("DEL")
+                .arg(REDIS_KEY)
+                .query_async::<()>(&mut c)
+                .await
+        }
+    })
+    .await?;
     // Bulk, not timed in the scenario: 1 000 members per GEOADD, 8 batches in flight.
     let mut in_flight = Vec::new();
     for (b, chunk) in positions.chunks(1_000).enumerate() {
@@ -77,10 +107,17 @@ pub(crate) async fn load(
                 .arg(lat.clamp(-85.05, 85.05))
                 .arg(population::user_id(i));
         }
-        let mut c = conns[b % conns.len()].clone();
-        in_flight.push(tokio::spawn(
-            async move { cmd.query_async::<i64>(&mut c).await },
-        ));
+        let c = conns[b % conns.len()].clone();
+        let retries = retries.clone();
+        // Adding the same members again is harmless: a retried batch changes nothing more.
+        in_flight.push(tokio::spawn(async move {
+            let mut backoff = Backoff::standard();
+            retry::retry(&mut backoff, &retries, retry::redis_transient, || {
+                let (mut c, cmd) = (c.clone(), cmd.clone());
+                async move { cmd.query_async::<i64>(&mut c).await }
+            })
+            .await
+        }));
         if in_flight.len() >= 8 {
             in_flight.remove(0).await??;
         }
@@ -89,8 +126,9 @@ pub(crate) async fn load(
         t.await??;
     }
     eprintln!(
-        "redis: loaded {users} users in {:.1} s",
-        started.elapsed().as_secs_f64()
+        "{target}: loaded {users} users in {:.1} s ({} retries)",
+        started.elapsed().as_secs_f64(),
+        retries.load(Ordering::Relaxed)
     );
     Ok(())
 }
@@ -165,11 +203,13 @@ pub(crate) async fn op(
     }
 }
 
-/// Checks that both targets hold the same population and do the same work, on a sample of
-/// dense 1 km searches. geomatch measures to privacy-snapped positions (cell centres, at
-/// most ~300 m from the true position), so: everyone Redis finds within 700 m must be in
-/// geomatch's full 1 km answer (all pages), and both find about as many within 1 km.
+/// Checks that geomatch and the RESP target `target` hold the same population and do the
+/// same work, on a sample of dense 1 km searches. geomatch measures to privacy-snapped
+/// positions (cell centres, at most ~300 m from the true position), so: everyone Redis /
+/// Valkey finds within 700 m must be in geomatch's full 1 km answer (all pages), and both
+/// find about as many within 1 km.
 pub(crate) async fn cross_check(
+    target: &str,
     channels: &[Channel],
     redis: &[redis::aio::MultiplexedConnection],
     seed: u64,
@@ -178,6 +218,7 @@ pub(crate) async fn cross_check(
     let mut nearby = NearbyClient::new(channels[0].clone());
     let mut r = redis[0].clone();
     let mut ratios = Vec::new();
+    let nonce = rand::random();
     for _ in 0..20 {
         let (clat, clng) = city(&mut rng);
         let centre = population::offset(
@@ -186,7 +227,7 @@ pub(crate) async fn cross_check(
             rng.random_range(-3_000.0..3_000.0),
             rng.random_range(-3_000.0..3_000.0),
         );
-        let mut req = search(&mut rng, centre, 1_000.0);
+        let mut req = search(&mut rng, nonce, centre, 1_000.0);
         req.limit = 100;
         let searcher = req.user_id.clone();
         let mut ours = std::collections::HashSet::new();
@@ -217,8 +258,9 @@ pub(crate) async fn cross_check(
             .count();
         if missing > 0 {
             bail!(
-                "cross-check failed: geomatch misses {missing} of the {} users Redis finds within 700 m",
-                inner.len()
+                "cross-check failed: geomatch misses {missing} of the {} users {} finds within 700 m",
+                inner.len(),
+                human(target)
             );
         }
         if all.len() >= 20 {
@@ -228,11 +270,14 @@ pub(crate) async fn cross_check(
     ratios.sort_by(f64::total_cmp);
     let median = ratios.get(ratios.len() / 2).copied().unwrap_or(1.0);
     eprintln!(
-        "cross-check: 20 dense 1 km searches agree (inner 700 m fully found; geomatch/Redis count ratio, median {median:.2})"
+        "cross-check: 20 dense 1 km searches agree with {} (inner 700 m fully found; geomatch/{} count ratio, median {median:.2})",
+        human(target),
+        human(target)
     );
     if !(0.8..=1.25).contains(&median) {
         bail!(
-            "cross-check failed: the targets hold different populations (count ratio {median:.2})"
+            "cross-check failed: geomatch and {} hold different populations (count ratio {median:.2})",
+            human(target)
         );
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! What a run reports: latency histograms and counts, the table row and JSON line, the
-//! server's RSS, and the soak's verdicts.
+//! server's RSS and CPU time per operation, and the soak's verdicts.
 
 use std::{
     net::SocketAddr,
@@ -171,6 +171,9 @@ pub(crate) struct RunOutcome {
     pub(crate) elapsed: f64,
     /// The run's counts, histograms and per-second buckets.
     pub(crate) stats: Stats,
+    /// The target's CPU time (user + system, every process given for it) per successful
+    /// operation over the run, in µs; `None` without its pid.
+    pub(crate) server_cpu_us_per_op: Option<f64>,
 }
 
 impl RunOutcome {
@@ -196,6 +199,54 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// The resident memory of the processes `pids`, summed; `None` when there are none or one
+/// cannot be read.
+pub(crate) fn rss_sum(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_bytes(p)).sum()
+}
+
+/// Clock ticks per second: the unit of the CPU times in /proc/<pid>/stat.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a configuration value; it has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// The CPU time in a /proc/<pid>/stat line, in clock ticks: utime + stime (fields 14 and
+/// 15; the process's every thread, including those that exited).
+pub(crate) fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // Field 2, the command name, is in parentheses and may hold spaces or parentheses:
+    // count from after its last ')', where field 3 begins.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU time the processes `pids` have used so far, in seconds, summed; `None` when
+/// there are none or one cannot be read.
+pub(crate) fn cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut ticks = 0;
+    for pid in pids {
+        ticks += stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    }
+    Some(ticks as f64 / ticks_per_second())
+}
+
+/// CPU µs per operation: the CPU seconds used from `before` to `after` over `ops`
+/// operations; `None` when either reading is missing or nothing succeeded.
+pub(crate) fn cpu_us_per_op(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (ops > 0 && after >= before).then(|| (after - before) * 1e6 / ops as f64)
 }
 
 /// The soak's verdicts: RSS flat after warm-up (the first fifth of the run, which covers
@@ -258,12 +309,14 @@ async fn scrape(addr: SocketAddr, series: &str) -> anyhow::Result<f64> {
 }
 
 /// Prints a run's errors (the first few, on stderr), its table row (after the header,
-/// once) and its JSON line.
+/// once) and its JSON line. `cpu_us_per_op`: the target's CPU time per operation, when
+/// its pid was given.
 pub(crate) fn print_run(
     args: &Args,
     target: &str,
     stats: &Stats,
     elapsed: f64,
+    cpu_us_per_op: Option<f64>,
     printed_header: &mut bool,
 ) {
     for e in &stats.first_errors {
@@ -276,26 +329,22 @@ pub(crate) fn print_run(
         .map_or("closed".to_string(), |r| format!("open {r}/s"));
     if !*printed_header {
         println!(
-            "| scenario | target | mode | ops/s | p50 µs | p99 µs | p99.9 µs | errors | unexpected |"
+            "| scenario | target | mode | ops/s | p50 µs | p99 µs | p99.9 µs | errors | unexpected | server CPU µs/op |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         *printed_header = true;
     }
     println!(
-        "| {} | {target} | {mode} | {ops_per_s:.0} | {} | {} | {} | {} | {} |",
+        "| {} | {target} | {mode} | {ops_per_s:.0} | {} | {} | {} | {} | {} | {} |",
         args.scenario.name(),
         q(0.5),
         q(0.99),
         q(0.999),
         stats.errors,
-        stats.misses
+        stats.misses,
+        cpu_us_per_op.map_or("—".to_string(), |c| format!("{c:.2}"))
     );
-    let rss = if target == "grpc" {
-        args.server_pid.and_then(rss_bytes)
-    } else {
-        None
-    };
-    let rss = rss.map_or(String::new(), |b| format!(",\"rss_bytes\":{b}"));
+    let rss = rss_sum(&args.pids(target)).map_or(String::new(), |b| format!(",\"rss_bytes\":{b}"));
     // Open loop adds what an overload run needs: the server's share of the latency (from
     // the actual send), and errors split into server sheds and harness drops.
     let open = if args.rate.is_some() {
@@ -306,10 +355,14 @@ pub(crate) fn print_run(
             stats.dropped
         )
     } else {
-        String::new()
+        // Closed loop: the sheds among the errors.
+        format!(",\"shed\":{}", stats.shed)
     };
+    let cpu = cpu_us_per_op.map_or(String::new(), |c| {
+        format!(",\"server_cpu_us_per_op\":{c:.3}")
+    });
     println!(
-        "{{\"scenario\":\"{}\",\"target\":\"{target}\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}{open}}}",
+        "{{\"scenario\":\"{}\",\"target\":\"{target}\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}{open}{cpu}}}",
         args.scenario.name(),
         q(0.5),
         q(0.99),
@@ -351,7 +404,28 @@ pub(crate) mod tests {
             duration: Duration::from_secs(secs),
             elapsed: secs as f64,
             stats,
+            server_cpu_us_per_op: Some(base_ms * 100.0),
         }
+    }
+
+    #[test]
+    fn cpu_time_is_read_from_proc_stat() {
+        // A command name with spaces and a parenthesis; utime 1234, stime 56.
+        let stat = "4242 (geo match) x) S 1 4242 4242 0 -1 4194560 9 0 0 0 1234 56 0 0 20 0 9 0 \
+                    77 1000000 500 18446744073709551615";
+        assert_eq!(stat_cpu_ticks(stat), Some(1290));
+        assert_eq!(stat_cpu_ticks("4242 (x) S 1 2"), None);
+        // This process has a readable stat; a pid that does not exist has none.
+        let me = std::process::id();
+        assert!(cpu_seconds(&[me]).is_some_and(|s| s >= 0.0));
+        assert!(cpu_seconds(&[me, me]).is_some());
+        assert_eq!(cpu_seconds(&[]), None);
+        assert_eq!(cpu_seconds(&[me, u32::MAX]), None);
+        assert!(rss_sum(&[me]).is_some_and(|b| b > 0));
+        // 0.5 CPU s over 100 000 operations: 5 µs each.
+        assert_eq!(cpu_us_per_op(Some(10.0), Some(10.5), 100_000), Some(5.0));
+        assert_eq!(cpu_us_per_op(Some(10.0), Some(10.5), 0), None);
+        assert_eq!(cpu_us_per_op(None, Some(10.5), 10), None);
     }
 
     #[test]

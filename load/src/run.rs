@@ -15,7 +15,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use crate::{
     cli::{Args, Scenario},
     grpc, redis_geo,
-    report::{RunOutcome, Stats, lock, print_run, rss_bytes, soak_report},
+    report::{
+        RunOutcome, Stats, cpu_seconds, cpu_us_per_op, lock, print_run, rss_sum, soak_report,
+    },
     scenario::{Conn, Ctx, OpResult, weight},
 };
 
@@ -71,27 +73,30 @@ pub(crate) async fn run(
         })
     };
     // Soak: the server's RSS every 10 s.
-    let samples = (args.scenario == Scenario::Soak && target == "grpc")
-        .then_some(args.server_pid)
-        .flatten()
-        .map(|pid| {
-            let done = done.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                let mut tick = tokio::time::interval(Duration::from_secs(10));
-                loop {
-                    tick.tick().await;
-                    // Only samples taken under load: the last tick may fall after it.
-                    if done.load(Ordering::Relaxed) {
-                        break;
+    let samples =
+        (args.scenario == Scenario::Soak && target == "grpc" && !args.server_pid.is_empty())
+            .then(|| args.server_pid.clone())
+            .map(|pids| {
+                let done = done.clone();
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    let mut tick = tokio::time::interval(Duration::from_secs(10));
+                    loop {
+                        tick.tick().await;
+                        // Only samples taken under load: the last tick may fall after it.
+                        if done.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Some(b) = rss_sum(&pids) {
+                            out.push((started.elapsed().as_secs(), b));
+                        }
                     }
-                    if let Some(b) = rss_bytes(pid) {
-                        out.push((started.elapsed().as_secs(), b));
-                    }
-                }
-                out
-            })
-        });
+                    out
+                })
+            });
+    // The target's CPU time over the measured window: from here to the last call's answer.
+    let pids = args.pids(target);
+    let cpu_before = cpu_seconds(&pids);
     let mut workers = Vec::new();
     match args.rate {
         None => {
@@ -179,6 +184,7 @@ pub(crate) async fn run(
     for w in workers {
         w.await?;
     }
+    let cpu_after = cpu_seconds(&pids);
     let elapsed = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = progress.await;
@@ -186,8 +192,16 @@ pub(crate) async fn run(
         soak_report(args, &samples.await?).await?;
     }
 
-    print_run(args, target, &lock(&total), elapsed, printed_header);
     let stats = std::mem::replace(&mut *lock(&total), Stats::new());
+    let server_cpu_us_per_op = cpu_us_per_op(cpu_before, cpu_after, stats.ops);
+    print_run(
+        args,
+        target,
+        &stats,
+        elapsed,
+        server_cpu_us_per_op,
+        printed_header,
+    );
     Ok(RunOutcome {
         target: target.to_string(),
         rate: args.rate,
@@ -195,6 +209,7 @@ pub(crate) async fn run(
         duration: args.duration,
         elapsed,
         stats,
+        server_cpu_us_per_op,
     })
 }
 

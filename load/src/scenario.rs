@@ -32,6 +32,11 @@ pub(crate) struct Ctx {
     pub(crate) positions: Arc<Vec<(f64, f64)>>,
     /// The next shake id (shakes of a run never reuse one).
     pub(crate) pair_seq: Arc<AtomicU64>,
+    /// In every shaker's user id (see [`shakers`]): fresh per invocation unless
+    /// `--shake-seed` fixes it.
+    pub(crate) shake_nonce: u64,
+    /// In every searcher's user id (see [`search`]): fresh per invocation.
+    pub(crate) search_nonce: u64,
     /// When the run started (the soak's window moves from here).
     pub(crate) started: Instant,
     /// soak: users active at once.
@@ -60,17 +65,33 @@ impl Ctx {
     }
 }
 
-/// A search of `radius_m` around (lat, lng) by a fresh searcher, limit 50.
+/// The nonce in an invocation's shaker ids: `--shake-seed` when given (the same shakers
+/// every time), else random, so a second run against the same server shakes as new users
+/// (the ones of the first run would be refused by the per-user shake rate limit).
+pub(crate) fn shake_nonce(shake_seed: Option<u64>) -> u64 {
+    shake_seed.unwrap_or_else(rand::random)
+}
+
+/// The pair of shake `n` (its users are this with `:0` and `:1` appended).
+pub(crate) fn shakers(nonce: u64, n: u64) -> String {
+    format!("shaker:{nonce:016x}:{n}")
+}
+
+/// A search of `radius_m` around (lat, lng) by a fresh searcher, limit 50. `nonce` is the
+/// invocation's (see [`Ctx::search_nonce`]).
 pub(crate) fn search(
     rng: &mut StdRng,
+    nonce: u64,
     (lat, lng): (f64, f64),
     radius_m: f64,
 ) -> pb::SearchNearbyRequest {
     // A fresh searcher each time: a population user searching from a random city would
     // be refused as impossible travel, and one id searching all run long would be
-    // rate-limited, as a scraper is.
+    // rate-limited, as a scraper is. The nonce keeps them fresh across invocations too:
+    // the request stream repeats with --seed, and a searcher of an earlier run searching
+    // again from another city (another scenario's) would be refused the same way.
     pb::SearchNearbyRequest {
-        user_id: format!("searcher:{:016x}", rng.random::<u64>()),
+        user_id: format!("searcher:{nonce:016x}:{:016x}", rng.random::<u64>()),
         position: Some(pb::LatLng { lat, lng }),
         radius_m,
         limit: 50,
@@ -121,3 +142,45 @@ pub(crate) fn pick(scenario: Scenario, rng: &mut StdRng) -> Scenario {
 
 /// One operation's outcome: `Ok(true)` as expected, `Ok(false)` unexpected, `Err` an error.
 pub(crate) type OpResult = Result<bool, String>;
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::Args;
+
+    /// The first shakers an invocation with these flags would use.
+    fn first_shakers(flags: &[&str]) -> String {
+        let args =
+            Args::try_parse_from([&["geomatch-load", "--scenario", "shake"], flags].concat())
+                .unwrap();
+        shakers(shake_nonce(args.shake_seed), args.seed << 40)
+    }
+
+    #[test]
+    fn shakers_are_fresh_per_run_unless_a_shake_seed_is_given() {
+        // Two runs with the same --seed: different shakers.
+        assert_ne!(first_shakers(&[]), first_shakers(&[]));
+        assert_ne!(
+            first_shakers(&["--seed", "7"]),
+            first_shakers(&["--seed", "7"])
+        );
+        // The same --shake-seed: the same shakers; another: others.
+        let a = first_shakers(&["--shake-seed", "9"]);
+        assert_eq!(a, first_shakers(&["--shake-seed", "9"]));
+        assert_ne!(a, first_shakers(&["--shake-seed", "10"]));
+        // Ids the server accepts (at most 128 bytes, with the ":0" / ":1" side).
+        assert!(format!("{}:1", shakers(u64::MAX, u64::MAX)).len() <= 128);
+    }
+
+    #[test]
+    fn searchers_are_fresh_per_invocation_with_the_same_request_stream() {
+        use rand::SeedableRng as _;
+        let req = |nonce| search(&mut StdRng::seed_from_u64(42), nonce, (1.0, 2.0), 1_000.0);
+        let (a, b) = (req(rand::random()), req(rand::random()));
+        assert_ne!(a.user_id, b.user_id);
+        assert_eq!((a.position, a.radius_m), (b.position, b.radius_m));
+        assert!(req(u64::MAX).user_id.len() <= 128);
+    }
+}
