@@ -78,10 +78,14 @@ impl NearbyArgs {
             ("--max-location-ttl", self.max_location_ttl),
         ] {
             if given.get() > ttl_cap {
-                bail!(
-                    "{flag} {}: must be at most 49 days (49days 17h 2m 47s)",
-                    humantime::format_duration(given.get())
-                );
+                // Whole days as days ("50d"), as people write a long time to live.
+                let secs = given.get().as_secs();
+                let shown = if secs % 86_400 == 0 && given.get().subsec_nanos() == 0 {
+                    format!("{}d", secs / 86_400)
+                } else {
+                    given.to_string()
+                };
+                bail!("{flag} {shown}: must be at most 49 days (49d 17h 2m 47s)");
             }
         }
         if ttl > max_ttl {
@@ -166,10 +170,8 @@ mod tests {
                 &["--max-limit", "10"][..],
                 "--max-limit 10 is below --default-limit 20",
             ),
-            (
-                &["--max-location-ttl", "50d"][..],
-                "--max-location-ttl 50days",
-            ),
+            (&["--max-location-ttl", "50d"][..], "--max-location-ttl 50d:"),
+            (&["--location-ttl", "1300h"][..], "--location-ttl 1300h:"),
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
