@@ -170,7 +170,10 @@ mod tests {
                 &["--max-limit", "10"][..],
                 "--max-limit 10 is below --default-limit 20",
             ),
-            (&["--max-location-ttl", "50d"][..], "--max-location-ttl 50d:"),
+            (
+                &["--max-location-ttl", "50d"][..],
+                "--max-location-ttl 50d:",
+            ),
             (&["--location-ttl", "1300h"][..], "--location-ttl 1300h:"),
         ] {
             let err = parse(args).unwrap_err().to_string();

@@ -64,6 +64,11 @@ impl RingCover {
         }
     }
 
+    /// The cell holding the centre, at the cover's resolution.
+    pub fn origin(&self) -> CellIndex {
+        self.origin
+    }
+
     /// Fills `ring` with the next ring of cells, or returns `false` once every remaining
     /// ring lies entirely beyond the radius. Ring 0, the cell holding the centre, always
     /// comes first.

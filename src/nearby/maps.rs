@@ -11,9 +11,13 @@
 //! * `cells`: privacy cell -> its packed, id-sorted member list ([`super::bucket`]).
 //! * `coarse`: coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy
 //!   cells whose centres lie in it, so wide searches skip empty country.
+//! * `regions`: region (resolution [`REGION_RESOLUTION`]) -> the occupied coarse cells
+//!   whose centres lie in it, each with its centre (two `f32`s), so a search in sparse
+//!   country finds every occupied cell near it in a handful of lookups, without walking
+//!   rings (see `search::sparse`).
 //!
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
-//! time), then `coarse`. Searches only read `cells` and `coarse`, one shard at a time, and
+//! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and `regions`, one shard at a time, and
 //! never hold a guard while taking another. A writer's `changed` callback runs while the
 //! user's `users` shard is held, so observers (watches) see one user's changes in order.
 
@@ -43,6 +47,15 @@ pub(super) fn cell_shard(cell: CellIndex) -> usize {
 /// Resolution of the coarse occupancy map (average edge 1.4 km, 49 privacy cells each): a
 /// 10 km search visits about 560 coarse cells instead of 5 400 privacy cells.
 pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
+
+/// Resolution of the regions over the coarse cells (average edge 8.5 km; a region holds
+/// at most about 49 coarse cells).
+pub(super) const REGION_RESOLUTION: Resolution = Resolution::Five;
+
+/// An occupied coarse cell as its region lists it: the cell and its centre (degrees, as
+/// `f32`s: within a metre, enough for a pre-filter that leaves the slack to the exact
+/// distance).
+pub(super) type Placed = (CellIndex, [f32; 2]);
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
@@ -158,6 +171,7 @@ pub(super) struct Maps {
     pub(super) users: Users,
     pub(super) cells: Shards<Cells>,
     pub(super) coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
+    pub(super) regions: Shards<HashMap<CellIndex, Box<[Placed]>>>,
     /// Users held (kept with every insert and removal, under the user's `users` shard).
     held: AtomicUsize,
 }
@@ -171,6 +185,7 @@ impl Maps {
             users: Users::default(),
             cells: Shards::default(),
             coarse: Shards::default(),
+            regions: Shards::default(),
             held: AtomicUsize::new(0),
         }
     }
@@ -364,9 +379,20 @@ impl Maps {
                 let key = coarse_of(cell);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let list = coarse.entry(key).or_default();
+                let first = list.is_empty();
                 let mut grown = std::mem::take(list).into_vec();
                 grown.push(cell);
                 *list = grown.into_boxed_slice();
+                if first {
+                    // A coarse cell just occupied: its region lists it (coarse still held).
+                    let centre = LatLng::from(key);
+                    let region = centre.to_cell(REGION_RESOLUTION);
+                    let mut regions = self.regions.write(cell_shard(region));
+                    let list = regions.entry(region).or_default();
+                    let mut grown = std::mem::take(list).into_vec();
+                    grown.push((key, [centre.lat() as f32, centre.lng() as f32]));
+                    *list = grown.into_boxed_slice();
+                }
                 e.insert(bucket::single(member));
             }
         }
@@ -390,6 +416,18 @@ impl Maps {
                 let kept: Box<[CellIndex]> = list.iter().copied().filter(|&c| c != cell).collect();
                 if kept.is_empty() {
                     coarse.remove(&key);
+                    // No longer occupied: out of its region's list (coarse still held).
+                    let region = LatLng::from(key).to_cell(REGION_RESOLUTION);
+                    let mut regions = self.regions.write(cell_shard(region));
+                    if let Some(list) = regions.get_mut(&region) {
+                        let kept: Box<[Placed]> =
+                            list.iter().copied().filter(|&(c, _)| c != key).collect();
+                        if kept.is_empty() {
+                            regions.remove(&region);
+                        } else {
+                            *list = kept;
+                        }
+                    }
                 } else {
                     *list = kept;
                 }

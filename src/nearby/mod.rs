@@ -15,6 +15,7 @@ mod maps;
 pub(crate) mod search;
 pub mod snapshot;
 pub(crate) mod source;
+mod sparse;
 mod token;
 mod types;
 mod watch;

@@ -346,15 +346,21 @@ struct Walk<'a, S> {
     lookahead_valid: bool,
     /// Reused for the occupied cells of one coarse cell.
     scratch: Vec<CellIndex>,
+    /// In sparse country, the whole walk as one batch ([`CellSource::sparse`]); taken by
+    /// the first ring, after which the walk is over.
+    sparse: Option<Vec<(CellIndex, f64)>>,
+    sparse_done: bool,
 }
 
 impl<'a, S: CellSource> Walk<'a, S> {
     fn new(src: &'a S, centre: LatLng, radius_m: f64) -> Self {
+        let fine = RingCover::new(centre, src.resolution(), radius_m);
+        let sparse = src.sparse(centre, fine.origin(), radius_m);
         Self {
             src,
             centre,
             radius_m,
-            fine: RingCover::new(centre, src.resolution(), radius_m),
+            fine,
             fine_rings: 0,
             visited: HashSet::new(),
             coarse: None,
@@ -364,6 +370,8 @@ impl<'a, S: CellSource> Walk<'a, S> {
             lookahead: Ring::default(),
             lookahead_valid: false,
             scratch: Vec::new(),
+            sparse,
+            sparse_done: false,
         }
     }
 
@@ -424,6 +432,16 @@ impl<'a, S: CellSource> Walk<'a, S> {
     }
 
     fn next_ring(&mut self, ring: &mut Ring) -> Walked<bool, S> {
+        if let Some(cells) = self.sparse.take() {
+            // Every occupied cell near the centre, at once: nothing lies beyond them.
+            ring.cells = cells;
+            ring.lower_bound_m = 0.0;
+            self.sparse_done = true;
+            return Ok(true);
+        }
+        if self.sparse_done {
+            return Ok(false);
+        }
         if self.coarse.is_none() {
             if !self.fine.next_ring(ring) {
                 return Ok(false);

@@ -160,10 +160,14 @@ fn assert_same_page(idx: &NearbyIndex, req: &SearchRequest, a: &SearchPage, b: &
     );
 }
 
+/// The partial source walks ring by ring (it has no region level), while the in-memory
+/// maps take the sparse-country shortcut where they can: equal pages prove the shortcut
+/// exact too.
 #[test]
 fn every_page_over_a_partial_source_equals_the_in_memory_page() {
     let idx = populated();
     let mut rng = StdRng::seed_from_u64(12);
+    let (mut shortcut, mut walked) = (0, 0);
     for _ in 0..60 {
         let centre = offset(
             SHANGHAI.0,
@@ -179,6 +183,14 @@ fn every_page_over_a_partial_source_equals_the_in_memory_page() {
             gender: [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)],
             page_token: String::new(),
         };
+        let at = pos(centre);
+        match idx
+            .maps
+            .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m)
+        {
+            Some(_) => shortcut += 1,
+            None => walked += 1,
+        }
         // Every page of the walk, in order, including the last.
         for _ in 0..100 {
             let q = idx.query(&req).unwrap();
@@ -190,6 +202,11 @@ fn every_page_over_a_partial_source_equals_the_in_memory_page() {
             }
         }
     }
+    // Both paths were compared, many times each.
+    assert!(
+        shortcut >= 10 && walked >= 2,
+        "{shortcut} shortcut, {walked} walked"
+    );
 }
 
 #[test]
@@ -239,4 +256,47 @@ fn a_walk_asks_for_whole_batches() {
         s.rounds,
         s.page.users.len()
     );
+}
+
+/// The region level lists exactly the occupied coarse cells, each once, under the region
+/// holding its centre, through moves, clears and expiry.
+#[test]
+fn regions_list_exactly_the_occupied_coarse_cells() {
+    use h3o::LatLng;
+    let idx = populated();
+    let mut rng = StdRng::seed_from_u64(13);
+    // Moves and clears churn the maps.
+    for i in 0..6_000 {
+        let u = uid(&format!("u{:05}", rng.random_range(0..4_000)));
+        if i % 7 == 0 {
+            idx.clear(&u, NOW);
+        } else {
+            let at = offset(
+                SHANGHAI.0,
+                SHANGHAI.1,
+                rng.random_range(-60_000.0..60_000.0),
+                rng.random_range(-60_000.0..60_000.0),
+            );
+            idx.update(u, pos(at), Gender::Female, NOW);
+        }
+    }
+    let mut coarse: Vec<CellIndex> = Vec::new();
+    for shard in 0..maps::SHARDS {
+        coarse.extend(idx.maps.coarse.read(shard).keys().copied());
+    }
+    let mut listed: Vec<CellIndex> = Vec::new();
+    for shard in 0..maps::SHARDS {
+        for (region, list) in idx.maps.regions.read(shard).iter() {
+            for &(c, [lat, lng]) in list.iter() {
+                let centre = LatLng::from(c);
+                assert_eq!(centre.to_cell(maps::REGION_RESOLUTION), *region);
+                assert!((f64::from(lat) - centre.lat()).abs() < 1e-5);
+                assert!((f64::from(lng) - centre.lng()).abs() < 1e-5);
+                listed.push(c);
+            }
+        }
+    }
+    coarse.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(coarse, listed);
 }

@@ -1,7 +1,7 @@
 //! What the query engine reads through: [`CellSource`], answered at once by the in-memory
 //! maps, or batch by batch by a remote store (the walk then stops with what it [`Need`]s).
 
-use h3o::{CellIndex, Resolution};
+use h3o::{CellIndex, LatLng, Resolution};
 
 use super::maps::{Maps, cell_shard};
 
@@ -36,6 +36,19 @@ pub(crate) trait CellSource {
     /// # Errors
     /// `Miss` when the source does not know yet.
     fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), Self::Miss>;
+
+    /// In sparse country, every occupied privacy cell that may hold a point within
+    /// `radius_m` of `centre` (whose privacy cell is `origin`), with its centre's
+    /// distance: the whole walk in one batch. `None` where the source cannot tell cheaply
+    /// (dense country, or a source without the region level): the walk goes ring by ring.
+    fn sparse(
+        &self,
+        _centre: LatLng,
+        _origin: CellIndex,
+        _radius_m: f64,
+    ) -> Option<Vec<(CellIndex, f64)>> {
+        None
+    }
 }
 
 /// What a walk over a partial [`CellSource`] needs fetched before it can go on.
@@ -67,6 +80,15 @@ impl CellSource for Maps {
             out.extend_from_slice(list);
         }
         Ok(())
+    }
+
+    fn sparse(
+        &self,
+        centre: LatLng,
+        origin: CellIndex,
+        radius_m: f64,
+    ) -> Option<Vec<(CellIndex, f64)>> {
+        super::sparse::cells_near(self, centre, origin, radius_m)
     }
 }
 
