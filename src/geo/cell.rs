@@ -160,6 +160,33 @@ mod tests {
         }
     }
 
+    /// Every descendant's centre lies within its ancestor's circumradius bound of the
+    /// ancestor's centre (the sparse-country shortcut files coarse cells under their H3
+    /// parent and relies on it): at every pentagon and its neighbours and a global sample.
+    #[test]
+    fn descendants_lie_within_their_parents_circumradius_bound() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let (parent_res, child_res) = (Resolution::Five, Resolution::Seven);
+        let bound = max_circumradius_m(parent_res);
+        let mut parents: Vec<CellIndex> = parent_res
+            .pentagons()
+            .flat_map(|p| p.grid_disk::<Vec<_>>(2))
+            .collect();
+        for _ in 0..3_000 {
+            let lat = rng.random_range(-90.0..=90.0);
+            let lng = rng.random_range(-180.0..=180.0);
+            parents.push(LatLng::new(lat, lng).unwrap().to_cell(parent_res));
+        }
+        let mut worst: f64 = 0.0;
+        for parent in parents {
+            let centre = LatLng::from(parent);
+            for child in parent.children(child_res) {
+                worst = worst.max(distance_m(centre, LatLng::from(child)));
+            }
+        }
+        assert!(worst <= bound, "worst {worst} over bound {bound}");
+    }
+
     /// Brute force: every cell whose centre is within `r` of `q` appears in the cover.
     #[test]
     fn cover_contains_every_cell_within_the_radius() {

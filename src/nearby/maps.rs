@@ -11,10 +11,11 @@
 //! * `cells`: privacy cell -> its packed, id-sorted member list ([`super::bucket`]).
 //! * `coarse`: coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy
 //!   cells whose centres lie in it, so wide searches skip empty country.
-//! * `regions`: region (resolution [`REGION_RESOLUTION`]) -> the occupied coarse cells
-//!   whose centres lie in it, each with its centre (two `f32`s), so a search in sparse
-//!   country finds every occupied cell near it in a handful of lookups, without walking
-//!   rings (see `search::sparse`).
+//! * `regions`: region (resolution [`REGION_RESOLUTION`]) -> its occupied descendant
+//!   coarse cells (H3 parent, a few bit operations), each with a point inside it (the
+//!   centre of the privacy cell that first occupied it, as two `f32`s), so a search in
+//!   sparse country finds every occupied cell near it in a handful of lookups, without
+//!   walking rings (see `nearby::sparse`). Keeping it costs writes no geometry.
 //!
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
 //! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and `regions`, one shard at a time, and
@@ -52,9 +53,8 @@ pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
 /// at most about 49 coarse cells).
 pub(super) const REGION_RESOLUTION: Resolution = Resolution::Five;
 
-/// An occupied coarse cell as its region lists it: the cell and its centre (degrees, as
-/// `f32`s: within a metre, enough for a pre-filter that leaves the slack to the exact
-/// distance).
+/// An occupied coarse cell as its region lists it: the cell and a point inside it
+/// (degrees, as `f32`s: within a metre, enough for a pre-filter that leaves the slack).
 pub(super) type Placed = (CellIndex, [f32; 2]);
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
@@ -171,7 +171,9 @@ pub(super) struct Maps {
     pub(super) users: Users,
     pub(super) cells: Shards<Cells>,
     pub(super) coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
-    pub(super) regions: Shards<HashMap<CellIndex, Box<[Placed]>>>,
+    /// Vectors, not exactly-sized slices: coarse cells come and go in sparse country with
+    /// every move, and a region holds a few dozen at most.
+    pub(super) regions: Shards<HashMap<CellIndex, Vec<Placed>>>,
     /// Users held (kept with every insert and removal, under the user's `users` shard).
     held: AtomicUsize,
 }
@@ -376,22 +378,22 @@ impl Maps {
             hash_map::Entry::Vacant(e) => {
                 // Registered while this shard of `cells` is locked, so a concurrent removal
                 // of the same bucket cannot interleave (lock order: cells, then coarse).
-                let key = coarse_of(cell);
+                let centre = LatLng::from(cell);
+                let key = centre.to_cell(COARSE_RESOLUTION);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let list = coarse.entry(key).or_default();
                 let first = list.is_empty();
                 let mut grown = std::mem::take(list).into_vec();
                 grown.push(cell);
                 *list = grown.into_boxed_slice();
-                if first {
-                    // A coarse cell just occupied: its region lists it (coarse still held).
-                    let centre = LatLng::from(key);
-                    let region = centre.to_cell(REGION_RESOLUTION);
+                if let Some(region) = key.parent(REGION_RESOLUTION).filter(|_| first) {
+                    // A coarse cell just occupied: its region lists it (coarse still held),
+                    // with this privacy cell's centre as the point inside it.
                     let mut regions = self.regions.write(cell_shard(region));
-                    let list = regions.entry(region).or_default();
-                    let mut grown = std::mem::take(list).into_vec();
-                    grown.push((key, [centre.lat() as f32, centre.lng() as f32]));
-                    *list = grown.into_boxed_slice();
+                    regions
+                        .entry(region)
+                        .or_default()
+                        .push((key, [centre.lat() as f32, centre.lng() as f32]));
                 }
                 e.insert(bucket::single(member));
             }
@@ -417,15 +419,15 @@ impl Maps {
                 if kept.is_empty() {
                     coarse.remove(&key);
                     // No longer occupied: out of its region's list (coarse still held).
-                    let region = LatLng::from(key).to_cell(REGION_RESOLUTION);
-                    let mut regions = self.regions.write(cell_shard(region));
-                    if let Some(list) = regions.get_mut(&region) {
-                        let kept: Box<[Placed]> =
-                            list.iter().copied().filter(|&(c, _)| c != key).collect();
-                        if kept.is_empty() {
-                            regions.remove(&region);
-                        } else {
-                            *list = kept;
+                    if let Some(region) = key.parent(REGION_RESOLUTION) {
+                        let mut regions = self.regions.write(cell_shard(region));
+                        if let Some(list) = regions.get_mut(&region) {
+                            if let Some(at) = list.iter().position(|&(c, _)| c == key) {
+                                list.swap_remove(at);
+                            }
+                            if list.is_empty() {
+                                regions.remove(&region);
+                            }
                         }
                     }
                 } else {

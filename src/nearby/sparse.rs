@@ -4,12 +4,15 @@
 //!
 //! Why it finds everyone the ring walk would. A user is within `r` of the centre `q` when
 //! their privacy cell's centre `p` is. `p` lies in coarse cell `c` (geometric containment,
-//! [`coarse_of`](super::maps::coarse_of)), so `c`'s centre is within `r` plus the coarse
-//! circumradius of `q`; `c`'s centre lies in region `R` (containment again), so `R` holds
-//! a point within that reach and is in the region cover of that reach, which is exact
-//! ([`RingCover::cells_within`]). `R` lists `c` with its centre to within a metre, and the
-//! pre-filter leaves 10 m of slack. So `c`, hence `p`, is measured; the distances are the
-//! ring walk's own (`distance_m` to `LatLng::from(p)`).
+//! [`coarse_of`](super::maps::coarse_of)), so `c`'s centre is within `reach = r + C7` of
+//! `q` (`C7`: the coarse circumradius bound). `c`'s region `R` is its H3 parent, whose
+//! centre is within `C5` (the region circumradius bound) of `c`'s centre — the test
+//! `descendants_lie_within_their_parents_circumradius_bound` checks that at every
+//! pentagon, its neighbours and a global sample — so `R`'s centre is within `reach + C5`
+//! of `q`, which is exactly what puts `R` in the region cover of `reach`
+//! ([`RingCover::cells_within`]). `R` lists `c` with a point inside it (to within a metre),
+//! which is within `C7` of `c`'s centre; the pre-filter allows for both. So `c`, hence
+//! `p`, is measured, with the ring walk's own distance (`distance_m` to `LatLng::from(p)`).
 
 use h3o::{CellIndex, LatLng};
 
@@ -24,7 +27,7 @@ use crate::geo::{
 const DENSE_REGION: usize = 24;
 /// Most occupied privacy cells the shortcut measures; beyond, the ring walk goes on.
 const MAX_CELLS: usize = 64;
-/// Slack for the `f32` centres the regions keep (within a metre of the exact ones).
+/// Slack for the `f32` points the regions keep (within a metre of the exact ones).
 const F32_SLACK_M: f64 = 10.0;
 
 /// Every occupied privacy cell that may hold a user within `radius_m` of `centre`, with
@@ -65,7 +68,8 @@ fn beyond_the_centre(
     {
         return None;
     }
-    let reach = radius_m + max_circumradius_m(COARSE_RESOLUTION);
+    let coarse_circumradius = max_circumradius_m(COARSE_RESOLUTION);
+    let reach = radius_m + coarse_circumradius;
     let mut near: Vec<CellIndex> = Vec::new();
     for (region, _) in RingCover::cells_within(centre, REGION_RESOLUTION, reach) {
         let regions = maps.regions.read(cell_shard(region));
@@ -81,7 +85,8 @@ fn beyond_the_centre(
                 near.push(coarse);
                 continue;
             };
-            if distance_m(centre, at) - F32_SLACK_M <= reach {
+            // `at` is inside the coarse cell: its centre is within the circumradius of it.
+            if distance_m(centre, at) - coarse_circumradius - F32_SLACK_M <= reach {
                 near.push(coarse);
             }
         }
