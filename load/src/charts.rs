@@ -341,10 +341,25 @@ fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> anyhow::Error 
     move |e| anyhow::anyhow!("drawing the {what} chart: {e}")
 }
 
-/// The latency histogram: per run, the share of successful calls in each of [`BINS`] bins
-/// of equal width on a log scale of milliseconds, as a stepped outline.
-pub(crate) fn latency_histogram(series: &[Series<'_>]) -> anyhow::Result<String> {
-    let e = err("latency");
+/// The frame every chart shares: its caption (at `size` points), margins and the room
+/// for axis labels.
+fn framed<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    size: u32,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", size))
+        .margin(15)
+        .margin_right(20)
+        .x_label_area_size(55)
+        .y_label_area_size(85);
+    builder
+}
+
+/// The latency range of the runs that recorded any call, for a log axis (ms).
+fn latency_range<'s, 'r>(series: &'s [Series<'r>]) -> (Vec<&'s Series<'r>>, f64, f64) {
     let drawn: Vec<&Series<'_>> = series
         .iter()
         .filter(|s| !s.run.stats.hist.is_empty())
@@ -362,6 +377,14 @@ pub(crate) fn latency_histogram(series: &[Series<'_>]) -> anyhow::Result<String>
     } else {
         log_range(lo, hi)
     };
+    (drawn, lo, hi)
+}
+
+/// The latency histogram: per run, the share of successful calls in each of [`BINS`] bins
+/// of equal width on a log scale of milliseconds, as a stepped outline.
+pub(crate) fn latency_histogram(series: &[Series<'_>]) -> anyhow::Result<String> {
+    let e = err("latency");
+    let (drawn, lo, hi) = latency_range(series);
     let step = (hi / lo).ln() / BINS as f64;
     let edge = |i: usize| lo * (step * i as f64).exp();
     let mut outlines = Vec::new();
@@ -391,12 +414,7 @@ pub(crate) fn latency_histogram(series: &[Series<'_>]) -> anyhow::Result<String>
         root.fill(&WHITE).map_err(&e)?;
         let (plot, side) = with_legend_column(&root);
         let mut legend = Legend::new();
-        let mut chart = ChartBuilder::on(&plot)
-            .caption("Latency histogram (successful calls)", ("sans-serif", 24))
-            .margin(15)
-            .margin_right(20)
-            .x_label_area_size(55)
-            .y_label_area_size(85)
+        let mut chart = framed(&plot, "Latency histogram (successful calls)", 24)
             .build_cartesian_2d(log_axis(lo, hi), 0.0..top * 1.12)
             .map_err(&e)?;
         chart
@@ -437,42 +455,18 @@ fn percent_label(x: f64) -> String {
 /// (one step per nine), up to the largest value recorded; dots on p50, p90, p99, p99.9, max.
 pub(crate) fn percentiles(series: &[Series<'_>]) -> anyhow::Result<String> {
     let e = err("percentiles");
-    let drawn: Vec<&Series<'_>> = series
-        .iter()
-        .filter(|s| !s.run.stats.hist.is_empty())
-        .collect();
+    let (drawn, lo, hi) = latency_range(series);
     // A run of n calls says nothing past the (1 - 1/n) quantile: its curve ends there, at
     // its max.
     let span = |s: &Series<'_>| (s.run.stats.hist.len() as f64).log10().clamp(0.3, 6.0);
     let x_max = drawn.iter().map(|s| span(s)).fold(1.0, f64::max).ceil();
-    let lo = drawn
-        .iter()
-        .map(|s| ms(s.run.stats.hist.min()))
-        .fold(f64::INFINITY, f64::min);
-    let hi = drawn
-        .iter()
-        .map(|s| ms(s.run.stats.hist.max()))
-        .fold(0.0, f64::max);
-    let (lo, hi) = if drawn.is_empty() {
-        (0.1, 10.0)
-    } else {
-        log_range(lo, hi)
-    };
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(&e)?;
         let (plot, side) = with_legend_column(&root);
         let mut legend = Legend::new();
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(
-                "Latency by percentile (successful calls)",
-                ("sans-serif", 24),
-            )
-            .margin(15)
-            .margin_right(20)
-            .x_label_area_size(55)
-            .y_label_area_size(85)
+        let mut chart = framed(&plot, "Latency by percentile (successful calls)", 24)
             .build_cartesian_2d(0.0..x_max, log_axis(lo, hi))
             .map_err(&e)?;
         chart
@@ -613,12 +607,7 @@ pub(crate) fn throughput(series: &[Series<'_>]) -> anyhow::Result<String> {
         for (area, caption, y_desc, y_max, col) in panels {
             let (plot, side) = with_legend_column(area);
             let mut legend = Legend::new();
-            let mut chart = ChartBuilder::on(&plot)
-                .caption(caption, ("sans-serif", 22))
-                .margin(15)
-                .margin_right(20)
-                .x_label_area_size(55)
-                .y_label_area_size(85)
+            let mut chart = framed(&plot, caption, 22)
                 .build_cartesian_2d(0.0..x_max, 0.0..y_max * 1.15)
                 .map_err(&e)?;
             chart
@@ -746,12 +735,7 @@ pub(crate) fn sweep_chart(series: &[Series<'_>]) -> anyhow::Result<String> {
         let (top, bottom) = root.split_vertically(HEIGHT_2 / 2);
         let (plot, side) = with_legend_column(&top);
         let mut legend = Legend::new();
-        let mut chart = ChartBuilder::on(&plot)
-            .caption("Latency against offered load", ("sans-serif", 22))
-            .margin(15)
-            .margin_right(20)
-            .x_label_area_size(55)
-            .y_label_area_size(85)
+        let mut chart = framed(&plot, "Latency against offered load", 22)
             .build_cartesian_2d(0.0..x_max, log_axis(lo, hi))
             .map_err(&e)?;
         chart
@@ -802,12 +786,7 @@ pub(crate) fn sweep_chart(series: &[Series<'_>]) -> anyhow::Result<String> {
 
         let (plot, side) = with_legend_column(&bottom);
         let mut legend = Legend::new();
-        let mut chart = ChartBuilder::on(&plot)
-            .caption("Achieved against offered throughput", ("sans-serif", 22))
-            .margin(15)
-            .margin_right(20)
-            .x_label_area_size(55)
-            .y_label_area_size(85)
+        let mut chart = framed(&plot, "Achieved against offered throughput", 22)
             .build_cartesian_2d(0.0..x_max, 0.0..x_max)
             .map_err(&e)?;
         chart
