@@ -25,6 +25,10 @@ elif command -v buf >/dev/null 2>&1 && [ "$(buf --version 2>/dev/null)" = "$BUF_
 else
     buf=$prefix/node_modules/.bin/buf
     if [ ! -x "$buf" ] || [ "$("$buf" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+        if ! command -v npm >/dev/null 2>&1; then
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+        fi
         echo "installing buf $BUF_VERSION into $prefix (npm @bufbuild/buf)"
         mkdir -p "$prefix"
         npm install --silent --no-audit --no-fund --no-save --prefix "$prefix" \

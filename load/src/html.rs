@@ -286,6 +286,16 @@ mod tests {
         assert!(a.rates().is_err());
     }
 
+    /// Every axis label of the three charts, with its unit.
+    const AXES: [&str; 6] = [
+        "latency (ms, log scale)",
+        "share of calls per bin (%)",
+        "percentile (each step one more nine)",
+        "successful operations per second",
+        "failed calls per second",
+        "time into the run (s)",
+    ];
+
     #[test]
     fn the_report_is_html_with_every_chart_inline_and_beside_it() {
         let dir = std::env::temp_dir().join(format!("geomatch-load-report-{}", std::process::id()));
@@ -344,14 +354,7 @@ mod tests {
         }
         assert_eq!(page.matches("<svg").count(), 3);
         let texts = svg_texts(&page);
-        for axis in [
-            "latency (ms, log scale)",
-            "share of calls per bin (%)",
-            "percentile (each step one more nine)",
-            "successful operations per second",
-            "failed calls per second",
-            "time into the run (s)",
-        ] {
+        for axis in AXES {
             assert!(
                 texts.iter().any(|t| t == axis),
                 "report without the axis {axis:?}"
@@ -367,13 +370,6 @@ mod tests {
             "3s per run",
             // The percentile table.
             "<th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th>",
-            // Axes, with units.
-            "latency (ms, log scale)",
-            "share of calls per bin (%)",
-            "percentile (each step one more nine)",
-            "successful operations per second",
-            "failed calls per second",
-            "time into the run (s)",
             // Server CPU per operation, "—" without the target's pid.
             "<th>server CPU µs/op</th>",
             "<td>20.00</td></tr>",
@@ -382,7 +378,10 @@ mod tests {
             // Errors, word for word.
             "<li><b>geomatch (grpc)</b>: Unavailable: down</li>",
             "<li><b>valkey</b>: Unavailable: down</li>",
-        ] {
+        ]
+        .into_iter()
+        .chain(AXES)
+        {
             assert!(page.contains(text), "report without {text:?}");
         }
         for f in &written[1..] {

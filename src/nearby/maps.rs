@@ -60,7 +60,13 @@ pub(super) type Placed = (CellIndex, [f32; 2]);
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
 pub(crate) fn coarse_of(cell: CellIndex) -> CellIndex {
-    LatLng::from(cell).to_cell(COARSE_RESOLUTION)
+    centre_and_coarse(cell).1
+}
+
+/// The privacy cell's centre and the coarse cell holding it.
+fn centre_and_coarse(cell: CellIndex) -> (LatLng, CellIndex) {
+    let centre = LatLng::from(cell);
+    (centre, centre.to_cell(COARSE_RESOLUTION))
 }
 
 /// Occupied privacy cells, each with its packed, id-sorted member list.
@@ -378,8 +384,7 @@ impl Maps {
             hash_map::Entry::Vacant(e) => {
                 // Registered while this shard of `cells` is locked, so a concurrent removal
                 // of the same bucket cannot interleave (lock order: cells, then coarse).
-                let centre = LatLng::from(cell);
-                let key = centre.to_cell(COARSE_RESOLUTION);
+                let (centre, key) = centre_and_coarse(cell);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let list = coarse.entry(key).or_default();
                 let first = list.is_empty();

@@ -19,7 +19,7 @@
 //! any state lock.
 
 use std::{
-    collections::{HashMap as StdMap, HashSet},
+    collections::HashSet,
     hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -130,7 +130,7 @@ struct State {
     centre: LatLng,
     area: Vec<CellIndex>,
     /// The users reported inside, each with what the watch last saw of them.
-    inside: StdMap<UserId, Seen>,
+    inside: HashMap<UserId, Seen>,
     tx: Option<mpsc::Sender<WatchEvent>>,
 }
 
@@ -183,7 +183,7 @@ impl State {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 w.end.store(OVERFLOW, Ordering::Release);
                 self.tx = None;
-                self.inside = StdMap::new();
+                self.inside = HashMap::new();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
         }
@@ -295,7 +295,7 @@ impl Watchers {
             state: Mutex::new(State {
                 centre,
                 area: Vec::new(),
-                inside: StdMap::new(),
+                inside: HashMap::new(),
                 tx: None,
             }),
         });
@@ -373,7 +373,7 @@ impl Watchers {
                 }
             }
         }
-        st.inside = StdMap::new();
+        st.inside = HashMap::new();
         drop(st);
         let mut users = self.by_user.write(self.user_shard(w.user.as_str()));
         if let Some(list) = users.get_mut(w.user.as_str()) {
@@ -456,16 +456,19 @@ impl Watchers {
             match now {
                 Some((d, cell, m)) if !inside && d <= w.radius_m => {
                     let id = UserId::trusted(user);
-                    st.inside.insert(id.clone(), Seen::new(cell, m));
-                    st.send(&w, WatchEvent::Enter(found(id, d, cell, m)));
+                    let seen = Seen::new(cell, m);
+                    st.inside.insert(id.clone(), seen);
+                    st.send(&w, WatchEvent::Enter(seen.found(id, d)));
                 }
                 Some((d, cell, m)) if inside && d <= w.leave_m => {
-                    st.inside.insert(UserId::trusted(user), Seen::new(cell, m));
+                    if let Some(seen) = st.inside.get_mut(user) {
+                        *seen = Seen::new(cell, m);
+                    }
                 }
                 Some((d, cell, m)) if inside => {
                     st.inside.remove(user);
                     let id = UserId::trusted(user);
-                    st.send(&w, WatchEvent::Leave(found(id, d, cell, m)));
+                    st.send(&w, WatchEvent::Leave(Seen::new(cell, m).found(id, d)));
                 }
                 None if inside => {
                     if let Some(seen) = st.inside.remove(user) {
@@ -537,21 +540,15 @@ impl Watchers {
                 st.inside.remove(&u);
                 let d = distance_m(centre, LatLng::from(seen.cell));
                 let event = if d > w.leave_m {
-                    Found {
-                        user: u,
-                        distance_m: band_m(d),
-                        gender: seen.gender,
-                        last_seen_ms: seen.last_seen_ms,
-                        cell: seen.cell,
-                    }
+                    seen.found(u, d)
                 } else {
                     gone(u, seen.cell)
                 };
                 st.send(&w, WatchEvent::Leave(event));
             }
             for f in entered {
-                if !st.inside.contains_key(&f.user) {
-                    st.inside.insert(f.user.clone(), Seen::of(&f));
+                if let hashbrown::hash_map::Entry::Vacant(slot) = st.inside.entry(f.user.clone()) {
+                    slot.insert(Seen::of(&f));
                     st.send(&w, WatchEvent::Enter(f));
                 }
             }
@@ -573,16 +570,6 @@ impl Watcher {
     /// The gender filter.
     pub(super) fn gender(&self) -> Gender {
         self.gender
-    }
-}
-
-fn found(user: UserId, d: f64, cell: CellIndex, m: &Member<'_>) -> Found {
-    Found {
-        user,
-        distance_m: band_m(d),
-        gender: m.gender,
-        last_seen_ms: m.last_seen_ms,
-        cell,
     }
 }
 
@@ -611,6 +598,17 @@ impl Seen {
             cell,
             gender: m.gender,
             last_seen_ms: m.last_seen_ms,
+        }
+    }
+
+    /// The user as last seen, `d` metres from the watch's centre.
+    fn found(self, user: UserId, d: f64) -> Found {
+        Found {
+            user,
+            distance_m: band_m(d),
+            gender: self.gender,
+            last_seen_ms: self.last_seen_ms,
+            cell: self.cell,
         }
     }
 

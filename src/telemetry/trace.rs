@@ -37,7 +37,7 @@ use opentelemetry_sdk::{
     trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor},
 };
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::names;
 
@@ -80,7 +80,8 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 pub struct Tracing {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
-    exporting: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Tells the export task to close the queue, and the task itself: taken at shutdown.
+    exporting: Mutex<Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
 /// The tracer of the RPC a task serves, kept in its context so child spans need no
@@ -111,14 +112,13 @@ impl Tracing {
                 .map_err(|e| fail(e.to_string()))?
         };
         let (tx, rx) = mpsc::channel(QUEUE);
-        let exporting = runtime.spawn(export(rx, exporter));
+        let (stop, stopped) = oneshot::channel();
+        let exporting = runtime.spawn(export(rx, stopped, exporter));
         let provider = SdkTracerProvider::builder()
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 cfg.sample_ratio,
             ))))
-            .with_span_processor(Queue {
-                tx: Mutex::new(Some(tx)),
-            })
+            .with_span_processor(Queue { tx })
             .with_resource(Resource::builder().with_service_name("geomatch").build())
             .build();
         let tracer = provider.tracer("geomatch");
@@ -126,7 +126,7 @@ impl Tracing {
         Ok(Arc::new(Self {
             tracer,
             provider,
-            exporting: Mutex::new(Some(exporting)),
+            exporting: Mutex::new(Some((stop, exporting))),
         }))
     }
 
@@ -172,14 +172,15 @@ impl Tracing {
     /// Ends tracing: the queue is closed and what it holds is exported (bounded by the
     /// export timeout).
     pub async fn shutdown(&self) {
-        // Closing the queue ends the export task once it has sent what is left.
         let _ = self.provider.shutdown();
-        let task = self
+        let exporting = self
             .exporting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(task) = task {
+        if let Some((stop, task)) = exporting {
+            // The task closes the queue and ends once it has sent what is left.
+            let _ = stop.send(());
             let _ = tokio::time::timeout(EXPORT_TIMEOUT * 2, task).await;
         }
     }
@@ -229,10 +230,8 @@ impl ChildSpan {
     }
 
     /// Adds an attribute (a static fact of the operation, never a user's data).
-    pub fn attribute(&self, key: &'static str, value: impl Into<Cow<'static, str>>) {
-        self.cx
-            .span()
-            .set_attribute(KeyValue::new(key, value.into().into_owned()));
+    pub fn attribute(&self, key: &'static str, value: &'static str) {
+        self.cx.span().set_attribute(KeyValue::new(key, value));
     }
 
     /// Marks the operation as failed, with a short reason that names no user.
@@ -266,22 +265,18 @@ pub fn child(kind: SpanKind, name: impl FnOnce() -> Cow<'static, str>) -> Option
 }
 
 /// The span processor: hands each ended, sampled span to the export queue without
-/// waiting, dropping (and counting) it when the queue is full.
+/// waiting (and without a lock), dropping and counting it when the queue is full or
+/// closed.
 #[derive(Debug)]
 struct Queue {
-    tx: Mutex<Option<mpsc::Sender<SpanData>>>,
+    tx: mpsc::Sender<SpanData>,
 }
 
 impl SpanProcessor for Queue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        let tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let sent = tx.as_ref().is_some_and(|tx| tx.try_send(span).is_ok());
-        if !sent {
+        if self.tx.try_send(span).is_err() {
             metrics::counter!(names::TRACE_SPANS_DROPPED).increment(1);
         }
     }
@@ -291,20 +286,38 @@ impl SpanProcessor for Queue {
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        self.tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        // The export task closes the queue ([`Tracing::shutdown`]).
         Ok(())
     }
 }
 
-/// Exports the queue in batches until it is closed and empty. A batch that fails or
-/// times out is dropped and counted: the collector's outage is not the calls' problem.
-async fn export(mut rx: mpsc::Receiver<SpanData>, exporter: opentelemetry_otlp::SpanExporter) {
+/// Exports the queue in batches; once `stop` fires, closes it and exports what it holds.
+/// A batch that fails or times out is dropped and counted: the collector's outage is not
+/// the calls' problem.
+async fn export(
+    mut rx: mpsc::Receiver<SpanData>,
+    mut stop: oneshot::Receiver<()>,
+    exporter: opentelemetry_otlp::SpanExporter,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut warned = false;
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    let mut closed = false;
+    loop {
+        let n = if closed {
+            rx.recv_many(&mut batch, BATCH).await
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, BATCH) => n,
+                _ = &mut stop => {
+                    rx.close();
+                    closed = true;
+                    continue;
+                }
+            }
+        };
+        if n == 0 {
+            break;
+        }
         let spans = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
         let n = spans.len() as u64;
         let failed = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
