@@ -91,6 +91,39 @@ pub fn distance_m(a: LatLng, b: LatLng) -> f64 {
     Haversine.distance(Point::new(a.lng(), a.lat()), Point::new(b.lng(), b.lat()))
 }
 
+/// The Earth radius [`distance_m`] measures on (geo's GRS80 mean radius), in metres.
+pub const EARTH_RADIUS_M: f64 = geo::HaversineMeasure::GRS80_MEAN_RADIUS.radius();
+
+/// `p` as a point on the unit sphere.
+pub fn unit_vector(p: LatLng) -> [f64; 3] {
+    let (lat, lng) = (p.lat_radians(), p.lng_radians());
+    let (sin_lat, cos_lat) = lat.sin_cos();
+    let (sin_lng, cos_lng) = lng.sin_cos();
+    [cos_lat * cos_lng, cos_lat * sin_lng, sin_lat]
+}
+
+/// The squared straight-line distance, through the unit sphere, between two points
+/// `distance_m` metres apart along it (4 for antipodes and beyond).
+///
+/// It grows with the distance, so comparing `chord2(u, v)` of two unit vectors with
+/// `chord2_of_m(d)` says whether they lie within `d` of each other, as [`distance_m`]
+/// would (haversine's own `a` is this over 4), with a multiplication per point instead of
+/// trigonometry.
+pub fn chord2_of_m(distance_m: f64) -> f64 {
+    let half_angle =
+        (distance_m.max(0.0) / (2.0 * EARTH_RADIUS_M)).min(std::f64::consts::FRAC_PI_2);
+    let s = half_angle.sin();
+    4.0 * s * s
+}
+
+/// The squared straight-line distance between two points of the unit sphere (see
+/// [`chord2_of_m`]).
+#[inline]
+pub fn chord2(u: [f64; 3], v: [f64; 3]) -> f64 {
+    let (dx, dy, dz) = (u[0] - v[0], u[1] - v[1], u[2] - v[2]);
+    dx * dx + dy * dy + dz * dz
+}
+
 /// The position a user is shown at to everyone else: the centre of their privacy cell.
 pub fn snapped(cell: CellIndex) -> LatLng {
     LatLng::from(cell)
@@ -133,6 +166,45 @@ pub(crate) fn offset(lat: f64, lng: f64, dx_m: f64, dy_m: f64) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chords order points as `distance_m` does: the chord of two unit vectors is the
+    /// chord of their haversine distance, to rounding, from metres to antipodes.
+    #[test]
+    fn chords_agree_with_haversine_distances() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(23);
+        for _ in 0..20_000 {
+            let a = LatLng::new(
+                rng.random_range(-90.0..=90.0),
+                rng.random_range(-180.0..=180.0),
+            )
+            .unwrap();
+            let b = if rng.random_bool(0.5) {
+                // Nearby pairs, where searches compare.
+                LatLng::new(
+                    (a.lat() + rng.random_range(-0.5..0.5)).clamp(-90.0, 90.0),
+                    a.lng() + rng.random_range(-0.5..0.5),
+                )
+                .unwrap()
+            } else {
+                LatLng::new(
+                    rng.random_range(-90.0..=90.0),
+                    rng.random_range(-180.0..=180.0),
+                )
+                .unwrap()
+            };
+            let (c, d) = (chord2(unit_vector(a), unit_vector(b)), distance_m(a, b));
+            assert!(
+                (c - chord2_of_m(d)).abs() <= 1e-12,
+                "{a:?} {b:?}: {c} vs {d} m"
+            );
+            // Strictly growing: a metre more or less is told apart at every distance.
+            assert!(chord2_of_m(d + 1.0) > c || d + 1.0 > std::f64::consts::PI * EARTH_RADIUS_M);
+            assert!(chord2_of_m((d - 1.0).max(0.0)) < c || d < 1.0);
+        }
+        assert_eq!(chord2_of_m(0.0), 0.0);
+        assert_eq!(chord2_of_m(1e12), 4.0);
+    }
 
     #[test]
     fn bands_follow_the_contract() {

@@ -19,7 +19,8 @@
 //!
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
 //! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and `regions`, one shard at a time, and
-//! never hold a guard while taking another. A writer's `changed` callback runs while the
+//! never hold a guard while taking another (the region-centre table a search fills is
+//! locked only with no other guard held). A writer's `changed` callback runs while the
 //! user's `users` shard is held, so observers (watches) see one user's changes in order.
 
 use std::{
@@ -53,9 +54,19 @@ pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
 /// at most about 49 coarse cells).
 pub(super) const REGION_RESOLUTION: Resolution = Resolution::Five;
 
-/// An occupied coarse cell as its region lists it: the cell and a point inside it
-/// (degrees, as `f32`s: within a metre, enough for a pre-filter that leaves the slack).
-pub(super) type Placed = (CellIndex, [f32; 2]);
+/// An occupied coarse cell as its region lists it: the cell and a point inside it, on the
+/// unit sphere ([`crate::geo::unit_vector`], as `f32`s: within a metre, enough for a
+/// pre-filter that leaves the slack), so a search measures it without trigonometry.
+pub(super) type Placed = (CellIndex, [f32; 3]);
+
+/// A unit vector kept as `f32`s (within a metre on the Earth).
+pub(super) fn narrow(v: [f64; 3]) -> [f32; 3] {
+    v.map(|x| x as f32)
+}
+
+/// Most region centres [`Maps::region_centre`] keeps (about 10 MB with the table):
+/// enough for every region of a continent; beyond, centres are computed each time.
+const MAX_REGION_CENTRES: usize = 1 << 18;
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
@@ -180,6 +191,11 @@ pub(super) struct Maps {
     /// Vectors, not exactly-sized slices: coarse cells come and go in sparse country with
     /// every move, and a region holds a few dozen at most.
     pub(super) regions: Shards<HashMap<CellIndex, Vec<Placed>>>,
+    /// Centres of the regions searches have looked at, as unit vectors: the sparse
+    /// shortcut measures a few dozen regions per search, and each centre costs H3
+    /// arithmetic and trigonometry to compute (see [`Maps::region_centre`]).
+    region_centres: Shards<HashMap<CellIndex, [f32; 3]>>,
+    region_centres_held: AtomicUsize,
     /// Users held (kept with every insert and removal, under the user's `users` shard).
     held: AtomicUsize,
 }
@@ -194,6 +210,8 @@ impl Maps {
             cells: Shards::default(),
             coarse: Shards::default(),
             regions: Shards::default(),
+            region_centres: Shards::default(),
+            region_centres_held: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
         }
     }
@@ -377,6 +395,23 @@ impl Maps {
         removed
     }
 
+    /// The centre of `region` (any cell at [`REGION_RESOLUTION`]) as a unit vector, within
+    /// a metre: kept once computed, up to [`MAX_REGION_CENTRES`] of them. A region's
+    /// centre never changes, so the table needs no invalidation.
+    pub(super) fn region_centre(&self, region: CellIndex) -> [f32; 3] {
+        let shard = cell_shard(region);
+        if let Some(&v) = self.region_centres.read(shard).get(&region) {
+            return v;
+        }
+        let v = narrow(crate::geo::unit_vector(LatLng::from(region)));
+        if self.region_centres_held.load(Ordering::Relaxed) < MAX_REGION_CENTRES
+            && self.region_centres.write(shard).insert(region, v).is_none()
+        {
+            self.region_centres_held.fetch_add(1, Ordering::Relaxed);
+        }
+        v
+    }
+
     fn bucket_upsert(&self, cell: CellIndex, member: &Member<'_>) {
         let mut cells = self.cells.write(cell_shard(cell));
         match cells.entry(cell) {
@@ -398,7 +433,7 @@ impl Maps {
                     regions
                         .entry(region)
                         .or_default()
-                        .push((key, [centre.lat() as f32, centre.lng() as f32]));
+                        .push((key, narrow(crate::geo::unit_vector(centre))));
                 }
                 e.insert(bucket::single(member));
             }

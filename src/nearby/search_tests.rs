@@ -287,10 +287,12 @@ fn regions_list_exactly_the_occupied_coarse_cells() {
     let mut listed: Vec<CellIndex> = Vec::new();
     for shard in 0..maps::SHARDS {
         for (region, list) in idx.maps.regions.read(shard).iter() {
-            for &(c, [lat, lng]) in list.iter() {
-                // Filed under its H3 parent, with a point inside it.
+            for &(c, [x, y, z]) in list.iter() {
+                // Filed under its H3 parent, with a point inside it (a unit vector).
                 assert_eq!(c.parent(maps::REGION_RESOLUTION), Some(*region));
-                let point = LatLng::new(f64::from(lat), f64::from(lng)).unwrap();
+                let (x, y, z) = (f64::from(x), f64::from(y), f64::from(z));
+                assert!((x * x + y * y + z * z - 1.0).abs() < 1e-6);
+                let point = LatLng::from_radians(z.asin(), y.atan2(x)).unwrap();
                 let from_centre = crate::geo::distance_m(point, LatLng::from(c));
                 assert!(
                     from_centre

@@ -17,10 +17,9 @@
 use h3o::{CellIndex, LatLng};
 
 use super::maps::{COARSE_RESOLUTION, Maps, REGION_RESOLUTION, cell_shard};
-use crate::geo::{
-    cell::{RingCover, max_circumradius_m},
-    distance_m,
-};
+#[cfg(doc)]
+use crate::geo::cell::RingCover;
+use crate::geo::{cell::max_circumradius_m, chord2, chord2_of_m, distance_m, unit_vector};
 
 /// A region listing more occupied coarse cells than this is dense country, where the ring
 /// walk's early stop is cheaper than measuring every cell.
@@ -70,26 +69,30 @@ fn beyond_the_centre(
     }
     let coarse_circumradius = max_circumradius_m(COARSE_RESOLUTION);
     let reach = radius_m + coarse_circumradius;
+    let q = unit_vector(centre);
+    // A listed point is measured as a chord (see `chord2_of_m`): within the reach, the
+    // coarse circumradius and the slack, exactly when its distance is.
+    let near_enough = chord2_of_m(reach + coarse_circumradius + F32_SLACK_M);
     let mut near: Vec<CellIndex> = Vec::new();
-    for (region, _) in RingCover::cells_within(centre, REGION_RESOLUTION, reach) {
+    let mut dense = false;
+    regions_within(maps, centre, q, reach, |region| {
         let regions = maps.regions.read(cell_shard(region));
         let Some(list) = regions.get(&region) else {
-            continue;
+            return true;
         };
         if list.len() > DENSE_REGION {
-            return None;
+            dense = true;
+            return false;
         }
-        for &(coarse, [lat, lng]) in list.iter() {
-            let Ok(at) = LatLng::new(f64::from(lat), f64::from(lng)) else {
-                // A centre h3o made is always valid; were it not, measure the cell.
-                near.push(coarse);
-                continue;
-            };
-            // `at` is inside the coarse cell: its centre is within the circumradius of it.
-            if distance_m(centre, at) - coarse_circumradius - F32_SLACK_M <= reach {
-                near.push(coarse);
-            }
-        }
+        near.extend(
+            list.iter()
+                .filter(|(_, at)| chord2(q, widen(*at)) <= near_enough)
+                .map(|&(coarse, _)| coarse),
+        );
+        true
+    });
+    if dense {
+        return None;
     }
     let mut out: Vec<(CellIndex, f64)> = Vec::new();
     for coarse in near {
@@ -102,9 +105,47 @@ fn beyond_the_centre(
         }
         out.extend(cells.iter().map(|&cell| (cell, 0.0)));
     }
-    // Measured with no lock held.
+    // Measured with no lock held, exactly as the ring walk measures.
     for (cell, d) in &mut out {
         *d = distance_m(centre, LatLng::from(*cell));
     }
     Some(out)
+}
+
+/// Calls `visit` with every region (cell at [`REGION_RESOLUTION`]) whose centre lies
+/// within `reach` plus the region circumradius bound of `centre` (`q`, its unit vector),
+/// until `visit` returns `false`: [`RingCover::cells_within`]'s cover and proof, ring by
+/// ring from the region holding the centre, with region centres from
+/// [`Maps::region_centre`] and compared as chords. The `f32` centres are within a metre;
+/// the slack on both thresholds keeps the cover a superset of the exact one.
+fn regions_within(
+    maps: &Maps,
+    centre: LatLng,
+    q: [f64; 3],
+    reach: f64,
+    mut visit: impl FnMut(CellIndex) -> bool,
+) {
+    let beyond = chord2_of_m(reach + max_circumradius_m(REGION_RESOLUTION) + F32_SLACK_M);
+    let origin = centre.to_cell(REGION_RESOLUTION);
+    for k in 0.. {
+        let mut nearest = f64::INFINITY;
+        let mut any = false;
+        for region in origin.grid_ring::<Vec<_>>(k) {
+            any = true;
+            let c = chord2(q, widen(maps.region_centre(region)));
+            nearest = nearest.min(c);
+            if c <= beyond && !visit(region) {
+                return;
+            }
+        }
+        // No later ring can hold a centre this near (the ring cover's lower bound).
+        if k > 0 && (!any || nearest > beyond) {
+            return;
+        }
+    }
+}
+
+/// A kept `f32` unit vector, for arithmetic.
+fn widen(v: [f32; 3]) -> [f64; 3] {
+    v.map(f64::from)
 }
