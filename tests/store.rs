@@ -118,6 +118,36 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
     let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit(100)).await;
     assert!(!seen.contains(&short), "swept: {seen:?}");
 
+    // The sweep follows each user's latest ping: a ping again with a shorter time to live
+    // is swept at its own end; one again with a later end is kept until then (a ping
+    // leaves its expiry entry where it was unless that moves it earlier, and the sweep
+    // moves a due entry on to its member's real end).
+    let ttl = |user: &str, ttl_s: u32| pb::UpdateLocationRequest {
+        ttl_s,
+        ..ping(user, centre)
+    };
+    let (shorter, again) = (format!("{prefix}shorter"), format!("{prefix}again"));
+    cb.update_location(ttl(&shorter, 600)).await.unwrap();
+    cb.update_location(ttl(&shorter, 60)).await.unwrap();
+    cb.update_location(ttl(&again, 60)).await.unwrap();
+    b.clock.advance_ms(30_000);
+    cb.update_location(ttl(&again, 60)).await.unwrap();
+    b.clock.advance_ms(30_000);
+    assert_eq!(remote.sweep(b.clock.now_ms()).await.unwrap(), 1, "shorter");
+    let seen = found(&mut cb, search(&format!("{prefix}y"), centre).limit(100)).await;
+    assert!(
+        seen.contains(&again) && !seen.contains(&shorter),
+        "{seen:?}"
+    );
+    assert_eq!(remote.sweep(b.clock.now_ms()).await.unwrap(), 0);
+    b.clock.advance_ms(30_000);
+    assert_eq!(remote.sweep(b.clock.now_ms()).await.unwrap(), 1, "again");
+    let seen = found(&mut ca, search(&format!("{prefix}y"), centre).limit(100)).await;
+    assert!(
+        !seen.contains(&again),
+        "swept at its second ping's end: {seen:?}"
+    );
+
     a.stop().await;
     b.stop().await;
 }

@@ -68,6 +68,7 @@ redis.register_function('gm_put', function(keys, args)
   local b = redis.call('GET', keys[1]) or ''
   local member = string.char(#user) .. user .. fields
   local first, last = find(b, user)
+  local occupied = #b > 0
   if first then
     if times(b, first) > struct.unpack('<I6', fields) then return 0 end
     b = string.sub(b, 1, first - 1) .. member .. string.sub(b, last + 1)
@@ -75,8 +76,13 @@ redis.register_function('gm_put', function(keys, args)
     b = b .. member
   end
   redis.call('SET', keys[1], b)
-  redis.call('SADD', keys[2], cell)
-  redis.call('ZADD', keys[3], expires, entry(coarse, cell, user))
+  -- A cell holding members is in its coarse cell's occupancy already (`store` keeps it so).
+  if not occupied then redis.call('SADD', keys[2], cell) end
+  -- The expiry entry only ever moves earlier here (LT; a new one is added): a user who
+  -- pings again stays put in the ZSET, so a ping costs no skiplist update and nothing to
+  -- replicate. The sweep finds such an entry due too early, and moves it to the member's
+  -- real expiry (gm_expire).
+  redis.call('ZADD', keys[3], 'LT', expires, entry(coarse, cell, user))
   tell(args[6], args[7], 'P', cell, member)
   return 1
 end)
@@ -127,8 +133,9 @@ redis.register_function('gm_forget', function(keys, args)
 end)
 
 -- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix, mode, channel)
--- Removes up to `limit` members of this tag whose ping expired by now_ms (a member pinged
--- again meanwhile has a later score and stays). Returns the number removed. (The bucket
+-- Removes up to `limit` members of this tag whose ping expired by now_ms. An entry due
+-- whose member was pinged again meanwhile (gm_put leaves its score early) is moved to the
+-- member's real expiry. Returns the number removed. (The bucket
 -- and occupancy keys of an entry are the prefixes followed by its cells; they share the
 -- expiry key's hash tag.)
 redis.register_function('gm_expire', function(keys, args)
@@ -142,6 +149,7 @@ redis.register_function('gm_expire', function(keys, args)
     local cell, user = string.sub(e, slash + 1, bar - 1), string.sub(e, bar + 1)
     local bucket = args[3] .. cell
     local b = redis.call('GET', bucket)
+    local alive_until = nil
     if b then
       local first, last = find(b, user)
       if first then
@@ -150,10 +158,16 @@ redis.register_function('gm_expire', function(keys, args)
           tell(args[5], args[6], 'D', cell, string.sub(b, first, last))
           store(bucket, args[4] .. coarse, cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
           removed = removed + 1
+        else
+          alive_until = seen + ttl
         end
       end
     end
-    redis.call('ZREM', keys[1], e)
+    if alive_until then
+      redis.call('ZADD', keys[1], alive_until, e)
+    else
+      redis.call('ZREM', keys[1], e)
+    end
   end
   return removed
 end)
