@@ -79,7 +79,7 @@ done
 # Each scenario against all three targets in turn (one invocation, one JSON line each); the
 # first run of each also writes its HTML report. The shake has no Redis equivalent; its
 # shakers are fresh in every run (geomatch-load's per-run shaker ids).
-for scenario in update update-bulk search-dense-1km search-dense-5km search-sparse mixed shake; do
+for scenario in noop update update-bulk search-dense-1km search-dense-5km search-sparse mixed shake; do
     peers=$PEER_ARGS
     [ "$scenario" = shake ] && peers=
     for run in $(seq "$RUNS"); do
@@ -107,7 +107,7 @@ print("| scenario | geomatch ops/s | geomatch CPU µs/op | redis ops/s | redis C
       "| valkey ops/s | valkey CPU µs/op | ops/s ratio vs faster peer "
       "| CPU ratio vs cheaper peer | geomatch p99 µs | peer p99 µs |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-for scenario in ["update", "update-bulk", "search-dense-1km", "search-dense-5km", "search-sparse", "mixed", "shake"]:
+for scenario in ["noop", "update", "update-bulk", "search-dense-1km", "search-dense-5km", "search-sparse", "mixed", "shake"]:
     g = by.get((scenario, "grpc"))
     if not g:
         continue

@@ -19,6 +19,11 @@ pub(crate) enum Scenario {
     SearchSparse,
     Shake,
     Mixed,
+    /// The per-call floor of each server's stack: a gRPC health check
+    /// (`grpc.health.v1.Health/Check`, through every layer a Nearby call passes) against
+    /// a RESP `PING`. Nothing is loaded. What a scenario costs above its target's floor is
+    /// the work of the operation itself.
+    Noop,
     /// Churn for a long run (gRPC only): a window of active users slides through the
     /// population (users join, move, clear, and expire once they fall behind it), with
     /// searches and bulk pings from active users and shakes from a fixed pool of pairs. The
@@ -38,6 +43,7 @@ impl Scenario {
             Self::SearchSparse => "search-sparse",
             Self::Shake => "shake",
             Self::Mixed => "mixed",
+            Self::Noop => "noop",
             Self::Soak => "soak",
         }
     }

@@ -239,6 +239,15 @@ pub(crate) async fn op(ctx: &Ctx, rng: &mut StdRng, ch: &Channel) -> Result<bool
                 .users
                 .is_empty())
         }
+        Scenario::Noop => {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await?
+                .into_inner()
+                .status;
+            Ok(status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+        }
         Scenario::SearchSparse => {
             let centre = population::sparse_point(rng);
             let req = search(rng, ctx.search_nonce, centre, 10_000.0);

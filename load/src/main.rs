@@ -120,7 +120,12 @@ async fn main() -> anyhow::Result<()> {
     // Shakes need no population; the soak's users enter through its own churn (a preloaded
     // million expiring at once would be one mass event, not churn, and the allocator takes
     // minutes to hand that memory back, which would mask the steady state the soak checks).
-    if !args.skip_load && !matches!(args.scenario, Scenario::Shake | Scenario::Soak) {
+    if !args.skip_load
+        && !matches!(
+            args.scenario,
+            Scenario::Shake | Scenario::Soak | Scenario::Noop
+        )
+    {
         if !channels.is_empty() {
             grpc::load_population(&channels, args.users, args.seed, args.concurrency.max(32))
                 .await?;

@@ -199,6 +199,7 @@ pub(crate) async fn op(
             geo_search(c, population::sparse_point(rng), 10_000.0).await?;
             Ok(true)
         }
+        Scenario::Noop => Ok(redis::cmd("PING").query_async::<String>(c).await? == "PONG"),
         Scenario::Shake | Scenario::Mixed | Scenario::Soak => Ok(false),
     }
 }
