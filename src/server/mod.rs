@@ -6,6 +6,7 @@ use std::{future::Future, sync::Arc};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Server, server::TcpIncoming},
@@ -25,6 +26,7 @@ use crate::{
 };
 
 mod app;
+pub mod coalesce;
 mod reload;
 mod tasks;
 pub mod tls;
@@ -210,14 +212,19 @@ pub async fn serve(
     let serving: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match &tls {
-        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-            tls.incoming(listeners.grpc, cfg.keepalive_interval),
-            drain,
-        )),
+        // Each connection's responses that are ready together go out in one write.
+        Some(tls) => Box::pin(
+            router.serve_with_incoming_shutdown(
+                tls.incoming(listeners.grpc, cfg.keepalive_interval)
+                    .map(|conn| conn.map(coalesce::Coalesced::new)),
+                drain,
+            ),
+        ),
         None => {
             let incoming = TcpIncoming::from(listeners.grpc)
                 .with_nodelay(Some(true))
-                .with_keepalive(Some(cfg.keepalive_interval));
+                .with_keepalive(Some(cfg.keepalive_interval))
+                .map(|conn| conn.map(coalesce::Coalesced::new));
             Box::pin(router.serve_with_incoming_shutdown(incoming, drain))
         }
     };
