@@ -97,6 +97,24 @@ fn main() {
         grown as f64 / 1e6,
         grown as f64 / USERS as f64
     );
+    // Where the bytes go: each map's structures, per user; the rest of the RSS growth is
+    // the allocator's rounding, per-allocation overhead and pages freed but kept.
+    let f = idx.footprint();
+    let per_user = |b: usize| b as f64 / USERS as f64;
+    println!(
+        "footprint per user: members {:.1} B, users table {:.1}, cells table {:.1}, \
+         coarse table {:.1}, coarse lists {:.1}, regions {:.1}, region centres {:.1}; \
+         total {:.1} B, RSS beyond it {:.1} B",
+        per_user(f.members),
+        per_user(f.users_table),
+        per_user(f.cells_table),
+        per_user(f.coarse_table),
+        per_user(f.coarse_lists),
+        per_user(f.regions),
+        per_user(f.region_centres),
+        per_user(f.total()),
+        per_user(grown as usize) - per_user(f.total()),
+    );
 
     // A second million, seen later: they stay while the first million expires.
     let later = NOW + ttl / 2;

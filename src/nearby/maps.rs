@@ -179,6 +179,40 @@ impl CellCodec {
     }
 }
 
+/// What the maps hold, in bytes of the structures themselves (entries, free slots and
+/// control bytes, list contents), before the allocator's own rounding and overhead: where
+/// a user's bytes go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// The `users` tables: one `u64` per user, at the tables' load factor.
+    pub users_table: usize,
+    /// The `cells` tables: a cell and its bucket's pointer and length per occupied cell.
+    pub cells_table: usize,
+    /// The members themselves: every bucket's bytes (ids included).
+    pub members: usize,
+    /// The `coarse` tables.
+    pub coarse_table: usize,
+    /// The coarse cells' lists of occupied privacy cells.
+    pub coarse_lists: usize,
+    /// The `regions` tables and their lists.
+    pub regions: usize,
+    /// The region centres searches have kept.
+    pub region_centres: usize,
+}
+
+impl Footprint {
+    /// Every part together.
+    pub fn total(&self) -> usize {
+        self.users_table
+            + self.cells_table
+            + self.members
+            + self.coarse_table
+            + self.coarse_lists
+            + self.regions
+            + self.region_centres
+    }
+}
+
 /// The three maps (see the module docs).
 #[derive(Debug)]
 pub(super) struct Maps {
@@ -410,6 +444,44 @@ impl Maps {
             self.region_centres_held.fetch_add(1, Ordering::Relaxed);
         }
         v
+    }
+
+    /// Bytes held by each map (see [`Footprint`]).
+    pub(super) fn footprint(&self) -> Footprint {
+        // hashbrown keeps a power of two of slots at most 7/8 full, each slot its entry
+        // and one control byte.
+        fn slots(capacity: usize) -> usize {
+            if capacity == 0 {
+                0
+            } else {
+                (capacity * 8 / 7).next_power_of_two()
+            }
+        }
+        let table = |capacity: usize, entry: usize| slots(capacity) * (entry + 1);
+        let cell_entry = size_of::<(CellIndex, Box<[u8]>)>();
+        let coarse_entry = size_of::<(CellIndex, Box<[CellIndex]>)>();
+        let region_entry = size_of::<(CellIndex, Vec<Placed>)>();
+        Footprint {
+            users_table: self
+                .users
+                .tables
+                .sum(|t| table(t.capacity(), size_of::<u64>())),
+            cells_table: self.cells.sum(|m| table(m.capacity(), cell_entry)),
+            members: self.cells.sum(|m| m.values().map(|b| b.len()).sum()),
+            coarse_table: self.coarse.sum(|m| table(m.capacity(), coarse_entry)),
+            coarse_lists: self
+                .coarse
+                .sum(|m| m.values().map(|l| size_of_val::<[CellIndex]>(l)).sum()),
+            regions: self.regions.sum(|m| {
+                table(m.capacity(), region_entry)
+                    + m.values()
+                        .map(|l| l.capacity() * size_of::<Placed>())
+                        .sum::<usize>()
+            }),
+            region_centres: self
+                .region_centres
+                .sum(|m| table(m.capacity(), size_of::<(CellIndex, [f32; 3])>())),
+        }
     }
 
     fn bucket_upsert(&self, cell: CellIndex, member: &Member<'_>) {

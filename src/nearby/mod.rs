@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use h3o::{CellIndex, LatLng};
 
+pub use maps::Footprint;
 pub use token::{Cursor, MAX_TOKEN_LEN, PageTokens, Scope, TokenError};
 pub use types::{
     Found, Gender, LocationStatus, NearbyConfig, Ping, Placement, Query, Record, SearchPage,
@@ -83,6 +84,11 @@ impl NearbyIndex {
     /// Occupied privacy cells.
     pub fn cell_count(&self) -> usize {
         self.maps.cell_count()
+    }
+
+    /// Bytes held by each of the index's maps, before the allocator's overhead.
+    pub fn footprint(&self) -> Footprint {
+        self.maps.footprint()
     }
 
     /// The server's location TTL in ms.

@@ -567,3 +567,46 @@ fn the_user_cap_holds_exactly_under_concurrent_newcomers() {
     };
     assert!(idx.ping(&again, 1).is_ok());
 }
+
+/// The footprint counts each member's bytes exactly, and a table slot for every user
+/// and every occupied cell; clearing everyone empties the members and the lists.
+#[test]
+fn footprint_counts_the_members_and_a_slot_per_entry() {
+    let idx = index();
+    let mut rng = StdRng::seed_from_u64(37);
+    let n = 3_000;
+    for i in 0..n {
+        let (lat, lng) = (
+            31.2 + rng.random_range(-0.2..0.2),
+            121.4 + rng.random_range(-0.2..0.2),
+        );
+        idx.update(
+            uid(&format!("u{i:05}")),
+            pos(lat, lng),
+            Gender::Female,
+            1_000,
+        );
+    }
+    let f = idx.footprint();
+    // "u" and five digits: 6 bytes of id, 12 of the rest.
+    assert_eq!(f.members, n * (6 + 12));
+    assert!(f.users_table >= n * 9, "{f:?}");
+    assert!(f.cells_table >= idx.cell_count() * 25, "{f:?}");
+    assert_eq!(f.coarse_lists, idx.cell_count() * 8);
+    assert!(f.regions > 0 && f.coarse_table > 0);
+    assert_eq!(
+        f.total(),
+        f.members
+            + f.users_table
+            + f.cells_table
+            + f.coarse_table
+            + f.coarse_lists
+            + f.regions
+            + f.region_centres
+    );
+    for i in 0..n {
+        idx.clear(&uid(&format!("u{i:05}")), 2_000);
+    }
+    let f = idx.footprint();
+    assert_eq!((f.members, f.coarse_lists), (0, 0));
+}
