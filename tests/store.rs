@@ -147,6 +147,39 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
         !seen.contains(&again),
         "swept at its second ping's end: {seen:?}"
     );
+    // A sweep goes on past a whole batch of entries that only move on: a thousand users
+    // who pinged again come due just before one who did not.
+    let keepers: Vec<pb::UpdateLocationRequest> = (0..1_000)
+        .map(|i| ttl(&format!("{prefix}k{i:04}"), 60))
+        .collect();
+    let through_b = cb.clone();
+    let bulk = |items: Vec<pb::UpdateLocationRequest>| {
+        let mut c = through_b.clone();
+        async move {
+            let s = c
+                .update_locations(tokio_stream::iter(items))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(s.rejected, 0, "{:?}", s.rejections);
+        }
+    };
+    bulk(keepers.clone()).await;
+    b.clock.advance_ms(1);
+    let gone = format!("{prefix}gone");
+    cb.update_location(ttl(&gone, 60)).await.unwrap();
+    b.clock.advance_ms(30_000);
+    bulk(keepers).await;
+    b.clock.advance_ms(30_000);
+    // A's clock is behind: it still sees the ping until the store forgets it.
+    assert!(held(&mut ca, &gone).await.found);
+    assert_eq!(
+        remote.sweep(b.clock.now_ms()).await.unwrap(),
+        1,
+        "swept past a batch of keepers"
+    );
+    assert!(!held(&mut ca, &gone).await.found);
+    assert!(held(&mut ca, &format!("{prefix}k0999")).await.found);
 
     a.stop().await;
     b.stop().await;

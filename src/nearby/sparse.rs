@@ -9,8 +9,9 @@
 //! centre is within `C5` (the region circumradius bound) of `c`'s centre — the test
 //! `descendants_lie_within_their_parents_circumradius_bound` checks that at every
 //! pentagon, its neighbours and a global sample — so `R`'s centre is within `reach + C5`
-//! of `q`, which is exactly what puts `R` in the region cover of `reach`
-//! ([`RingCover::cells_within`]). `R` lists `c` with a point inside it (to within a metre),
+//! of `q`, which is exactly what puts `R` among the regions visited (`regions_within`:
+//! every region whose centre is within `reach + C5`, rings walked until no later centre
+//! can be). `R` lists `c` with a point inside it (to within a metre),
 //! which is within `C7` of `c`'s centre; the pre-filter allows for both. So `c`, hence
 //! `p`, is measured, with the ring walk's own distance (`distance_m` to `LatLng::from(p)`).
 
@@ -114,10 +115,13 @@ fn beyond_the_centre(
 
 /// Calls `visit` with every region (cell at [`REGION_RESOLUTION`]) whose centre lies
 /// within `reach` plus the region circumradius bound of `centre` (`q`, its unit vector),
-/// until `visit` returns `false`: [`RingCover::cells_within`]'s cover and proof, ring by
-/// ring from the region holding the centre, with region centres from
-/// [`Maps::region_centre`] and compared as chords. The `f32` centres are within a metre;
-/// the slack on both thresholds keeps the cover a superset of the exact one.
+/// until `visit` returns `false`: ring by ring from the region holding the centre, as
+/// [`RingCover`] walks, with region centres from [`Maps::region_centre`] compared as
+/// chords. It stops one circumradius later than [`RingCover::cells_within`] would: that
+/// cover proves no later *point* is within its radius, and what is needed here is that
+/// no later region's *centre* is within the visiting distance. The `f32` centres are
+/// within a metre; the slack on the thresholds keeps the cover a superset of the exact
+/// one.
 fn regions_within(
     maps: &Maps,
     centre: LatLng,
@@ -125,7 +129,12 @@ fn regions_within(
     reach: f64,
     mut visit: impl FnMut(CellIndex) -> bool,
 ) {
-    let beyond = chord2_of_m(reach + max_circumradius_m(REGION_RESOLUTION) + F32_SLACK_M);
+    let region_circumradius = max_circumradius_m(REGION_RESOLUTION);
+    let beyond = chord2_of_m(reach + region_circumradius + F32_SLACK_M);
+    // A centre in a later ring is at least the ring's nearest centre less a circumradius
+    // away (the ring cover's lower bound, for the centre as a point), so once the nearest
+    // is beyond the visiting distance plus a circumradius, no later centre is within it.
+    let done = chord2_of_m(reach + 2.0 * region_circumradius + F32_SLACK_M);
     let origin = centre.to_cell(REGION_RESOLUTION);
     for k in 0.. {
         let mut nearest = f64::INFINITY;
@@ -138,8 +147,7 @@ fn regions_within(
                 return;
             }
         }
-        // No later ring can hold a centre this near (the ring cover's lower bound).
-        if k > 0 && (!any || nearest > beyond) {
+        if k > 0 && (!any || nearest > done) {
             return;
         }
     }

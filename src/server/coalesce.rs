@@ -24,6 +24,8 @@ use tonic::transport::server::Connected;
 
 /// Bytes gathered before they are written through without waiting for a flush.
 const MAX_GATHERED: usize = 64 * 1024;
+/// Buffer kept after a burst larger than [`MAX_GATHERED`] is written out.
+const KEPT_CAPACITY: usize = 4 * 1024;
 
 /// A socket whose writes are gathered until a flush, and whose flushes are deferred by
 /// one scheduler turn (see the module docs).
@@ -61,9 +63,10 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             self.written += n;
         }
         self.gathered.clear();
-        if self.gathered.capacity() > 2 * MAX_GATHERED {
-            // A burst's buffer is not kept for a connection's lifetime.
-            self.gathered.shrink_to(MAX_GATHERED);
+        if self.gathered.capacity() > MAX_GATHERED {
+            // A burst's buffer is not kept for the connection's lifetime: thousands of
+            // mostly idle connections (watch streams) must not each hold one.
+            self.gathered.shrink_to(KEPT_CAPACITY);
         }
         self.written = 0;
         Poll::Ready(Ok(()))
@@ -260,7 +263,7 @@ mod tests {
     fn a_full_buffer_is_written_through_without_waiting_for_a_flush() {
         let mut cx = Context::from_waker(Waker::noop());
         let mut c = Coalesced::new(Recorder::default());
-        let big = vec![7u8; MAX_GATHERED];
+        let big = vec![7u8; MAX_GATHERED + 1];
         write(&mut c, &mut cx, &[&big]);
         assert!(c.inner.writes.is_empty());
         write(&mut c, &mut cx, &[b"tail"]);
@@ -271,5 +274,11 @@ mod tests {
             Poll::Ready(Ok(()))
         ));
         assert_eq!(c.inner.writes.last().map(Vec::as_slice), Some(&b"tail"[..]));
+        // The burst's buffer is not kept.
+        assert!(
+            c.gathered.capacity() <= KEPT_CAPACITY,
+            "{}",
+            c.gathered.capacity()
+        );
     }
 }

@@ -135,7 +135,8 @@ end)
 -- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix, mode, channel)
 -- Removes up to `limit` members of this tag whose ping expired by now_ms. An entry due
 -- whose member was pinged again meanwhile (gm_put leaves its score early) is moved to the
--- member's real expiry. Returns the number removed. (The bucket
+-- member's real expiry. Returns {removed, due}: the members removed and the entries
+-- handled (at most `limit`; fewer means none is due any more). (The bucket
 -- and occupancy keys of an entry are the prefixes followed by its cells; they share the
 -- expiry key's hash tag.)
 redis.register_function('gm_expire', function(keys, args)
@@ -169,7 +170,7 @@ redis.register_function('gm_expire', function(keys, args)
       redis.call('ZREM', keys[1], e)
     end
   end
-  return removed
+  return {removed, #due}
 end)
 
 -- gm_lease(lease; replica, hold_ms) -> 1 when `replica` holds the lease (taken or renewed

@@ -501,9 +501,11 @@ impl RedisNearby {
                     .arg(self.conn.tell_mode())
                     .arg(super::change_channel(&tag))
                     .clone();
-                let n: usize = self.conn.query(&expire).await?;
+                // Entries handled, not members removed, tell whether more are due: an
+                // entry of a user who pinged again is moved on, not removed.
+                let (n, due): (usize, usize) = self.conn.query(&expire).await?;
                 removed += n;
-                if n < SWEEP_BATCH {
+                if due < SWEEP_BATCH {
                     break;
                 }
             }
