@@ -4,7 +4,8 @@
 //! scenario:
 //!
 //! ```sh
-//! cargo run --release --example bare_health -- 127.0.0.1:16593 &
+//! cargo build --release --example bare_health
+//! target/release/examples/bare_health 127.0.0.1:16593 &
 //! target/release/geomatch-load --grpc 127.0.0.1:16593 --scenario noop --server-pid $! --duration 5s
 //! ```
 //!
