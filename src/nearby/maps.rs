@@ -13,14 +13,15 @@
 //!   cells whose centres lie in it, so wide searches skip empty country.
 //! * `regions`: region (resolution [`REGION_RESOLUTION`]) -> its occupied descendant
 //!   coarse cells (H3 parent, a few bit operations), each with a point inside it (the
-//!   centre of the privacy cell that first occupied it, as two `f32`s), so a search in
-//!   sparse country finds every occupied cell near it in a handful of lookups, without
-//!   walking rings (see `nearby::sparse`). Keeping it costs writes no geometry.
+//!   centre of the privacy cell that first occupied it, as a unit vector of three
+//!   `f32`s), so a search in sparse country finds every occupied cell near it in a
+//!   handful of lookups, without walking rings (see `nearby::sparse`). A write computes
+//!   that point only when a coarse cell becomes occupied.
 //!
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
-//! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and `regions`, one shard at a time, and
-//! never hold a guard while taking another (the region-centre table a search fills is
-//! locked only with no other guard held). A writer's `changed` callback runs while the
+//! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and
+//! `regions`, one shard at a time, and never hold a guard while taking another (the
+//! region-centre table a search fills is locked only with no other guard held). A writer's `changed` callback runs while the
 //! user's `users` shard is held, so observers (watches) see one user's changes in order.
 
 use std::{
