@@ -1,4 +1,5 @@
-//! In-process benches of the hot paths: index update, search, page tokens, shake pairing.
+//! In-process benches of the hot paths: cell centres, index update, search, page tokens,
+//! shake pairing.
 //!
 //! `cargo bench --bench core` (add `GEOMATCH_BENCH_10M=1` for 10 M users); populations are the standard one (`geomatch_load::population`):
 //! 80 % Gaussian around ten city centres, 20 % uniform, from a fixed seed.
@@ -315,8 +316,35 @@ fn shake_anywhere(c: &mut Criterion) {
     });
 }
 
+/// A cell centre as h3o computes it and as [`geomatch::geo::centre::centre`] remembers it,
+/// over the res-9 cells of a 1 km search's ring walk (a disk of 7 rings, 127 cells): what
+/// each ring cell costs a search, a shake or a watch.
+fn centres(c: &mut Criterion) {
+    use h3o::{LatLng, Resolution};
+    let origin = LatLng::new(CITY.0, CITY.1)
+        .unwrap()
+        .to_cell(Resolution::Nine);
+    let disk: Vec<_> = origin.grid_disk(6);
+    let mut g = c.benchmark_group("geo/centre-127-cells");
+    g.bench_function("computed", |b| {
+        b.iter(|| {
+            disk.iter()
+                .map(|&cell| LatLng::from(black_box(cell)).lat_radians())
+                .sum::<f64>()
+        })
+    });
+    g.bench_function("remembered", |b| {
+        b.iter(|| {
+            disk.iter()
+                .map(|&cell| geomatch::geo::centre::centre(black_box(cell)).lat_radians())
+                .sum::<f64>()
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    centres,
     nearby,
     equal_density,
     watch,

@@ -81,7 +81,7 @@ impl RingCover {
         let centre = self.centre;
         let mut nearest = f64::INFINITY;
         for cell in self.origin.grid_ring::<Vec<_>>(k) {
-            let d = distance_m(centre, LatLng::from(cell));
+            let d = distance_m(centre, super::centre::centre(cell));
             nearest = nearest.min(d);
             ring.cells.push((cell, d));
         }

@@ -9,6 +9,7 @@ use geo::{Distance as _, Haversine, Point};
 use h3o::{CellIndex, LatLng, Resolution};
 
 pub mod cell;
+pub mod centre;
 pub mod value;
 
 use crate::error::{Error, Result};
@@ -126,7 +127,7 @@ pub fn chord2(u: [f64; 3], v: [f64; 3]) -> f64 {
 
 /// The position a user is shown at to everyone else: the centre of their privacy cell.
 pub fn snapped(cell: CellIndex) -> LatLng {
-    LatLng::from(cell)
+    centre::centre(cell)
 }
 
 /// Rounds a distance up to the band shown to clients: 100 m if within 100 m, then the next

@@ -77,7 +77,7 @@ pub(crate) fn coarse_of(cell: CellIndex) -> CellIndex {
 
 /// The privacy cell's centre and the coarse cell holding it.
 fn centre_and_coarse(cell: CellIndex) -> (LatLng, CellIndex) {
-    let centre = LatLng::from(cell);
+    let centre = crate::geo::centre::centre(cell);
     (centre, centre.to_cell(COARSE_RESOLUTION))
 }
 

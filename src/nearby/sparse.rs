@@ -108,7 +108,7 @@ fn beyond_the_centre(
     }
     // Measured with no lock held, exactly as the ring walk measures.
     for (cell, d) in &mut out {
-        *d = distance_m(centre, LatLng::from(*cell));
+        *d = distance_m(centre, crate::geo::centre::centre(*cell));
     }
     Some(out)
 }

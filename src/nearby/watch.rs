@@ -538,7 +538,7 @@ impl Watchers {
                 .collect();
             for (u, seen) in left {
                 st.inside.remove(&u);
-                let d = distance_m(centre, LatLng::from(seen.cell));
+                let d = distance_m(centre, crate::geo::centre::centre(seen.cell));
                 let event = if d > w.leave_m {
                     seen.found(u, d)
                 } else {
