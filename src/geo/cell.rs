@@ -40,6 +40,18 @@ pub struct Ring {
     pub lower_bound_m: f64,
 }
 
+/// How a cover gets the centres of its cells (the same `LatLng`s either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Centres {
+    /// From this thread's table ([`super::centre::centre`]): for walks that come back to
+    /// the same cells (searches and watches, which ask around where users are).
+    Remembered,
+    /// From h3o every time: for a cover of a spot whose cells seldom come back to this
+    /// thread, where a miss in the table costs more than it saves (a shake's few bucket
+    /// cells, measured once per shake; the load generator shakes at a new spot each time).
+    Computed,
+}
+
 /// Ring-by-ring cover of a disk of `radius_m` around a point, nearest ring first.
 #[derive(Debug, Clone)]
 pub struct RingCover {
@@ -47,18 +59,31 @@ pub struct RingCover {
     centre: LatLng,
     radius_m: f64,
     circumradius_m: f64,
+    centres: Centres,
     next_k: u32,
     done: bool,
 }
 
 impl RingCover {
-    /// Starts a cover of the disk of `radius_m` around `centre` with cells at `resolution`.
+    /// Starts a cover of the disk of `radius_m` around `centre` with cells at `resolution`,
+    /// their centres [`Centres::Remembered`].
     pub fn new(centre: LatLng, resolution: Resolution, radius_m: f64) -> Self {
+        Self::with_centres(centre, resolution, radius_m, Centres::Remembered)
+    }
+
+    /// [`RingCover::new`], with the centres got as `centres` says.
+    pub fn with_centres(
+        centre: LatLng,
+        resolution: Resolution,
+        radius_m: f64,
+        centres: Centres,
+    ) -> Self {
         Self {
             origin: centre.to_cell(resolution),
             centre,
             radius_m,
             circumradius_m: max_circumradius_m(resolution),
+            centres,
             next_k: 0,
             done: false,
         }
@@ -81,7 +106,11 @@ impl RingCover {
         let centre = self.centre;
         let mut nearest = f64::INFINITY;
         for cell in self.origin.grid_ring::<Vec<_>>(k) {
-            let d = distance_m(centre, super::centre::centre(cell));
+            let at = match self.centres {
+                Centres::Remembered => super::centre::centre(cell),
+                Centres::Computed => LatLng::from(cell),
+            };
+            let d = distance_m(centre, at);
             nearest = nearest.min(d);
             ring.cells.push((cell, d));
         }
@@ -103,8 +132,9 @@ impl RingCover {
         centre: LatLng,
         resolution: Resolution,
         radius_m: f64,
+        centres: Centres,
     ) -> Vec<(CellIndex, f64)> {
-        let mut cover = Self::new(centre, resolution, radius_m);
+        let mut cover = Self::with_centres(centre, resolution, radius_m, centres);
         let slack = cover.circumradius_m;
         let mut ring = Ring::default();
         let mut out = Vec::new();
@@ -204,10 +234,14 @@ mod tests {
         }
         for q in points {
             let r = rng.random_range(0.0..3_000.0);
-            let covered: std::collections::HashSet<_> = RingCover::cells_within(q, res, r)
-                .into_iter()
-                .map(|(c, _)| c)
-                .collect();
+            let remembered = RingCover::cells_within(q, res, r, Centres::Remembered);
+            // Both ways of getting centres give the same cover, distances included.
+            assert_eq!(
+                remembered,
+                RingCover::cells_within(q, res, r, Centres::Computed)
+            );
+            let covered: std::collections::HashSet<_> =
+                remembered.into_iter().map(|(c, _)| c).collect();
             // Brute force over a generous disk: far more rings than any bound needs.
             let k = (r / (res.edge_length_m() * 0.5)).ceil() as u32 + 2;
             for cell in q.to_cell(res).grid_disk::<Vec<_>>(k) {

@@ -8,8 +8,9 @@
 //! each thread keeps: direct-mapped, [`SLOTS`] slots of 24 bytes (768 KiB per thread that
 //! measures, allocated on first use: the runtime's workers and the blocking thread of a
 //! sweep or a snapshot). No lock and nothing shared: a hit is one read of a slot (about
-//! 3 ns), a miss computes the centre and overwrites the slot. Walks with no locality (a
-//! shake at a new spot each time) gain nothing and lose only the slot write.
+//! 3 ns), a miss computes the centre and overwrites the slot. A miss also costs a read of
+//! a slot that is seldom in cache, so covers of spots that seldom come back (shakes) do
+//! not use it (see [`super::cell::Centres`]).
 
 use std::cell::RefCell;
 

@@ -126,8 +126,11 @@ pub fn chord2(u: [f64; 3], v: [f64; 3]) -> f64 {
 }
 
 /// The position a user is shown at to everyone else: the centre of their privacy cell.
+///
+/// Computed each time: only shakes ask, once per shake, at spots that seldom repeat (see
+/// [`cell::Centres`]).
 pub fn snapped(cell: CellIndex) -> LatLng {
-    centre::centre(cell)
+    LatLng::from(cell)
 }
 
 /// Rounds a distance up to the band shown to clients: 100 m if within 100 m, then the next

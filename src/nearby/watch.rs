@@ -38,7 +38,7 @@ use super::{
     maps::{Shards, cell_shard},
 };
 use crate::{
-    geo::cell::{RingCover, max_circumradius_m},
+    geo::cell::{Centres, RingCover, max_circumradius_m},
     geo::{band_m, distance_m},
     id::UserId,
 };
@@ -334,10 +334,11 @@ impl Watchers {
         w.publish_centre(centre);
         let res = w.area_resolution;
         let reach = w.leave_m + max_circumradius_m(res);
-        let mut area: Vec<CellIndex> = RingCover::cells_within(centre, res, reach)
-            .into_iter()
-            .map(|(c, _)| c)
-            .collect();
+        let mut area: Vec<CellIndex> =
+            RingCover::cells_within(centre, res, reach, Centres::Remembered)
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect();
         area.sort_unstable();
         for &c in st.area.iter().filter(|c| area.binary_search(c).is_err()) {
             let mut map = self.by_area.write(cell_shard(c));

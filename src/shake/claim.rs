@@ -16,13 +16,21 @@ use super::{
     stripes,
     waiter::Waiter,
 };
-use crate::geo::{band_m, cell::RingCover, distance_key, distance_m};
+use crate::geo::{
+    band_m,
+    cell::{Centres, RingCover},
+    distance_key, distance_m,
+};
 
 impl Matcher {
     /// Claims the best compatible waiter for `w`, or makes `w` wait.
     pub(super) fn place(&self, w: &Arc<Waiter>) {
-        let cells =
-            RingCover::cells_within(w.snapped, self.cfg.bucket_resolution, w.max_distance_m);
+        let cells = RingCover::cells_within(
+            w.snapped,
+            self.cfg.bucket_resolution,
+            w.max_distance_m,
+            Centres::Computed,
+        );
         let mut held = self.stripes.lock(cells.iter().map(|&(c, _)| c));
         if w.withdrawn.load(Ordering::SeqCst) {
             return;

@@ -33,7 +33,10 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    geo::{Coordinates, cell::RingCover},
+    geo::{
+        Coordinates,
+        cell::{Centres, RingCover},
+    },
     nearby::{NearbyIndex, SearchRequest, Watch, WatchRequest, bucket},
 };
 
@@ -250,10 +253,11 @@ async fn subscribe(
     // distances are measured to that centre: every coarse cell within the leave
     // radius may hold a member the watch cares about.
     let leave_m = index.watch_leave_radius_m(radius_m);
-    let mut tags: Vec<String> = RingCover::cells_within(centre, Resolution::Seven, leave_m)
-        .into_iter()
-        .map(|(c, _)| tag_of_coarse(c))
-        .collect();
+    let mut tags: Vec<String> =
+        RingCover::cells_within(centre, Resolution::Seven, leave_m, Centres::Remembered)
+            .into_iter()
+            .map(|(c, _)| tag_of_coarse(c))
+            .collect();
     tags.sort_unstable();
     tags.dedup();
     let fresh: Vec<String> = {

@@ -13,7 +13,11 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    geo::{band_m, cell::RingCover, distance_key, distance_m, snapped},
+    geo::{
+        band_m,
+        cell::{Centres, RingCover},
+        distance_key, distance_m, snapped,
+    },
     id::UserId,
     shake::{
         MatchId, Outcome, Tier,
@@ -25,8 +29,12 @@ impl RedisShake {
     /// Finds a partner for a new shake: lists it, scans every bucket its disk touches,
     /// and tries the candidates best first.
     pub(super) async fn drive(&self, me: &Me) -> Result<Option<Outcome>> {
-        let cells =
-            RingCover::cells_within(me.snapped, self.cfg.bucket_resolution, me.max_distance_m);
+        let cells = RingCover::cells_within(
+            me.snapped,
+            self.cfg.bucket_resolution,
+            me.max_distance_m,
+            Centres::Computed,
+        );
         // Keys grouped by tag, the caller's own tag first (listing and scanning there is
         // one step).
         let mut tags: Vec<(String, Vec<String>)> =
