@@ -44,7 +44,8 @@ pub struct Ring {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Centres {
     /// From this thread's table ([`super::centre::centre`]): for walks that come back to
-    /// the same cells (searches and watches, which ask around where users are).
+    /// the same cells (searches and watches, which ask around where users are; the
+    /// index's write path uses the table too, for the cells its users ping from).
     Remembered,
     /// From h3o every time: for a cover of a spot whose cells seldom come back to this
     /// thread, where a miss in the table costs more than it saves (a shake's few bucket

@@ -127,8 +127,8 @@ pub fn chord2(u: [f64; 3], v: [f64; 3]) -> f64 {
 
 /// The position a user is shown at to everyone else: the centre of their privacy cell.
 ///
-/// Computed each time: only shakes ask, once per shake, at spots that seldom repeat (see
-/// [`cell::Centres`]).
+/// Computed each time: only shakes ask (once per shake, and the Redis store's shake for each
+/// waiter it reads), at spots that seldom repeat (see [`cell::Centres`]).
 pub fn snapped(cell: CellIndex) -> LatLng {
     LatLng::from(cell)
 }

@@ -23,8 +23,7 @@ use crate::{
     geo::{
         band_m,
         cell::{Ring, RingCover, max_circumradius_m},
-        centre::centre,
-        distance_key, distance_m,
+        centre, distance_key, distance_m,
     },
     id::UserId,
 };
@@ -498,7 +497,7 @@ impl<'a, S: CellSource> Walk<'a, S> {
         for &cell in &list {
             if !self.visited.contains(&cell) {
                 ring.cells
-                    .push((cell, distance_m(self.centre, centre(cell))));
+                    .push((cell, distance_m(self.centre, centre::centre(cell))));
             }
         }
         self.scratch = list;

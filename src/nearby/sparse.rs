@@ -13,7 +13,8 @@
 //! every region whose centre is within `reach + C5`, rings walked until no later centre
 //! can be). `R` lists `c` with a point inside it (to within a metre),
 //! which is within `C7` of `c`'s centre; the pre-filter allows for both. So `c`, hence
-//! `p`, is measured, with the ring walk's own distance (`distance_m` to `LatLng::from(p)`).
+//! `p`, is measured, with the ring walk's own distance (`distance_m` to `p`'s centre, as
+//! [`crate::geo::centre::centre`] gives it: h3o's, remembered).
 
 use h3o::{CellIndex, LatLng};
 
