@@ -21,8 +21,9 @@
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
 //! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and
 //! `regions`, one shard at a time, and never hold a guard while taking another (the
-//! region-centre table a search fills is locked only with no other guard held). A writer's `changed` callback runs while the
-//! user's `users` shard is held, so observers (watches) see one user's changes in order.
+//! region-centre table a search fills is locked only with no other guard held). A
+//! writer's `changed` callback runs while the user's `users` shard is held, so observers
+//! (watches) see one user's changes in order.
 
 use std::{
     hash::BuildHasher,
