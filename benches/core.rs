@@ -83,31 +83,37 @@ fn nearby(c: &mut Criterion) {
         }
         // The load generator's sparse searches: a new point ≥ 100 km from every city each
         // time (256 of them, in turn), so the mix of empty and rural country is its mix.
+        // `-fresh`: 65 536 of them, so (as over gRPC) few are repeated while their data is
+        // still cached.
         let mut points_rng = StdRng::seed_from_u64(5);
-        let queries: Vec<SearchRequest> = (0..256)
-            .map(|_| {
-                let (lat, lng) = population::sparse_point(&mut points_rng);
-                SearchRequest {
-                    searcher: user(0),
-                    centre: Coordinates::new("position", lat, lng).unwrap(),
-                    radius_m: 10_000.0,
-                    limit: 50,
-                    gender: Gender::Unspecified,
-                    page_token: String::new(),
-                }
-            })
-            .collect();
-        g.bench_with_input(
-            BenchmarkId::new("search-sparse-10km-any", n),
-            &queries,
-            |b, queries| {
+        let mut sparse_queries = |count: usize| -> Vec<SearchRequest> {
+            (0..count)
+                .map(|_| {
+                    let (lat, lng) = population::sparse_point(&mut points_rng);
+                    SearchRequest {
+                        searcher: user(0),
+                        centre: Coordinates::new("position", lat, lng).unwrap(),
+                        radius_m: 10_000.0,
+                        limit: 50,
+                        gender: Gender::Unspecified,
+                        page_token: String::new(),
+                    }
+                })
+                .collect()
+        };
+        for (name, count) in [
+            ("search-sparse-10km-any", 256),
+            ("search-sparse-10km-fresh", 1 << 16),
+        ] {
+            let queries = sparse_queries(count);
+            g.bench_with_input(BenchmarkId::new(name, n), &queries, |b, queries| {
                 let mut next = 0;
                 b.iter(|| {
                     next = (next + 1) % queries.len();
                     idx.search(&idx.query(black_box(&queries[next])).unwrap(), NOW)
                 });
-            },
-        );
+            });
+        }
     }
     g.finish();
 }

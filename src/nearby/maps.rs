@@ -21,7 +21,7 @@
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
 //! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and
 //! `regions`, one shard at a time, and never hold a guard while taking another (the
-//! region-centre table a search fills is locked only with no other guard held). A
+//! region-centre table a search fills takes no lock, see `nearby::region_centres`). A
 //! writer's `changed` callback runs while the user's `users` shard is held, so observers
 //! (watches) see one user's changes in order.
 
@@ -36,6 +36,7 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
 use super::{
     LocationStatus, Record,
     bucket::{self, Member},
+    region_centres::RegionCentres,
 };
 pub(super) use crate::base::shard::{SHARDS, Shards};
 use crate::{
@@ -65,10 +66,6 @@ pub(super) type Placed = (CellIndex, [f32; 3]);
 pub(super) fn narrow(v: [f64; 3]) -> [f32; 3] {
     v.map(|x| x as f32)
 }
-
-/// Most region centres [`Maps::region_centre`] keeps (about 10 MB with the table):
-/// enough for every region of a continent; beyond, centres are computed each time.
-const MAX_REGION_CENTRES: usize = 1 << 18;
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
@@ -230,8 +227,7 @@ pub(super) struct Maps {
     /// Centres of the regions searches have looked at, as unit vectors: the sparse
     /// shortcut measures a few dozen regions per search, and each centre costs H3
     /// arithmetic and trigonometry to compute (see [`Maps::region_centre`]).
-    region_centres: Shards<HashMap<CellIndex, [f32; 3]>>,
-    region_centres_held: AtomicUsize,
+    region_centres: RegionCentres,
     /// Users held (kept with every insert and removal, under the user's `users` shard).
     held: AtomicUsize,
 }
@@ -246,8 +242,7 @@ impl Maps {
             cells: Shards::default(),
             coarse: Shards::default(),
             regions: Shards::default(),
-            region_centres: Shards::default(),
-            region_centres_held: AtomicUsize::new(0),
+            region_centres: RegionCentres::default(),
             held: AtomicUsize::new(0),
         }
     }
@@ -432,20 +427,10 @@ impl Maps {
     }
 
     /// The centre of `region` (any cell at [`REGION_RESOLUTION`]) as a unit vector, within
-    /// a metre: kept once computed, up to [`MAX_REGION_CENTRES`] of them. A region's
-    /// centre never changes, so the table needs no invalidation.
+    /// a metre: kept once computed ([`RegionCentres`]). A region's centre never changes,
+    /// so the table needs no invalidation.
     pub(super) fn region_centre(&self, region: CellIndex) -> [f32; 3] {
-        let shard = cell_shard(region);
-        if let Some(&v) = self.region_centres.read(shard).get(&region) {
-            return v;
-        }
-        let v = narrow(crate::geo::unit_vector(LatLng::from(region)));
-        if self.region_centres_held.load(Ordering::Relaxed) < MAX_REGION_CENTRES
-            && self.region_centres.write(shard).insert(region, v).is_none()
-        {
-            self.region_centres_held.fetch_add(1, Ordering::Relaxed);
-        }
-        v
+        self.region_centres.get(region)
     }
 
     /// Bytes held by each map (see [`Footprint`]).
@@ -480,9 +465,7 @@ impl Maps {
                         .map(|l| l.capacity() * size_of::<Placed>())
                         .sum::<usize>()
             }),
-            region_centres: self
-                .region_centres
-                .sum(|m| table(m.capacity(), size_of::<(CellIndex, [f32; 3])>())),
+            region_centres: self.region_centres.footprint(),
         }
     }
 

@@ -4,14 +4,16 @@
 //! edge 201 m). Nothing finer than that cell is stored, and every user in a bucket shares
 //! one snapped position, so a search computes one distance per cell, not per user.
 //!
-//! Rooms: [`types`](self) (requests and results), `maps` (the three sharded maps and the
+//! Rooms: [`types`](self) (requests and results), `maps` (the sharded maps and the
 //! one place that keeps them consistent, with their lock order), `search` (the two-pass
-//! query engine), [`token`](PageTokens) (opaque page tokens), `watch` (live ENTER/LEAVE
+//! query engine), `sparse` and `region_centres` (its shortcut through sparse country),
+//! [`token`](PageTokens) (opaque page tokens), `watch` (live ENTER/LEAVE
 //! streams), [`snapshot`] (crash-safe files of the index). This façade ties them: every
 //! write goes through the maps and tells the watches, under the maps' lock order.
 
 pub(crate) mod bucket;
 mod maps;
+mod region_centres;
 pub(crate) mod search;
 pub mod snapshot;
 pub(crate) mod source;
