@@ -12,11 +12,10 @@
 //! * `coarse`: coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy
 //!   cells whose centres lie in it, so wide searches skip empty country.
 //! * `regions`: region (resolution [`REGION_RESOLUTION`]) -> its occupied descendant
-//!   coarse cells (H3 parent, a few bit operations), each with a point inside it (the
-//!   centre of the privacy cell that first occupied it, as a unit vector of three
-//!   `f32`s), so a search in sparse country finds every occupied cell near it in a
-//!   handful of lookups, without walking rings (see `nearby::sparse`). A write computes
-//!   that point only when a coarse cell becomes occupied.
+//!   coarse cells (H3 parent, a few bit operations), each with its centre (as a unit
+//!   vector of three `f32`s), so a search in sparse country finds every occupied cell
+//!   near it in a handful of lookups, without walking rings (see `nearby::sparse`). A
+//!   write computes that centre only when a coarse cell becomes occupied.
 //!
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
 //! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and
@@ -30,7 +29,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use h3o::{CellIndex, LatLng, Resolution};
+use h3o::{CellIndex, Resolution};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
 
 use super::{
@@ -57,8 +56,8 @@ pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
 /// at most about 49 coarse cells).
 pub(super) const REGION_RESOLUTION: Resolution = Resolution::Five;
 
-/// An occupied coarse cell as its region lists it: the cell and a point inside it, on the
-/// unit sphere ([`crate::geo::unit_vector`], as `f32`s: within a metre, enough for a
+/// An occupied coarse cell as its region lists it: the cell and its centre, on the unit
+/// sphere ([`crate::geo::unit_vector`], as `f32`s: within a metre, enough for a
 /// pre-filter that leaves the slack), so a search measures it without trigonometry.
 pub(super) type Placed = (CellIndex, [f32; 3]);
 
@@ -70,13 +69,7 @@ pub(super) fn narrow(v: [f64; 3]) -> [f32; 3] {
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
 pub(crate) fn coarse_of(cell: CellIndex) -> CellIndex {
-    centre_and_coarse(cell).1
-}
-
-/// The privacy cell's centre and the coarse cell holding it.
-fn centre_and_coarse(cell: CellIndex) -> (LatLng, CellIndex) {
-    let centre = crate::geo::centre::centre(cell);
-    (centre, centre.to_cell(COARSE_RESOLUTION))
+    crate::geo::centre::centre(cell).to_cell(COARSE_RESOLUTION)
 }
 
 /// Occupied privacy cells, each with its packed, id-sorted member list.
@@ -476,7 +469,7 @@ impl Maps {
             hash_map::Entry::Vacant(e) => {
                 // Registered while this shard of `cells` is locked, so a concurrent removal
                 // of the same bucket cannot interleave (lock order: cells, then coarse).
-                let (centre, key) = centre_and_coarse(cell);
+                let key = coarse_of(cell);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let list = coarse.entry(key).or_default();
                 let first = list.is_empty();
@@ -485,12 +478,10 @@ impl Maps {
                 *list = grown.into_boxed_slice();
                 if let Some(region) = key.parent(REGION_RESOLUTION).filter(|_| first) {
                     // A coarse cell just occupied: its region lists it (coarse still held),
-                    // with this privacy cell's centre as the point inside it.
+                    // with its centre.
+                    let at = narrow(crate::geo::unit_vector(crate::geo::centre::centre(key)));
                     let mut regions = self.regions.write(cell_shard(region));
-                    regions
-                        .entry(region)
-                        .or_default()
-                        .push((key, narrow(crate::geo::unit_vector(centre))));
+                    regions.entry(region).or_default().push((key, at));
                 }
                 e.insert(bucket::single(member));
             }

@@ -11,10 +11,10 @@
 //! pentagon, its neighbours and a global sample — so `R`'s centre is within `reach + C5`
 //! of `q`, which is exactly what puts `R` among the regions visited (`regions_within`:
 //! every region whose centre is within `reach + C5`, rings walked until no later centre
-//! can be). `R` lists `c` with a point inside it (to within a metre),
-//! which is within `C7` of `c`'s centre; the pre-filter allows for both. So `c`, hence
-//! `p`, is measured, with the ring walk's own distance (`distance_m` to `p`'s centre, as
-//! [`crate::geo::centre::centre`] gives it: h3o's, remembered).
+//! can be). `R` lists `c` with its centre (to within a metre), within `reach` of `q`; the
+//! pre-filter allows for that metre. So `c`, hence `p`, is measured, with the ring walk's
+//! own distance (`distance_m` to `p`'s centre, as [`crate::geo::centre::centre`] gives
+//! it: h3o's, remembered).
 
 use h3o::{CellIndex, LatLng};
 
@@ -72,9 +72,9 @@ fn beyond_the_centre(
     let coarse_circumradius = max_circumradius_m(COARSE_RESOLUTION);
     let reach = radius_m + coarse_circumradius;
     let q = unit_vector(centre);
-    // A listed point is measured as a chord (see `chord2_of_m`): within the reach, the
-    // coarse circumradius and the slack, exactly when its distance is.
-    let near_enough = chord2_of_m(reach + coarse_circumradius + F32_SLACK_M);
+    // A listed coarse centre is measured as a chord (see `chord2_of_m`): within the reach
+    // and the slack, exactly when its distance is.
+    let near_enough = chord2_of_m(reach + F32_SLACK_M);
     let mut near: Vec<CellIndex> = Vec::new();
     let mut dense = false;
     regions_within(maps, centre, q, reach, |region| {
