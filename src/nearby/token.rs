@@ -121,12 +121,7 @@ impl PageTokens {
         let mut plain = Vec::with_capacity(KEY_LEN + user.len());
         plain.extend_from_slice(&cursor.distance_key.to_le_bytes());
         plain.extend_from_slice(user);
-        let mut nonce = [0u8; NONCE_LEN];
-        if getrandom::fill(&mut nonce).is_err() {
-            // No randomness: a nonce no other token of this process repeats (a counter
-            // under a per-process random-or-clock prefix) keeps the AEAD sound.
-            nonce = fallback_nonce();
-        }
+        let nonce = random_nonce();
         let aad = scope.aad();
         let sealed = self
             .cipher
@@ -186,6 +181,32 @@ impl PageTokens {
 
 /// A nonce for a system without randomness: a process-wide counter under the process's
 /// start time and id, never repeated within a process.
+/// A random nonce from this thread's CSPRNG (ChaCha12, seeded once per thread by the
+/// operating system): a page costs no system call. XChaCha20's 192-bit nonces are drawn
+/// at random by design, so independent per-thread streams repeat one with negligible
+/// probability. Without randomness to seed from, [`fallback_nonce`].
+fn random_nonce() -> [u8; NONCE_LEN] {
+    use rand::{RngCore as _, SeedableRng as _, rngs::StdRng};
+    thread_local! {
+        static NONCES: std::cell::RefCell<Option<StdRng>> =
+            std::cell::RefCell::new(StdRng::try_from_os_rng().ok());
+    }
+    NONCES
+        .try_with(|rng| {
+            rng.try_borrow_mut().ok().and_then(|mut rng| {
+                let rng = rng.as_mut()?;
+                let mut nonce = [0u8; NONCE_LEN];
+                rng.fill_bytes(&mut nonce);
+                Some(nonce)
+            })
+        })
+        .ok()
+        .flatten()
+        // No randomness: a nonce no other token of this process repeats (a counter
+        // under a per-process random-or-clock prefix) keeps the AEAD sound.
+        .unwrap_or_else(fallback_nonce)
+}
+
 fn fallback_nonce() -> [u8; NONCE_LEN] {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -305,6 +326,38 @@ mod tests {
                 .count()
                 > 8
         );
+    }
+
+    #[test]
+    fn nonces_never_repeat_across_threads_and_tokens_issued_on_one_decode_on_another() {
+        let t = PageTokens::new([7; 32]);
+        let barrier = std::sync::Barrier::new(4);
+        let tokens: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        (0..2_000)
+                            .map(|_| t.encode(&scope("me"), &cursor()))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let nonces: std::collections::HashSet<Vec<u8>> = tokens
+            .iter()
+            .map(|tok| URL_SAFE_NO_PAD.decode(tok).unwrap()[1..1 + NONCE_LEN].to_vec())
+            .collect();
+        assert_eq!(nonces.len(), tokens.len());
+        for tok in &tokens {
+            assert_eq!(t.decode(&scope("me"), tok), Ok(cursor()));
+        }
+        // The fallback's nonces differ from one another too.
+        assert_ne!(fallback_nonce(), fallback_nonce());
     }
 
     #[test]
