@@ -7,7 +7,7 @@
 //! to each other user's snapped position (their privacy cell's centre): membership, order
 //! and the reported band all use that one figure, so a search costs one distance per cell.
 
-use std::collections::HashSet;
+use hashbrown::HashSet;
 
 use h3o::{CellIndex, LatLng};
 
@@ -262,7 +262,9 @@ fn collect<S: CellSource>(
     filter: &Filter<'_>,
 ) -> Walked<Vec<Hit>, S> {
     let mut hits: Vec<Hit> = Vec::with_capacity(need.min(1_024));
-    let mut seen = HashSet::with_capacity(need.min(1_024));
+    // foldhash (hashbrown's default, seeded at random per process) rather than SipHash:
+    // a page holds at most 1 024 ids, so no crafted id can make the set slow.
+    let mut seen: HashSet<UserId> = HashSet::with_capacity(need.min(1_024));
     let mut group_start = 0;
     while group_start < cands.len() && hits.len() < need {
         let key = cands[group_start].key;
@@ -362,7 +364,7 @@ impl<'a, S: CellSource> Walk<'a, S> {
             radius_m,
             fine,
             fine_rings: 0,
-            visited: HashSet::new(),
+            visited: HashSet::default(),
             coarse: None,
             coarse_circumradius_m: max_circumradius_m(COARSE_RESOLUTION),
             beyond_fine_m: 0.0,
@@ -402,7 +404,7 @@ impl<'a, S: CellSource> Walk<'a, S> {
             for &(coarse, _) in &self.current {
                 list.clear();
                 if self.src.occupied(coarse, &mut list).is_ok() {
-                    out.extend(list.iter().filter(|c| !self.visited.contains(c)));
+                    out.extend(list.iter().filter(|c| !self.visited.contains(*c)));
                 }
             }
         }
