@@ -179,8 +179,6 @@ impl PageTokens {
     }
 }
 
-/// A nonce for a system without randomness: a process-wide counter under the process's
-/// start time and id, never repeated within a process.
 /// A random nonce from this thread's CSPRNG (ChaCha12, seeded once per thread by the
 /// operating system): a page costs no system call. XChaCha20's 192-bit nonces are drawn
 /// at random by design, so independent per-thread streams repeat one with negligible
@@ -207,6 +205,8 @@ fn random_nonce() -> [u8; NONCE_LEN] {
         .unwrap_or_else(fallback_nonce)
 }
 
+/// A nonce for a system without randomness: a process-wide counter under the process's
+/// start time and id, never repeated within a process.
 fn fallback_nonce() -> [u8; NONCE_LEN] {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
