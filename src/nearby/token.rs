@@ -1,14 +1,23 @@
 //! Opaque, tamper-evident page tokens.
 //!
 //! A token is the cursor (the sort key of the last user on the previous page: its exact
-//! distance key and id) encrypted and authenticated with XChaCha20-Poly1305, an AEAD from
-//! the RustCrypto `chacha20poly1305` crate, under a random 192-bit nonce. The query it was
-//! issued for (searcher, centre, radius, gender filter) is the associated data. So a client
+//! distance key and id) encrypted and authenticated with AES-256-GCM-SIV, an AEAD from
+//! the RustCrypto `aes-gcm-siv` crate (AES-NI where the CPU has it), under a random
+//! 96-bit nonce and a key derived from the server's token key. The query it was issued
+//! for (searcher, centre, radius, gender filter) is the associated data. So a client
 //! learns nothing from a token (not the exact distance, which would be finer than the
 //! band), and a forged, truncated or corrupted token, or one replayed with a different
 //! query, fails authentication and is rejected. Tokens stay stateless: the key is all a
 //! server keeps, drawn at start-up (or shared through a remote store by every replica).
+//!
+//! GCM-SIV because the key is long-lived and shared by replicas that draw nonces
+//! independently: a repeated nonce, unlikely as it is, reveals only that two tokens hold
+//! the same cursor for the same query, where GCM or ChaCha20-Poly1305 would lose both
+//! secrecy and authenticity. Version 2 tokens (XChaCha20-Poly1305 under a 192-bit nonce,
+//! the raw key) are still read, so a page issued by a replica not yet upgraded continues
+//! on an upgraded one; only version 3 is issued, at about a tenth of the cost per page.
 
+use aes_gcm_siv::Aes256GcmSiv;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chacha20poly1305::{
     KeyInit, XChaCha20Poly1305, XNonce,
@@ -18,15 +27,22 @@ use thiserror::Error;
 
 use crate::id::{MAX_ID_BYTES, UserId};
 
-/// Version 2: encrypted. (Version 1 tokens, a MAC over a cursor in clear, are refused.)
-const VERSION: u8 = 2;
-const NONCE_LEN: usize = 24;
+/// Version 3: AES-256-GCM-SIV. (Version 1 tokens, a MAC over a cursor in clear, are refused.)
+const VERSION: u8 = 3;
+const NONCE_LEN: usize = 12;
+/// Version 2: XChaCha20-Poly1305, read but no longer issued.
+const VERSION_2: u8 = 2;
+const NONCE_LEN_2: usize = 24;
 const TAG_LEN: usize = 16;
 /// The cursor's distance key, before the user id.
 const KEY_LEN: usize = 8;
 const OVERHEAD: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
-/// Longest token accepted before decoding, in characters.
-pub const MAX_TOKEN_LEN: usize = (OVERHEAD + MAX_ID_BYTES).div_ceil(3) * 4;
+const OVERHEAD_2: usize = 1 + NONCE_LEN_2 + KEY_LEN + TAG_LEN;
+/// Longest token accepted before decoding, in characters (a version 2 token's).
+pub const MAX_TOKEN_LEN: usize = (OVERHEAD_2 + MAX_ID_BYTES).div_ceil(3) * 4;
+/// BLAKE3 key-derivation context of the version 3 key (the version 2 cipher takes the
+/// token key itself; one key never serves two algorithms).
+const V3_CONTEXT: &str = "geomatch 2026-12 page tokens v3 AES-256-GCM-SIV";
 
 /// Why a page token was refused. Deliberately coarse: a client learns nothing about the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -63,10 +79,10 @@ pub struct Scope<'a> {
 }
 
 impl Scope<'_> {
-    /// The associated data a token is bound to: every field, unambiguously.
-    fn aad(&self) -> Vec<u8> {
+    /// The associated data a token of `version` is bound to: every field, unambiguously.
+    fn aad(&self, version: u8) -> Vec<u8> {
         let mut a = Vec::with_capacity(8 + self.searcher.len() + 3 * 8 + 2);
-        a.push(VERSION);
+        a.push(version);
         a.extend_from_slice(&(self.searcher.len() as u64).to_le_bytes());
         a.extend_from_slice(self.searcher.as_bytes());
         a.extend_from_slice(&self.lat.to_bits().to_le_bytes());
@@ -77,12 +93,14 @@ impl Scope<'_> {
     }
 }
 
-/// Issues and checks page tokens with one secret key. The key is wiped from memory when
-/// the value is dropped (the cipher wipes its own copy too).
+/// Issues and checks page tokens with one secret key. The key, and the version 3 key
+/// derived from it, are wiped from memory once used or dropped (the XChaCha20 cipher
+/// wipes its own copy too).
 #[derive(Clone)]
 pub struct PageTokens {
     key: zeroize::Zeroizing<[u8; 32]>,
-    cipher: XChaCha20Poly1305,
+    cipher: Aes256GcmSiv,
+    cipher_2: XChaCha20Poly1305,
 }
 
 impl std::fmt::Debug for PageTokens {
@@ -94,8 +112,10 @@ impl std::fmt::Debug for PageTokens {
 impl PageTokens {
     /// Tokens sealed with `key`.
     pub fn new(key: [u8; 32]) -> Self {
+        let v3 = zeroize::Zeroizing::new(blake3::derive_key(V3_CONTEXT, &key));
         Self {
-            cipher: XChaCha20Poly1305::new(&key.into()),
+            cipher: Aes256GcmSiv::new(&(*v3).into()),
+            cipher_2: XChaCha20Poly1305::new(&key.into()),
             key: zeroize::Zeroizing::new(key),
         }
     }
@@ -121,12 +141,12 @@ impl PageTokens {
         let mut plain = Vec::with_capacity(KEY_LEN + user.len());
         plain.extend_from_slice(&cursor.distance_key.to_le_bytes());
         plain.extend_from_slice(user);
-        let nonce = random_nonce();
-        let aad = scope.aad();
+        let nonce: [u8; NONCE_LEN] = random_nonce();
+        let aad = scope.aad(VERSION);
         let sealed = self
             .cipher
             .encrypt(
-                XNonce::from_slice(&nonce),
+                aes_gcm_siv::Nonce::from_slice(&nonce),
                 Payload {
                     msg: &plain,
                     aad: &aad,
@@ -141,7 +161,8 @@ impl PageTokens {
         URL_SAFE_NO_PAD.encode(buf)
     }
 
-    /// Decodes a token issued by [`Self::encode`] for the same `scope`.
+    /// Decodes a token issued by [`Self::encode`] (or, as version 2, by a server before
+    /// version 3) for the same `scope`.
     ///
     /// # Errors
     /// [`TokenError::Invalid`] for anything else.
@@ -152,21 +173,32 @@ impl PageTokens {
         let buf = URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| TokenError::Invalid)?;
-        if buf.len() <= OVERHEAD || buf[0] != VERSION {
-            return Err(TokenError::Invalid);
+        let plain = match buf.first() {
+            Some(&VERSION) if buf.len() > OVERHEAD => {
+                let (nonce, sealed) = buf[1..].split_at(NONCE_LEN);
+                let aad = scope.aad(VERSION);
+                self.cipher.decrypt(
+                    aes_gcm_siv::Nonce::from_slice(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: &aad,
+                    },
+                )
+            }
+            Some(&VERSION_2) if buf.len() > OVERHEAD_2 => {
+                let (nonce, sealed) = buf[1..].split_at(NONCE_LEN_2);
+                let aad = scope.aad(VERSION_2);
+                self.cipher_2.decrypt(
+                    XNonce::from_slice(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: &aad,
+                    },
+                )
+            }
+            _ => return Err(TokenError::Invalid),
         }
-        let (nonce, sealed) = buf[1..].split_at(NONCE_LEN);
-        let aad = scope.aad();
-        let plain = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| TokenError::Invalid)?;
+        .map_err(|_| TokenError::Invalid)?;
         let (key, user) = plain.split_at(KEY_LEN);
         let mut k = [0; KEY_LEN];
         k.copy_from_slice(key);
@@ -177,13 +209,36 @@ impl PageTokens {
             user,
         })
     }
+
+    /// A version 2 token, as servers before version 3 issued them (for the tests that
+    /// check they are still read).
+    #[cfg(test)]
+    fn encode_v2(&self, scope: &Scope<'_>, cursor: &Cursor) -> String {
+        let user = cursor.user.as_str().as_bytes();
+        let mut plain = cursor.distance_key.to_le_bytes().to_vec();
+        plain.extend_from_slice(user);
+        let nonce: [u8; NONCE_LEN_2] = random_nonce();
+        let aad = scope.aad(VERSION_2);
+        let payload = Payload {
+            msg: &plain,
+            aad: &aad,
+        };
+        let sealed = self
+            .cipher_2
+            .encrypt(XNonce::from_slice(&nonce), payload)
+            .unwrap_or_default();
+        let mut buf = vec![VERSION_2];
+        buf.extend_from_slice(&nonce);
+        buf.extend_from_slice(&sealed);
+        URL_SAFE_NO_PAD.encode(buf)
+    }
 }
 
 /// A random nonce from this thread's CSPRNG (ChaCha12, seeded once per thread by the
-/// operating system): a page costs no system call. XChaCha20's 192-bit nonces are drawn
-/// at random by design, so independent per-thread streams repeat one with negligible
-/// probability. Without randomness to seed from, [`fallback_nonce`].
-fn random_nonce() -> [u8; NONCE_LEN] {
+/// operating system): a page costs no system call. Independent per-thread streams repeat
+/// a 96-bit nonce with negligible probability, and GCM-SIV survives even that (see the
+/// module docs). Without randomness to seed from, [`fallback_nonce`].
+fn random_nonce<const N: usize>() -> [u8; N] {
     use rand::{RngCore as _, SeedableRng as _, rngs::StdRng};
     thread_local! {
         static NONCES: std::cell::RefCell<Option<StdRng>> =
@@ -193,30 +248,33 @@ fn random_nonce() -> [u8; NONCE_LEN] {
         .try_with(|rng| {
             rng.try_borrow_mut().ok().and_then(|mut rng| {
                 let rng = rng.as_mut()?;
-                let mut nonce = [0u8; NONCE_LEN];
+                let mut nonce = [0u8; N];
                 rng.fill_bytes(&mut nonce);
                 Some(nonce)
             })
         })
         .ok()
         .flatten()
-        // No randomness: a nonce no other token of this process repeats (a counter
-        // under a per-process random-or-clock prefix) keeps the AEAD sound.
         .unwrap_or_else(fallback_nonce)
 }
 
 /// A nonce for a system without randomness: a process-wide counter under the process's
 /// start time and id, never repeated within a process.
-fn fallback_nonce() -> [u8; NONCE_LEN] {
+fn fallback_nonce<const N: usize>() -> [u8; N] {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut n = [0u8; NONCE_LEN];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    n[..8].copy_from_slice(&now.to_le_bytes());
-    n[8..12].copy_from_slice(&std::process::id().to_le_bytes());
-    n[16..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let prefix = now ^ u64::from(std::process::id()).rotate_left(40);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes();
+    let mut n = [0u8; N];
+    // The counter last, whole; the prefix in what is left before it.
+    let split = N.saturating_sub(count.len());
+    n[split..].copy_from_slice(&count[..N - split]);
+    for (b, p) in n[..split].iter_mut().zip(prefix.to_le_bytes()) {
+        *b = p;
+    }
     n
 }
 
@@ -357,7 +415,39 @@ mod tests {
             assert_eq!(t.decode(&scope("me"), tok), Ok(cursor()));
         }
         // The fallback's nonces differ from one another too.
-        assert_ne!(fallback_nonce(), fallback_nonce());
+        assert_ne!(fallback_nonce::<NONCE_LEN>(), fallback_nonce::<NONCE_LEN>());
+    }
+
+    #[test]
+    fn version_2_tokens_are_still_read_for_their_own_query_and_key_only() {
+        let t = PageTokens::new([7; 32]);
+        let old = t.encode_v2(&scope("me"), &cursor());
+        assert_eq!(t.decode(&scope("me"), &old), Ok(cursor()));
+        assert!(old.len() <= MAX_TOKEN_LEN);
+        assert_eq!(t.decode(&scope("you"), &old), Err(TokenError::Invalid));
+        assert_eq!(
+            PageTokens::new([8; 32]).decode(&scope("me"), &old),
+            Err(TokenError::Invalid)
+        );
+        // What is issued now is version 3, and shorter.
+        let new = t.encode(&scope("me"), &cursor());
+        let (old_raw, new_raw) = (
+            URL_SAFE_NO_PAD.decode(&old).unwrap(),
+            URL_SAFE_NO_PAD.decode(&new).unwrap(),
+        );
+        assert_eq!((old_raw[0], new_raw[0]), (VERSION_2, VERSION));
+        assert_eq!(old_raw.len() - new_raw.len(), NONCE_LEN_2 - NONCE_LEN);
+        // Neither passes for the other: the version byte picks the cipher and is bound
+        // into the associated data.
+        for (raw, other) in [(&old_raw, VERSION), (&new_raw, VERSION_2)] {
+            let mut relabelled = raw.clone();
+            relabelled[0] = other;
+            let relabelled = URL_SAFE_NO_PAD.encode(relabelled);
+            assert_eq!(
+                t.decode(&scope("me"), &relabelled),
+                Err(TokenError::Invalid)
+            );
+        }
     }
 
     #[test]
