@@ -46,7 +46,7 @@ pub struct SnapshotArgs {
     #[arg(long, env = "GEOMATCH_SNAPSHOT_INTERVAL", default_value_t = Human(SnapshotConfig::default().interval))]
     pub snapshot_interval: Human,
 
-    /// Start empty (with a warning, moving the bad file to <path>.corrupt) instead of
+    /// Start empty (with a warning, moving the bad file to `<path>.corrupt`) instead of
     /// refusing to start when the snapshot is corrupt or of an unknown version.
     #[arg(long, env = "GEOMATCH_SNAPSHOT_IGNORE_CORRUPT")]
     pub snapshot_ignore_corrupt: bool,

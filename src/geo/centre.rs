@@ -6,7 +6,7 @@
 //! city spent a sixth of its server CPU there. The walks of one city ask for the same
 //! cells again and again, and so do the pings of its users (the index's write path finds
 //! each privacy cell's coarse cell from its centre). [`centre`] gives the same `LatLng`,
-//! bit for bit, from a table each thread keeps: direct-mapped, [`SLOTS`] slots of 24 bytes,
+//! bit for bit, from a table each thread keeps: direct-mapped, `SLOTS` slots of 24 bytes,
 //! 768 KiB per thread that measures, allocated on first use and kept for the thread's life:
 //! the runtime's workers, the main thread (a snapshot restore at start) and the blocking
 //! threads sweeps run on (a few at a time; an idle one ends after 10 s). No lock and

@@ -4,7 +4,7 @@
 //! Every accepted connection is handshaken with the configuration current at that moment
 //! (an [`ArcSwap`]), in a task of its own, so a slow or silent client never holds up the
 //! others. The files are read again when their modification time or size changes (checked
-//! every second) and on SIGHUP ([`super::reload`]). A new set that fails to load (a half-written key, a
+//! every second) and on SIGHUP (`server::reload`). A new set that fails to load (a half-written key, a
 //! certificate that does not match its key) is logged and the old one kept: the server
 //! never stops accepting. Open connections are never cut by a rotation.
 
