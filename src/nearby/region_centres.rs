@@ -1,14 +1,15 @@
 //! The centre of every region (cell at [`REGION_RESOLUTION`]) the sparse shortcut
 //! measures, kept once computed in a table indexed by the region's place in H3's
-//! hierarchy: no hash, no lock, one cache line per lookup.
+//! hierarchy: no hash, no lock; a lookup reads its chunk's pointer and one 16-byte slot.
 //!
 //! A region index is a base cell (one of 122) and five digits (0..=6), so its place is a
 //! number below 122 × 7⁵. The table is allocated in chunks of one resolution-1 cell's
 //! 7⁴ = 2 401 regions (38 KiB), each on first use, so it holds only the part of the world
-//! searches look at: all of it would be 854 chunks, 33 MB. The sparse shortcut reads a few
-//! dozen neighbouring regions per search, and neighbours share a resolution-1 parent and
-//! mostly a resolution-4 one, so they sit in a few cache lines rather than scattered
-//! through a hash table.
+//! searches look at: all of it would be 854 chunks, 33 MB, the table's bound whatever
+//! clients search for (the hash map it replaced was capped at 2^18 centres, ~10 MB).
+//! The sparse shortcut reads a few dozen neighbouring regions per search; siblings (one
+//! resolution-4 parent's seven) share two cache lines, and the rest of a walk's regions
+//! sit in the same few chunks rather than scattered through a hash table.
 //!
 //! A slot is three `f32`s and a flag, as atomics: a reader that sees the flag set (acquire)
 //! sees the three values the writer stored before setting it (release). Two threads may

@@ -262,9 +262,11 @@ fn collect<S: CellSource>(
     filter: &Filter<'_>,
 ) -> Walked<Vec<Hit>, S> {
     let mut hits: Vec<Hit> = Vec::with_capacity(need.min(1_024));
-    // foldhash (hashbrown's default, seeded at random per process) rather than SipHash:
-    // a page holds at most 1 024 ids, so no crafted id can make the set slow.
-    let mut seen: HashSet<UserId> = HashSet::with_capacity(need.min(1_024));
+    // SipHash (std's keyed hasher): user ids are chosen by clients, and a group of cells
+    // at one distance can hold more ids than the page, so the set must stay fast whatever
+    // they are. (The walk's `visited` set holds cells, which geometry chooses.)
+    let mut seen: std::collections::HashSet<UserId> =
+        std::collections::HashSet::with_capacity(need.min(1_024));
     let mut group_start = 0;
     while group_start < cands.len() && hits.len() < need {
         let key = cands[group_start].key;

@@ -93,9 +93,9 @@ impl Scope<'_> {
     }
 }
 
-/// Issues and checks page tokens with one secret key. The key, and the version 3 key
-/// derived from it, are wiped from memory once used or dropped (the XChaCha20 cipher
-/// wipes its own copy too).
+/// Issues and checks page tokens with one secret key. The key, the version 3 key derived
+/// from it and both ciphers' key schedules are wiped from memory when the value is dropped
+/// (`aes` is built with its `zeroize` feature for that).
 #[derive(Clone)]
 pub struct PageTokens {
     key: zeroize::Zeroizing<[u8; 32]>,
@@ -258,22 +258,32 @@ fn random_nonce<const N: usize>() -> [u8; N] {
         .unwrap_or_else(fallback_nonce)
 }
 
-/// A nonce for a system without randomness: a process-wide counter under the process's
-/// start time and id, never repeated within a process.
+/// A nonce for a system without randomness: a process-wide 64-bit counter (never
+/// repeated within a process) after a prefix hashed once from the process's start time
+/// and id (so two processes seldom share one).
 fn fallback_nonce<const N: usize>() -> [u8; N] {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    };
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let prefix = now ^ u64::from(std::process::id()).rotate_left(40);
+    static PREFIX: OnceLock<[u8; 32]> = OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mut h = blake3::Hasher::new();
+        h.update(&now.to_le_bytes());
+        h.update(&std::process::id().to_le_bytes());
+        *h.finalize().as_bytes()
+    });
     let count = COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes();
     let mut n = [0u8; N];
     // The counter last, whole; the prefix in what is left before it.
     let split = N.saturating_sub(count.len());
     n[split..].copy_from_slice(&count[..N - split]);
-    for (b, p) in n[..split].iter_mut().zip(prefix.to_le_bytes()) {
-        *b = p;
+    for (b, p) in n[..split].iter_mut().zip(prefix) {
+        *b = *p;
     }
     n
 }
