@@ -32,10 +32,11 @@ use std::{
 use h3o::{CellIndex, Resolution};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
 
+pub(super) use super::region_centres::REGION_RESOLUTION;
 use super::{
     LocationStatus, Record,
     bucket::{self, Member},
-    region_centres::RegionCentres,
+    region_centres::{RegionCentres, narrow},
 };
 pub(super) use crate::base::shard::{SHARDS, Shards};
 use crate::{
@@ -52,19 +53,10 @@ pub(super) fn cell_shard(cell: CellIndex) -> usize {
 /// 10 km search visits about 560 coarse cells instead of 5 400 privacy cells.
 pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
 
-/// Resolution of the regions over the coarse cells (average edge 8.5 km; a region holds
-/// at most about 49 coarse cells).
-pub(super) const REGION_RESOLUTION: Resolution = Resolution::Five;
-
 /// An occupied coarse cell as its region lists it: the cell and its centre, on the unit
 /// sphere ([`crate::geo::unit_vector`], as `f32`s: within a metre, enough for a
 /// pre-filter that leaves the slack), so a search measures it without trigonometry.
 pub(super) type Placed = (CellIndex, [f32; 3]);
-
-/// A unit vector kept as `f32`s (within a metre on the Earth).
-pub(super) fn narrow(v: [f64; 3]) -> [f32; 3] {
-    v.map(|x| x as f32)
-}
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).

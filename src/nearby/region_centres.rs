@@ -20,9 +20,11 @@ use std::sync::{
     atomic::{AtomicU32, Ordering},
 };
 
-use h3o::{CellIndex, LatLng};
+use h3o::{CellIndex, LatLng, Resolution};
 
-use super::maps::{REGION_RESOLUTION, narrow};
+/// Resolution of the regions over the coarse cells (average edge 8.5 km; a region holds
+/// at most about 49 coarse cells).
+pub(super) const REGION_RESOLUTION: Resolution = Resolution::Five;
 
 /// [`REGION_RESOLUTION`] as a number (a test checks they agree).
 const REGION_RES: u32 = 5;
@@ -97,6 +99,11 @@ impl RegionCentres {
     }
 }
 
+/// A unit vector kept as `f32`s (within a metre on the Earth).
+pub(super) fn narrow(v: [f64; 3]) -> [f32; 3] {
+    v.map(|x| x as f32)
+}
+
 fn compute(region: CellIndex) -> [f32; 3] {
     narrow(crate::geo::unit_vector(LatLng::from(region)))
 }
@@ -105,7 +112,6 @@ fn compute(region: CellIndex) -> [f32; 3] {
 mod tests {
     use std::{collections::HashSet, sync::Barrier};
 
-    use h3o::Resolution;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     use super::*;

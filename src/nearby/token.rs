@@ -137,28 +137,19 @@ impl PageTokens {
 
     /// Encodes `cursor` for the query `scope`.
     pub fn encode(&self, scope: &Scope<'_>, cursor: &Cursor) -> String {
-        let user = cursor.user.as_str().as_bytes();
-        let mut plain = Vec::with_capacity(KEY_LEN + user.len());
-        plain.extend_from_slice(&cursor.distance_key.to_le_bytes());
-        plain.extend_from_slice(user);
         let nonce: [u8; NONCE_LEN] = random_nonce();
+        let plain = plaintext(cursor);
         let aad = scope.aad(VERSION);
+        let payload = Payload {
+            msg: &plain,
+            aad: &aad,
+        };
         let sealed = self
             .cipher
-            .encrypt(
-                aes_gcm_siv::Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: &aad,
-                },
-            )
+            .encrypt(aes_gcm_siv::Nonce::from_slice(&nonce), payload)
             // Encryption fails only for messages of gigabytes.
             .unwrap_or_default();
-        let mut buf = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        buf.push(VERSION);
-        buf.extend_from_slice(&nonce);
-        buf.extend_from_slice(&sealed);
-        URL_SAFE_NO_PAD.encode(buf)
+        framed(VERSION, &nonce, &sealed)
     }
 
     /// Decodes a token issued by [`Self::encode`] (or, as version 2, by a server before
@@ -214,10 +205,8 @@ impl PageTokens {
     /// check they are still read).
     #[cfg(test)]
     fn encode_v2(&self, scope: &Scope<'_>, cursor: &Cursor) -> String {
-        let user = cursor.user.as_str().as_bytes();
-        let mut plain = cursor.distance_key.to_le_bytes().to_vec();
-        plain.extend_from_slice(user);
         let nonce: [u8; NONCE_LEN_2] = random_nonce();
+        let plain = plaintext(cursor);
         let aad = scope.aad(VERSION_2);
         let payload = Payload {
             msg: &plain,
@@ -227,11 +216,26 @@ impl PageTokens {
             .cipher_2
             .encrypt(XNonce::from_slice(&nonce), payload)
             .unwrap_or_default();
-        let mut buf = vec![VERSION_2];
-        buf.extend_from_slice(&nonce);
-        buf.extend_from_slice(&sealed);
-        URL_SAFE_NO_PAD.encode(buf)
+        framed(VERSION_2, &nonce, &sealed)
     }
+}
+
+/// What a token seals: the cursor's distance key, then its user id.
+fn plaintext(cursor: &Cursor) -> Vec<u8> {
+    let user = cursor.user.as_str().as_bytes();
+    let mut plain = Vec::with_capacity(KEY_LEN + user.len());
+    plain.extend_from_slice(&cursor.distance_key.to_le_bytes());
+    plain.extend_from_slice(user);
+    plain
+}
+
+/// The token as sent: version, nonce and sealed cursor, in URL-safe base64.
+fn framed(version: u8, nonce: &[u8], sealed: &[u8]) -> String {
+    let mut buf = Vec::with_capacity(1 + nonce.len() + sealed.len());
+    buf.push(version);
+    buf.extend_from_slice(nonce);
+    buf.extend_from_slice(sealed);
+    URL_SAFE_NO_PAD.encode(buf)
 }
 
 /// A random nonce from this thread's CSPRNG (ChaCha12, seeded once per thread by the
