@@ -348,9 +348,38 @@ fn centres(c: &mut Criterion) {
     });
 }
 
+/// The cells a 100 m shake locks and reads at the matcher's bucket resolution (7), over
+/// 4 096 spots of the standard population snapped to their privacy cells, as a shake's
+/// are: the ring walk, or one cell when the disk lies inside it.
+fn shake_cover(c: &mut Criterion) {
+    use geomatch::geo::cell::{Centres, PRIVACY_RESOLUTION, RingCover};
+    use h3o::{LatLng, Resolution};
+    let mut rng = StdRng::seed_from_u64(5);
+    let spots: Vec<LatLng> = (0..4_096)
+        .map(|_| {
+            let p = position(&mut rng).latlng();
+            LatLng::from(p.to_cell(PRIVACY_RESOLUTION))
+        })
+        .collect();
+    let mut i = 0usize;
+    c.bench_function("geo/shake-cover-100m", |b| {
+        b.iter(|| {
+            i = (i + 1) % spots.len();
+            RingCover::cells_within(
+                black_box(spots[i]),
+                Resolution::Seven,
+                100.0,
+                Centres::Computed,
+            )
+            .len()
+        })
+    });
+}
+
 criterion_group!(
     benches,
     centres,
+    shake_cover,
     nearby,
     equal_density,
     watch,

@@ -129,6 +129,10 @@ impl RingCover {
     }
 
     /// Every cell that may hold a point within the radius, with its centre distance.
+    ///
+    /// A disk that lies inside the cell holding its centre (see [`disk_inside`]: a 100 m
+    /// shake at resolution 7, five times in six) is answered with that one cell, without
+    /// the ring walk's 7 to 19 centres.
     pub fn cells_within(
         centre: LatLng,
         resolution: Resolution,
@@ -136,6 +140,15 @@ impl RingCover {
         centres: Centres,
     ) -> Vec<(CellIndex, f64)> {
         let mut cover = Self::with_centres(centre, resolution, radius_m, centres);
+        if radius_m < INSIDE_CHECK_EDGES * resolution.edge_length_m()
+            && disk_inside(cover.origin, centre, radius_m)
+        {
+            let at = match centres {
+                Centres::Remembered => super::centre::centre(cover.origin),
+                Centres::Computed => LatLng::from(cover.origin),
+            };
+            return vec![(cover.origin, distance_m(centre, at))];
+        }
         let slack = cover.circumradius_m;
         let mut ring = Ring::default();
         let mut out = Vec::new();
@@ -144,6 +157,57 @@ impl RingCover {
         }
         out
     }
+}
+
+/// Radii, in average edges of the cover's resolution, below which
+/// [`RingCover::cells_within`] first asks whether the disk lies inside one cell. A
+/// regular hexagon's inradius is 0.87 edges, so a larger disk seldom fits in one; H3's
+/// smallest cells are about half the average.
+const INSIDE_CHECK_EDGES: f64 = 0.5;
+
+/// Metres a disk must clear a cell's edges by to count as inside it: far above the
+/// floating-point error of the test below (nanometres) and of h3o's own point-in-cell.
+const INSIDE_SLACK_M: f64 = 0.5;
+
+/// Whether every point within `radius_m` of `centre` lies in `cell`, the cell holding
+/// `centre`. `false` when unsure: it is a shortcut, never needed for correctness.
+///
+/// An H3 cell is bounded by arcs of great circles: each edge is a straight segment in the
+/// gnomonic projection of an icosahedron face, and gnomonic lines are great circles; an
+/// edge that crosses a face edge is split there by an extra boundary vertex, so each arc
+/// is still one great circle. A point nearer `centre` than the distance from `centre` to
+/// the great circle of every edge cannot be across any edge, so it lies in the same cell
+/// as `centre`. That distance is the angle `asin(|q · n|)` for the unit vector `q` of
+/// `centre` and the unit normal `n` of the edge's circle. The tests sample points on
+/// circles around random spots, pentagons and cells on icosahedron edges.
+fn disk_inside(cell: CellIndex, centre: LatLng, radius_m: f64) -> bool {
+    let clear_rad = (radius_m + INSIDE_SLACK_M) / super::EARTH_RADIUS_M;
+    if clear_rad >= std::f64::consts::FRAC_PI_2 {
+        return false;
+    }
+    let limit = clear_rad.sin();
+    let q = super::unit_vector(centre);
+    let boundary = cell.boundary();
+    let mut vertices = boundary.iter().map(|&v| super::unit_vector(v));
+    let Some(first) = vertices.next() else {
+        return false;
+    };
+    let mut a = first;
+    for b in vertices.chain(std::iter::once(first)) {
+        let n = [
+            a[1] * b[2] - a[2] * b[1],
+            a[2] * b[0] - a[0] * b[2],
+            a[0] * b[1] - a[1] * b[0],
+        ];
+        let len = (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt();
+        let dot = q[0] * n[0] + q[1] * n[1] + q[2] * n[2];
+        // Not `dot.abs() <= limit * len` alone: a degenerate edge (len 0) must say no.
+        if len == 0.0 || dot.abs() <= limit * len {
+            return false;
+        }
+        a = b;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -254,6 +318,131 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `p` moved `m` metres along `bearing` degrees.
+    fn moved(p: LatLng, bearing: f64, m: f64) -> LatLng {
+        use geo::{Destination as _, Haversine, Point};
+        let to = Haversine.destination(Point::new(p.lng(), p.lat()), bearing, m);
+        LatLng::new(to.y(), to.x()).unwrap()
+    }
+
+    /// Where the inside shortcut says a disk lies in its centre's cell, points on the
+    /// disk's rim and within it all lie in that cell: at random spots, around every
+    /// pentagon, and along the icosahedron's edges (the great circles between adjacent
+    /// resolution-0 pentagons, where cells are split between two faces' projections).
+    /// The shortcut must also fire often enough to matter.
+    #[test]
+    fn a_disk_said_to_be_inside_its_cell_is() {
+        use geo::{Distance as _, Haversine, InterpolatePoint as _, Point};
+        let mut rng = StdRng::seed_from_u64(23);
+        let mut spots: Vec<LatLng> = Vec::new();
+        for _ in 0..1_500 {
+            spots.push(
+                LatLng::new(
+                    rng.random_range(-89.9..89.9),
+                    rng.random_range(-180.0..180.0),
+                )
+                .unwrap(),
+            );
+        }
+        let vertices: Vec<Point> = Resolution::Zero
+            .pentagons()
+            .map(|c| {
+                let p = LatLng::from(c);
+                Point::new(p.lng(), p.lat())
+            })
+            .collect();
+        for (i, &a) in vertices.iter().enumerate() {
+            for &b in &vertices[i + 1..] {
+                // Adjacent icosahedron vertices are 63.4 degrees (7 054 km) apart.
+                if Haversine.distance(a, b) > 7_500_000.0 {
+                    continue;
+                }
+                for _ in 0..40 {
+                    let on = Haversine.point_at_ratio_between(a, b, rng.random_range(0.0..1.0));
+                    let on = LatLng::new(on.y(), on.x()).unwrap();
+                    spots.push(moved(
+                        on,
+                        rng.random_range(0.0..360.0),
+                        rng.random_range(0.0..3_000.0),
+                    ));
+                }
+            }
+            let vertex = LatLng::new(a.y(), a.x()).unwrap();
+            for _ in 0..40 {
+                spots.push(moved(
+                    vertex,
+                    rng.random_range(0.0..360.0),
+                    rng.random_range(0.0..6_000.0),
+                ));
+            }
+        }
+        for res in [Resolution::Six, Resolution::Seven, Resolution::Nine] {
+            let (mut inside, mut split, mut pentagons) = (0, 0, 0);
+            for &q in &spots {
+                let cell = q.to_cell(res);
+                let r = rng.random_range(0.0..INSIDE_CHECK_EDGES * res.edge_length_m());
+                if !disk_inside(cell, q, r) {
+                    continue;
+                }
+                inside += 1;
+                split += usize::from(cell.icosahedron_faces().len() > 1);
+                pentagons += usize::from(cell.is_pentagon());
+                for step in 0..48 {
+                    let bearing = f64::from(step) * 7.5;
+                    for m in [r, r * 0.5] {
+                        let p = moved(q, bearing, m);
+                        assert!(distance_m(q, p) <= r + 1e-6);
+                        assert_eq!(
+                            p.to_cell(res),
+                            cell,
+                            "{res:?}: {p:?}, {m} m from {q:?}, left {cell} (r {r})"
+                        );
+                    }
+                }
+                let cover = RingCover::cells_within(q, res, r, Centres::Computed);
+                assert_eq!(cover.len(), 1);
+                assert_eq!(cover[0].0, cell);
+                assert_eq!(cover[0].1, distance_m(q, LatLng::from(cell)));
+            }
+            // Cells split between two faces, and pentagons, were among those tested.
+            assert!(
+                split > 20 && pentagons > 0,
+                "{res:?}: {split} split, {pentagons} pentagons"
+            );
+            // The radii average a quarter of an edge: about half the disks fit.
+            assert!(
+                inside * 3 > spots.len(),
+                "{res:?}: only {inside} of {} disks inside",
+                spots.len()
+            );
+        }
+    }
+
+    /// The shortcut says no whenever the disk reaches across an edge: a point of the
+    /// rim in another cell means the disk was not inside.
+    #[test]
+    fn a_disk_across_an_edge_is_not_inside() {
+        let mut rng = StdRng::seed_from_u64(29);
+        let res = Resolution::Seven;
+        let mut across = 0;
+        for _ in 0..2_000 {
+            let q = LatLng::new(
+                rng.random_range(-80.0..80.0),
+                rng.random_range(-180.0..180.0),
+            )
+            .unwrap();
+            let cell = q.to_cell(res);
+            let r = rng.random_range(0.0..INSIDE_CHECK_EDGES * res.edge_length_m());
+            let leaves =
+                (0..72).any(|step| moved(q, f64::from(step) * 5.0, r).to_cell(res) != cell);
+            if leaves {
+                across += 1;
+                assert!(!disk_inside(cell, q, r), "{q:?} r {r}");
+            }
+        }
+        assert!(across > 100, "only {across} disks crossed an edge");
     }
 
     #[test]
