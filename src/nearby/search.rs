@@ -33,6 +33,11 @@ use crate::{
 /// ones go on coarse.
 const FINE_RINGS: u32 = 6;
 
+/// Cells of a sparse-country walk handed to the search at a time: its page can stop after
+/// any batch (each carries the bound of its nearest cell), so a search that finds its page
+/// among the nearest cells reads no other bucket.
+pub(super) const SPARSE_BATCH: usize = 16;
+
 /// Validates a search as received into a [`Query`]: radius and page size by the index's
 /// rules, the page token by its key and the query it was issued for.
 pub(crate) fn query(cfg: &NearbyConfig, tokens: &PageTokens, req: &SearchRequest) -> Result<Query> {
@@ -350,16 +355,22 @@ struct Walk<'a, S> {
     lookahead_valid: bool,
     /// Reused for the occupied cells of one coarse cell.
     scratch: Vec<CellIndex>,
-    /// In sparse country, the whole walk as one batch ([`CellSource::sparse`]); taken by
-    /// the first ring, after which the walk is over.
+    /// In sparse country, every cell the walk needs ([`CellSource::sparse`]), nearest
+    /// first, handed out [`SPARSE_BATCH`] at a time; once they are, the walk is over.
     sparse: Option<Vec<(CellIndex, f64)>>,
-    sparse_done: bool,
+    /// Cells of `sparse` handed out so far.
+    sparse_at: usize,
 }
 
 impl<'a, S: CellSource> Walk<'a, S> {
     fn new(src: &'a S, centre: LatLng, radius_m: f64) -> Self {
         let fine = RingCover::new(centre, src.resolution(), radius_m);
-        let sparse = src.sparse(centre, fine.origin(), radius_m);
+        let sparse = src
+            .sparse(centre, fine.origin(), radius_m)
+            .map(|mut cells| {
+                cells.sort_unstable_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+                cells
+            });
         Self {
             src,
             centre,
@@ -375,7 +386,7 @@ impl<'a, S: CellSource> Walk<'a, S> {
             lookahead_valid: false,
             scratch: Vec::new(),
             sparse,
-            sparse_done: false,
+            sparse_at: 0,
         }
     }
 
@@ -436,15 +447,19 @@ impl<'a, S: CellSource> Walk<'a, S> {
     }
 
     fn next_ring(&mut self, ring: &mut Ring) -> Walked<bool, S> {
-        if let Some(cells) = self.sparse.take() {
-            // Every occupied cell near the centre, at once: nothing lies beyond them.
-            ring.cells = cells;
-            ring.lower_bound_m = 0.0;
-            self.sparse_done = true;
+        if let Some(cells) = &self.sparse {
+            // Every occupied cell near the centre, nearest first: no cell of this batch or
+            // a later one is nearer than its first, and nothing lies beyond them all.
+            let batch = cells.get(self.sparse_at..).unwrap_or_default();
+            let Some(&(_, nearest)) = batch.first() else {
+                return Ok(false);
+            };
+            let n = batch.len().min(SPARSE_BATCH);
+            ring.cells.clear();
+            ring.cells.extend_from_slice(&batch[..n]);
+            ring.lower_bound_m = nearest;
+            self.sparse_at += n;
             return Ok(true);
-        }
-        if self.sparse_done {
-            return Ok(false);
         }
         if self.coarse.is_none() {
             if !self.fine.next_ring(ring) {

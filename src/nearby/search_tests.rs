@@ -160,52 +160,98 @@ fn assert_same_page(idx: &NearbyIndex, req: &SearchRequest, a: &SearchPage, b: &
     );
 }
 
-/// The partial source walks ring by ring (it has no region level), while the in-memory
-/// maps take the sparse-country shortcut where they can: equal pages prove the shortcut
-/// exact too.
-#[test]
-fn every_page_over_a_partial_source_equals_the_in_memory_page() {
-    let idx = populated();
-    let mut rng = StdRng::seed_from_u64(12);
-    let (mut shortcut, mut walked) = (0, 0);
-    for _ in 0..60 {
+/// Searches `searches` random spots within `span` metres of Shanghai, paging each to its
+/// end, over the partial source (which walks ring by ring: it has no region level) and
+/// over the in-memory maps (which take the sparse-country shortcut where they can), and
+/// asserts equal pages. Returns how many spots the shortcut took and how many of those
+/// handed out more than one batch.
+fn shortcut_pages_equal_the_walks(
+    idx: &NearbyIndex,
+    seed: u64,
+    searches: usize,
+    span: f64,
+    radii: &[f64],
+) -> (usize, usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut shortcut, mut batches) = (0, 0);
+    for _ in 0..searches {
         let centre = offset(
             SHANGHAI.0,
             SHANGHAI.1,
-            rng.random_range(-40_000.0..40_000.0),
-            rng.random_range(-40_000.0..40_000.0),
+            rng.random_range(-span..span),
+            rng.random_range(-span..span),
         );
         let mut req = SearchRequest {
             searcher: uid("u00007"),
             centre: pos(centre),
-            radius_m: [300.0, 1_000.0, 5_000.0, 10_000.0][rng.random_range(0..4)],
+            radius_m: radii[rng.random_range(0..radii.len())],
             limit: rng.random_range(1..60),
             gender: [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)],
             page_token: String::new(),
         };
         let at = pos(centre);
-        match idx
+        if let Some(cells) = idx
             .maps
             .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m)
         {
-            Some(_) => shortcut += 1,
-            None => walked += 1,
+            shortcut += 1;
+            batches += usize::from(cells.len() > super::search::SPARSE_BATCH);
         }
         // Every page of the walk, in order, including the last.
-        for _ in 0..100 {
+        for _ in 0..200 {
             let q = idx.query(&req).unwrap();
             let direct = idx.search(&q, NOW);
-            assert_same_page(&idx, &req, &staged(&idx, &q).page, &direct);
+            assert_same_page(idx, &req, &staged(idx, &q).page, &direct);
             match direct.next_page_token {
                 Some(t) => req.page_token = t,
                 None => break,
             }
         }
     }
+    (shortcut, batches)
+}
+
+/// The shortcut's pages are the walk's, in a city with sparse country around it.
+#[test]
+fn every_page_over_a_partial_source_equals_the_in_memory_page() {
+    let idx = populated();
+    let searches = 60;
+    let (shortcut, _) = shortcut_pages_equal_the_walks(
+        &idx,
+        12,
+        searches,
+        40_000.0,
+        &[300.0, 1_000.0, 5_000.0, 10_000.0],
+    );
     // Both paths were compared, many times each.
     assert!(
-        shortcut >= 10 && walked >= 2,
-        "{shortcut} shortcut, {walked} walked"
+        shortcut >= 10 && searches - shortcut >= 2,
+        "{shortcut} of {searches} by the shortcut"
+    );
+}
+
+/// And in country of medium density (one user per 3 km², a hundred within 10 km), where
+/// the shortcut hands its cells out in several batches and pages stop between them.
+#[test]
+fn medium_density_pages_from_the_shortcut_equal_the_walks() {
+    let idx = NearbyIndex::new(NearbyConfig::default(), PageTokens::new([6; 32]));
+    let mut rng = StdRng::seed_from_u64(13);
+    for i in 0..1_200 {
+        let at = offset(
+            SHANGHAI.0,
+            SHANGHAI.1,
+            rng.random_range(-30_000.0..30_000.0),
+            rng.random_range(-30_000.0..30_000.0),
+        );
+        let gender = [Gender::Female, Gender::Male][i % 2];
+        idx.update(uid(&format!("m{i:05}")), pos(at), gender, NOW);
+    }
+    let searches = 30;
+    let (shortcut, batches) =
+        shortcut_pages_equal_the_walks(&idx, 14, searches, 15_000.0, &[5_000.0, 10_000.0]);
+    assert!(
+        shortcut * 2 >= searches && batches * 3 >= searches,
+        "{shortcut} by the shortcut, {batches} of them in several batches, of {searches}"
     );
 }
 

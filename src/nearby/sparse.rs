@@ -23,11 +23,15 @@ use super::maps::{COARSE_RESOLUTION, Maps, REGION_RESOLUTION, cell_shard};
 use crate::geo::cell::RingCover;
 use crate::geo::{cell::max_circumradius_m, chord2, chord2_of_m, distance_m, unit_vector};
 
-/// A region listing more occupied coarse cells than this is dense country, where the ring
-/// walk's early stop is cheaper than measuring every cell.
-const DENSE_REGION: usize = 24;
+/// A region listing more occupied coarse cells than this (of its 49) is dense country,
+/// where the ring walk's early stop is cheaper than measuring every cell: a city's
+/// regions list them all. Country where most coarse cells hold a user or two (a few users
+/// per 10 km²) stays with the shortcut.
+const DENSE_REGION: usize = 44;
 /// Most occupied privacy cells the shortcut measures; beyond, the ring walk goes on.
-const MAX_CELLS: usize = 64;
+/// Measuring one costs about what the walk pays per cell of its rings, and the search
+/// reads buckets only until its page is complete (the cells come nearest first).
+const MAX_CELLS: usize = 256;
 /// Slack for the `f32` points the regions keep (within a metre of the exact ones).
 const F32_SLACK_M: f64 = 10.0;
 
