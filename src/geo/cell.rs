@@ -53,6 +53,16 @@ pub enum Centres {
     Computed,
 }
 
+impl Centres {
+    /// The centre of `cell`, got this way.
+    fn of(self, cell: CellIndex) -> LatLng {
+        match self {
+            Self::Remembered => super::centre::centre(cell),
+            Self::Computed => LatLng::from(cell),
+        }
+    }
+}
+
 /// Ring-by-ring cover of a disk of `radius_m` around a point, nearest ring first.
 #[derive(Debug, Clone)]
 pub struct RingCover {
@@ -107,11 +117,7 @@ impl RingCover {
         let centre = self.centre;
         let mut nearest = f64::INFINITY;
         for cell in self.origin.grid_ring::<Vec<_>>(k) {
-            let at = match self.centres {
-                Centres::Remembered => super::centre::centre(cell),
-                Centres::Computed => LatLng::from(cell),
-            };
-            let d = distance_m(centre, at);
+            let d = distance_m(centre, self.centres.of(cell));
             nearest = nearest.min(d);
             ring.cells.push((cell, d));
         }
@@ -143,11 +149,7 @@ impl RingCover {
         if radius_m < INSIDE_CHECK_EDGES * resolution.edge_length_m()
             && disk_inside(cover.origin, centre, radius_m)
         {
-            let at = match centres {
-                Centres::Remembered => super::centre::centre(cover.origin),
-                Centres::Computed => LatLng::from(cover.origin),
-            };
-            return vec![(cover.origin, distance_m(centre, at))];
+            return vec![(cover.origin, distance_m(centre, centres.of(cover.origin)))];
         }
         let slack = cover.circumradius_m;
         let mut ring = Ring::default();
