@@ -11,11 +11,12 @@
 //! * `cells`: privacy cell -> its packed, id-sorted member list ([`super::bucket`]).
 //! * `coarse`: coarse cell (resolution [`COARSE_RESOLUTION`]) -> the occupied privacy
 //!   cells whose centres lie in it, so wide searches skip empty country.
-//! * `regions`: region (resolution [`REGION_RESOLUTION`]) -> its occupied descendant
-//!   coarse cells (H3 parent, a few bit operations), each with its centre (as a unit
-//!   vector of three `f32`s), so a search in sparse country finds every occupied cell
-//!   near it in a handful of lookups, without walking rings (see `nearby::sparse`). A
-//!   write computes that centre only when a coarse cell becomes occupied.
+//! * `regions`: region (resolution [`REGION_RESOLUTION`], the H3 parent of the coarse
+//!   cell) -> its occupied privacy cells with their centres while they are few, their
+//!   count once they are many ([`Region`]), so a search in sparse country finds and
+//!   measures every occupied cell near it in a handful of lookups, without walking rings
+//!   (see `nearby::sparse`). A write touches its region only when a privacy cell becomes
+//!   occupied or empty, with the centre it computed for the coarse cell anyway.
 //!
 //! Lock order, for every writer: the user's `users` shard, then `cells` shards (one at a
 //! time), then `coarse`, then `regions`. Searches only read `cells`, `coarse` and
@@ -29,14 +30,15 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use h3o::{CellIndex, Resolution};
+use h3o::{CellIndex, LatLng, Resolution};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
 
 pub(super) use super::region_centres::REGION_RESOLUTION;
 use super::{
     LocationStatus, Record,
     bucket::{self, Member},
-    region_centres::{RegionCentres, narrow},
+    region::{AfterRemoval, Listed, Region},
+    region_centres::RegionCentres,
 };
 pub(super) use crate::base::shard::{SHARDS, Shards};
 use crate::{
@@ -52,11 +54,6 @@ pub(super) fn cell_shard(cell: CellIndex) -> usize {
 /// Resolution of the coarse occupancy map (average edge 1.4 km, 49 privacy cells each): a
 /// 10 km search visits about 560 coarse cells instead of 5 400 privacy cells.
 pub(super) const COARSE_RESOLUTION: Resolution = Resolution::Seven;
-
-/// An occupied coarse cell as its region lists it: the cell and its centre, on the unit
-/// sphere ([`crate::geo::unit_vector`], as `f32`s: within a metre, enough for a
-/// pre-filter that leaves the slack), so a search measures it without trigonometry.
-pub(super) type Placed = (CellIndex, [f32; 3]);
 
 /// The coarse cell holding the privacy cell's centre (geometric containment, which the
 /// ring cover's lower bounds rely on; H3 parents do not contain their children exactly).
@@ -206,9 +203,7 @@ pub(super) struct Maps {
     pub(super) users: Users,
     pub(super) cells: Shards<Cells>,
     pub(super) coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
-    /// Vectors, not exactly-sized slices: coarse cells come and go in sparse country with
-    /// every move, and a region holds a few dozen at most.
-    pub(super) regions: Shards<HashMap<CellIndex, Vec<Placed>>>,
+    pub(super) regions: Shards<HashMap<CellIndex, Region>>,
     /// Centres of the regions searches have looked at, as unit vectors: the sparse
     /// shortcut measures a few dozen regions per search, and each centre costs H3
     /// arithmetic and trigonometry to compute (see [`Maps::region_centre`]).
@@ -432,7 +427,7 @@ impl Maps {
         let table = |capacity: usize, entry: usize| slots(capacity) * (entry + 1);
         let cell_entry = size_of::<(CellIndex, Box<[u8]>)>();
         let coarse_entry = size_of::<(CellIndex, Box<[CellIndex]>)>();
-        let region_entry = size_of::<(CellIndex, Vec<Placed>)>();
+        let region_entry = size_of::<(CellIndex, Region)>();
         Footprint {
             users_table: self
                 .users
@@ -446,9 +441,7 @@ impl Maps {
                 .sum(|m| m.values().map(|l| size_of_val::<[CellIndex]>(l)).sum()),
             regions: self.regions.sum(|m| {
                 table(m.capacity(), region_entry)
-                    + m.values()
-                        .map(|l| l.capacity() * size_of::<Placed>())
-                        .sum::<usize>()
+                    + m.values().map(Region::list_bytes).sum::<usize>()
             }),
             region_centres: self.region_centres.footprint(),
         }
@@ -461,19 +454,19 @@ impl Maps {
             hash_map::Entry::Vacant(e) => {
                 // Registered while this shard of `cells` is locked, so a concurrent removal
                 // of the same bucket cannot interleave (lock order: cells, then coarse).
-                let key = coarse_of(cell);
+                // The coarse cell is `coarse_of(cell)`, from the centre the region keeps.
+                let at = crate::geo::centre::centre(cell);
+                let key = at.to_cell(COARSE_RESOLUTION);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let list = coarse.entry(key).or_default();
-                let first = list.is_empty();
                 let mut grown = std::mem::take(list).into_vec();
                 grown.push(cell);
                 *list = grown.into_boxed_slice();
-                if let Some(region) = key.parent(REGION_RESOLUTION).filter(|_| first) {
-                    // A coarse cell just occupied: its region lists it (coarse still held),
-                    // with its centre.
-                    let at = narrow(crate::geo::unit_vector(crate::geo::centre::centre(key)));
+                if let Some(region) = key.parent(REGION_RESOLUTION) {
+                    // Its region files it (coarse still held, so a relisting that reads
+                    // this coarse list sees the change counted).
                     let mut regions = self.regions.write(cell_shard(region));
-                    regions.entry(region).or_default().push((key, at));
+                    regions.entry(region).or_default().add(cell, at);
                 }
                 e.insert(bucket::single(member));
             }
@@ -487,35 +480,65 @@ impl Maps {
         user: &[u8],
         pred: impl FnOnce(&Member<'_>) -> bool,
     ) -> Option<Member<'static>> {
-        let mut cells = self.cells.write(cell_shard(cell));
-        let b = cells.get_mut(&cell)?;
-        let removed = bucket::remove_if(b, user, pred)?;
-        if b.is_empty() {
-            cells.remove(&cell);
-            let key = coarse_of(cell);
-            let mut coarse = self.coarse.write(cell_shard(key));
-            if let Some(list) = coarse.get_mut(&key) {
-                let kept: Box<[CellIndex]> = list.iter().copied().filter(|&c| c != cell).collect();
-                if kept.is_empty() {
-                    coarse.remove(&key);
-                    // No longer occupied: out of its region's list (coarse still held).
-                    if let Some(region) = key.parent(REGION_RESOLUTION) {
-                        let mut regions = self.regions.write(cell_shard(region));
-                        if let Some(list) = regions.get_mut(&region) {
-                            if let Some(at) = list.iter().position(|&(c, _)| c == key) {
-                                list.swap_remove(at);
-                            }
-                            if list.is_empty() {
+        let mut relist = None;
+        let removed = {
+            let mut cells = self.cells.write(cell_shard(cell));
+            let b = cells.get_mut(&cell)?;
+            let removed = bucket::remove_if(b, user, pred)?;
+            if b.is_empty() {
+                cells.remove(&cell);
+                let key = coarse_of(cell);
+                let mut coarse = self.coarse.write(cell_shard(key));
+                if let Some(list) = coarse.get_mut(&key) {
+                    let kept: Box<[CellIndex]> =
+                        list.iter().copied().filter(|&c| c != cell).collect();
+                    if kept.is_empty() {
+                        coarse.remove(&key);
+                    } else {
+                        *list = kept;
+                    }
+                }
+                // No longer occupied: out of its region (coarse still held).
+                if let Some(region) = key.parent(REGION_RESOLUTION) {
+                    let mut regions = self.regions.write(cell_shard(region));
+                    if let Some(r) = regions.get_mut(&region) {
+                        match r.remove(cell) {
+                            AfterRemoval::Keep => {}
+                            AfterRemoval::Drop => {
                                 regions.remove(&region);
                             }
+                            AfterRemoval::Relist(changes) => relist = Some((region, changes)),
                         }
                     }
-                } else {
-                    *list = kept;
                 }
             }
+            removed
+        };
+        if let Some((region, changes)) = relist {
+            self.relist(region, changes);
         }
         Some(removed)
+    }
+
+    /// Lists a counted region's cells again (see `nearby::region`): reads its coarse
+    /// children's lists one shard at a time, with no `cells`, `coarse` or `regions` guard
+    /// held (only, from a write, the user's `users` shard, which comes first in the lock
+    /// order), computes their centres, and hands them to the region, which keeps them only
+    /// if nothing changed since its removal asked for them (`changes`).
+    fn relist(&self, region: CellIndex, changes: u32) {
+        let mut listed: Vec<Listed> = Vec::new();
+        for key in region.children(COARSE_RESOLUTION) {
+            let coarse = self.coarse.read(cell_shard(key));
+            if let Some(list) = coarse.get(&key) {
+                listed.extend(list.iter().map(|&c| (c, LatLng::default())));
+            }
+        }
+        for (cell, at) in &mut listed {
+            *at = crate::geo::centre::centre(*cell);
+        }
+        if let Some(r) = self.regions.write(cell_shard(region)).get_mut(&region) {
+            r.relist(changes, listed);
+        }
     }
 }
 

@@ -6,13 +6,15 @@
 //!
 //! Rooms: [`types`](self) (requests and results), `maps` (the sharded maps and the
 //! one place that keeps them consistent, with their lock order), `search` (the two-pass
-//! query engine), `sparse` and `region_centres` (its shortcut through sparse country),
+//! query engine), `sparse`, `region` and `region_centres` (its shortcut through sparse
+//! country),
 //! [`token`](PageTokens) (opaque page tokens), `watch` (live ENTER/LEAVE
 //! streams), [`snapshot`] (crash-safe files of the index). This façade ties them: every
 //! write goes through the maps and tells the watches, under the maps' lock order.
 
 pub(crate) mod bucket;
 mod maps;
+mod region;
 mod region_centres;
 pub(crate) mod search;
 pub mod snapshot;

@@ -304,12 +304,67 @@ fn a_walk_asks_for_whole_batches() {
     );
 }
 
-/// The region level lists exactly the occupied coarse cells, each once, under the region
-/// holding its centre, through moves, clears and expiry.
+/// The region level files every occupied privacy cell once, under the H3 parent of its
+/// coarse cell: listed with its centre (bit for bit the centre searches measure to) while
+/// the region holds at most `LISTED_MAX`, counted exactly past that. Returns how many
+/// regions are listed and how many counted, and the counted ones.
+fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
+    use std::collections::HashMap;
+    let mut want: HashMap<CellIndex, Vec<CellIndex>> = HashMap::new();
+    for shard in 0..maps::SHARDS {
+        for &cell in idx.maps.cells.read(shard).keys() {
+            let region = maps::coarse_of(cell)
+                .parent(maps::REGION_RESOLUTION)
+                .expect("a coarse cell has a region");
+            want.entry(region).or_default().push(cell);
+        }
+    }
+    let (mut listed, mut counted) = (0, Vec::new());
+    for shard in 0..maps::SHARDS {
+        for (region, r) in idx.maps.regions.read(shard).iter() {
+            let mut cells = want.remove(region).unwrap_or_default();
+            assert!(!cells.is_empty(), "{region} kept with no occupied cell");
+            assert_eq!(r.len(), cells.len(), "{region}");
+            match r.listed() {
+                Some(list) => {
+                    assert!(list.len() <= region::LISTED_MAX);
+                    listed += 1;
+                    let mut got: Vec<CellIndex> = list
+                        .iter()
+                        .map(|&(c, at)| {
+                            let exact = crate::geo::centre::centre(c);
+                            assert_eq!(
+                                (at.lat_radians().to_bits(), at.lng_radians().to_bits()),
+                                (exact.lat_radians().to_bits(), exact.lng_radians().to_bits()),
+                                "{c}"
+                            );
+                            c
+                        })
+                        .collect();
+                    got.sort_unstable();
+                    cells.sort_unstable();
+                    assert_eq!(got, cells, "{region}");
+                }
+                None => {
+                    // Counted only while too many to list, or not yet thinned to relisting.
+                    assert!(cells.len() > region::RELIST_AT, "{region}: {}", cells.len());
+                    counted.push(*region);
+                }
+            }
+        }
+    }
+    assert!(want.is_empty(), "regions missing: {:?}", want.keys());
+    (listed, counted)
+}
+
+/// Through moves, clears and expiry the region level stays exact; a city's regions count
+/// their cells, and list them again once they thin out.
 #[test]
-fn regions_list_exactly_the_occupied_coarse_cells() {
-    use h3o::LatLng;
+fn regions_file_exactly_the_occupied_privacy_cells() {
     let idx = populated();
+    let (listed, counted) = assert_regions_consistent(&idx);
+    assert!(listed > 10, "{listed}");
+    assert!(!counted.is_empty(), "the city's regions count their cells");
     let mut rng = StdRng::seed_from_u64(13);
     // Moves and clears churn the maps.
     for i in 0..6_000 {
@@ -325,28 +380,108 @@ fn regions_list_exactly_the_occupied_coarse_cells() {
             );
             idx.update(u, pos(at), Gender::Female, NOW);
         }
-    }
-    let mut coarse: Vec<CellIndex> = Vec::new();
-    for shard in 0..maps::SHARDS {
-        coarse.extend(idx.maps.coarse.read(shard).keys().copied());
-    }
-    let mut listed: Vec<CellIndex> = Vec::new();
-    for shard in 0..maps::SHARDS {
-        for (region, list) in idx.maps.regions.read(shard).iter() {
-            for &(c, [x, y, z]) in list.iter() {
-                // Filed under its H3 parent, with its centre (a unit vector, within a
-                // metre: the sparse shortcut's slack is ten).
-                assert_eq!(c.parent(maps::REGION_RESOLUTION), Some(*region));
-                let (x, y, z) = (f64::from(x), f64::from(y), f64::from(z));
-                assert!((x * x + y * y + z * z - 1.0).abs() < 1e-6);
-                let point = LatLng::from_radians(z.asin(), y.atan2(x)).unwrap();
-                let from_centre = crate::geo::distance_m(point, LatLng::from(c));
-                assert!(from_centre <= 1.0, "{from_centre}");
-                listed.push(c);
-            }
+        if i % 1_000 == 0 {
+            assert_regions_consistent(&idx);
         }
     }
-    coarse.sort_unstable();
-    listed.sort_unstable();
-    assert_eq!(coarse, listed);
+    assert_regions_consistent(&idx);
+    // The city empties but for a few: its regions are listed again.
+    for i in (0..4_000).filter(|i| i % 100 != 0) {
+        idx.clear(&uid(&format!("u{i:05}")), NOW);
+    }
+    let (_, still) = assert_regions_consistent(&idx);
+    assert!(still.is_empty(), "{still:?}");
+    for r in &counted {
+        assert!(
+            idx.maps
+                .regions
+                .read(maps::cell_shard(*r))
+                .get(r)
+                .is_none_or(|r| r.listed().is_some())
+        );
+    }
+}
+
+/// Writers crossing a region's bounds both ways at once (four threads filling one region
+/// past `LISTED_MAX` and emptying it below `RELIST_AT`, over and over, so relistings race
+/// with the changes they must not lose) leave it exact; searches meanwhile never fail.
+#[test]
+fn regions_stay_exact_under_concurrent_crowding_and_thinning() {
+    use std::sync::Barrier;
+    let idx = NearbyIndex::new(NearbyConfig::default(), PageTokens::new([5; 32]));
+    let spot = offset(SHANGHAI.0, SHANGHAI.1, 300_000.0, 0.0);
+    let away = offset(SHANGHAI.0, SHANGHAI.1, -300_000.0, 0.0);
+    let barrier = Barrier::new(5);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (idx, barrier) = (&idx, &barrier);
+            s.spawn(move || {
+                let mut rng = StdRng::seed_from_u64(100 + t);
+                barrier.wait();
+                for round in 0..31 {
+                    for i in 0..60 {
+                        let u = uid(&format!("t{t}-{i:02}"));
+                        let (x, y) = if round % 2 == 0 {
+                            // Spread over a few km, most in cells of their own.
+                            offset(
+                                spot.0,
+                                spot.1,
+                                rng.random_range(-3_000.0..3_000.0),
+                                rng.random_range(-3_000.0..3_000.0),
+                            )
+                        } else if i % 3 == 0 {
+                            let (x, y) = away;
+                            (x + rng.random_range(-0.01..0.01), y)
+                        } else {
+                            idx.clear(&u, NOW);
+                            continue;
+                        };
+                        idx.update(u, pos((x, y)), Gender::Female, NOW);
+                    }
+                }
+            });
+        }
+        let (idx, barrier) = (&idx, &barrier);
+        s.spawn(move || {
+            let mut q = SearchRequest {
+                searcher: uid("nobody"),
+                centre: pos(offset(spot.0, spot.1, 0.0, 9_000.0)),
+                radius_m: 10_000.0,
+                limit: 50,
+                gender: Gender::Unspecified,
+                page_token: String::new(),
+            };
+            barrier.wait();
+            for i in 0..300 {
+                q.radius_m = 1_000.0 + f64::from(i % 10) * 1_000.0;
+                let page = idx.search(&idx.query(&q).unwrap(), NOW);
+                let mut seen = HashSet::new();
+                assert!(page.users.iter().all(|f| seen.insert(f.user.clone())));
+            }
+        });
+    });
+    let (_, counted) = assert_regions_consistent(&idx);
+    assert!(!counted.is_empty(), "the crowd is counted");
+    // Thinned below relisting, the crowd is found through the lists exactly as a walk
+    // finds it.
+    for t in 0..4 {
+        for i in (0..60).filter(|i| i % 4 != 0) {
+            idx.clear(&uid(&format!("t{t}-{i:02}")), NOW);
+        }
+    }
+    let (_, counted) = assert_regions_consistent(&idx);
+    assert!(counted.is_empty(), "{counted:?}");
+    let q = SearchRequest {
+        searcher: uid("nobody"),
+        centre: pos(offset(spot.0, spot.1, 0.0, 5_000.0)),
+        radius_m: 10_000.0,
+        limit: 100,
+        gender: Gender::Unspecified,
+        page_token: String::new(),
+    };
+    let want = idx.search(&idx.query(&q).unwrap(), NOW);
+    let walked = staged(&idx, &idx.query(&q).unwrap());
+    // Every one left (15 of each thread's 60, all within 9.3 km of the centre).
+    assert_eq!(want.users.len(), 60);
+    assert_eq!(walked.page.users, want.users);
 }

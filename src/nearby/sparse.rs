@@ -1,42 +1,41 @@
 //! The sparse-country shortcut of a search: where few cells are occupied, every occupied
 //! privacy cell near the centre is found through the region level in a handful of
-//! lookups and measured once, instead of walking thousands of empty cells ring by ring.
+//! lookups and measured straight from its region's list, instead of walking thousands of
+//! empty cells ring by ring.
 //!
 //! Why it finds everyone the ring walk would. A user is within `r` of the centre `q` when
 //! their privacy cell's centre `p` is. `p` lies in coarse cell `c` (geometric containment,
-//! [`coarse_of`](super::maps::coarse_of)), so `c`'s centre is within `reach = r + C7` of
-//! `q` (`C7`: the coarse circumradius bound). `c`'s region `R` is its H3 parent, whose
-//! centre is within `C5` (the region circumradius bound) of `c`'s centre — the test
+//! [`coarse_of`](super::maps::coarse_of)), so `c`'s centre is within `C7` (the coarse
+//! circumradius bound) of `p`, and within `reach = r + C7` of `q`. `p`'s cell is filed
+//! under `c`'s region `R`, its H3 parent, whose centre is within `C5` (the region
+//! circumradius bound) of `c`'s centre — the test
 //! `descendants_lie_within_their_parents_circumradius_bound` checks that at every
 //! pentagon, its neighbours and a global sample — so `R`'s centre is within `reach + C5`
 //! of `q`, which is exactly what puts `R` among the regions visited (`regions_within`:
 //! every region whose centre is within `reach + C5`, rings walked until no later centre
-//! can be). `R` lists `c` with its centre (to within a metre), within `reach` of `q`; the
-//! pre-filter allows for that metre. So `c`, hence `p`, is measured, with the ring walk's
-//! own distance (`distance_m` to `p`'s centre, as [`crate::geo::centre::centre`] gives
-//! it: h3o's, remembered).
+//! can be). `R` lists `p`'s cell with `p` itself, as [`crate::geo::centre::centre`] gives
+//! it, so the distance measured is the ring walk's own, bit for bit; the latitude and
+//! longitude window only skips cells that cannot be within `r`.
 
 use h3o::{CellIndex, LatLng};
 
-use super::maps::{COARSE_RESOLUTION, Maps, REGION_RESOLUTION, cell_shard};
+use super::{
+    maps::{COARSE_RESOLUTION, Maps, REGION_RESOLUTION, cell_shard},
+    region::Window,
+};
 #[cfg(doc)]
 use crate::geo::cell::RingCover;
 use crate::geo::{cell::max_circumradius_m, chord2, chord2_of_m, distance_m, unit_vector};
 
-/// A region listing more occupied coarse cells than this (of its 49) is dense country,
-/// where the ring walk's early stop is cheaper than measuring every cell: a city's
-/// regions list them all. Country where most coarse cells hold a user or two (a few users
-/// per 10 km²) stays with the shortcut.
-const DENSE_REGION: usize = 44;
-/// Most occupied privacy cells the shortcut measures; beyond, the ring walk goes on.
-/// Measuring one costs about what the walk pays per cell of its rings, and the search
-/// reads buckets only until its page is complete (the cells come nearest first).
+/// Most privacy cells within the radius the shortcut hands to a search; beyond, the ring
+/// walk goes on (its early stop is cheaper than sorting this many). The search reads
+/// buckets only until its page is complete (the cells come nearest first).
 const MAX_CELLS: usize = 256;
-/// Slack for the `f32` points the regions keep (within a metre of the exact ones).
+/// Slack for the `f32` region centres (within a metre of the exact ones).
 const F32_SLACK_M: f64 = 10.0;
 
-/// Every occupied privacy cell that may hold a user within `radius_m` of `centre`, with
-/// its centre's distance; `None` in dense country (the ring walk is cheaper there).
+/// Every occupied privacy cell within `radius_m` of `centre`, with its centre's distance;
+/// `None` in dense country (the ring walk is cheaper there).
 #[inline]
 pub(super) fn cells_near(
     maps: &Maps,
@@ -45,7 +44,7 @@ pub(super) fn cells_near(
     radius_m: f64,
 ) -> Option<Vec<(CellIndex, f64)>> {
     // Dense country is told at once: the centre's own privacy cell is occupied (one
-    // lookup the walk makes anyway), or its region lists many coarse cells. The region
+    // lookup the walk makes anyway), or its region only counts its cells. The region
     // is the privacy cell's H3 parent, a few bit operations (near a region's edge that
     // may be the neighbour of the region holding the centre: this only chooses the
     // method; the cover below is exact).
@@ -69,53 +68,39 @@ fn beyond_the_centre(
         .regions
         .read(cell_shard(home))
         .get(&home)
-        .is_some_and(|list| list.len() > DENSE_REGION)
+        .is_some_and(|r| r.listed().is_none())
     {
         return None;
     }
-    let coarse_circumradius = max_circumradius_m(COARSE_RESOLUTION);
-    let reach = radius_m + coarse_circumradius;
+    let reach = radius_m + max_circumradius_m(COARSE_RESOLUTION);
     let q = unit_vector(centre);
-    // A listed coarse centre is measured as a chord (see `chord2_of_m`): within the reach
-    // and the slack, exactly when its distance is.
-    let near_enough = chord2_of_m(reach + F32_SLACK_M);
-    let mut near: Vec<CellIndex> = Vec::new();
+    let window = Window::new(centre, radius_m);
+    let mut out: Vec<(CellIndex, f64)> = Vec::new();
     let mut dense = false;
     regions_within(maps, centre, q, reach, |region| {
         let regions = maps.regions.read(cell_shard(region));
-        let Some(list) = regions.get(&region) else {
+        let Some(r) = regions.get(&region) else {
             return true;
         };
-        if list.len() > DENSE_REGION {
+        let Some(listed) = r.listed() else {
+            dense = true;
+            return false;
+        };
+        for &(cell, at) in listed {
+            if window.admits(at) {
+                let d = distance_m(centre, at);
+                if d <= radius_m {
+                    out.push((cell, d));
+                }
+            }
+        }
+        if out.len() > MAX_CELLS {
             dense = true;
             return false;
         }
-        near.extend(
-            list.iter()
-                .filter(|(_, at)| chord2(q, widen(*at)) <= near_enough)
-                .map(|&(coarse, _)| coarse),
-        );
         true
     });
-    if dense {
-        return None;
-    }
-    let mut out: Vec<(CellIndex, f64)> = Vec::new();
-    for coarse in near {
-        let map = maps.coarse.read(cell_shard(coarse));
-        let Some(cells) = map.get(&coarse) else {
-            continue;
-        };
-        if out.len() + cells.len() > MAX_CELLS {
-            return None;
-        }
-        out.extend(cells.iter().map(|&cell| (cell, 0.0)));
-    }
-    // Measured with no lock held, exactly as the ring walk measures.
-    for (cell, d) in &mut out {
-        *d = distance_m(centre, crate::geo::centre::centre(*cell));
-    }
-    Some(out)
+    (!dense).then_some(out)
 }
 
 /// Calls `visit` with every region (cell at [`REGION_RESOLUTION`]) whose centre lies

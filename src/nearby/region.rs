@@ -1,0 +1,284 @@
+//! What a region (a cell at [`REGION_RESOLUTION`]) keeps for the sparse shortcut: its
+//! occupied privacy cells, each with its centre exactly as
+//! [`crate::geo::centre::centre`] gives it, while they are few; only how many once they
+//! are many (a city, where the ring walk is cheaper). A search in sparse country reads
+//! the lists of the regions near it and measures their cells straight away: no coarse
+//! level, no centre to compute.
+//!
+//! A privacy cell is filed under the H3 parent of the coarse cell holding its centre
+//! (geometric containment, [`super::maps::coarse_of`]), so a region's cells are exactly
+//! those in the coarse lists of its coarse children: what [`super::maps::Maps`] reads to
+//! list a region again once a crowd has left it ([`RELIST_AT`]).
+//!
+//! Every change counts in [`Region::changes`]; a relisting reads the coarse lists with no
+//! region lock held and is kept only if no change came in between. The list operations
+//! are idempotent (an add of a listed cell and a removal of an unlisted one do nothing),
+//! so a change whose coarse list the relisting already saw leaves the list right.
+
+use h3o::{CellIndex, LatLng};
+
+#[cfg(doc)]
+use super::maps::REGION_RESOLUTION;
+
+/// A region listing more occupied privacy cells than this keeps only their count: a
+/// search near it walks rings (a 10 km search over more cells than this is cheaper walked
+/// by the coarse map's rings than measured cell by cell).
+pub(super) const LISTED_MAX: usize = 128;
+/// A counted region whose cells fall to this many is listed again (half of
+/// [`LISTED_MAX`], so a region near the bound does not switch back and forth).
+pub(super) const RELIST_AT: usize = LISTED_MAX / 2;
+
+/// An occupied privacy cell as its region lists it: the cell and its centre.
+pub(super) type Listed = (CellIndex, LatLng);
+
+/// One region's occupied privacy cells (see the module docs).
+#[derive(Debug, Default)]
+pub(super) struct Region {
+    /// Changes made to this region, wrapping: a relisting started before one is dropped.
+    changes: u32,
+    /// How many cells, while they are not listed (0 while they are).
+    counted: u32,
+    /// The cells, while at most [`LISTED_MAX`]; in no particular order.
+    listed: Vec<Listed>,
+}
+
+/// What a removal asks of the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterRemoval {
+    /// Nothing.
+    Keep,
+    /// The region holds no cell: drop it.
+    Drop,
+    /// List the region again ([`Region::relist`] with these changes).
+    Relist(u32),
+}
+
+impl Region {
+    /// The listed cells; `None` while only counted.
+    pub(super) fn listed(&self) -> Option<&[Listed]> {
+        (self.counted == 0).then_some(self.listed.as_slice())
+    }
+
+    /// Occupied cells filed under this region.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        if self.counted == 0 {
+            self.listed.len()
+        } else {
+            self.counted as usize
+        }
+    }
+
+    /// Bytes of the list held apart from the region itself.
+    pub(super) fn list_bytes(&self) -> usize {
+        self.listed.capacity() * size_of::<Listed>()
+    }
+
+    /// `cell` (centred at `at`) became occupied.
+    pub(super) fn add(&mut self, cell: CellIndex, at: LatLng) {
+        self.changes = self.changes.wrapping_add(1);
+        if self.counted > 0 {
+            self.counted += 1;
+        } else if !self.listed.iter().any(|&(c, _)| c == cell) {
+            if self.listed.len() < LISTED_MAX {
+                self.listed.push((cell, at));
+            } else {
+                self.counted = u32::try_from(self.listed.len() + 1).unwrap_or(u32::MAX);
+                self.listed = Vec::new();
+            }
+        }
+    }
+
+    /// `cell` is no longer occupied.
+    pub(super) fn remove(&mut self, cell: CellIndex) -> AfterRemoval {
+        self.changes = self.changes.wrapping_add(1);
+        if self.counted > 0 {
+            self.counted -= 1;
+            if self.counted as usize <= RELIST_AT {
+                return AfterRemoval::Relist(self.changes);
+            }
+            return AfterRemoval::Keep;
+        }
+        if let Some(at) = self.listed.iter().position(|&(c, _)| c == cell) {
+            self.listed.swap_remove(at);
+        }
+        if self.listed.is_empty() {
+            AfterRemoval::Drop
+        } else {
+            AfterRemoval::Keep
+        }
+    }
+
+    /// Lists `cells` (read from the coarse lists after [`Self::remove`] returned
+    /// `changes`), unless the region changed since or is listed already.
+    pub(super) fn relist(&mut self, changes: u32, cells: Vec<Listed>) {
+        if self.changes == changes && self.counted > 0 {
+            debug_assert_eq!(cells.len(), self.counted as usize);
+            self.counted = 0;
+            self.listed = cells;
+        }
+    }
+}
+
+/// The part of the sphere a disk of `radius_m` around `centre` can reach, in latitude and
+/// longitude: a test cheaper than measuring, passed by every point of the disk.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Window {
+    lat: f64,
+    lng: f64,
+    /// Largest latitude difference, in radians.
+    dlat: f64,
+    /// Largest longitude difference, in radians; `None` when the disk reaches a pole.
+    dlng: Option<f64>,
+}
+
+/// Relative slack on the window's bounds, far above the rounding of the distance itself.
+const WINDOW_SLACK: f64 = 1e-6;
+
+impl Window {
+    pub(super) fn new(centre: LatLng, radius_m: f64) -> Self {
+        let angle = radius_m / crate::geo::EARTH_RADIUS_M;
+        let lat = centre.lat_radians();
+        // On a sphere, the points within angle `a` of latitude `φ` span at most
+        // `asin(sin a / cos φ)` of longitude either way, while `|φ| + a` stays below a pole.
+        let dlng = (lat.abs() + angle < std::f64::consts::FRAC_PI_2 * (1.0 - WINDOW_SLACK))
+            .then(|| (angle.sin() / lat.cos()).asin() * (1.0 + WINDOW_SLACK) + 1e-12);
+        Self {
+            lat,
+            lng: centre.lng_radians(),
+            dlat: angle * (1.0 + WINDOW_SLACK) + 1e-12,
+            dlng,
+        }
+    }
+
+    /// Whether `p` may lie in the disk (it surely does not when this says no).
+    pub(super) fn admits(&self, p: LatLng) -> bool {
+        if (p.lat_radians() - self.lat).abs() > self.dlat {
+            return false;
+        }
+        let Some(dlng) = self.dlng else {
+            return true;
+        };
+        let mut d = (p.lng_radians() - self.lng).abs();
+        if d > std::f64::consts::PI {
+            d = std::f64::consts::TAU - d;
+        }
+        d <= dlng
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use super::*;
+    use crate::geo::distance_m;
+
+    /// No point within the radius is ever left out by the window, at every latitude
+    /// (poles and the antimeridian included) and radii from metres to a thousand km; and
+    /// the window does leave out most of a wide box around a mid-latitude disk.
+    #[test]
+    fn the_window_admits_every_point_of_its_disk() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let mut left_out = 0usize;
+        let mut tried = 0usize;
+        for _ in 0..4_000 {
+            let centre = LatLng::new(
+                rng.random_range(-90.0..=90.0),
+                rng.random_range(-180.0..=180.0),
+            )
+            .unwrap();
+            let radius = 10f64.powf(rng.random_range(0.0..6.0));
+            let w = Window::new(centre, radius);
+            // Points at random bearings and distances near the rim, inside and out.
+            for _ in 0..50 {
+                let bearing = rng.random_range(0.0..std::f64::consts::TAU);
+                let d = radius * rng.random_range(0.9..1.1);
+                let p = destination(centre, bearing, d);
+                let inside = distance_m(centre, p) <= radius;
+                if inside {
+                    assert!(w.admits(p), "{centre:?} r {radius}: {p:?} left out");
+                } else {
+                    tried += 1;
+                    left_out += usize::from(!w.admits(p));
+                }
+            }
+        }
+        assert!(tried > 1_000, "{tried}");
+        // Near the rim, most outside points still fall in the box; far ones do not.
+        let centre = LatLng::new(35.0, 110.0).unwrap();
+        let w = Window::new(centre, 10_000.0);
+        let far = (0..1_000)
+            .map(|i| destination(centre, f64::from(i) * 0.01, 30_000.0))
+            .filter(|&p| w.admits(p))
+            .count();
+        assert_eq!(far, 0, "{left_out} of {tried} near-rim points left out");
+    }
+
+    /// The point `d` metres from `from` along `bearing` (radians from north).
+    fn destination(from: LatLng, bearing: f64, d: f64) -> LatLng {
+        let a = d / crate::geo::EARTH_RADIUS_M;
+        let (lat1, lng1) = (from.lat_radians(), from.lng_radians());
+        let lat2 = (lat1.sin() * a.cos() + lat1.cos() * a.sin() * bearing.cos()).asin();
+        let lng2 =
+            lng1 + (bearing.sin() * a.sin() * lat1.cos()).atan2(a.cos() - lat1.sin() * lat2.sin());
+        let lng2 =
+            (lng2 + std::f64::consts::PI).rem_euclid(std::f64::consts::TAU) - std::f64::consts::PI;
+        LatLng::from_radians(lat2, lng2).unwrap()
+    }
+
+    fn cell(i: u64) -> CellIndex {
+        LatLng::new(30.0 + i as f64 * 0.01, 110.0)
+            .unwrap()
+            .to_cell(h3o::Resolution::Nine)
+    }
+
+    /// Past [`LISTED_MAX`] a region counts; at [`RELIST_AT`] it asks to be listed again,
+    /// and a relisting is dropped if a change came in between.
+    #[test]
+    fn a_region_counts_its_crowd_and_lists_it_again_when_it_thins() {
+        let at = LatLng::new(30.0, 110.0).unwrap();
+        let mut r = Region::default();
+        let n = LISTED_MAX as u64 + 10;
+        for i in 0..n {
+            r.add(cell(i), at);
+            if i < LISTED_MAX as u64 {
+                // Adding a listed cell again changes nothing.
+                r.add(cell(i), at);
+                assert_eq!(r.listed().map(<[_]>::len), Some(i as usize + 1));
+            }
+        }
+        assert!(r.listed().is_none());
+        let mut ask = None;
+        let mut removed = 0;
+        while ask.is_none() {
+            if let AfterRemoval::Relist(c) = r.remove(cell(removed)) {
+                ask = Some(c);
+            }
+            removed += 1;
+        }
+        assert_eq!(r.len(), RELIST_AT);
+        let ask = ask.unwrap();
+        let cells: Vec<Listed> = (0..RELIST_AT as u64)
+            .map(|i| (cell(1_000 + i), at))
+            .collect();
+        // A change in between: the relisting is stale.
+        r.add(cell(5_000), at);
+        r.relist(ask, cells.clone());
+        assert!(r.listed().is_none());
+        let AfterRemoval::Relist(now) = r.remove(cell(5_000)) else {
+            panic!("still at most RELIST_AT");
+        };
+        r.relist(now, cells);
+        assert_eq!(r.listed().map(<[_]>::len), Some(RELIST_AT));
+        for i in 0..RELIST_AT as u64 {
+            let last = i + 1 == RELIST_AT as u64;
+            let want = if last {
+                AfterRemoval::Drop
+            } else {
+                AfterRemoval::Keep
+            };
+            assert_eq!(r.remove(cell(1_000 + i)), want);
+        }
+    }
+}
