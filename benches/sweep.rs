@@ -3,7 +3,8 @@
 //! `cargo bench --bench sweep` (same allocator as the server). It prints:
 //!
 //! * `memory`: the RSS growth from indexing the standard population of 1 M users,
-//!   per user (ids included);
+//!   per user (ids included), and each structure's share of it; `GEOMATCH_SWEEP_USERS=N`
+//!   measures N users instead, and `GEOMATCH_SWEEP_MEMORY_ONLY=1` stops there;
 //! * `sweep`: p50/p99 of dense 1 km searches on one thread, first with the index idle
 //!   (baseline), then while another thread sweeps 1 M expired users out of 2 M, and the
 //!   ratio of the two p99s (the target is at most 2x).
@@ -30,6 +31,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const NOW: i64 = 1_700_000_000_000;
 const USERS: u64 = 1_000_000;
+
+/// Users the memory figure indexes (`GEOMATCH_SWEEP_USERS`, else [`USERS`]).
+fn memory_users() -> u64 {
+    std::env::var("GEOMATCH_SWEEP_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(USERS)
+}
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -81,7 +90,8 @@ fn main() {
     let idx = NearbyIndex::new(cfg, PageTokens::new([1; 32]));
 
     // Positions are generated before measuring, so only the index's growth is counted.
-    let positions = population::positions(USERS, 42);
+    let users = memory_users();
+    let positions = population::positions(users, 42);
     let before = rss_bytes();
     for (i, (lat, lng)) in positions.iter().enumerate() {
         let user = UserId::new("user_id", &population::user_id(i as u64)).unwrap();
@@ -95,12 +105,12 @@ fn main() {
         idx.len(),
         idx.cell_count(),
         grown as f64 / 1e6,
-        grown as f64 / USERS as f64
+        grown as f64 / users as f64
     );
     // Where the bytes go: each map's structures, per user; the rest of the RSS growth is
     // the allocator's rounding, per-allocation overhead and pages freed but kept.
     let f = idx.footprint();
-    let per_user = |b: usize| b as f64 / USERS as f64;
+    let per_user = |b: usize| b as f64 / users as f64;
     println!(
         "footprint per user: members {:.1} B, users table {:.1}, cells table {:.1}, \
          coarse table {:.1}, coarse lists {:.1}, regions {:.1}, region centres {:.1}; \
@@ -115,6 +125,10 @@ fn main() {
         per_user(f.total()),
         per_user(grown as usize) - per_user(f.total()),
     );
+
+    if std::env::var_os("GEOMATCH_SWEEP_MEMORY_ONLY").is_some() || users != USERS {
+        return;
+    }
 
     // A second million, seen later: they stay while the first million expires.
     let later = NOW + ttl / 2;
