@@ -101,6 +101,37 @@ fn nearby(c: &mut Criterion) {
                 })
                 .collect()
         };
+        // A city's fringe, 15 to 22 km from its centre (3 to 4.4 sigma at 1 M users):
+        // 1 km searches where the crowd thins out, from cells often empty and regions
+        // sometimes listing their cells and sometimes only counting them. 256 points.
+        let mut fringe_rng = StdRng::seed_from_u64(9);
+        let fringe: Vec<SearchRequest> = (0..256)
+            .map(|_| {
+                let (_, lat, lng) = population::CITIES[fringe_rng.random_range(0..10)];
+                let bearing = fringe_rng.random_range(0.0..std::f64::consts::TAU);
+                let d = fringe_rng.random_range(15_000.0..22_000.0);
+                let (lat, lng) = population::offset(lat, lng, d * bearing.sin(), d * bearing.cos());
+                SearchRequest {
+                    searcher: user(0),
+                    centre: Coordinates::new("position", lat, lng).unwrap(),
+                    radius_m: 1_000.0,
+                    limit: 50,
+                    gender: Gender::Unspecified,
+                    page_token: String::new(),
+                }
+            })
+            .collect();
+        g.bench_with_input(
+            BenchmarkId::new("search-1km-fringe", n),
+            &fringe,
+            |b, queries| {
+                let mut next = 0;
+                b.iter(|| {
+                    next = (next + 1) % queries.len();
+                    idx.search(&idx.query(black_box(&queries[next])).unwrap(), NOW)
+                });
+            },
+        );
         for (name, count) in [
             ("search-sparse-10km-any", 256),
             ("search-sparse-10km-fresh", 1 << 16),

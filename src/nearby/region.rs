@@ -18,7 +18,7 @@
 use h3o::{CellIndex, LatLng};
 
 #[cfg(doc)]
-use super::maps::REGION_RESOLUTION;
+use super::region_centres::REGION_RESOLUTION;
 
 /// A region listing more occupied privacy cells than this keeps only their count: a
 /// search near it walks rings (a 10 km search over more cells than this is cheaper walked
