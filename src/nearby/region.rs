@@ -94,6 +94,10 @@ impl Region {
         self.changes = self.changes.wrapping_add(1);
         if self.counted > 0 {
             self.counted -= 1;
+            if self.counted == 0 {
+                // Emptied while counted (every relisting on the way raced a change).
+                return AfterRemoval::Drop;
+            }
             if self.counted as usize <= RELIST_AT {
                 return AfterRemoval::Relist(self.changes);
             }
@@ -269,6 +273,17 @@ mod tests {
         let AfterRemoval::Relist(now) = r.remove(cell(5_000)) else {
             panic!("still at most RELIST_AT");
         };
+        // A counted region whose relistings all raced changes, emptied: dropped, not
+        // kept as an empty list.
+        let mut other = Region::default();
+        for i in 0..=LISTED_MAX as u64 {
+            other.add(cell(i), at);
+        }
+        let mut last = AfterRemoval::Keep;
+        for i in 0..=LISTED_MAX as u64 {
+            last = other.remove(cell(i));
+        }
+        assert_eq!(last, AfterRemoval::Drop);
         r.relist(now, cells);
         assert_eq!(r.listed().map(<[_]>::len), Some(RELIST_AT));
         for i in 0..RELIST_AT as u64 {
