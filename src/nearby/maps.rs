@@ -459,6 +459,7 @@ impl Maps {
                 let key = at.to_cell(COARSE_RESOLUTION);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let list = coarse.entry(key).or_default();
+                let first = list.is_empty();
                 let mut grown = std::mem::take(list).into_vec();
                 grown.push(cell);
                 *list = grown.into_boxed_slice();
@@ -466,7 +467,7 @@ impl Maps {
                     // Its region files it (coarse still held, so a relisting that reads
                     // this coarse list sees the change counted).
                     let mut regions = self.regions.write(cell_shard(region));
-                    regions.entry(region).or_default().add(cell, at);
+                    regions.entry(region).or_default().add(cell, at, first);
                 }
                 e.insert(bucket::single(member));
             }
@@ -489,11 +490,13 @@ impl Maps {
                 cells.remove(&cell);
                 let key = coarse_of(cell);
                 let mut coarse = self.coarse.write(cell_shard(key));
+                let mut emptied = false;
                 if let Some(list) = coarse.get_mut(&key) {
                     let kept: Box<[CellIndex]> =
                         list.iter().copied().filter(|&c| c != cell).collect();
                     if kept.is_empty() {
                         coarse.remove(&key);
+                        emptied = true;
                     } else {
                         *list = kept;
                     }
@@ -502,7 +505,7 @@ impl Maps {
                 if let Some(region) = key.parent(REGION_RESOLUTION) {
                     let mut regions = self.regions.write(cell_shard(region));
                     if let Some(r) = regions.get_mut(&region) {
-                        match r.remove(cell) {
+                        match r.remove(cell, emptied) {
                             AfterRemoval::Keep => {}
                             AfterRemoval::Drop => {
                                 regions.remove(&region);

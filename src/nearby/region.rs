@@ -11,22 +11,31 @@
 //! list a region again once a crowd has left it ([`RELIST_AT`]).
 //!
 //! Every change counts in [`Region::changes`]; a relisting reads the coarse lists with no
-//! region lock held and is kept only if no change came in between. The list operations
-//! are idempotent (an add of a listed cell and a removal of an unlisted one do nothing),
-//! so a change whose coarse list the relisting already saw leaves the list right.
+//! region lock held and is kept only if no change came in between. A writer changes a
+//! region while it holds the coarse cell's lock, after changing that coarse list, so a
+//! relisting that saw a change in a coarse list sees it counted too, and drops itself
+//! if it was counted after the relisting began.
 
 use h3o::{CellIndex, LatLng};
 
 #[cfg(doc)]
 use super::region_centres::REGION_RESOLUTION;
 
-/// A region listing more occupied privacy cells than this keeps only their count: a
-/// search near it walks rings (a 10 km search over more cells than this is cheaper walked
-/// by the coarse map's rings than measured cell by cell).
-pub(super) const LISTED_MAX: usize = 128;
-/// A counted region whose cells fall to this many is listed again (half of
-/// [`LISTED_MAX`], so a region near the bound does not switch back and forth).
+/// A region with more of its (at most 49) coarse cells occupied than this is dense
+/// country, and keeps only its cells' count: a search near it walks rings, whose early
+/// stop is cheaper there than measuring every cell. A city's regions have all 49.
+/// Toward a city the crowd gathers on the city side of a region, so a region can hold
+/// hundreds of users on a few dozen coarse cells and still be listed.
+pub(super) const DENSE_COARSE: u8 = 44;
+/// Most cells a region lists, whatever its coarse cells: a removal finds its cell in the
+/// list by a scan.
+pub(super) const LISTED_MAX: usize = 512;
+/// A counted region is listed again once its cells fall to this many and its occupied
+/// coarse cells to [`RELIST_COARSE`] (below the bounds, so a region near them does not
+/// switch back and forth).
 pub(super) const RELIST_AT: usize = LISTED_MAX / 2;
+/// See [`RELIST_AT`].
+pub(super) const RELIST_COARSE: u8 = 40;
 
 /// An occupied privacy cell as its region lists it: the cell and its centre.
 pub(super) type Listed = (CellIndex, LatLng);
@@ -38,6 +47,8 @@ pub(super) struct Region {
     changes: u32,
     /// How many cells, while they are not listed (0 while they are).
     counted: u32,
+    /// How many of its coarse cells are occupied.
+    coarse: u8,
     /// The cells, while at most [`LISTED_MAX`]; in no particular order.
     listed: Vec<Listed>,
 }
@@ -69,36 +80,48 @@ impl Region {
         }
     }
 
+    /// How many of its coarse cells are occupied.
+    #[cfg(test)]
+    pub(super) fn coarse(&self) -> u8 {
+        self.coarse
+    }
+
     /// Bytes of the list held apart from the region itself.
     pub(super) fn list_bytes(&self) -> usize {
         self.listed.capacity() * size_of::<Listed>()
     }
 
-    /// `cell` (centred at `at`) became occupied.
-    pub(super) fn add(&mut self, cell: CellIndex, at: LatLng) {
+    /// `cell` (centred at `at`) became occupied; `coarse_filled`: the first of its coarse
+    /// cell. Each cell is added once per occupancy: the maps call this under the coarse
+    /// cell's lock, in the order the coarse lists change.
+    pub(super) fn add(&mut self, cell: CellIndex, at: LatLng, coarse_filled: bool) {
         self.changes = self.changes.wrapping_add(1);
+        if coarse_filled {
+            self.coarse = self.coarse.saturating_add(1);
+        }
         if self.counted > 0 {
             self.counted += 1;
-        } else if !self.listed.iter().any(|&(c, _)| c == cell) {
-            if self.listed.len() < LISTED_MAX {
-                self.listed.push((cell, at));
-            } else {
-                self.counted = u32::try_from(self.listed.len() + 1).unwrap_or(u32::MAX);
-                self.listed = Vec::new();
-            }
+        } else if self.listed.len() < LISTED_MAX && self.coarse <= DENSE_COARSE {
+            self.listed.push((cell, at));
+        } else {
+            self.counted = u32::try_from(self.listed.len() + 1).unwrap_or(u32::MAX);
+            self.listed = Vec::new();
         }
     }
 
-    /// `cell` is no longer occupied.
-    pub(super) fn remove(&mut self, cell: CellIndex) -> AfterRemoval {
+    /// `cell` is no longer occupied; `coarse_emptied`: it was the last of its coarse cell.
+    pub(super) fn remove(&mut self, cell: CellIndex, coarse_emptied: bool) -> AfterRemoval {
         self.changes = self.changes.wrapping_add(1);
+        if coarse_emptied {
+            self.coarse = self.coarse.saturating_sub(1);
+        }
         if self.counted > 0 {
             self.counted -= 1;
             if self.counted == 0 {
                 // Emptied while counted (every relisting on the way raced a change).
                 return AfterRemoval::Drop;
             }
-            if self.counted as usize <= RELIST_AT {
+            if self.counted as usize <= RELIST_AT && self.coarse <= RELIST_COARSE {
                 return AfterRemoval::Relist(self.changes);
             }
             return AfterRemoval::Keep;
@@ -237,18 +260,16 @@ mod tests {
             .to_cell(h3o::Resolution::Nine)
     }
 
-    /// Past [`LISTED_MAX`] a region counts; at [`RELIST_AT`] it asks to be listed again,
-    /// and a relisting is dropped if a change came in between.
+    /// Past [`LISTED_MAX`] cells a region counts; at [`RELIST_AT`] it asks to be listed
+    /// again, and a relisting is dropped if a change came in between.
     #[test]
     fn a_region_counts_its_crowd_and_lists_it_again_when_it_thins() {
         let at = LatLng::new(30.0, 110.0).unwrap();
         let mut r = Region::default();
         let n = LISTED_MAX as u64 + 10;
         for i in 0..n {
-            r.add(cell(i), at);
+            r.add(cell(i), at, false);
             if i < LISTED_MAX as u64 {
-                // Adding a listed cell again changes nothing.
-                r.add(cell(i), at);
                 assert_eq!(r.listed().map(<[_]>::len), Some(i as usize + 1));
             }
         }
@@ -256,7 +277,7 @@ mod tests {
         let mut ask = None;
         let mut removed = 0;
         while ask.is_none() {
-            if let AfterRemoval::Relist(c) = r.remove(cell(removed)) {
+            if let AfterRemoval::Relist(c) = r.remove(cell(removed), false) {
                 ask = Some(c);
             }
             removed += 1;
@@ -267,21 +288,21 @@ mod tests {
             .map(|i| (cell(1_000 + i), at))
             .collect();
         // A change in between: the relisting is stale.
-        r.add(cell(5_000), at);
+        r.add(cell(5_000), at, false);
         r.relist(ask, cells.clone());
         assert!(r.listed().is_none());
-        let AfterRemoval::Relist(now) = r.remove(cell(5_000)) else {
+        let AfterRemoval::Relist(now) = r.remove(cell(5_000), false) else {
             panic!("still at most RELIST_AT");
         };
         // A counted region whose relistings all raced changes, emptied: dropped, not
         // kept as an empty list.
         let mut other = Region::default();
         for i in 0..=LISTED_MAX as u64 {
-            other.add(cell(i), at);
+            other.add(cell(i), at, false);
         }
         let mut last = AfterRemoval::Keep;
         for i in 0..=LISTED_MAX as u64 {
-            last = other.remove(cell(i));
+            last = other.remove(cell(i), false);
         }
         assert_eq!(last, AfterRemoval::Drop);
         r.relist(now, cells);
@@ -293,7 +314,36 @@ mod tests {
             } else {
                 AfterRemoval::Keep
             };
-            assert_eq!(r.remove(cell(1_000 + i)), want);
+            assert_eq!(r.remove(cell(1_000 + i), false), want);
         }
+    }
+
+    /// A few cells on most of a region's coarse cells count too (dense country), and are
+    /// listed again once the occupied coarse cells fall to [`RELIST_COARSE`].
+    #[test]
+    fn a_region_with_most_coarse_cells_occupied_counts_them() {
+        let at = LatLng::new(30.0, 110.0).unwrap();
+        let mut r = Region::default();
+        for i in 0..u64::from(DENSE_COARSE) {
+            r.add(cell(i), at, true);
+        }
+        assert_eq!(r.listed().map(<[_]>::len), Some(usize::from(DENSE_COARSE)));
+        r.add(cell(100), at, true);
+        assert!(r.listed().is_none(), "{} coarse cells occupied", r.coarse());
+        let mut i = 0;
+        let ask = loop {
+            match r.remove(cell(i), true) {
+                AfterRemoval::Relist(c) => break c,
+                AfterRemoval::Keep => i += 1,
+                AfterRemoval::Drop => panic!("not empty"),
+            }
+        };
+        assert_eq!(r.coarse(), RELIST_COARSE);
+        let left: Vec<Listed> = (i + 1..u64::from(DENSE_COARSE))
+            .chain([100])
+            .map(|i| (cell(i), at))
+            .collect();
+        r.relist(ask, left);
+        assert_eq!(r.listed().map(<[_]>::len), Some(usize::from(RELIST_COARSE)));
     }
 }
