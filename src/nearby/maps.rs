@@ -30,7 +30,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use h3o::{CellIndex, LatLng, Resolution};
+use h3o::{CellIndex, Resolution};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
 
 pub(super) use super::region_centres::REGION_RESOLUTION;
@@ -529,16 +529,16 @@ impl Maps {
     /// order), computes their centres, and hands them to the region, which keeps them only
     /// if nothing changed since its removal asked for them (`changes`).
     fn relist(&self, region: CellIndex, changes: u32) {
-        let mut listed: Vec<Listed> = Vec::new();
+        let mut cells: Vec<CellIndex> = Vec::new();
         for key in region.children(COARSE_RESOLUTION) {
-            let coarse = self.coarse.read(cell_shard(key));
-            if let Some(list) = coarse.get(&key) {
-                listed.extend(list.iter().map(|&c| (c, LatLng::default())));
+            if let Some(list) = self.coarse.read(cell_shard(key)).get(&key) {
+                cells.extend_from_slice(list);
             }
         }
-        for (cell, at) in &mut listed {
-            *at = crate::geo::centre::centre(*cell);
-        }
+        let listed: Vec<Listed> = cells
+            .into_iter()
+            .map(|c| (c, crate::geo::centre::centre(c)))
+            .collect();
         if let Some(r) = self.regions.write(cell_shard(region)).get_mut(&region) {
             r.relist(changes, listed);
         }

@@ -140,19 +140,30 @@ fn populated() -> NearbyIndex {
     idx
 }
 
-/// 3 000 more users over 16 by 16 km around the city centre (ids `c00000`...): a city
-/// spread over most coarse cells of its regions, which are dense country.
-fn add_city_crowd(idx: &NearbyIndex) {
-    let mut crowd = StdRng::seed_from_u64(12);
-    for i in 0..3_000 {
+/// `n` users (ids `{prefix}00000`...) spread evenly over a square of `half_m` either way
+/// around the city centre, user `i` of gender `genders[i % genders.len()]`.
+fn scatter(idx: &NearbyIndex, seed: u64, prefix: &str, n: usize, half_m: f64, genders: &[Gender]) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..n {
         let at = offset(
             SHANGHAI.0,
             SHANGHAI.1,
-            crowd.random_range(-8_000.0..8_000.0),
-            crowd.random_range(-8_000.0..8_000.0),
+            rng.random_range(-half_m..half_m),
+            rng.random_range(-half_m..half_m),
         );
-        idx.update(uid(&format!("c{i:05}")), pos(at), Gender::Male, NOW);
+        idx.update(
+            uid(&format!("{prefix}{i:05}")),
+            pos(at),
+            genders[i % genders.len()],
+            NOW,
+        );
     }
+}
+
+/// 3 000 more users over 16 by 16 km around the city centre (ids `c00000`...): a city
+/// spread over most coarse cells of its regions, which are dense country.
+fn add_city_crowd(idx: &NearbyIndex) {
+    scatter(idx, 12, "c", 3_000, 8_000.0, &[Gender::Male]);
 }
 
 /// Two pages are the same: the same users, and tokens (each sealed under its own random
@@ -251,17 +262,14 @@ fn every_page_over_a_partial_source_equals_the_in_memory_page() {
 #[test]
 fn medium_density_pages_from_the_shortcut_equal_the_walks() {
     let idx = NearbyIndex::new(NearbyConfig::default(), PageTokens::new([6; 32]));
-    let mut rng = StdRng::seed_from_u64(13);
-    for i in 0..1_200 {
-        let at = offset(
-            SHANGHAI.0,
-            SHANGHAI.1,
-            rng.random_range(-30_000.0..30_000.0),
-            rng.random_range(-30_000.0..30_000.0),
-        );
-        let gender = [Gender::Female, Gender::Male][i % 2];
-        idx.update(uid(&format!("m{i:05}")), pos(at), gender, NOW);
-    }
+    scatter(
+        &idx,
+        13,
+        "m",
+        1_200,
+        30_000.0,
+        &[Gender::Female, Gender::Male],
+    );
     let searches = 30;
     let (shortcut, batches) =
         shortcut_pages_equal_the_walks(&idx, 14, searches, 15_000.0, &[5_000.0, 10_000.0]);
