@@ -1,9 +1,10 @@
 //! What a region (a cell at [`REGION_RESOLUTION`]) keeps for the sparse shortcut: its
 //! occupied privacy cells, each with its centre exactly as
 //! [`crate::geo::centre::centre`] gives it, while they are few; only how many once they
-//! are many (a city, where the ring walk is cheaper). A search in sparse country reads
-//! the lists of the regions near it and measures their cells straight away: no coarse
-//! level, no centre to compute.
+//! are many (a city). A search in sparse country reads the lists of the regions near it
+//! and measures their cells straight away: no coarse level, no centre to compute. Of a
+//! counting region near it (a city's edge) it reads the coarse lists of the coarse cells
+//! its disk reaches, while they are short, and otherwise walks rings.
 //!
 //! A privacy cell is filed under the H3 parent of the coarse cell holding its centre
 //! (geometric containment, [`super::maps::coarse_of`]), so a region's cells are exactly
@@ -49,7 +50,8 @@ pub(super) struct Region {
     counted: u32,
     /// How many of its coarse cells are occupied.
     coarse: u8,
-    /// The cells, while at most [`LISTED_MAX`]; in no particular order.
+    /// The cells, while at most [`LISTED_MAX`], in order of their centres' latitude: a
+    /// search reads only the band its [`Window`] spans.
     listed: Vec<Listed>,
 }
 
@@ -65,9 +67,20 @@ pub(super) enum AfterRemoval {
 }
 
 impl Region {
-    /// The listed cells; `None` while only counted.
+    /// The listed cells, by latitude; `None` while only counted.
     pub(super) fn listed(&self) -> Option<&[Listed]> {
         (self.counted == 0).then_some(self.listed.as_slice())
+    }
+
+    /// The listed cells whose centres lie in `window`'s band of latitude (two binary
+    /// searches); `None` while only counted.
+    #[inline]
+    pub(super) fn band(&self, window: &Window) -> Option<&[Listed]> {
+        let listed = self.listed()?;
+        let (lo, hi) = window.lat_band();
+        let start = listed.partition_point(|(_, at)| at.lat_radians() < lo);
+        let end = start + listed[start..].partition_point(|(_, at)| at.lat_radians() <= hi);
+        Some(&listed[start..end])
     }
 
     /// Occupied cells filed under this region.
@@ -102,7 +115,9 @@ impl Region {
         if self.counted > 0 {
             self.counted += 1;
         } else if self.listed.len() < LISTED_MAX && self.coarse <= DENSE_COARSE {
-            self.listed.push((cell, at));
+            let lat = at.lat_radians();
+            let i = self.listed.partition_point(|(_, p)| p.lat_radians() <= lat);
+            self.listed.insert(i, (cell, at));
         } else {
             self.counted = u32::try_from(self.listed.len() + 1).unwrap_or(u32::MAX);
             self.listed = Vec::new();
@@ -127,7 +142,7 @@ impl Region {
             return AfterRemoval::Keep;
         }
         if let Some(at) = self.listed.iter().position(|&(c, _)| c == cell) {
-            self.listed.swap_remove(at);
+            self.listed.remove(at);
         }
         if self.listed.is_empty() {
             AfterRemoval::Drop
@@ -138,9 +153,10 @@ impl Region {
 
     /// Lists `cells` (read from the coarse lists after [`Self::remove`] returned
     /// `changes`), unless the region changed since or is listed already.
-    pub(super) fn relist(&mut self, changes: u32, cells: Vec<Listed>) {
+    pub(super) fn relist(&mut self, changes: u32, mut cells: Vec<Listed>) {
         if self.changes == changes && self.counted > 0 {
             debug_assert_eq!(cells.len(), self.counted as usize);
+            cells.sort_unstable_by(|(_, a), (_, b)| a.lat_radians().total_cmp(&b.lat_radians()));
             self.counted = 0;
             self.listed = cells;
         }
@@ -176,6 +192,11 @@ impl Window {
             dlat: angle * (1.0 + WINDOW_SLACK) + 1e-12,
             dlng,
         }
+    }
+
+    /// The latitudes (radians) the disk can reach: every point of it lies in between.
+    pub(super) fn lat_band(&self) -> (f64, f64) {
+        (self.lat - self.dlat, self.lat + self.dlat)
     }
 
     /// Whether `p` may lie in the disk (it surely does not when this says no).
@@ -258,6 +279,46 @@ mod tests {
         LatLng::new(30.0 + i as f64 * 0.01, 110.0)
             .unwrap()
             .to_cell(h3o::Resolution::Nine)
+    }
+
+    /// Through adds and removals a list stays in order of latitude, and a window's band
+    /// holds every listed cell the window admits.
+    #[test]
+    fn a_windows_band_holds_every_cell_it_admits() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut r = Region::default();
+        let mut present: Vec<Listed> = Vec::new();
+        for round in 0..2_000 {
+            if present.len() < 300 && rng.random_bool(0.6) {
+                let at = LatLng::new(rng.random_range(30.0..30.2), rng.random_range(110.0..110.2))
+                    .unwrap();
+                let c = at.to_cell(h3o::Resolution::Fifteen);
+                if present.iter().any(|&(p, _)| p == c) {
+                    continue;
+                }
+                r.add(c, at, false);
+                present.push((c, at));
+            } else if !present.is_empty() {
+                let (c, _) = present.swap_remove(rng.random_range(0..present.len()));
+                r.remove(c, false);
+            }
+            let list = r.listed().unwrap_or_default();
+            assert_eq!(list.len(), present.len());
+            assert!(list.is_sorted_by(|(_, a), (_, b)| a.lat_radians() <= b.lat_radians()));
+            if round % 10 == 0 {
+                let centre = LatLng::new(
+                    rng.random_range(29.95..30.25),
+                    rng.random_range(109.95..110.25),
+                )
+                .unwrap();
+                let w = Window::new(centre, rng.random_range(10.0..20_000.0));
+                let band = r.band(&w).unwrap_or_default();
+                let admitted = list.iter().filter(|&&(_, at)| w.admits(at)).count();
+                let in_band = band.iter().filter(|&&(_, at)| w.admits(at)).count();
+                assert_eq!(in_band, admitted, "round {round}");
+                assert!(band.len() <= list.len());
+            }
+        }
     }
 
     /// Past [`LISTED_MAX`] cells a region counts; at [`RELIST_AT`] it asks to be listed

@@ -279,6 +279,53 @@ fn medium_density_pages_from_the_shortcut_equal_the_walks() {
     );
 }
 
+/// Toward a city, where the regions in reach count their cells, the shortcut reads the
+/// counting regions' cells from the coarse lists of the disk: its pages are the walk's.
+#[test]
+fn pages_at_a_citys_edge_read_through_coarse_lists_equal_the_walks() {
+    let idx = populated();
+    add_city_crowd(&idx);
+    let (_, counted) = assert_regions_consistent(&idx);
+    assert!(!counted.is_empty(), "the city's regions count their cells");
+    let mut rng = StdRng::seed_from_u64(15);
+    let (mut through_coarse, mut searches) = (0, 0);
+    while searches < 40 {
+        // Spots 8 to 14 km from the city centre: the crowd's edge.
+        let bearing = rng.random_range(0.0..std::f64::consts::TAU);
+        let d = rng.random_range(8_000.0..14_000.0);
+        let centre = offset(SHANGHAI.0, SHANGHAI.1, d * bearing.sin(), d * bearing.cos());
+        let mut req = SearchRequest {
+            searcher: uid("u00007"),
+            centre: pos(centre),
+            radius_m: [500.0, 1_000.0, 2_000.0][rng.random_range(0..3)],
+            limit: rng.random_range(1..30),
+            gender: [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)],
+            page_token: String::new(),
+        };
+        let at = pos(centre);
+        let before = super::sparse::COARSE_READS.get();
+        let shortcut = idx
+            .maps
+            .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m)
+            .is_some();
+        searches += 1;
+        through_coarse += usize::from(shortcut && super::sparse::COARSE_READS.get() > before);
+        for _ in 0..200 {
+            let q = idx.query(&req).unwrap();
+            let direct = idx.search(&q, NOW);
+            assert_same_page(&idx, &req, &staged(&idx, &q).page, &direct);
+            match direct.next_page_token {
+                Some(t) => req.page_token = t,
+                None => break,
+            }
+        }
+    }
+    assert!(
+        through_coarse >= 10,
+        "{through_coarse} of {searches} read coarse lists"
+    );
+}
+
 #[test]
 fn a_walk_asks_for_whole_batches() {
     let idx = populated();
@@ -356,6 +403,10 @@ fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
                 Some(list) => {
                     assert!(list.len() <= region::LISTED_MAX);
                     assert!(r.coarse() <= region::DENSE_COARSE);
+                    assert!(
+                        list.is_sorted_by(|(_, a), (_, b)| a.lat_radians() <= b.lat_radians()),
+                        "{region}: listed out of latitude order"
+                    );
                     listed += 1;
                     let mut got: Vec<CellIndex> = list
                         .iter()

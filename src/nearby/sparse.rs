@@ -15,7 +15,16 @@
 //! every region whose centre is within `reach + C5`, rings walked until no later centre
 //! can be). `R` lists `p`'s cell with `p` itself, as [`crate::geo::centre::centre`] gives
 //! it, so the distance measured is the ring walk's own, bit for bit; the latitude and
-//! longitude window only skips cells that cannot be within `r`.
+//! longitude window only skips cells that cannot be within `r` (a region keeps its list
+//! in order of latitude, so the cells outside the window's band of latitude are not even
+//! read).
+//!
+//! A region that only counts its cells (toward a city) is read through the coarse map
+//! instead: `p` lies within `r` of `q` in coarse cell `c`, so `c`'s centre is within `r +
+//! C7` of `q` and `c` is among the coarse cells the ring cover of the disk yields (the
+//! cover's own guarantee, which the ring walk relies on); `c`'s list holds `p`'s cell,
+//! measured from its exact centre. Only coarse cells whose region was seen counting are
+//! read, so no cell is found twice.
 
 use h3o::{CellIndex, LatLng};
 
@@ -23,14 +32,23 @@ use super::{
     maps::{COARSE_RESOLUTION, Maps, REGION_RESOLUTION, cell_shard},
     region::Window,
 };
-#[cfg(doc)]
-use crate::geo::cell::RingCover;
-use crate::geo::{cell::max_circumradius_m, chord2, chord2_of_m, distance_m, unit_vector};
+use crate::geo::{
+    cell::{Ring, RingCover, max_circumradius_m},
+    centre::centre as centre_of,
+    chord2, chord2_of_m, distance_m, unit_vector,
+};
 
 /// Most privacy cells within the radius the shortcut hands to a search; beyond, the ring
 /// walk goes on (its early stop is cheaper than sorting this many). The search reads
 /// buckets only until its page is complete (the cells come nearest first).
 const MAX_CELLS: usize = 256;
+/// Most privacy cells the shortcut reads from coarse lists (for regions that only count
+/// their cells) before leaving the search to the ring walk.
+const MAX_SCAN: usize = 256;
+/// Widest search whose disk the shortcut covers with coarse cells when a region in reach
+/// only counts its cells: up to 37 coarse centres. A wider disk's cover costs more
+/// centres than the walk's early stop, and the walk takes it.
+const THROUGH_COARSE_MAX_M: f64 = 2_000.0;
 /// Slack for the `f32` region centres (within a metre of the exact ones).
 const F32_SLACK_M: f64 = 10.0;
 
@@ -44,14 +62,27 @@ pub(super) fn cells_near(
     radius_m: f64,
 ) -> Option<Vec<(CellIndex, f64)>> {
     // Dense country is told at once: the centre's own privacy cell is occupied (one
-    // lookup the walk makes anyway), or its region only counts its cells. The region
-    // is the privacy cell's H3 parent, a few bit operations (near a region's edge that
-    // may be the neighbour of the region holding the centre: this only chooses the
-    // method; the cover below is exact).
+    // lookup the walk makes anyway), or, for a search wider than the coarse reading
+    // takes, its region only counts its cells. The region is the privacy cell's H3
+    // parent, a few bit operations (near a region's edge that may be the neighbour of
+    // the region holding the centre: this only chooses the method; the cover below is
+    // exact).
     if maps.cells.read(cell_shard(origin)).contains_key(&origin) {
         return None;
     }
-    beyond_the_centre(maps, centre, origin, radius_m)
+    let through_coarse = radius_m <= THROUGH_COARSE_MAX_M;
+    if !through_coarse {
+        let home = origin.parent(REGION_RESOLUTION)?;
+        if maps
+            .regions
+            .read(cell_shard(home))
+            .get(&home)
+            .is_some_and(|r| r.listed().is_none())
+        {
+            return None;
+        }
+    }
+    beyond_the_centre(maps, centre, radius_m, through_coarse)
 }
 
 /// [`cells_near`] once the centre's own cell is empty; kept out of line, so the dense
@@ -60,33 +91,28 @@ pub(super) fn cells_near(
 fn beyond_the_centre(
     maps: &Maps,
     centre: LatLng,
-    origin: CellIndex,
     radius_m: f64,
+    through_coarse: bool,
 ) -> Option<Vec<(CellIndex, f64)>> {
-    let home = origin.parent(REGION_RESOLUTION)?;
-    if maps
-        .regions
-        .read(cell_shard(home))
-        .get(&home)
-        .is_some_and(|r| r.listed().is_none())
-    {
-        return None;
-    }
     let reach = radius_m + max_circumradius_m(COARSE_RESOLUTION);
     let q = unit_vector(centre);
     let window = Window::new(centre, radius_m);
     let mut out: Vec<(CellIndex, f64)> = Vec::new();
+    // Regions in reach that only count their cells (a city's edge): read afterwards
+    // through the coarse cells of the disk.
+    let mut counted: Vec<CellIndex> = Vec::new();
     let mut dense = false;
     regions_within(maps, centre, q, reach, |region| {
         let regions = maps.regions.read(cell_shard(region));
         let Some(r) = regions.get(&region) else {
             return true;
         };
-        let Some(listed) = r.listed() else {
-            dense = true;
-            return false;
+        let Some(band) = r.band(&window) else {
+            counted.push(region);
+            dense = !through_coarse;
+            return through_coarse;
         };
-        for &(cell, at) in listed {
+        for &(cell, at) in band {
             if window.admits(at) {
                 let d = distance_m(centre, at);
                 if d <= radius_m {
@@ -100,7 +126,67 @@ fn beyond_the_centre(
         }
         true
     });
-    (!dense).then_some(out)
+    if dense
+        || !(counted.is_empty() || through_coarse_cells(maps, centre, radius_m, &counted, &mut out))
+    {
+        return None;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Privacy cells this thread's shortcuts read through coarse lists.
+    pub(super) static COARSE_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Adds to `out` the occupied privacy cells within `radius_m` of `centre` filed under the
+/// `counted` regions, read from the coarse lists of the coarse cells the disk reaches,
+/// ring by ring; `false` (dense country) once more than [`MAX_SCAN`] listed cells have
+/// been read or [`MAX_CELLS`] found.
+fn through_coarse_cells(
+    maps: &Maps,
+    centre: LatLng,
+    radius_m: f64,
+    counted: &[CellIndex],
+    out: &mut Vec<(CellIndex, f64)>,
+) -> bool {
+    let mut cover = RingCover::new(centre, COARSE_RESOLUTION, radius_m);
+    let slack = max_circumradius_m(COARSE_RESOLUTION);
+    let mut ring = Ring::default();
+    let mut scanned = 0usize;
+    while cover.next_ring(&mut ring) {
+        for &(coarse, d) in &ring.cells {
+            if d - slack > radius_m
+                || !coarse
+                    .parent(REGION_RESOLUTION)
+                    .is_some_and(|r| counted.contains(&r))
+            {
+                continue;
+            }
+            let lists = maps.coarse.read(cell_shard(coarse));
+            let Some(list) = lists.get(&coarse) else {
+                continue;
+            };
+            scanned += list.len();
+            if scanned > MAX_SCAN {
+                return false;
+            }
+            #[cfg(test)]
+            COARSE_READS.set(COARSE_READS.get() + list.len());
+            for &cell in list.iter() {
+                let at = centre_of(cell);
+                let d = distance_m(centre, at);
+                if d <= radius_m {
+                    out.push((cell, d));
+                }
+            }
+        }
+        if out.len() > MAX_CELLS {
+            return false;
+        }
+    }
+    true
 }
 
 /// Calls `visit` with every region (cell at [`REGION_RESOLUTION`]) whose centre lies
