@@ -38,6 +38,10 @@ pub(super) const RELIST_AT: usize = LISTED_MAX / 2;
 /// See [`RELIST_AT`].
 pub(super) const RELIST_COARSE: u8 = 40;
 
+/// Lists longer than this are searched for a window's band ([`Region::band`]); shorter
+/// ones are read whole.
+const BAND_SEARCHED_FROM: usize = 64;
+
 /// An occupied privacy cell as its region lists it: the cell and its centre.
 pub(super) type Listed = (CellIndex, LatLng);
 
@@ -72,14 +76,30 @@ impl Region {
         (self.counted == 0).then_some(self.listed.as_slice())
     }
 
-    /// The listed cells whose centres lie in `window`'s band of latitude (two binary
-    /// searches); `None` while only counted.
+    /// The listed cells whose centres may lie in `window`'s band of latitude: of a long
+    /// list, just those (a binary search for each end the band cuts off); a short one
+    /// whole, read straight through (a binary search's scattered reads cost more than
+    /// the cells they skip). `None` while only counted.
     #[inline]
     pub(super) fn band(&self, window: &Window) -> Option<&[Listed]> {
         let listed = self.listed()?;
+        let (Some(first), Some(last)) = (listed.first(), listed.last()) else {
+            return Some(listed);
+        };
+        if listed.len() <= BAND_SEARCHED_FROM {
+            return Some(listed);
+        }
         let (lo, hi) = window.lat_band();
-        let start = listed.partition_point(|(_, at)| at.lat_radians() < lo);
-        let end = start + listed[start..].partition_point(|(_, at)| at.lat_radians() <= hi);
+        let start = if first.1.lat_radians() >= lo {
+            0
+        } else {
+            listed.partition_point(|(_, at)| at.lat_radians() < lo)
+        };
+        let end = if last.1.lat_radians() <= hi {
+            listed.len()
+        } else {
+            start + listed[start..].partition_point(|(_, at)| at.lat_radians() <= hi)
+        };
         Some(&listed[start..end])
     }
 
