@@ -3,8 +3,8 @@
 //! [`crate::geo::centre::centre`] gives it, while they are few; only how many once they
 //! are many (a city). A search in sparse country reads the lists of the regions near it
 //! and measures their cells straight away: no coarse level, no centre to compute. Of a
-//! counting region near it (a city's edge) it reads the coarse lists of the coarse cells
-//! its disk reaches, while they are short, and otherwise walks rings.
+//! counting region near it (a city's edge) a search of up to 2 km reads the coarse lists
+//! of the coarse cells its disk reaches, while they are short; otherwise it walks rings.
 //!
 //! A privacy cell is filed under the H3 parent of the coarse cell holding its centre
 //! (geometric containment, [`super::maps::coarse_of`]), so a region's cells are exactly
@@ -54,8 +54,8 @@ pub(super) struct Region {
     counted: u32,
     /// How many of its coarse cells are occupied.
     coarse: u8,
-    /// The cells, while at most [`LISTED_MAX`], in order of their centres' latitude: a
-    /// search reads only the band its [`Window`] spans.
+    /// The cells, while at most [`LISTED_MAX`], in order of their centres' latitude: of
+    /// a long list a search reads only the band its [`Window`] spans.
     listed: Vec<Listed>,
     /// Where the listed centres lie: a search whose window misses it skips the list
     /// without reading it (one cache miss fewer per region out of reach).
@@ -129,7 +129,8 @@ impl Region {
     /// The listed cells whose centres may lie in `window`'s band of latitude: of a long
     /// list, just those (a binary search for each end the band cuts off); a short one
     /// whole, read straight through (a binary search's scattered reads cost more than
-    /// the cells they skip). `None` while only counted.
+    /// the cells they skip); none when the window misses the list's bounds. `None` while
+    /// only counted.
     #[inline]
     pub(super) fn band(&self, window: &Window) -> Option<&[Listed]> {
         let listed = self.listed()?;
@@ -170,6 +171,12 @@ impl Region {
     #[cfg(test)]
     pub(super) fn coarse(&self) -> u8 {
         self.coarse
+    }
+
+    /// Whether the kept bounds are exactly those of the listed centres.
+    #[cfg(test)]
+    pub(super) fn bounds_exact(&self) -> bool {
+        self.bounds == Bounds::of(&self.listed)
     }
 
     /// Bytes of the list held apart from the region itself.
@@ -279,7 +286,8 @@ impl Window {
     /// Whether any point within `b` may lie in the disk (none does when this says no):
     /// `b`'s latitudes overlap the window's, and the nearest of its longitudes (as a
     /// plain interval, so a region across the antimeridian spans them all) is within
-    /// the window's reach. A point `admits` admits lies within these bounds.
+    /// the window's reach. Never `false` while some point within `b` passes
+    /// [`Self::admits`].
     fn meets(&self, b: &Bounds) -> bool {
         let (lo, hi) = (f64::from(b.lat[0]), f64::from(b.lat[1]));
         if hi < self.lat - self.dlat || lo > self.lat + self.dlat {
@@ -406,7 +414,12 @@ mod tests {
             let mut present: Vec<Listed> = Vec::new();
             for round in 0..2_000 {
                 if present.len() < 300 && rng.random_bool(0.6) {
-                    let at = spot(&mut rng, 0.0);
+                    let mut at = spot(&mut rng, 0.0);
+                    // Now and then on the latitude of a listed centre: ties in the order.
+                    if !present.is_empty() && rng.random_bool(0.2) {
+                        let (_, same) = present[rng.random_range(0..present.len())];
+                        at = LatLng::from_radians(same.lat_radians(), at.lng_radians()).unwrap();
+                    }
                     let c = at.to_cell(h3o::Resolution::Fifteen);
                     if present.iter().any(|&(p, _)| p == c) {
                         continue;
@@ -427,7 +440,16 @@ mod tests {
                     let admitted = list.iter().filter(|&&(_, at)| w.admits(at)).count();
                     let in_band = band.iter().filter(|&&(_, at)| w.admits(at)).count();
                     assert_eq!(in_band, admitted, "({lat0}, {lng0}) round {round}");
-                    assert!(band.len() <= list.len());
+                    // A long list the window reaches is cut to exactly its band of latitude.
+                    if list.len() > BAND_SEARCHED_FROM && w.meets(&r.bounds) {
+                        let (lo, hi) = w.lat_band();
+                        let want: Vec<Listed> = list
+                            .iter()
+                            .copied()
+                            .filter(|(_, at)| (lo..=hi).contains(&at.lat_radians()))
+                            .collect();
+                        assert_eq!(band, want.as_slice(), "({lat0}, {lng0}) round {round}");
+                    }
                     skipped += usize::from(band.is_empty() && !list.is_empty());
                 }
             }
@@ -479,8 +501,14 @@ mod tests {
         }
         assert_eq!(r.len(), RELIST_AT);
         let ask = ask.unwrap();
+        // Handed over in no order, at varied centres: the relisting sorts them and bounds
+        // them.
         let cells: Vec<Listed> = (0..RELIST_AT as u64)
-            .map(|i| (cell(1_000 + i), at))
+            .map(|i| {
+                let c = cell(1_000 + i);
+                (c, LatLng::from(c))
+            })
+            .rev()
             .collect();
         // A change in between: the relisting is stale.
         r.add(cell(5_000), at, false);
@@ -502,6 +530,14 @@ mod tests {
         assert_eq!(last, AfterRemoval::Drop);
         r.relist(now, cells);
         assert_eq!(r.listed().map(<[_]>::len), Some(RELIST_AT));
+        let list = r.listed().unwrap_or_default();
+        assert!(list.is_sorted_by(|(_, a), (_, b)| a.lat_radians() <= b.lat_radians()));
+        assert!(r.bounds_exact());
+        assert!(
+            r.bounds.lat[0] < r.bounds.lat[1],
+            "varied centres: {:?}",
+            r.bounds
+        );
         for i in 0..RELIST_AT as u64 {
             let last = i + 1 == RELIST_AT as u64;
             let want = if last {

@@ -304,10 +304,24 @@ fn pages_at_a_citys_edge_read_through_coarse_lists_equal_the_walks() {
         };
         let at = pos(centre);
         let before = super::sparse::COARSE_READS.get();
-        let shortcut = idx
+        let cells = idx
             .maps
-            .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m)
-            .is_some();
+            .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m);
+        let shortcut = cells.is_some();
+        if let Some(mut cells) = cells {
+            // Exactly the occupied cells whose centres are within the radius, each once.
+            let mut want: Vec<CellIndex> = (0..maps::SHARDS)
+                .flat_map(|s| idx.maps.cells.read(s).keys().copied().collect::<Vec<_>>())
+                .filter(|&c| {
+                    crate::geo::distance_m(at.latlng(), crate::geo::centre::centre(c))
+                        <= req.radius_m
+                })
+                .collect();
+            want.sort_unstable();
+            cells.sort_unstable_by_key(|&(c, _)| c);
+            let got: Vec<CellIndex> = cells.iter().map(|&(c, _)| c).collect();
+            assert_eq!(got, want, "{req:?}");
+        }
         searches += 1;
         through_coarse += usize::from(shortcut && super::sparse::COARSE_READS.get() > before);
         for _ in 0..200 {
@@ -407,6 +421,7 @@ fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
                         list.is_sorted_by(|(_, a), (_, b)| a.lat_radians() <= b.lat_radians()),
                         "{region}: listed out of latitude order"
                     );
+                    assert!(r.bounds_exact(), "{region}: bounds not the list's");
                     listed += 1;
                     let mut got: Vec<CellIndex> = list
                         .iter()

@@ -19,8 +19,8 @@
 //! in order of latitude, so the cells outside the window's band of latitude are not even
 //! read).
 //!
-//! A region that only counts its cells (toward a city) is read through the coarse map
-//! instead: `p` lies within `r` of `q` in coarse cell `c`, so `c`'s centre is within `r +
+//! A region that only counts its cells (toward a city) is read, by searches of up to
+//! 2 km, through the coarse map instead (wider searches near one walk rings): `p` lies within `r` of `q` in coarse cell `c`, so `c`'s centre is within `r +
 //! C7` of `q` and `c` is among the coarse cells the ring cover of the disk yields (the
 //! cover's own guarantee, which the ring walk relies on); `c`'s list holds `p`'s cell,
 //! measured from its exact centre. Only coarse cells whose region was seen counting are
@@ -46,7 +46,7 @@ const MAX_CELLS: usize = 256;
 /// their cells) before leaving the search to the ring walk.
 const MAX_SCAN: usize = 256;
 /// Widest search whose disk the shortcut covers with coarse cells when a region in reach
-/// only counts its cells: up to 37 coarse centres. A wider disk's cover costs more
+/// only counts its cells: about 19 to 37 coarse centres. A wider disk's cover costs more
 /// centres than the walk's early stop, and the walk takes it.
 const THROUGH_COARSE_MAX_M: f64 = 2_000.0;
 /// Slack for the `f32` region centres (within a metre of the exact ones).
