@@ -103,11 +103,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(41);
         let cells: Vec<CellIndex> = (0..3 * SLOTS)
             .map(|_| {
-                let at = LatLng::new(
-                    rng.random_range(-90.0..=90.0),
-                    rng.random_range(-180.0..=180.0),
-                )
-                .unwrap();
+                let at = crate::geo::anywhere(&mut rng);
                 let res = Resolution::try_from(rng.random_range(0..=15u8)).unwrap();
                 at.to_cell(res)
             })

@@ -167,6 +167,15 @@ pub(crate) fn offset(lat: f64, lng: f64, dx_m: f64, dy_m: f64) -> (f64, f64) {
     (lat2, lng2.clamp(-180.0, 180.0))
 }
 
+/// A point drawn uniformly in latitude and longitude over the whole globe, poles and
+/// antimeridian included: how unit tests sample spots anywhere.
+#[cfg(test)]
+pub(crate) fn anywhere(rng: &mut impl rand::Rng) -> LatLng {
+    let lat = rng.random_range(-90.0..=90.0);
+    let lng = rng.random_range(-180.0..=180.0);
+    LatLng::new(lat, lng).expect("a latitude and longitude in range")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,11 +187,7 @@ mod tests {
         use rand::{Rng, SeedableRng, rngs::StdRng};
         let mut rng = StdRng::seed_from_u64(23);
         for _ in 0..20_000 {
-            let a = LatLng::new(
-                rng.random_range(-90.0..=90.0),
-                rng.random_range(-180.0..=180.0),
-            )
-            .unwrap();
+            let a = anywhere(&mut rng);
             let b = if rng.random_bool(0.5) {
                 // Nearby pairs, where searches compare.
                 LatLng::new(

@@ -137,12 +137,12 @@ impl Region {
         if !window.meets(&self.bounds) {
             return Some(&[]);
         }
-        let (Some(first), Some(last)) = (listed.first(), listed.last()) else {
-            return Some(listed);
-        };
         if listed.len() <= BAND_SEARCHED_FROM {
             return Some(listed);
         }
+        let (Some(first), Some(last)) = (listed.first(), listed.last()) else {
+            return Some(listed);
+        };
         let (lo, hi) = window.lat_band();
         let start = if first.1.lat_radians() >= lo {
             0
@@ -289,26 +289,25 @@ impl Window {
     /// the window's reach. Never `false` while some point within `b` passes
     /// [`Self::admits`].
     fn meets(&self, b: &Bounds) -> bool {
-        let (lo, hi) = (f64::from(b.lat[0]), f64::from(b.lat[1]));
-        if hi < self.lat - self.dlat || lo > self.lat + self.dlat {
+        let (south, north) = self.lat_band();
+        if f64::from(b.lat[1]) < south || f64::from(b.lat[0]) > north {
             return false;
         }
         let Some(dlng) = self.dlng else {
             return true;
         };
         let (lo, hi) = (f64::from(b.lng[0]), f64::from(b.lng[1]));
-        if (lo..=hi).contains(&self.lng) {
-            return true;
+        (lo..=hi).contains(&self.lng) || self.lng_apart(lo).min(self.lng_apart(hi)) <= dlng
+    }
+
+    /// How far longitude `lng` (radians) lies from the window's, the short way round.
+    fn lng_apart(&self, lng: f64) -> f64 {
+        let d = (lng - self.lng).abs();
+        if d > std::f64::consts::PI {
+            std::f64::consts::TAU - d
+        } else {
+            d
         }
-        let apart = |x: f64| {
-            let d = (x - self.lng).abs();
-            if d > std::f64::consts::PI {
-                std::f64::consts::TAU - d
-            } else {
-                d
-            }
-        };
-        apart(lo).min(apart(hi)) <= dlng
     }
 
     /// Whether `p` may lie in the disk (it surely does not when this says no).
@@ -319,11 +318,7 @@ impl Window {
         let Some(dlng) = self.dlng else {
             return true;
         };
-        let mut d = (p.lng_radians() - self.lng).abs();
-        if d > std::f64::consts::PI {
-            d = std::f64::consts::TAU - d;
-        }
-        d <= dlng
+        self.lng_apart(p.lng_radians()) <= dlng
     }
 }
 
@@ -343,11 +338,7 @@ mod tests {
         let mut left_out = 0usize;
         let mut tried = 0usize;
         for _ in 0..4_000 {
-            let centre = LatLng::new(
-                rng.random_range(-90.0..=90.0),
-                rng.random_range(-180.0..=180.0),
-            )
-            .unwrap();
+            let centre = crate::geo::anywhere(&mut rng);
             let radius = 10f64.powf(rng.random_range(0.0..6.0));
             let w = Window::new(centre, radius);
             // Points at random bearings and distances near the rim, inside and out.
@@ -462,11 +453,7 @@ mod tests {
     fn bounds_round_outward() {
         let mut rng = StdRng::seed_from_u64(6);
         for _ in 0..10_000 {
-            let at = LatLng::new(
-                rng.random_range(-90.0..=90.0),
-                rng.random_range(-180.0..=180.0),
-            )
-            .unwrap();
+            let at = crate::geo::anywhere(&mut rng);
             let b = Bounds::of(&[(at.to_cell(h3o::Resolution::Nine), at)]);
             assert!(
                 f64::from(b.lat[0]) <= at.lat_radians() && at.lat_radians() <= f64::from(b.lat[1])

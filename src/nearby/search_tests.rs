@@ -140,17 +140,21 @@ fn populated() -> NearbyIndex {
     idx
 }
 
+/// A spot drawn evenly over a square of `half_m` either way around the city centre.
+fn around_city(rng: &mut StdRng, half_m: f64) -> (f64, f64) {
+    let (dx, dy) = (
+        rng.random_range(-half_m..half_m),
+        rng.random_range(-half_m..half_m),
+    );
+    offset(SHANGHAI.0, SHANGHAI.1, dx, dy)
+}
+
 /// `n` users (ids `{prefix}00000`...) spread evenly over a square of `half_m` either way
 /// around the city centre, user `i` of gender `genders[i % genders.len()]`.
 fn scatter(idx: &NearbyIndex, seed: u64, prefix: &str, n: usize, half_m: f64, genders: &[Gender]) {
     let mut rng = StdRng::seed_from_u64(seed);
     for i in 0..n {
-        let at = offset(
-            SHANGHAI.0,
-            SHANGHAI.1,
-            rng.random_range(-half_m..half_m),
-            rng.random_range(-half_m..half_m),
-        );
+        let at = around_city(&mut rng, half_m);
         idx.update(
             uid(&format!("{prefix}{i:05}")),
             pos(at),
@@ -201,12 +205,7 @@ fn shortcut_pages_equal_the_walks(
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut shortcut, mut batches) = (0, 0);
     for _ in 0..searches {
-        let centre = offset(
-            SHANGHAI.0,
-            SHANGHAI.1,
-            rng.random_range(-span..span),
-            rng.random_range(-span..span),
-        );
+        let centre = around_city(&mut rng, span);
         let mut req = SearchRequest {
             searcher: uid("u00007"),
             centre: pos(centre),

@@ -108,9 +108,12 @@ fn beyond_the_centre(
             return true;
         };
         let Some(band) = r.band(&window) else {
+            if !through_coarse {
+                dense = true;
+                return false;
+            }
             counted.push(region);
-            dense = !through_coarse;
-            return through_coarse;
+            return true;
         };
         for &(cell, at) in band {
             if window.admits(at) {
