@@ -20,6 +20,7 @@ use common::{
     fixtures::{SHANGHAI, moved, privacy_cell},
     redis, start_store,
 };
+use geomatch::store;
 use h3o::{LatLng, Resolution};
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -217,6 +218,35 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
         }
     }
     assert!(missing.is_empty(), "lost after the failover: {missing:?}");
+
+    // Calls go straight to their slot's master again by themselves: a ping's member is
+    // written in the failed-over slot, and that call no longer needs the Cluster client
+    // (the few calls allowed through it are the replicas' own background calls).
+    let deadline = Instant::now() + BACK_WITHIN;
+    let mut round = 0usize;
+    loop {
+        let (direct_before, through_before) = store::redis::routed_calls();
+        const PINGS: u64 = 20;
+        for i in 0..PINGS {
+            c.update_location(ping(&format!("f:after{round}.{i}"), SHANGHAI))
+                .await
+                .unwrap();
+        }
+        let (direct, through) = store::redis::routed_calls();
+        if through - through_before < PINGS / 2 && direct - direct_before >= PINGS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pings still go through the Cluster client: {} of the last round's calls",
+            through - through_before
+        );
+        round += 1;
+    }
+    eprintln!(
+        "failover: direct routes back after {round} rounds of {} pings",
+        20
+    );
     drop(outcomes);
     gm.stop().await;
     other.stop().await;

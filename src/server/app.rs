@@ -221,6 +221,12 @@ impl App {
             // store's gauge is kept by its health probe (server::tasks).
             metrics::gauge!(names::STORE_UP).set(1.0);
         }
+        let (direct, through_cluster) = crate::store::redis::routed_calls();
+        if direct + through_cluster > 0 {
+            metrics::counter!(names::STORE_CALLS, "route" => "direct").absolute(direct);
+            metrics::counter!(names::STORE_CALLS, "route" => "cluster_client")
+                .absolute(through_cluster);
+        }
         metrics::gauge!(names::WAITING_SHAKES).set(self.shakes.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
         metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);

@@ -66,6 +66,10 @@ pub const MAX_USERS: &str = "geomatch_max_users";
 /// Gauge: 1 while the store is reachable (always, in memory), 0 while a remote store is
 /// not (the replica reports NOT_SERVING meanwhile).
 pub const STORE_UP: &str = "geomatch_store_up";
+/// Counter: store calls over a Redis / Valkey Cluster, by `route`: `direct` (sent
+/// straight to the slot's master) or `cluster_client` (through the Cluster client: no
+/// route known for the slot, or the direct attempt failed, as around a failover).
+pub const STORE_CALLS: &str = "geomatch_store_calls_total";
 /// Counter: finished spans not exported (the export queue was full, or the collector
 /// failed or did not answer in time).
 pub const TRACE_SPANS_DROPPED: &str = "geomatch_trace_spans_dropped_total";

@@ -29,6 +29,7 @@
 //! which the `EVAL` script cache does not. Every function is idempotent, because the
 //! client retries a call whose reply it lost.
 
+mod direct;
 mod fetched;
 mod nearby;
 mod pubsub;
@@ -46,6 +47,7 @@ use redis::{
 };
 use thiserror::Error;
 
+pub use direct::routed_calls;
 pub use nearby::RedisNearby;
 pub use shake::RedisShake;
 pub use watch::TagLease;
@@ -92,8 +94,9 @@ impl From<StoreError> for Error {
 enum Link {
     /// One server, multiplexed, reconnecting by itself after the server comes back.
     Server(ConnectionManager),
-    /// A Cluster, multiplexed per node.
-    Cluster(ClusterConnection),
+    /// A Cluster: calls go straight to their slot's master when the router knows it,
+    /// through the Cluster client (multiplexed per node) otherwise.
+    Cluster(ClusterConnection, std::sync::Arc<direct::Router>),
 }
 
 /// A cloneable connection to the store, routed by slot in a Cluster; every call on it is
@@ -108,16 +111,29 @@ impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.link {
             Link::Server(_) => "Conn::Server",
-            Link::Cluster(_) => "Conn::Cluster",
+            Link::Cluster(..) => "Conn::Cluster",
         })
     }
 }
 
 /// One round trip: a command or a pipeline.
 #[derive(Clone, Copy)]
-enum Call<'a> {
+pub(super) enum Call<'a> {
     Cmd(&'a redis::Cmd),
     Pipe(&'a Pipeline),
+}
+
+impl Call<'_> {
+    /// Sends the call over `conn`.
+    async fn query<T: FromRedisValue>(
+        self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Call::Cmd(cmd) => cmd.query_async(conn).await,
+            Call::Pipe(p) => p.query_async(conn).await,
+        }
+    }
 }
 
 /// A store call that failed.
@@ -172,11 +188,12 @@ impl Conn {
                     let client = cluster_builder(nodes, timeout)
                         .build()
                         .map_err(|e| unreachable(&e))?;
-                    client
+                    let cluster = client
                         .get_async_connection()
                         .await
-                        .map(Link::Cluster)
-                        .map_err(|e| unreachable(&e))
+                        .map_err(|e| unreachable(&e))?;
+                    let router = direct::Router::open(&cluster, timeout).await;
+                    Ok(Link::Cluster(cluster, router))
                 }
             }
         };
@@ -197,14 +214,36 @@ impl Conn {
         }
         let mut link = self.link.clone();
         let run = async {
-            match (&mut link, call) {
-                (Link::Server(c), Call::Cmd(cmd)) => cmd.query_async(c).await,
-                (Link::Cluster(c), Call::Cmd(cmd)) => cmd.query_async(c).await,
-                (Link::Server(c), Call::Pipe(p)) => p.query_async(c).await,
-                (Link::Cluster(c), Call::Pipe(p)) => p.query_async(c).await,
+            match &mut link {
+                Link::Server(c) => call.query(c).await,
+                Link::Cluster(c, router) => {
+                    // Straight to the slot's master when it has a route; through the
+                    // Cluster client when not, or when that attempt fails (every call is
+                    // idempotent), and then the routes are read again (`direct`).
+                    if let Some(mut master) = router.route(call, c) {
+                        match call.query(&mut master).await {
+                            Ok(answer) => {
+                                direct::count_direct();
+                                return Ok(answer);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "store call to a slot's master; going through the Cluster client");
+                                router.reread(c);
+                            }
+                        }
+                    }
+                    direct::count_through_cluster();
+                    call.query(c).await
+                }
             }
         };
         let answer = tokio::time::timeout(self.timeout, run).await.ok();
+        if answer.is_none()
+            && let Link::Cluster(c, router) = &self.link
+        {
+            // A master that stopped answering: its slots may have moved on.
+            router.reread(c);
+        }
         if let Some(span) = &span {
             match &answer {
                 None => span.failed("store timeout"),
@@ -247,7 +286,7 @@ impl Conn {
 
     /// Whether pipelines must keep to one slot.
     pub(crate) fn clustered(&self) -> bool {
-        matches!(self.link, Link::Cluster(_))
+        matches!(self.link, Link::Cluster(..))
     }
 
     /// Whether the store answers a PING in time (every master, when clustered).

@@ -1,0 +1,422 @@
+//! A Cluster's calls sent straight to the master that holds their slot.
+//!
+//! The redis crate's Cluster client hands every command to its routing task, which hands
+//! it to the node's connection: two task hand-offs per call. Measured on one node with 64
+//! callers (`GET`), that is ~6 µs of client CPU per call against ~2.2 µs through a
+//! multiplexed connection to the node itself, and 2.6× fewer calls per second. A ping
+//! makes two store calls and a shake about a dozen, so the hop was most of what a replica
+//! spent above its gRPC floor (BENCHMARKS.md, "Clustered update").
+//!
+//! [`Router`] keeps, for each of the 16 384 slots, a multiplexed connection to the master
+//! that `CLUSTER SLOTS` names for it. A call whose keys all hash to one slot with a route
+//! goes there. Everything else goes through the Cluster client, which follows redirects,
+//! reconnects and retries as before:
+//! - a command this module does not know the keys of (`PING` to every master,
+//!   `FUNCTION LOAD`), or keys in more than one slot;
+//! - a slot without a route (its master did not answer when the routes were read);
+//! - any error of the direct attempt: a redirect after a resharding, `READONLY` from a
+//!   master demoted by a failover, a connection to a killed node. Every call geomatch
+//!   makes is idempotent (see `geomatch.lua`), so running it again through the Cluster
+//!   client is safe, as the client's own retries already assume.
+//!
+//! The last two also ask for the routes to be read again, in the background, at most once
+//! per [`REREAD_EVERY`]: after a failover the new master's slots route directly again by
+//! themselves. The whole call, both attempts, stays within the store timeout.
+
+use std::sync::{
+    Arc, Mutex, PoisonError,
+    atomic::{AtomicU64, Ordering},
+};
+
+use arc_swap::ArcSwapOption;
+use redis::{
+    AsyncConnectionConfig, Cmd, Value, aio::MultiplexedConnection, cluster_async::ClusterConnection,
+};
+use tokio::time::{Duration, Instant};
+
+use super::Call;
+
+/// Slots of a Redis Cluster.
+const SLOTS: usize = 16_384;
+/// A slot without a route.
+const NO_ROUTE: u16 = u16::MAX;
+/// Least time between two readings of the routes.
+pub(super) const REREAD_EVERY: Duration = Duration::from_millis(250);
+
+/// Store calls sent straight to their slot's master, process-wide.
+static DIRECT: AtomicU64 = AtomicU64::new(0);
+/// Store calls that went through the Cluster client, process-wide.
+static THROUGH_CLUSTER: AtomicU64 = AtomicU64::new(0);
+
+/// Store calls made by this process so far over a Cluster: `(direct, through the Cluster
+/// client)`.
+pub fn routed_calls() -> (u64, u64) {
+    (
+        DIRECT.load(Ordering::Relaxed),
+        THROUGH_CLUSTER.load(Ordering::Relaxed),
+    )
+}
+
+/// Counts a call that went through the Cluster client.
+pub(super) fn count_through_cluster() {
+    THROUGH_CLUSTER.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a call answered by its slot's master directly.
+pub(super) fn count_direct() {
+    DIRECT.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Which master serves each slot, and a connection to each.
+struct Routes {
+    /// Index into `masters` per slot, or [`NO_ROUTE`].
+    owner: Box<[u16]>,
+    masters: Vec<MultiplexedConnection>,
+}
+
+/// When the routes were last read, and whether a reading is under way.
+#[derive(Default)]
+struct Rereading {
+    running: bool,
+    last: Option<Instant>,
+}
+
+/// The slot routes of one Cluster connection (see the module docs).
+pub(super) struct Router {
+    routes: ArcSwapOption<Routes>,
+    rereading: Mutex<Rereading>,
+    /// Connection and response timeout of the connections to the masters.
+    timeout: Duration,
+}
+
+impl Router {
+    /// Reads the routes through `cluster` (no routes, so every call goes through the
+    /// Cluster client, if they cannot be read now: they are read again on the first
+    /// calls).
+    pub(super) async fn open(cluster: &ClusterConnection, timeout: Duration) -> Arc<Self> {
+        let router = Arc::new(Self {
+            routes: ArcSwapOption::empty(),
+            rereading: Mutex::new(Rereading {
+                running: false,
+                last: Some(Instant::now()),
+            }),
+            timeout,
+        });
+        if let Ok(Ok(routes)) =
+            tokio::time::timeout(timeout, read_routes(cluster.clone(), timeout)).await
+        {
+            router.routes.store(Some(Arc::new(routes)));
+        }
+        router
+    }
+
+    /// The connection to the master of `call`'s slot, when its keys share one slot and it
+    /// has a route; otherwise `None`, and the routes are read again if the slot has none.
+    pub(super) fn route(
+        self: &Arc<Self>,
+        call: Call<'_>,
+        cluster: &ClusterConnection,
+    ) -> Option<MultiplexedConnection> {
+        let slot = slot_of(call)?;
+        let routes = self.routes.load();
+        let conn = routes.as_ref().and_then(|r| {
+            let i = *r.owner.get(usize::from(slot))?;
+            r.masters.get(usize::from(i)).cloned()
+        });
+        if conn.is_none() {
+            self.reread(cluster);
+        }
+        conn
+    }
+
+    /// Reads the routes again in the background, unless a reading is under way or one
+    /// started less than [`REREAD_EVERY`] ago. A reading that fails keeps the routes
+    /// there were.
+    pub(super) fn reread(self: &Arc<Self>, cluster: &ClusterConnection) {
+        {
+            let mut r = self
+                .rereading
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if r.running || r.last.is_some_and(|t| t.elapsed() < REREAD_EVERY) {
+                return;
+            }
+            r.running = true;
+            r.last = Some(Instant::now());
+        }
+        let (this, cluster) = (self.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let read = tokio::time::timeout(this.timeout, read_routes(cluster, this.timeout)).await;
+            match read {
+                Ok(Ok(routes)) => this.routes.store(Some(Arc::new(routes))),
+                Ok(Err(e)) => tracing::debug!(error = %e, "reading the Cluster's slots"),
+                Err(_) => tracing::debug!("reading the Cluster's slots: no answer in time"),
+            }
+            this.rereading
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .running = false;
+        });
+    }
+}
+
+/// The routes `CLUSTER SLOTS` gives: each slot range's master, one connection per master.
+/// A master that cannot be connected to now leaves its slots without a route.
+async fn read_routes(
+    mut cluster: ClusterConnection,
+    timeout: Duration,
+) -> redis::RedisResult<Routes> {
+    let slots: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut cluster)
+        .await?;
+    let mut owner = vec![NO_ROUTE; SLOTS].into_boxed_slice();
+    let mut addrs: Vec<(String, u16)> = Vec::new();
+    let mut masters = Vec::new();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    for (start, end, addr) in slot_ranges(&slots) {
+        let i = match addrs.iter().position(|a| *a == addr) {
+            Some(i) => Some(i),
+            None => {
+                let connected = async {
+                    redis::Client::open((addr.0.as_str(), addr.1))?
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                };
+                match connected.await {
+                    Ok(conn) => {
+                        addrs.push(addr);
+                        masters.push(conn);
+                        Some(masters.len() - 1)
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connecting to a Cluster master");
+                        None
+                    }
+                }
+            }
+        };
+        let Some(i) = i.and_then(|i| u16::try_from(i).ok()) else {
+            continue;
+        };
+        for slot in &mut owner[usize::from(start)..=usize::from(end)] {
+            *slot = i;
+        }
+    }
+    Ok(Routes { owner, masters })
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` answer with their master's host and port; an
+/// entry not in that shape (or a master without a known host) is left out.
+fn slot_ranges(answer: &Value) -> Vec<(u16, u16, (String, u16))> {
+    let Value::Array(ranges) = answer else {
+        return Vec::new();
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => u16::try_from(*n).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let Value::Array(parts) = range else {
+                return None;
+            };
+            let (start, end) = (int(parts.first()?)?, int(parts.get(1)?)?);
+            let Value::Array(master) = parts.get(2)? else {
+                return None;
+            };
+            let host = text(master.first()?)?;
+            let port = int(master.get(1)?)?;
+            (start <= end && usize::from(end) < SLOTS && !host.is_empty() && host != "?")
+                .then_some((start, end, (host, port)))
+        })
+        .collect()
+}
+
+/// The one slot all keys of `call` hash to; `None` for a command whose keys this module
+/// does not know, or keys in several slots.
+pub(super) fn slot_of(call: Call<'_>) -> Option<u16> {
+    match call {
+        Call::Cmd(cmd) => cmd_slot(cmd),
+        Call::Pipe(pipe) => {
+            let mut slot = None;
+            for cmd in pipe.cmd_iter() {
+                let s = cmd_slot(cmd)?;
+                if slot.is_some_and(|known| known != s) {
+                    return None;
+                }
+                slot = Some(s);
+            }
+            slot
+        }
+    }
+}
+
+/// Commands whose one key is their first argument.
+const ONE_KEY: &[&str] = &[
+    "GET",
+    "SET",
+    "DEL",
+    "EXISTS",
+    "HGET",
+    "HMGET",
+    "HSET",
+    "HSETNX",
+    "HGETALL",
+    "HDEL",
+    "SADD",
+    "SREM",
+    "SMEMBERS",
+    "ZADD",
+    "ZREM",
+    "ZRANGE",
+    "ZRANGEBYSCORE",
+    "ZSCORE",
+    "PEXPIRE",
+    "SPUBLISH",
+];
+
+fn cmd_slot(cmd: &Cmd) -> Option<u16> {
+    let mut args = cmd.args_iter().map(|a| match a {
+        redis::Arg::Simple(b) => Some(b),
+        _ => None,
+    });
+    let name = std::str::from_utf8(args.next()??).ok()?;
+    let keys: Vec<&[u8]> =
+        if name.eq_ignore_ascii_case("FCALL") || name.eq_ignore_ascii_case("FCALL_RO") {
+            let _function = args.next()??;
+            let n: usize = std::str::from_utf8(args.next()??).ok()?.parse().ok()?;
+            args.take(n).collect::<Option<_>>()?
+        } else if name.eq_ignore_ascii_case("MGET") {
+            args.collect::<Option<_>>()?
+        } else if ONE_KEY.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+            vec![args.next()??]
+        } else {
+            return None;
+        };
+    let mut slots = keys.iter().map(|k| key_slot(k));
+    let first = slots.next()?;
+    slots.all(|s| s == first).then_some(first)
+}
+
+/// The Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the text between the first
+/// `{` and the next `}`, when not empty) or of the whole key, modulo 16 384, as the
+/// Cluster specification defines it.
+pub(super) fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .map(|close| &rest[..close])
+        })
+        .filter(|tag| !tag.is_empty());
+    // SLOTS is a power of two: the remainder is the low 14 bits.
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) & (SLOTS as u16 - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_cluster_specification() {
+        // The specification's own examples and CRC16/XMODEM's check value.
+        assert_eq!(key_slot(b"foo"), 12_182);
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"{user1000}.followers"), key_slot(b"user1000"));
+        // An empty tag is no tag; only the first `{`…`}` counts.
+        assert_eq!(key_slot(b"foo{}{bar}"), {
+            crc16::State::<crc16::XMODEM>::calculate(b"foo{}{bar}") & 0x3FFF
+        });
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+    }
+
+    #[test]
+    fn a_call_has_a_slot_only_when_every_key_shares_it() {
+        let fcall = redis::cmd("FCALL")
+            .arg("gm_put")
+            .arg(2)
+            .arg("gm1:{t}:b:1")
+            .arg("gm1:{t}:o:2")
+            .arg("not-a-key")
+            .clone();
+        assert_eq!(slot_of(Call::Cmd(&fcall)), Some(key_slot(b"t")));
+        let split = redis::cmd("FCALL")
+            .arg("gm_put")
+            .arg(2)
+            .arg("gm1:{t}:b:1")
+            .arg("gm1:{u}:o:2")
+            .clone();
+        assert_eq!(slot_of(Call::Cmd(&split)), None);
+        let keyless = redis::cmd("FCALL").arg("gm_x").arg(0).clone();
+        assert_eq!(slot_of(Call::Cmd(&keyless)), None);
+        assert_eq!(slot_of(Call::Cmd(&redis::cmd("PING"))), None);
+        let load = redis::cmd("FUNCTION").arg("LOAD").arg("x").clone();
+        assert_eq!(slot_of(Call::Cmd(&load)), None);
+        let get = redis::cmd("hget").arg("gm1:u:{a}").arg("c").clone();
+        assert_eq!(slot_of(Call::Cmd(&get)), Some(key_slot(b"a")));
+        let mget = redis::cmd("MGET").arg("{a}1").arg("{a}2").clone();
+        assert_eq!(slot_of(Call::Cmd(&mget)), Some(key_slot(b"a")));
+        let mget = redis::cmd("MGET").arg("{a}1").arg("{b}2").clone();
+        assert_eq!(slot_of(Call::Cmd(&mget)), None);
+
+        let mut one = redis::pipe();
+        one.cmd("GET").arg("{a}1").cmd("SMEMBERS").arg("{a}2");
+        assert_eq!(slot_of(Call::Pipe(&one)), Some(key_slot(b"a")));
+        let mut two = redis::pipe();
+        two.cmd("GET").arg("{a}1").cmd("GET").arg("{b}2");
+        assert_eq!(slot_of(Call::Pipe(&two)), None);
+        let mut unknown = redis::pipe();
+        unknown.cmd("GET").arg("{a}1").cmd("PING");
+        assert_eq!(slot_of(Call::Pipe(&unknown)), None);
+        assert_eq!(slot_of(Call::Pipe(&redis::pipe())), None);
+    }
+
+    #[test]
+    fn slot_ranges_are_read_from_a_cluster_slots_answer() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let answer = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("127.0.0.1", 7000),
+                node("127.0.0.1", 7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(10922), node("", 7001)]),
+            Value::Array(vec![
+                Value::Int(10923),
+                Value::Int(16383),
+                node("::1", 7002),
+            ]),
+            Value::Array(vec![Value::Int(9), Value::Int(3), node("h", 1)]),
+            Value::Int(3),
+        ]);
+        assert_eq!(
+            slot_ranges(&answer),
+            vec![
+                (0, 5460, ("127.0.0.1".to_string(), 7000)),
+                (10923, 16383, ("::1".to_string(), 7002)),
+            ]
+        );
+        assert!(slot_ranges(&Value::Nil).is_empty());
+    }
+}
