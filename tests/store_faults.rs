@@ -31,8 +31,42 @@ type Outcome = (Instant, Result<(), Code>);
 /// How long a failover may take before service is back.
 const BACK_WITHIN: Duration = Duration::from_secs(10);
 
+/// The tests here count the process's store calls by route: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Pings through `c` until a round of them goes straight to the slots' masters (fewer
+/// than half the round's calls through the Cluster client: the rest are the replicas'
+/// own background calls), within [`BACK_WITHIN`]; returns the rounds it took.
+async fn until_calls_go_direct(
+    c: &mut geomatch::grpc::pb::nearby_client::NearbyClient<tonic::transport::Channel>,
+    label: &str,
+) -> usize {
+    const PINGS: u64 = 20;
+    let deadline = Instant::now() + BACK_WITHIN;
+    let mut round = 0usize;
+    loop {
+        let (direct_before, through_before) = store::redis::routed_calls();
+        for i in 0..PINGS {
+            c.update_location(ping(&format!("{label}{round}.{i}"), SHANGHAI))
+                .await
+                .unwrap();
+        }
+        let (direct, through) = store::redis::routed_calls();
+        if through - through_before < PINGS / 2 && direct - direct_before >= PINGS {
+            return round;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pings still go through the Cluster client: {} of the last round's calls",
+            through - through_before
+        );
+        round += 1;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = redis::shared_cluster_exclusive().await else {
         return;
     };
@@ -220,34 +254,146 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
     assert!(missing.is_empty(), "lost after the failover: {missing:?}");
 
     // Calls go straight to their slot's master again by themselves: a ping's member is
-    // written in the failed-over slot, and that call no longer needs the Cluster client
-    // (the few calls allowed through it are the replicas' own background calls).
-    let deadline = Instant::now() + BACK_WITHIN;
-    let mut round = 0usize;
-    loop {
-        let (direct_before, through_before) = store::redis::routed_calls();
-        const PINGS: u64 = 20;
-        for i in 0..PINGS {
-            c.update_location(ping(&format!("f:after{round}.{i}"), SHANGHAI))
-                .await
-                .unwrap();
-        }
-        let (direct, through) = store::redis::routed_calls();
-        if through - through_before < PINGS / 2 && direct - direct_before >= PINGS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pings still go through the Cluster client: {} of the last round's calls",
-            through - through_before
-        );
-        round += 1;
-    }
-    eprintln!(
-        "failover: direct routes back after {round} rounds of {} pings",
-        20
-    );
+    // written in the failed-over slot, and that call no longer needs the Cluster client.
+    let rounds = until_calls_go_direct(&mut c, "f:after").await;
+    eprintln!("failover: direct routes back after {rounds} rounds of pings");
     drop(outcomes);
     gm.stop().await;
     other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_slot_keeps_every_call_answered_and_calls_follow_it_to_its_new_master() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(cluster) = redis::cluster(3, 0).await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let gm = start_store(&["--store", "redis-cluster", "--redis-nodes", &nodes]).await;
+    let mut c = gm.nearby().await;
+    let users: Vec<String> = (0..20).map(|i| format!("m:{i:02}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        c.update_location(ping(u, moved(SHANGHAI, i as f64 * 30.0, 0.0)))
+            .await
+            .unwrap();
+    }
+    let found = |st: geomatch::grpc::pb::GetLocationStatusResponse| st.found;
+    let tag = LatLng::from(privacy_cell(SHANGHAI))
+        .to_cell(Resolution::Seven)
+        .parent(Resolution::Five)
+        .unwrap();
+    let key = format!("{{{tag}}}");
+    let from = cluster.master_for_key(&key).await;
+    let to = cluster
+        .masters()
+        .await
+        .into_iter()
+        .find(|&p| p != from)
+        .unwrap();
+    let (mut src, mut dst) = (
+        cluster.node_connection(from).await,
+        cluster.node_connection(to).await,
+    );
+    let slot: u16 = ::redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&key)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let id = |port| {
+        let cluster = &cluster;
+        async move {
+            let mut con = cluster.node_connection(port).await;
+            ::redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query_async::<String>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    let (src_id, dst_id) = (id(from).await, id(to).await);
+
+    // Half-way: the slot is migrating, and its keys are on the new master already. Calls
+    // are answered through the Cluster client's ASK redirects.
+    let _: () = ::redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("IMPORTING")
+        .arg(&src_id)
+        .query_async(&mut dst)
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("MIGRATING")
+        .arg(&dst_id)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let keys: Vec<String> = ::redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(100_000)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    assert!(
+        !keys.is_empty(),
+        "the pinged area's keys are in slot {slot}"
+    );
+    let _: String = ::redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(to)
+        .arg("")
+        .arg(0)
+        .arg(5_000)
+        .arg("KEYS")
+        .arg(&keys)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let (_, through_before) = store::redis::routed_calls();
+    for u in &users {
+        let st = c.get_location_status(status(u)).await.unwrap().into_inner();
+        assert!(found(st), "{u} is found while its slot migrates");
+    }
+    c.update_location(ping("m:mid", SHANGHAI)).await.unwrap();
+    let (_, through) = store::redis::routed_calls();
+    assert!(
+        through > through_before,
+        "calls in the migrating slot went through the Cluster client"
+    );
+
+    // Done: every master knows the slot's new owner. The old one answers MOVED, and
+    // calls follow the slot to its new master.
+    for port in cluster.masters().await {
+        let mut con = cluster.node_connection(port).await;
+        let _: () = ::redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&dst_id)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+    assert_eq!(cluster.master_for_key(&key).await, to);
+    let rounds = until_calls_go_direct(&mut c, "m:after").await;
+    eprintln!("resharding: direct routes back after {rounds} rounds of pings");
+    for u in users.iter().chain([&"m:mid".to_string()]) {
+        let st = c.get_location_status(status(u)).await.unwrap().into_inner();
+        assert!(found(st), "{u} is found after its slot moved");
+    }
+    let page = c
+        .search_nearby(search("m:searcher", SHANGHAI))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        page.users.len() >= users.len(),
+        "a search finds the moved area's users: {}",
+        page.users.len()
+    );
+    gm.stop().await;
 }
