@@ -14,14 +14,18 @@
 //! - a command this module does not know the keys of (`PING` to every master,
 //!   `FUNCTION LOAD`), or keys in more than one slot;
 //! - a slot without a route (its master did not answer when the routes were read);
-//! - any error of the direct attempt: a redirect after a resharding, `READONLY` from a
-//!   master demoted by a failover, a connection to a killed node. Every call geomatch
-//!   makes is idempotent (see `geomatch.lua`), so running it again through the Cluster
-//!   client is safe, as the client's own retries already assume.
+//! - a direct attempt the master refused without running it: a redirect (`MOVED`,
+//!   `ASK`) after a resharding, `READONLY` from a master demoted by a failover,
+//!   `TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, or a connection it refused.
 //!
-//! The last two also ask for the routes to be read again, in the background, at most once
-//! per [`REREAD_EVERY`]: after a failover the new master's slots route directly again by
-//! themselves. The whole call, both attempts, stays within the store timeout.
+//! A direct attempt that fails after it may have run (its connection dropped, no answer
+//! in time) is not sent again: the call fails as UNAVAILABLE, as the Cluster client's own
+//! call would without its retries. So this path never runs a call twice.
+//!
+//! A slot without a route and every failed direct attempt ask for the routes to be read
+//! again, in the background, at most once per [`REREAD_EVERY`]: after a failover or a
+//! resharding the slots route directly again by themselves. The whole call, both
+//! attempts, stays within the store timeout.
 
 use std::sync::{
     Arc, Mutex, PoisonError,
@@ -90,23 +94,15 @@ pub(super) struct Router {
 }
 
 impl Router {
-    /// Reads the routes through `cluster` (no routes, so every call goes through the
-    /// Cluster client, if they cannot be read now: they are read again on the first
-    /// calls).
-    pub(super) async fn open(cluster: &ClusterConnection, timeout: Duration) -> Arc<Self> {
+    /// A router with no routes yet: every call goes through the Cluster client until the
+    /// first reading (started now, in the background) has them.
+    pub(super) fn open(cluster: &ClusterConnection, timeout: Duration) -> Arc<Self> {
         let router = Arc::new(Self {
             routes: ArcSwapOption::empty(),
-            rereading: Mutex::new(Rereading {
-                running: false,
-                last: Some(Instant::now()),
-            }),
+            rereading: Mutex::new(Rereading::default()),
             timeout,
         });
-        if let Ok(Ok(routes)) =
-            tokio::time::timeout(timeout, read_routes(cluster.clone(), timeout)).await
-        {
-            router.routes.store(Some(Arc::new(routes)));
-        }
+        router.reread(cluster);
         router
     }
 
@@ -146,63 +142,111 @@ impl Router {
         }
         let (this, cluster) = (self.clone(), cluster.clone());
         tokio::spawn(async move {
-            let read = tokio::time::timeout(this.timeout, read_routes(cluster, this.timeout)).await;
-            match read {
-                Ok(Ok(routes)) => this.routes.store(Some(Arc::new(routes))),
-                Ok(Err(e)) => tracing::debug!(error = %e, "reading the Cluster's slots"),
-                Err(_) => tracing::debug!("reading the Cluster's slots: no answer in time"),
+            // Cleared however the reading ends (a runtime shutting down drops it midway).
+            let _done = ReadingDone(this.clone());
+            match read_routes(cluster, this.timeout).await {
+                Ok(routes) => this.routes.store(Some(Arc::new(routes))),
+                Err(e) => tracing::debug!(error = %e, "reading the Cluster's slots"),
             }
-            this.rereading
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .running = false;
         });
     }
 }
 
-/// The routes `CLUSTER SLOTS` gives: each slot range's master, one connection per master.
-/// A master that cannot be connected to now leaves its slots without a route.
+/// Marks a router's reading of the routes ended, when dropped.
+struct ReadingDone(Arc<Router>);
+
+impl Drop for ReadingDone {
+    fn drop(&mut self) {
+        self.0
+            .rereading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .running = false;
+    }
+}
+
+/// Whether a failed direct attempt was refused by the master without being run, so the
+/// call may go through the Cluster client instead: a redirect, a refusal to be retried
+/// (`READONLY`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`), or a refused
+/// connection. A dropped connection or a reply that does not convert may come after the
+/// call ran, so those are not sent again.
+pub(super) fn not_run(e: &redis::RedisError) -> bool {
+    e.is_connection_refusal()
+        || matches!(
+            e.retry_method(),
+            redis::RetryMethod::MovedRedirect
+                | redis::RetryMethod::AskRedirect
+                | redis::RetryMethod::WaitAndRetry
+                | redis::RetryMethod::RefreshSlotsAndRetry
+        )
+}
+
+/// The routes `CLUSTER SLOTS` gives: each slot range's master, one new connection per
+/// master, made concurrently, each within `timeout`. A master that cannot be connected
+/// to now leaves its slots without a route.
 async fn read_routes(
     mut cluster: ClusterConnection,
     timeout: Duration,
 ) -> redis::RedisResult<Routes> {
-    let slots: Value = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut cluster)
-        .await?;
-    let mut owner = vec![NO_ROUTE; SLOTS].into_boxed_slice();
+    let slots: Value = tokio::time::timeout(
+        timeout,
+        redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut cluster),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let ranges = slot_ranges(&slots);
     let mut addrs: Vec<(String, u16)> = Vec::new();
-    let mut masters = Vec::new();
+    for (_, _, addr) in &ranges {
+        if !addrs.contains(addr) {
+            addrs.push(addr.clone());
+        }
+    }
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
-    for (start, end, addr) in slot_ranges(&slots) {
-        let i = match addrs.iter().position(|a| *a == addr) {
-            Some(i) => Some(i),
-            None => {
-                let connected = async {
-                    redis::Client::open((addr.0.as_str(), addr.1))?
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await
-                };
-                match connected.await {
-                    Ok(conn) => {
-                        addrs.push(addr);
-                        masters.push(conn);
-                        Some(masters.len() - 1)
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "connecting to a Cluster master");
-                        None
-                    }
+    let mut connecting = tokio::task::JoinSet::new();
+    for (i, (host, port)) in addrs.iter().cloned().enumerate() {
+        let config = config.clone();
+        connecting.spawn(async move {
+            let connected = async {
+                redis::Client::open((host.as_str(), port))?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            };
+            (i, tokio::time::timeout(timeout, connected).await)
+        });
+    }
+    // Each address's connection, by its index in `addrs`.
+    let mut made: Vec<Option<MultiplexedConnection>> = vec![None; addrs.len()];
+    while let Some(joined) = connecting.join_next().await {
+        match joined {
+            Ok((i, Ok(Ok(conn)))) => {
+                if let Some(slot) = made.get_mut(i) {
+                    *slot = Some(conn);
                 }
             }
-        };
-        let Some(i) = i.and_then(|i| u16::try_from(i).ok()) else {
-            continue;
-        };
-        for slot in &mut owner[usize::from(start)..=usize::from(end)] {
-            *slot = i;
+            Ok((_, Ok(Err(e)))) => tracing::debug!(error = %e, "connecting to a Cluster master"),
+            Ok((_, Err(_))) => tracing::debug!("connecting to a Cluster master: no answer in time"),
+            Err(e) => tracing::debug!(error = %e, "connecting to a Cluster master"),
+        }
+    }
+    let mut owner = vec![NO_ROUTE; SLOTS].into_boxed_slice();
+    let mut masters = Vec::new();
+    // Index into `masters` of each address connected to.
+    let mut index: Vec<Option<u16>> = vec![None; addrs.len()];
+    for (i, conn) in made.into_iter().enumerate() {
+        if let (Some(conn), Ok(at)) = (conn, u16::try_from(masters.len())) {
+            index[i] = Some(at);
+            masters.push(conn);
+        }
+    }
+    for (start, end, addr) in &ranges {
+        let at = addrs
+            .iter()
+            .position(|a| a == addr)
+            .and_then(|i| index.get(i).copied().flatten());
+        if let Some(at) = at {
+            owner[usize::from(*start)..=usize::from(*end)].fill(at);
         }
     }
     Ok(Routes { owner, masters })
@@ -264,8 +308,6 @@ pub(super) fn slot_of(call: Call<'_>) -> Option<u16> {
 const ONE_KEY: &[&str] = &[
     "GET",
     "SET",
-    "DEL",
-    "EXISTS",
     "HGET",
     "HMGET",
     "HSET",
@@ -283,6 +325,8 @@ const ONE_KEY: &[&str] = &[
     "PEXPIRE",
     "SPUBLISH",
 ];
+/// Commands whose every argument is a key.
+const ALL_KEYS: &[&str] = &["MGET", "DEL", "EXISTS", "UNLINK"];
 
 fn cmd_slot(cmd: &Cmd) -> Option<u16> {
     let mut args = cmd.args_iter().map(|a| match a {
@@ -295,7 +339,7 @@ fn cmd_slot(cmd: &Cmd) -> Option<u16> {
             let _function = args.next()??;
             let n: usize = std::str::from_utf8(args.next()??).ok()?.parse().ok()?;
             args.take(n).collect::<Option<_>>()?
-        } else if name.eq_ignore_ascii_case("MGET") {
+        } else if ALL_KEYS.iter().any(|c| name.eq_ignore_ascii_case(c)) {
             args.collect::<Option<_>>()?
         } else if ONE_KEY.iter().any(|c| name.eq_ignore_ascii_case(c)) {
             vec![args.next()??]
@@ -372,6 +416,8 @@ mod tests {
         assert_eq!(slot_of(Call::Cmd(&mget)), Some(key_slot(b"a")));
         let mget = redis::cmd("MGET").arg("{a}1").arg("{b}2").clone();
         assert_eq!(slot_of(Call::Cmd(&mget)), None);
+        let del = redis::cmd("DEL").arg("{a}1").arg("{b}2").clone();
+        assert_eq!(slot_of(Call::Cmd(&del)), None);
 
         let mut one = redis::pipe();
         one.cmd("GET").arg("{a}1").cmd("SMEMBERS").arg("{a}2");

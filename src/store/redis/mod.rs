@@ -192,7 +192,7 @@ impl Conn {
                         .get_async_connection()
                         .await
                         .map_err(|e| unreachable(&e))?;
-                    let router = direct::Router::open(&cluster, timeout).await;
+                    let router = direct::Router::open(&cluster, timeout);
                     Ok(Link::Cluster(cluster, router))
                 }
             }
@@ -218,17 +218,27 @@ impl Conn {
                 Link::Server(c) => call.query(c).await,
                 Link::Cluster(c, router) => {
                     // Straight to the slot's master when it has a route; through the
-                    // Cluster client when not, or when that attempt fails (every call is
-                    // idempotent), and then the routes are read again (`direct`).
+                    // Cluster client when not, or when the master refused the call
+                    // without running it (`direct`).
                     if let Some(mut master) = router.route(call, c) {
                         match call.query(&mut master).await {
                             Ok(answer) => {
                                 direct::count_direct();
                                 return Ok(answer);
                             }
+                            // The call's own error (a Function's, a reply of another
+                            // type): the master ran it.
+                            Err(e) if matches!(e.retry_method(), redis::RetryMethod::NoRetry) => {
+                                direct::count_direct();
+                                return Err(e);
+                            }
                             Err(e) => {
-                                tracing::debug!(error = %e, "store call to a slot's master; going through the Cluster client");
                                 router.reread(c);
+                                if !direct::not_run(&e) {
+                                    direct::count_direct();
+                                    return Err(e);
+                                }
+                                tracing::debug!(error = %e, "store call refused by a slot's master; going through the Cluster client");
                             }
                         }
                     }
