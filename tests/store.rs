@@ -589,3 +589,64 @@ async fn bulk_ingest_through_one_replica_is_found_through_another() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_bulk_stream_over_a_store_applies_each_users_pings_in_stream_order() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    // No travel check: the stream's pings share one clock reading.
+    let gm = start_store(&[
+        "--store",
+        "redis-cluster",
+        "--redis-nodes",
+        &nodes,
+        "--max-speed",
+        "0",
+    ])
+    .await;
+    let p = redis::unique_prefix("order");
+    // 20 users pinged 20 times each, interleaved, every ping 400 m on from the last (a new
+    // privacy cell each time, all at one clock reading: only the order tells them apart);
+    // every ninth item is bad, more than the summary reports in detail.
+    let mut items = Vec::new();
+    let mut last = std::collections::HashMap::new();
+    let mut bad = Vec::new();
+    for i in 0..400u64 {
+        let user = format!("{p}{:02}", i % 20);
+        let at = common::fixtures::moved(BULK_AT, (i / 20) as f64 * 400.0, (i % 20) as f64 * 400.0);
+        let mut item = ping(&user, at);
+        if i % 9 == 4 {
+            item.position = None;
+            bad.push(i);
+        } else {
+            last.insert(user, at);
+        }
+        items.push(item);
+    }
+    let mut c = gm.nearby().await;
+    let summary = c
+        .update_locations(tokio_stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.rejected, bad.len() as u64);
+    assert_eq!(summary.accepted, 400 - bad.len() as u64);
+    let reported: Vec<u64> = summary.rejections.iter().map(|r| r.index).collect();
+    assert_eq!(
+        reported,
+        bad[..16],
+        "the first 16 rejections, in stream order"
+    );
+    assert!(summary.rejections.iter().all(|r| r.field == "position"));
+    for (user, at) in &last {
+        let held = held(&mut c, user).await;
+        assert_eq!(
+            held.cell,
+            privacy_cell(*at).to_string(),
+            "{user} is where its last ping in the stream put it"
+        );
+    }
+    gm.stop().await;
+}

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod auth;
+mod bulk;
 pub mod codec;
 mod convert;
 #[doc(hidden)]

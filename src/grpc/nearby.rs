@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, pb};
+use super::{bulk, convert, pb};
 use crate::{
     clock::Clock,
     error::Error,
@@ -57,9 +57,6 @@ impl tokio_stream::Stream for WatchStream {
     }
 }
 
-/// Rejections an `UpdateLocations` summary reports in detail (all are counted).
-const MAX_REPORTED_REJECTIONS: usize = 16;
-
 /// Serves `geomatch.v1.Nearby` from a [`NearbyStore`].
 #[derive(Debug, Clone)]
 pub struct NearbyService {
@@ -107,26 +104,25 @@ impl pb::nearby_server::Nearby for NearbyService {
         &self,
         request: Request<Streaming<pb::UpdateLocationRequest>>,
     ) -> Result<Response<pb::UpdateLocationsSummary>, Status> {
-        let mut stream = request.into_inner();
-        let mut summary = pb::UpdateLocationsSummary::default();
-        let mut index = 0u64;
-        // A transport or decoding error ends the call; the items before it stay applied.
-        while let Some(item) = stream.message().await? {
-            match self.ping(item).await {
-                Ok(_) => summary.accepted += 1,
-                Err(e) => {
-                    summary.rejected += 1;
-                    if summary.rejections.len() < MAX_REPORTED_REJECTIONS {
-                        summary.rejections.push(pb::Rejection {
-                            index,
-                            field: e.field().unwrap_or_default().to_string(),
-                            reason: e.reason(),
-                        });
-                    }
-                }
+        let stream = request.into_inner();
+        // One after another in memory; over a remote store several at once (each waits
+        // for its round trips), never two of one user (`bulk`).
+        let summary = match self.store.pings_in_flight() {
+            0 | 1 => bulk::in_order(stream, |item| self.ping(item)).await?,
+            n => {
+                let this = self.clone();
+                bulk::overlapped(
+                    stream,
+                    n,
+                    |item: &pb::UpdateLocationRequest| item.user_id.clone(),
+                    move |item| {
+                        let this = this.clone();
+                        async move { this.ping(item).await }
+                    },
+                )
+                .await?
             }
-            index += 1;
-        }
+        };
         metrics::counter!(names::PINGS_REJECTED).increment(summary.rejected);
         tracing::debug!(
             accepted = summary.accepted,

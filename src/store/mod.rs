@@ -22,6 +22,9 @@ use crate::{
     shake::{Matcher, Outcome, ShakeConfig, ShakeRequest, ValidShake},
 };
 
+/// Pings of one bulk stream under way at once over a remote store.
+pub const REMOTE_PINGS_IN_FLIGHT: usize = 32;
+
 /// The People Nearby store the services use. Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum NearbyStore {
@@ -86,6 +89,16 @@ impl NearbyStore {
         match self {
             Self::Memory(i) => i.ping(ping, now_ms),
             Self::Redis(r) => r.ping(ping, now_ms).await,
+        }
+    }
+
+    /// How many pings of one bulk stream are best under way at once: 1 in memory (a ping
+    /// is a few µs of CPU), [`REMOTE_PINGS_IN_FLIGHT`] over Redis / Valkey (a ping waits
+    /// for its store round trips, so one stream would otherwise be bound by their latency).
+    pub fn pings_in_flight(&self) -> usize {
+        match self {
+            Self::Memory(_) => 1,
+            Self::Redis(_) => REMOTE_PINGS_IN_FLIGHT,
         }
     }
 
