@@ -650,3 +650,65 @@ async fn a_bulk_stream_over_a_store_applies_each_users_pings_in_stream_order() {
     }
     gm.stop().await;
 }
+
+#[tokio::test]
+async fn a_users_record_answers_a_retried_call_as_the_first_run_did() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    // Starting a replica loads the functions library.
+    let url = server.url();
+    let gm = start_store(&["--store", "redis", "--redis-url", &url]).await;
+    let con = server.connection().await;
+    let key = format!("gm1:u:{{{}}}", redis::unique_prefix("rerun"));
+    let record = |cell: &str, seen_ms: i64| {
+        ::redis::cmd("FCALL")
+            .arg("gm_user")
+            .arg(1)
+            .arg(&key)
+            .arg(cell)
+            .arg(seen_ms)
+            .arg(60_000)
+            .clone()
+    };
+    let forget = ::redis::cmd("FCALL")
+        .arg("gm_forget")
+        .arg(1)
+        .arg(&key)
+        .clone();
+    let run = |cmd: &::redis::Cmd| {
+        let (cmd, mut con) = (cmd.clone(), con.clone());
+        async move { cmd.query_async::<Option<String>>(&mut con).await.unwrap() }
+    };
+    // Each call twice, as a retry after a lost reply sends it: the same answer both times.
+    for _ in 0..2 {
+        assert_eq!(
+            run(&record("a", 10)).await.as_deref(),
+            Some(""),
+            "first ping"
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(run(&record("b", 20)).await.as_deref(), Some("a"), "a move");
+    }
+    for _ in 0..2 {
+        assert_eq!(run(&record("c", 15)).await, None, "an older ping loses");
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            run(&forget).await.as_deref(),
+            Some("b"),
+            "the forgotten cell"
+        );
+    }
+    let held: Option<String> = ::redis::cmd("HGET")
+        .arg(&key)
+        .arg("c")
+        .query_async(&mut server.connection().await)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "no current cell after a clear");
+    // A ping after the clear is recorded afresh.
+    assert_eq!(run(&record("d", 30)).await.as_deref(), Some(""));
+    gm.stop().await;
+}

@@ -1,7 +1,12 @@
 #!lua name=geomatch_v1
 -- geomatch's atomic steps, as Redis Functions (replicated with the data and kept across a
--- failover, unlike the EVAL script cache). Every function is idempotent: the client
--- retries a call whose reply it lost.
+-- failover, unlike the EVAL script cache). A call may run twice: the Cluster client
+-- retries one whose connection dropped after it was sent (geomatch's own direct path to a
+-- slot's master never does; see store/redis/direct.rs). People Nearby's functions answer
+-- such a second run as the first did (gm_user, gm_forget) or change nothing more by it
+-- (gm_put, gm_del, gm_expire, gm_lease; a watch may be told a change twice). Some Shake
+-- steps do not yet (gm_sh_enter and gm_sh_leave count a waiter twice, gm_sh_reserve
+-- reports its own reservation as busy, gm_rate takes two tokens).
 --
 -- A privacy cell is one string: its members back to back, each
 --   [id length: 1 byte][id][last seen: 6 bytes LE ms][time to live: 4 bytes LE ms][flags: 1 byte]
@@ -115,21 +120,30 @@ end)
 -- Records where a user is, unless a newer ping is recorded already; the record lives as
 -- long as the ping (a relative time to live: the store's clock need not be the caller's).
 -- Returns the cell the user was recorded in before ('' when none), or false when this
--- ping is the older one.
+-- ping is the older one. Run again for the same ping (a call retried after its reply was
+-- lost), it answers as the first run did: the record keeps the cell it replaced ('p').
 redis.register_function('gm_user', function(keys, args)
   local cell, seen, ttl = args[1], tonumber(args[2]), args[3]
-  local old = redis.call('HMGET', keys[1], 'c', 't')
+  local old = redis.call('HMGET', keys[1], 'c', 't', 'p')
+  if old[1] == cell and old[2] == args[2] then return old[3] or '' end
   if old[2] and tonumber(old[2]) > seen then return false end
-  redis.call('HSET', keys[1], 'c', cell, 't', args[2])
+  redis.call('HSET', keys[1], 'c', cell, 't', args[2], 'p', old[1] or '')
   redis.call('PEXPIRE', keys[1], ttl)
   return old[1] or ''
 end)
 
--- gm_forget(user;) -> the cell the user was recorded in ('' when none); forgets the record.
+-- gm_forget(user;) -> the cell the user was recorded in ('' when none); forgets it. The
+-- record keeps the forgotten cell ('f', without a current one) until it expires, so a
+-- call run again (retried after its reply was lost) answers the same cell, and the
+-- caller still takes the member out of it.
 redis.register_function('gm_forget', function(keys, args)
-  local cell = redis.call('HGET', keys[1], 'c')
-  redis.call('DEL', keys[1])
-  return cell or ''
+  local rec = redis.call('HMGET', keys[1], 'c', 'f')
+  if rec[1] then
+    redis.call('HDEL', keys[1], 'c')
+    redis.call('HSET', keys[1], 'f', rec[1])
+    return rec[1]
+  end
+  return rec[2] or ''
 end)
 
 -- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix, mode, channel)

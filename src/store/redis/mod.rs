@@ -26,8 +26,8 @@
 //!
 //! Atomic steps are Redis Functions (`geomatch.lua`, library `geomatch_v1`), loaded at
 //! start with `FUNCTION LOAD REPLACE`: functions are replicated and survive a failover,
-//! which the `EVAL` script cache does not. Every function is idempotent, because the
-//! client retries a call whose reply it lost.
+//! which the `EVAL` script cache does not. What a call run twice does (the Cluster
+//! client retries one whose connection dropped) is set out at the top of `geomatch.lua`.
 
 mod direct;
 mod fetched;
