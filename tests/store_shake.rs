@@ -503,3 +503,109 @@ async fn the_shake_rate_limit_holds_across_replicas() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn shake_steps_answer_a_retried_call_as_the_first_run_did() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    // Starting a replica loads the functions library.
+    let url = server.url();
+    let gm = start_store(&["--store", "redis", "--redis-url", &url]).await;
+    let con = server.connection().await;
+    let p = redis::unique_prefix("rerun");
+    let ptr = format!("gm1:sh:{{{p}}}:p");
+    let prefix = format!("gm1:sh:{{{p}}}:s:");
+    let state = format!("{prefix}k1");
+    let (now, deadline, keep) = (1_000_i64, 61_000_i64, 600_000_i64);
+    let run = |cmd: ::redis::Cmd| {
+        let mut con = con.clone();
+        async move { cmd.query_async::<Vec<String>>(&mut con).await.unwrap() }
+    };
+    let fcall = |name: &str, keys: &[&str], args: &[String]| {
+        let mut cmd = ::redis::cmd("FCALL");
+        cmd.arg(name).arg(keys.len()).arg(keys).arg(args);
+        cmd
+    };
+    let enter = |call: &str| {
+        fcall(
+            "gm_sh_enter",
+            &[&ptr, &state],
+            &[
+                "k1".into(),
+                now.to_string(),
+                deadline.to_string(),
+                format!("gm1:{{{p}}}:sw:x"),
+                "listing".into(),
+                String::new(),
+                "replica".into(),
+                keep.to_string(),
+                prefix.clone(),
+                call.into(),
+            ],
+        )
+    };
+    let leave = |call: &str| fcall("gm_sh_leave", &[&ptr, &state], &["k1".into(), call.into()]);
+    let callers = || {
+        let (mut con, state) = (con.clone(), state.clone());
+        async move {
+            ::redis::cmd("HGET")
+                .arg(&state)
+                .arg("n")
+                .query_async::<Option<i64>>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Each step twice, as a retry after a lost reply sends it: the same answer both times,
+    // and one caller counted.
+    for _ in 0..2 {
+        assert_eq!(run(enter("c1")).await, ["new"], "the starting call");
+    }
+    assert_eq!(callers().await, Some(1));
+    for _ in 0..2 {
+        assert_eq!(run(enter("c2")).await, ["join"], "another caller of the id");
+    }
+    assert_eq!(callers().await, Some(2));
+    let reserve = fcall(
+        "gm_sh_reserve",
+        &[&state],
+        &[
+            "partner".into(),
+            "partner-state".into(),
+            "mid".into(),
+            "1".into(),
+            "0".into(),
+            (now + 1_000).to_string(),
+            now.to_string(),
+        ],
+    );
+    for _ in 0..2 {
+        assert_eq!(run(reserve.clone()).await, ["ok"], "its own reservation");
+    }
+    let other = fcall(
+        "gm_sh_reserve",
+        &[&state],
+        &[
+            "someone-else".into(),
+            "their-state".into(),
+            "mid2".into(),
+            "1".into(),
+            "0".into(),
+            (now + 1_000).to_string(),
+            now.to_string(),
+        ],
+    );
+    assert_eq!(run(other).await, ["busy"], "another reservation waits");
+    assert_eq!(run(fcall("gm_sh_revert", &[&state], &[])).await, ["ok"]);
+    for _ in 0..2 {
+        assert_eq!(run(leave("c2")).await, ["left"]);
+    }
+    assert_eq!(callers().await, Some(1), "one leave counted");
+    let withdrawn = run(leave("c1")).await;
+    assert_eq!(withdrawn[0], "withdrawn", "the last caller withdraws it");
+    assert_eq!(run(leave("c1")).await, ["left"]);
+    assert_eq!(callers().await, None, "the shake is forgotten");
+    gm.stop().await;
+}

@@ -4,9 +4,10 @@
 -- retries one whose connection dropped after it was sent (geomatch's own direct path to a
 -- slot's master never does; see store/redis/direct.rs). People Nearby's functions answer
 -- such a second run as the first did (gm_user, gm_forget) or change nothing more by it
--- (gm_put, gm_del, gm_expire, gm_lease; a watch may be told a change twice). Some Shake
--- steps do not yet (gm_sh_enter and gm_sh_leave count a waiter twice, gm_sh_reserve
--- reports its own reservation as busy, gm_rate takes two tokens).
+-- (gm_put, gm_del, gm_expire, gm_lease; a watch may be told a change twice). Shake's
+-- steps answer a second run as the first (gm_sh_enter and gm_sh_leave know each call by
+-- name, gm_sh_reserve knows its own reservation) or change nothing more by it. gm_rate
+-- run twice takes two tokens.
 --
 -- A privacy cell is one string: its members back to back, each
 --   [id length: 1 byte][id][last seen: 6 bytes LE ms][time to live: 4 bytes LE ms][flags: 1 byte]
@@ -252,25 +253,37 @@ local function done(state)
 end
 
 -- gm_sh_enter(pointer, state; id, now_ms, deadline_ms, index_key, member, excludes,
---             replica, keep_ms, state_prefix)
+--             replica, keep_ms, state_prefix, call)
 -- Starts a shake, or joins it when the id is the user's current one. Returns
 --   {'done', st, p, d, mid, t}   a finished shake of this id (a retry);
 --   {'join'}                     it is still open: wait for it;
 --   {'busy'}                     the user's previous shake is reserving a partner: retry;
 --   {'new', r, k, e}             started; r/k/e name a waiting shake it superseded.
+-- `call` names this call (unique per replica and call): run again for the same call (a
+-- retry after a lost reply), it answers as the first run did and counts no new caller.
+-- The state keeps the starting call ('c0', with what it superseded: 'sr', 'sk', 'se') and
+-- the calls waiting on it ('cs', space-separated).
 redis.register_function('gm_sh_enter', function(keys, args)
   local ptr, state = keys[1], keys[2]
-  local id, now, replica = args[1], tonumber(args[2]), args[7]
-  local cur = redis.call('HMGET', state, 'st', 'dl', 'r')
+  local id, now, replica, call = args[1], tonumber(args[2]), args[7], args[10]
+  local cur = redis.call('HMGET', state, 'st', 'dl', 'r', 'c0', 'cs', 'sr', 'sk', 'se')
   if cur[1] then
     if cur[1] == 'W' and tonumber(cur[2]) <= now then
       redis.call('HSET', state, 'st', 'N')
       return done(state)
     end
     if cur[1] == 'M' or cur[1] == 'N' then return done(state) end
+    if call and call == cur[4] then
+      if cur[6] then return {'new', cur[6], cur[7], cur[8]} end
+      return {'new'}
+    end
+    if call and string.find(' ' .. (cur[5] or '') .. ' ', ' ' .. call .. ' ', 1, true) then
+      return {'join'}
+    end
     if not string.find(' ' .. cur[3] .. ' ', ' ' .. replica .. ' ', 1, true) then
       redis.call('HSET', state, 'r', cur[3] .. ' ' .. replica)
     end
+    if call then redis.call('HSET', state, 'cs', (cur[5] or '') .. ' ' .. call) end
     redis.call('HINCRBY', state, 'n', 1)
     return {'join'}
   end
@@ -288,6 +301,10 @@ redis.register_function('gm_sh_enter', function(keys, args)
   redis.call('SET', ptr, id, 'PX', args[8])
   redis.call('HSET', state, 'st', 'W', 'dl', args[3], 'k', args[4], 'e', args[5], 'x', args[6],
     'r', replica, 'n', 1)
+  if call then
+    redis.call('HSET', state, 'c0', call, 'cs', call)
+    if result[2] then redis.call('HSET', state, 'sr', result[2], 'sk', result[3], 'se', result[4]) end
+  end
   redis.call('PEXPIRE', state, args[8])
   return result
 end)
@@ -304,7 +321,12 @@ redis.register_function('gm_sh_reserve', function(keys, args)
     return {'ok'}
   end
   if s[1] == 'M' or s[1] == 'N' then return done(keys[1]) end
-  if s[1] == 'R' then return {'busy'} end
+  if s[1] == 'R' then
+    -- This very reservation, made by a first run whose reply was lost.
+    local r = redis.call('HMGET', keys[1], 'ri', 'rm')
+    if r[1] == args[1] and r[2] == args[3] then return {'ok'} end
+    return {'busy'}
+  end
   return {'gone'}
 end)
 
@@ -369,20 +391,29 @@ redis.register_function('gm_sh_abort', function(keys, args)
   return {'aborted'}
 end)
 
--- gm_sh_leave(pointer, state; id)
--- A caller stops waiting. The last one withdraws a shake still waiting: it is forgotten
--- (a retry starts afresh) and {'withdrawn', k, e} names its listing. Else {'done', ...}
--- when it has an outcome, or {'left'}.
+-- gm_sh_leave(pointer, state; id, call)
+-- A caller (`call`, as it entered) stops waiting. The last one withdraws a shake still
+-- waiting: it is forgotten (a retry starts afresh) and {'withdrawn', k, e} names its
+-- listing. Else {'done', ...} when it has an outcome, or {'left'}. Run again for the same
+-- call, it counts no second leave.
 redis.register_function('gm_sh_leave', function(keys, args)
-  local st = redis.call('HGET', keys[2], 'st')
+  local s = redis.call('HMGET', keys[2], 'st', 'cs')
+  local st, call = s[1], args[2]
   if not st then return {'left'} end
   if st == 'M' or st == 'N' then return done(keys[2]) end
+  if call then
+    local callers = ' ' .. (s[2] or '') .. ' '
+    local at = string.find(callers, ' ' .. call .. ' ', 1, true)
+    if not at then return {'left'} end
+    local rest = string.sub(callers, 1, at) .. string.sub(callers, at + #call + 2)
+    redis.call('HSET', keys[2], 'cs', string.match(rest, '^%s*(.-)%s*$'))
+  end
   local n = redis.call('HINCRBY', keys[2], 'n', -1)
   if n <= 0 and st == 'W' then
-    local s = redis.call('HMGET', keys[2], 'k', 'e')
+    local listing = redis.call('HMGET', keys[2], 'k', 'e')
     redis.call('DEL', keys[2])
     if redis.call('GET', keys[1]) == args[1] then redis.call('DEL', keys[1]) end
-    return {'withdrawn', s[1], s[2]}
+    return {'withdrawn', listing[1], listing[2]}
   end
   return {'left'}
 end)

@@ -109,6 +109,9 @@ struct Me {
     excludes: Vec<UserId>,
     /// Whether it may join the ANYWHERE pool.
     anywhere: bool,
+    /// This call's name (the replica's, and a number of its own), by which a step run
+    /// again for the same call is told from another caller's.
+    call: String,
 }
 
 /// What trying one candidate came to.
@@ -215,6 +218,11 @@ impl RedisShake {
             max_distance_m,
             excludes: req.exclude.clone(),
             anywhere: req.fallback == Fallback::Anywhere,
+            call: format!(
+                "{}.{}",
+                self.replica,
+                self.seq.fetch_add(1, Ordering::Relaxed)
+            ),
         };
         let wake = self.wakes.register(&me.keys.state);
         let entered = self.enter(&me, now, now + ms(window)).await?;
@@ -234,6 +242,7 @@ impl RedisShake {
         let mut guard = Leave {
             shake: self.clone(),
             keys: me.keys.clone(),
+            call: me.call.clone(),
             task: creator.then(|| {
                 let (this, me) = (self.clone(), me.clone());
                 tokio::spawn(async move { this.drive(&me).await })
@@ -253,7 +262,7 @@ impl RedisShake {
                 if let Some(task) = guard.task.take() {
                     let _ = task.await;
                 }
-                match self.leave(&me.keys).await? {
+                match self.leave(&me.keys, &me.call).await? {
                     Some(Outcome::Matched(m)) => Ok(Outcome::Matched(m)),
                     _ => Err(Error::DeadlineExceeded),
                 }
@@ -268,12 +277,12 @@ impl RedisShake {
 
     /// This call stops waiting on the shake (the last one withdraws it); its outcome if it
     /// has one.
-    async fn leave(&self, keys: &Keys) -> Result<Option<Outcome>> {
+    async fn leave(&self, keys: &Keys, call: &str) -> Result<Option<Outcome>> {
         let r = self
             .fcall(
                 "gm_sh_leave",
                 &[&keys.pointer, &keys.state],
-                &[&keys.shake_id],
+                &[&keys.shake_id, call],
             )
             .await?;
         match word(&r) {
@@ -321,6 +330,7 @@ impl RedisShake {
                         &self.replica,
                         &keep.to_string(),
                         &prefix,
+                        &me.call,
                     ],
                 )
                 .await?;
@@ -475,6 +485,8 @@ impl Drop for Counted<'_> {
 struct Leave {
     shake: Arc<RedisShake>,
     keys: Keys,
+    /// The call that entered ([`Me::call`]).
+    call: String,
     task: Option<JoinHandle<Result<Option<Outcome>>>>,
     armed: bool,
 }
@@ -485,13 +497,13 @@ impl Drop for Leave {
             return;
         }
         let shake = self.shake.clone();
-        let keys = self.keys.clone();
+        let (keys, call) = (self.keys.clone(), self.call.clone());
         let task = self.task.take();
         tokio::spawn(async move {
             if let Some(d) = task {
                 let _ = d.await;
             }
-            let _ = shake.leave(&keys).await;
+            let _ = shake.leave(&keys, &call).await;
         });
     }
 }
