@@ -661,15 +661,26 @@ async fn a_users_record_answers_a_retried_call_as_the_first_run_did() {
     let gm = start_store(&["--store", "redis", "--redis-url", &url]).await;
     let con = server.connection().await;
     let key = format!("gm1:u:{{{}}}", redis::unique_prefix("rerun"));
-    let record = |cell: &str, seen_ms: i64| {
+    let record_for = |cell: &str, seen_ms: i64, ttl_ms: i64| {
         ::redis::cmd("FCALL")
             .arg("gm_user")
             .arg(1)
             .arg(&key)
             .arg(cell)
             .arg(seen_ms)
-            .arg(60_000)
+            .arg(ttl_ms)
             .clone()
+    };
+    let record = |cell: &str, seen_ms: i64| record_for(cell, seen_ms, 60_000);
+    let ttl_ms = || {
+        let (key, con) = (key.clone(), con.clone());
+        async move {
+            ::redis::cmd("PTTL")
+                .arg(&key)
+                .query_async::<i64>(&mut con.clone())
+                .await
+                .unwrap()
+        }
     };
     let forget = ::redis::cmd("FCALL")
         .arg("gm_forget")
@@ -694,6 +705,13 @@ async fn a_users_record_answers_a_retried_call_as_the_first_run_did() {
     for _ in 0..2 {
         assert_eq!(run(&record("c", 15)).await, None, "an older ping loses");
     }
+    // Another ping of the same cell and millisecond asking a longer life: the record
+    // lives as long as the later asks.
+    assert_eq!(
+        run(&record_for("b", 20, 600_000)).await.as_deref(),
+        Some("a")
+    );
+    assert!(ttl_ms().await > 60_000, "the longer life holds");
     for _ in 0..2 {
         assert_eq!(
             run(&forget).await.as_deref(),
@@ -708,6 +726,16 @@ async fn a_users_record_answers_a_retried_call_as_the_first_run_did() {
         .await
         .unwrap();
     assert_eq!(held, None, "no current cell after a clear");
+    let kept: Vec<String> = ::redis::cmd("HKEYS")
+        .arg(&key)
+        .query_async(&mut server.connection().await)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["f"], "only the forgotten cell is kept");
+    assert!(
+        (1..=10_000).contains(&ttl_ms().await),
+        "and only for a retried clear"
+    );
     // A ping after the clear is recorded afresh.
     assert_eq!(run(&record("d", 30)).await.as_deref(), Some(""));
     gm.stop().await;

@@ -7,20 +7,35 @@
 //! user: each user's pings are applied in stream order, as in memory, and the travel
 //! check sees them in that order. Either way the summary counts every item and reports the
 //! first [`MAX_REPORTED_REJECTIONS`] rejections in stream order.
+//!
+//! A stream holds one admission slot (`--max-concurrent-requests`) however many of its
+//! items are under way, so the items of all streams together are bounded here, by
+//! [`ITEMS_UNDER_WAY`]. An item once started is applied to the end (each store call is
+//! bounded by `--store-timeout`), also when the caller goes away: a ping stopped halfway
+//! could leave a second copy of its user in the old cell.
 
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
 };
 
+use opentelemetry::context::FutureExt as _;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::Status;
+use tracing::Instrument as _;
 
 use super::pb;
 use crate::{error::Error, nearby::Placement};
 
 /// Rejections an `UpdateLocations` summary reports in detail (all are counted).
 pub(super) const MAX_REPORTED_REJECTIONS: usize = 16;
+
+/// Most items of all overlapped streams under way at once, process-wide.
+pub(super) const ITEMS_UNDER_WAY: usize = 256;
+
+/// The permits for [`ITEMS_UNDER_WAY`].
+static UNDER_WAY_PERMITS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(ITEMS_UNDER_WAY);
 
 /// A summary as it is counted.
 #[derive(Default)]
@@ -100,11 +115,18 @@ where
                 break;
             }
         }
-        under_way.start(index, user, apply(item));
+        // The process-wide bound; the semaphore is never closed.
+        let permit = UNDER_WAY_PERMITS.acquire().await.ok();
+        let applying = apply(item);
+        under_way.start(index, user, async move {
+            let outcome = applying.await;
+            drop(permit);
+            outcome
+        });
         index += 1;
     };
     while under_way.finish_one().await {}
-    ended.map(|()| under_way.tally.0)
+    ended.map(|()| std::mem::take(&mut under_way.tally.0))
 }
 
 /// The items of a stream under way ([`overlapped`]).
@@ -126,7 +148,12 @@ impl UnderWay {
         user: String,
         apply: impl Future<Output = Result<Placement, Error>> + Send + 'static,
     ) {
-        let task = self.running.spawn(apply);
+        // In the call's log span and trace, so its store calls join them.
+        let task = self.running.spawn(
+            apply
+                .in_current_span()
+                .with_context(opentelemetry::Context::current()),
+        );
         self.busy.insert(user.clone());
         self.items.insert(task.id(), (index, user));
     }
@@ -149,6 +176,13 @@ impl UnderWay {
             self.tally.count(index, outcome);
         }
         true
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        // The caller went away: the items already started are applied to the end.
+        self.running.detach_all();
     }
 }
 
@@ -297,6 +331,54 @@ mod tests {
             done.load(Ordering::SeqCst),
             50,
             "every item before the error applied"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_under_way_are_applied_to_the_end_when_the_caller_goes_away() {
+        let (started, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let items: Vec<Result<Item, Status>> = (0..20)
+            .map(|index| {
+                Ok(Item {
+                    index,
+                    user: format!("u{index}"),
+                    bad: false,
+                })
+            })
+            .collect();
+        let call = {
+            let (started, done) = (started.clone(), done.clone());
+            tokio::spawn(async move {
+                overlapped(
+                    tokio_stream::iter(items),
+                    8,
+                    |item: &Item| item.user.clone(),
+                    |_item: Item| {
+                        let (started, done) = (started.clone(), done.clone());
+                        async move {
+                            started.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            done.fetch_add(1, Ordering::SeqCst);
+                            placed()
+                        }
+                    },
+                )
+                .await
+            })
+        };
+        while started.load(Ordering::SeqCst) < 8 {
+            tokio::task::yield_now().await;
+        }
+        // The caller goes away with eight items under way.
+        call.abort();
+        assert!(call.await.is_err_and(|e| e.is_cancelled()));
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 8, "no item started after");
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            8,
+            "every item started was applied"
         );
     }
 

@@ -20,7 +20,9 @@
 //!
 //! A direct attempt that fails after it may have run (its connection dropped, no answer
 //! in time) is not sent again: the call fails as UNAVAILABLE, as the Cluster client's own
-//! call would without its retries. So this path never runs a call twice.
+//! call would without its retries. So this path never runs a call twice. A connection
+//! that dropped is set aside at once (its slots go through the Cluster client, which
+//! reconnects) until the routes are read again.
 //!
 //! A slot without a route and every failed direct attempt ask for the routes to be read
 //! again, in the background, at most once per [`REREAD_EVERY`]: after a failover or a
@@ -29,7 +31,7 @@
 
 use std::sync::{
     Arc, Mutex, PoisonError,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use arc_swap::ArcSwapOption;
@@ -75,7 +77,28 @@ pub(super) fn count_direct() {
 struct Routes {
     /// Index into `masters` per slot, or [`NO_ROUTE`].
     owner: Box<[u16]>,
-    masters: Vec<MultiplexedConnection>,
+    masters: Vec<Master>,
+}
+
+/// A connection to one master. A multiplexed connection never reconnects: once it has
+/// dropped, its slots go through the Cluster client until the routes are read again.
+struct Master {
+    conn: MultiplexedConnection,
+    dropped: Arc<AtomicBool>,
+}
+
+/// The connection a call goes straight to.
+pub(super) struct Direct {
+    pub(super) conn: MultiplexedConnection,
+    dropped: Arc<AtomicBool>,
+}
+
+impl Direct {
+    /// Sets this connection aside after it dropped: its slots go through the Cluster
+    /// client until the routes are read again.
+    pub(super) fn dropped(&self) {
+        self.dropped.store(true, Ordering::Relaxed);
+    }
 }
 
 /// When the routes were last read, and whether a reading is under way.
@@ -112,17 +135,21 @@ impl Router {
         self: &Arc<Self>,
         call: Call<'_>,
         cluster: &ClusterConnection,
-    ) -> Option<MultiplexedConnection> {
+    ) -> Option<Direct> {
         let slot = slot_of(call)?;
         let routes = self.routes.load();
-        let conn = routes.as_ref().and_then(|r| {
+        let direct = routes.as_ref().and_then(|r| {
             let i = *r.owner.get(usize::from(slot))?;
-            r.masters.get(usize::from(i)).cloned()
+            let master = r.masters.get(usize::from(i))?;
+            (!master.dropped.load(Ordering::Relaxed)).then(|| Direct {
+                conn: master.conn.clone(),
+                dropped: master.dropped.clone(),
+            })
         });
-        if conn.is_none() {
+        if direct.is_none() {
             self.reread(cluster);
         }
-        conn
+        direct
     }
 
     /// Reads the routes again in the background, unless a reading is under way or one
@@ -237,7 +264,10 @@ async fn read_routes(
     for (i, conn) in made.into_iter().enumerate() {
         if let (Some(conn), Ok(at)) = (conn, u16::try_from(masters.len())) {
             index[i] = Some(at);
-            masters.push(conn);
+            masters.push(Master {
+                conn,
+                dropped: Arc::default(),
+            });
         }
     }
     for (start, end, addr) in &ranges {

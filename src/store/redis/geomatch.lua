@@ -125,23 +125,31 @@ end)
 -- lost), it answers as the first run did: the record keeps the cell it replaced ('p').
 redis.register_function('gm_user', function(keys, args)
   local cell, seen, ttl = args[1], tonumber(args[2]), args[3]
-  local old = redis.call('HMGET', keys[1], 'c', 't', 'p')
-  if old[1] == cell and old[2] == args[2] then return old[3] or '' end
+  local old = redis.call('HMGET', keys[1], 'c', 't', 'p', 'f')
+  if old[1] == cell and old[2] == args[2] then
+    -- This ping again, or another of the same cell and millisecond: the record lives as
+    -- long as the later asks.
+    redis.call('PEXPIRE', keys[1], ttl)
+    return old[3] or ''
+  end
   if old[2] and tonumber(old[2]) > seen then return false end
   redis.call('HSET', keys[1], 'c', cell, 't', args[2], 'p', old[1] or '')
+  if old[4] then redis.call('HDEL', keys[1], 'f') end
   redis.call('PEXPIRE', keys[1], ttl)
   return old[1] or ''
 end)
 
--- gm_forget(user;) -> the cell the user was recorded in ('' when none); forgets it. The
--- record keeps the forgotten cell ('f', without a current one) until it expires, so a
--- call run again (retried after its reply was lost) answers the same cell, and the
--- caller still takes the member out of it.
+-- gm_forget(user;) -> the cell the user was recorded in ('' when none); forgets it. For a
+-- call run again (retried after its reply was lost) the record keeps only the forgotten
+-- cell ('f') for FORGOTTEN_MS, so the second run answers the same cell and the caller
+-- still takes the member out of it.
+local FORGOTTEN_MS = 10000
 redis.register_function('gm_forget', function(keys, args)
   local rec = redis.call('HMGET', keys[1], 'c', 'f')
   if rec[1] then
-    redis.call('HDEL', keys[1], 'c')
+    redis.call('DEL', keys[1])
     redis.call('HSET', keys[1], 'f', rec[1])
+    redis.call('PEXPIRE', keys[1], FORGOTTEN_MS)
     return rec[1]
   end
   return rec[2] or ''

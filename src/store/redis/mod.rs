@@ -11,7 +11,7 @@
 //! | `gm1:{T}:b:<cell>` | STRING | the cell's members back to back, in the in-memory bucket encoding, in any order (readers sort) |
 //! | `gm1:{T}:o:<coarse>` | SET | the occupied privacy cells of a coarse (resolution 7) cell |
 //! | `gm1:{T}:x` | ZSET | `coarse/cell|user` → when the sweep looks at it (unix ms): never after the member's expiry, earlier when the user pinged again since (the sweep then moves it on) |
-//! | `gm1:u:{<user>}` | HASH | `c`: the user's privacy cell, `t`: last seen; expires with the ping |
+//! | `gm1:u:{<user>}` | HASH | `c`: the user's privacy cell, `t`: last seen, `p`: the cell before (for a retried call); expires with the ping. After a clear only `f`, the forgotten cell, for 10 s (for a retried clear) |
 //! | `gm1:tags` | SET | the tags that hold data, for the sweep |
 //! | `gm1:meta` | HASH | `schema`, and the page-token key every replica shares |
 //! | `gm1:sweep-lease` | STRING | the replica that sweeps now (expires unless renewed) |
@@ -221,7 +221,7 @@ impl Conn {
                     // Cluster client when not, or when the master refused the call
                     // without running it (`direct`).
                     if let Some(mut master) = router.route(call, c) {
-                        match call.query(&mut master).await {
+                        match call.query(&mut master.conn).await {
                             Ok(answer) => {
                                 direct::count_direct();
                                 return Ok(answer);
@@ -233,6 +233,9 @@ impl Conn {
                                 return Err(e);
                             }
                             Err(e) => {
+                                if e.is_io_error() || e.is_connection_dropped() {
+                                    master.dropped();
+                                }
                                 router.reread(c);
                                 if !direct::not_run(&e) {
                                     direct::count_direct();
