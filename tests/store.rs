@@ -740,3 +740,41 @@ async fn a_users_record_answers_a_retried_call_as_the_first_run_did() {
     assert_eq!(run(&record("d", 30)).await.as_deref(), Some(""));
     gm.stop().await;
 }
+
+#[tokio::test]
+async fn a_clear_also_takes_the_user_out_of_a_cell_a_failed_move_left_them_in() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let gm = start_store(&["--store", "redis", "--redis-url", &url, "--max-speed", "0"]).await;
+    let mut c = gm.nearby().await;
+    let p = redis::unique_prefix("orphan");
+    let user = format!("{p}u");
+    let here = SHANGHAI;
+    let there = common::fixtures::moved(SHANGHAI, 3_000.0, 0.0);
+    c.update_location(ping(&user, here)).await.unwrap();
+    // A move whose last step never ran (its replica died): the record names the new cell,
+    // and the old cell still holds the user.
+    let moved_away: Option<String> = ::redis::cmd("FCALL")
+        .arg("gm_user")
+        .arg(1)
+        .arg(format!("gm1:u:{{{user}}}"))
+        .arg(privacy_cell(there).to_string())
+        .arg(T0 + 1_000)
+        .arg(60_000)
+        .query_async(&mut server.connection().await)
+        .await
+        .unwrap();
+    assert_eq!(moved_away, Some(privacy_cell(here).to_string()));
+    let searcher = format!("{p}searcher");
+    assert!(found(&mut c, search(&searcher, here)).await.contains(&user));
+
+    c.clear_location(clear(&user)).await.unwrap();
+    assert!(
+        !found(&mut c, search(&searcher, here)).await.contains(&user),
+        "a cleared user is found nowhere"
+    );
+    assert!(!held(&mut c, &user).await.found);
+    gm.stop().await;
+}

@@ -133,7 +133,11 @@ redis.register_function('gm_user', function(keys, args)
     return old[3] or ''
   end
   if old[2] and tonumber(old[2]) > seen then return false end
-  redis.call('HSET', keys[1], 'c', cell, 't', args[2], 'p', old[1] or '')
+  -- 'p' is the cell the user was in before this one: a ping from the same cell keeps it,
+  -- so that a clear (and this ping run again) still finds a copy a failed move left there.
+  local before = old[1] or ''
+  if old[1] == cell then before = old[3] or '' end
+  redis.call('HSET', keys[1], 'c', cell, 't', args[2], 'p', before)
   if old[4] then redis.call('HDEL', keys[1], 'f') end
   redis.call('PEXPIRE', keys[1], ttl)
   return old[1] or ''

@@ -336,16 +336,29 @@ impl RedisNearby {
     /// # Errors
     /// [`Error::Unavailable`] when the store does not answer.
     pub async fn clear(&self, user: &UserId, now_ms: i64) -> Result<bool> {
-        let forget = redis::cmd("FCALL")
+        // The cell before the last one too: a ping whose last step failed (the replica
+        // died, or the store did not answer) leaves a copy of the user there.
+        let key = user_key(user.as_str());
+        let mut forget = redis::pipe();
+        forget
+            .cmd("HGET")
+            .arg(&key)
+            .arg("p")
+            .cmd("FCALL")
             .arg("gm_forget")
             .arg(1)
-            .arg(user_key(user.as_str()))
-            .clone();
-        let cell: String = self.conn.query(&forget).await?;
+            .arg(&key);
+        let (before, cell): (Option<String>, String) = self.conn.pipe(&forget).await?;
         let Ok(cell) = cell.parse::<CellIndex>() else {
             return Ok(false);
         };
         let removed = self.remove(cell, user.as_str(), None, None).await?;
+        if let Some(before) = before
+            .and_then(|b| b.parse::<CellIndex>().ok())
+            .filter(|&b| b != cell)
+        {
+            self.remove(before, user.as_str(), None, None).await?;
+        }
         Ok(removed
             .as_deref()
             .and_then(|f| bucket::from_fields(user.as_str().as_bytes(), f))
