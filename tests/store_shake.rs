@@ -527,24 +527,22 @@ async fn shake_steps_answer_a_retried_call_as_the_first_run_did() {
         cmd.arg(name).arg(keys.len()).arg(keys).arg(args);
         cmd
     };
-    let enter = |call: &str| {
-        fcall(
-            "gm_sh_enter",
-            &[&ptr, &state],
-            &[
-                "k1".into(),
-                now.to_string(),
-                deadline.to_string(),
-                format!("gm1:{{{p}}}:sw:x"),
-                "listing".into(),
-                String::new(),
-                "replica".into(),
-                keep.to_string(),
-                prefix.clone(),
-                call.into(),
-            ],
-        )
+    let enter_with = |call: Option<&str>| {
+        let mut args = vec![
+            "k1".into(),
+            now.to_string(),
+            deadline.to_string(),
+            format!("gm1:{{{p}}}:sw:x"),
+            "listing".into(),
+            String::new(),
+            "replica".into(),
+            keep.to_string(),
+            prefix.clone(),
+        ];
+        args.extend(call.map(str::to_owned));
+        fcall("gm_sh_enter", &[&ptr, &state], &args)
     };
+    let enter = |call: &str| enter_with(Some(call));
     let leave = |call: &str| fcall("gm_sh_leave", &[&ptr, &state], &["k1".into(), call.into()]);
     let callers = || {
         let (mut con, state) = (con.clone(), state.clone());
@@ -603,6 +601,12 @@ async fn shake_steps_answer_a_retried_call_as_the_first_run_did() {
         assert_eq!(run(leave("c2")).await, ["left"]);
     }
     assert_eq!(callers().await, Some(1), "one leave counted");
+    // A caller that entered through an older library, which kept no names: its leave is
+    // counted as before.
+    assert_eq!(run(enter_with(None)).await, ["join"]);
+    assert_eq!(callers().await, Some(2));
+    assert_eq!(run(leave("entered-unnamed")).await, ["left"]);
+    assert_eq!(callers().await, Some(1), "counted as before");
     let withdrawn = run(leave("c1")).await;
     assert_eq!(withdrawn[0], "withdrawn", "the last caller withdraws it");
     assert_eq!(run(leave("c1")).await, ["left"]);

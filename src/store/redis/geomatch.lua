@@ -144,15 +144,16 @@ redis.register_function('gm_user', function(keys, args)
 end)
 
 -- gm_forget(user;) -> the cell the user was recorded in ('' when none); forgets it. For a
--- call run again (retried after its reply was lost) the record keeps only the forgotten
--- cell ('f') for FORGOTTEN_MS, so the second run answers the same cell and the caller
--- still takes the member out of it.
+-- call run again (retried after its reply was lost) the record keeps, for FORGOTTEN_MS and
+-- without a current cell, the forgotten cell ('f'), the cell before it ('p') and the last
+-- seen time ('t'): the second run answers the same, the caller still empties both cells
+-- of what is not newer than 't', and a ping older than the forgotten one stays refused.
 local FORGOTTEN_MS = 10000
 redis.register_function('gm_forget', function(keys, args)
-  local rec = redis.call('HMGET', keys[1], 'c', 'f')
+  local rec = redis.call('HMGET', keys[1], 'c', 'f', 'p', 't')
   if rec[1] then
     redis.call('DEL', keys[1])
-    redis.call('HSET', keys[1], 'f', rec[1])
+    redis.call('HSET', keys[1], 'f', rec[1], 'p', rec[3] or '', 't', rec[4] or '0')
     redis.call('PEXPIRE', keys[1], FORGOTTEN_MS)
     return rec[1]
   end
@@ -407,18 +408,27 @@ end)
 -- A caller (`call`, as it entered) stops waiting. The last one withdraws a shake still
 -- waiting: it is forgotten (a retry starts afresh) and {'withdrawn', k, e} names its
 -- listing. Else {'done', ...} when it has an outcome, or {'left'}. Run again for the same
--- call, it counts no second leave.
+-- call, it counts no second leave (the calls that left are kept in 'cl'). A repeated last
+-- leave finds the shake forgotten and answers {'left'}: its listing stays in the waiting
+-- index until its deadline, where a scan finds the state gone.
 redis.register_function('gm_sh_leave', function(keys, args)
-  local s = redis.call('HMGET', keys[2], 'st', 'cs')
+  local s = redis.call('HMGET', keys[2], 'st', 'cs', 'cl')
   local st, call = s[1], args[2]
   if not st then return {'left'} end
   if st == 'M' or st == 'N' then return done(keys[2]) end
   if call then
     local callers = ' ' .. (s[2] or '') .. ' '
     local at = string.find(callers, ' ' .. call .. ' ', 1, true)
-    if not at then return {'left'} end
-    local rest = string.sub(callers, 1, at) .. string.sub(callers, at + #call + 2)
-    redis.call('HSET', keys[2], 'cs', string.match(rest, '^%s*(.-)%s*$'))
+    if at then
+      local rest = string.sub(callers, 1, at) .. string.sub(callers, at + #call + 2)
+      redis.call('HSET', keys[2], 'cs', string.match(rest, '^%s*(.-)%s*$'),
+        'cl', (s[3] or '') .. ' ' .. call)
+    elseif string.find(' ' .. (s[3] or '') .. ' ', ' ' .. call .. ' ', 1, true) then
+      -- This call left already: a second run.
+      return {'left'}
+    end
+    -- Else a call that entered through an older library, which kept no names: counted
+    -- as before.
   end
   local n = redis.call('HINCRBY', keys[2], 'n', -1)
   if n <= 0 and st == 'W' then

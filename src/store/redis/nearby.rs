@@ -337,27 +337,32 @@ impl RedisNearby {
     /// [`Error::Unavailable`] when the store does not answer.
     pub async fn clear(&self, user: &UserId, now_ms: i64) -> Result<bool> {
         // The cell before the last one too: a ping whose last step failed (the replica
-        // died, or the store did not answer) leaves a copy of the user there.
+        // died, or the store did not answer) leaves a copy of the user there. Read with
+        // the forget in one step, and both cells emptied only of members not newer than
+        // the forgotten ping: a ping through another replica after the clear stays.
         let key = user_key(user.as_str());
         let mut forget = redis::pipe();
         forget
-            .cmd("HGET")
+            .atomic()
+            .cmd("HMGET")
             .arg(&key)
             .arg("p")
+            .arg("t")
             .cmd("FCALL")
             .arg("gm_forget")
             .arg(1)
             .arg(&key);
-        let (before, cell): (Option<String>, String) = self.conn.pipe(&forget).await?;
+        let ((before, seen), cell): ((Option<String>, Option<i64>), String) =
+            self.conn.pipe(&forget).await?;
         let Ok(cell) = cell.parse::<CellIndex>() else {
             return Ok(false);
         };
-        let removed = self.remove(cell, user.as_str(), None, None).await?;
+        let removed = self.remove(cell, user.as_str(), seen, None).await?;
         if let Some(before) = before
             .and_then(|b| b.parse::<CellIndex>().ok())
             .filter(|&b| b != cell)
         {
-            self.remove(before, user.as_str(), None, None).await?;
+            self.remove(before, user.as_str(), seen, None).await?;
         }
         Ok(removed
             .as_deref()
