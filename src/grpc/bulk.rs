@@ -222,6 +222,41 @@ mod tests {
         })
     }
 
+    /// `n` items, each of its own user.
+    fn one_each(n: u64) -> Vec<Result<Item, Status>> {
+        (0..n)
+            .map(|index| {
+                Ok(Item {
+                    index,
+                    user: format!("u{index}"),
+                    bad: false,
+                })
+            })
+            .collect()
+    }
+
+    /// Items under way now, and the most there were at once.
+    #[derive(Default)]
+    struct UnderWayGauge {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl UnderWayGauge {
+        fn begin(&self) {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+        }
+
+        fn end(&self) {
+            self.now.fetch_sub(1, Ordering::SeqCst);
+        }
+
+        fn most(&self) -> usize {
+            self.most.load(Ordering::SeqCst)
+        }
+    }
+
     /// 120 items of 5 users, every seventh refused.
     fn stream() -> Vec<Result<Item, Status>> {
         (0..120)
@@ -238,23 +273,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn overlapped_items_of_one_user_are_applied_in_stream_order() {
         let applied: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
-        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let gauge = Arc::new(UnderWayGauge::default());
         let summary = overlapped(
             tokio_stream::iter(stream()),
             8,
             |item: &Item| item.user.clone(),
             |item: Item| {
-                let (applied, running, most) = (applied.clone(), running.clone(), most.clone());
+                let (applied, gauge) = (applied.clone(), gauge.clone());
                 async move {
-                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
+                    gauge.begin();
                     // Later items take less time: left alone, they would finish first.
                     tokio::time::sleep(Duration::from_millis(200 - item.index)).await;
                     applied
                         .lock()
                         .unwrap()
                         .push((item.user.clone(), item.index));
-                    running.fetch_sub(1, Ordering::SeqCst);
+                    gauge.end();
                     if item.bad { refused(&item) } else { placed() }
                 }
             },
@@ -272,7 +306,7 @@ mod tests {
             assert!(order.is_sorted(), "u{user} applied out of order: {order:?}");
         }
         // One item per user at a time: five users, five under way.
-        assert_eq!(most.load(Ordering::SeqCst), 5, "items overlapped");
+        assert_eq!(gauge.most(), 5, "items overlapped");
         let bad: Vec<u64> = (0..120).filter(|i| i % 7 == 3).collect();
         assert_eq!(summary.rejected, bad.len() as u64);
         assert_eq!(summary.accepted, 120 - bad.len() as u64);
@@ -288,30 +322,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn overlapped_keeps_to_its_bound_and_applies_items_before_a_stream_error() {
-        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let gauge = Arc::new(UnderWayGauge::default());
         let done = Arc::new(AtomicUsize::new(0));
         // 50 users, one item each, then a broken stream.
-        let mut items: Vec<Result<Item, Status>> = (0..50)
-            .map(|index| {
-                Ok(Item {
-                    index,
-                    user: format!("u{index}"),
-                    bad: false,
-                })
-            })
-            .collect();
+        let mut items = one_each(50);
         items.push(Err(Status::invalid_argument("undecodable")));
         let ended = overlapped(
             tokio_stream::iter(items),
             8,
             |item: &Item| item.user.clone(),
             |item: Item| {
-                let (running, most, done) = (running.clone(), most.clone(), done.clone());
+                let (gauge, done) = (gauge.clone(), done.clone());
                 async move {
-                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
+                    gauge.begin();
                     tokio::time::sleep(Duration::from_millis(100 - item.index)).await;
-                    running.fetch_sub(1, Ordering::SeqCst);
+                    gauge.end();
                     done.fetch_add(1, Ordering::SeqCst);
                     placed()
                 }
@@ -322,11 +347,7 @@ mod tests {
             ended.map_err(|s| s.code()).err(),
             Some(tonic::Code::InvalidArgument)
         );
-        assert_eq!(
-            most.load(Ordering::SeqCst),
-            8,
-            "at most 8 under way, and 8 were"
-        );
+        assert_eq!(gauge.most(), 8, "at most 8 under way, and 8 were");
         assert_eq!(
             done.load(Ordering::SeqCst),
             50,
@@ -337,15 +358,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn items_under_way_are_applied_to_the_end_when_the_caller_goes_away() {
         let (started, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let items: Vec<Result<Item, Status>> = (0..20)
-            .map(|index| {
-                Ok(Item {
-                    index,
-                    user: format!("u{index}"),
-                    bad: false,
-                })
-            })
-            .collect();
+        let items = one_each(20);
         let call = {
             let (started, done) = (started.clone(), done.clone());
             tokio::spawn(async move {

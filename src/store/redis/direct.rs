@@ -36,7 +36,8 @@ use std::sync::{
 
 use arc_swap::ArcSwapOption;
 use redis::{
-    AsyncConnectionConfig, Cmd, Value, aio::MultiplexedConnection, cluster_async::ClusterConnection,
+    AsyncConnectionConfig, Cmd, FromRedisValue, Value, aio::MultiplexedConnection,
+    cluster_async::ClusterConnection,
 };
 use tokio::time::{Duration, Instant};
 
@@ -63,16 +64,6 @@ pub fn routed_calls() -> (u64, u64) {
     )
 }
 
-/// Counts a call that went through the Cluster client.
-pub(super) fn count_through_cluster() {
-    THROUGH_CLUSTER.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Counts a call answered by its slot's master directly.
-pub(super) fn count_direct() {
-    DIRECT.fetch_add(1, Ordering::Relaxed);
-}
-
 /// Which master serves each slot, and a connection to each.
 struct Routes {
     /// Index into `masters` per slot, or [`NO_ROUTE`].
@@ -87,18 +78,10 @@ struct Master {
     dropped: Arc<AtomicBool>,
 }
 
-/// The connection a call goes straight to.
-pub(super) struct Direct {
-    pub(super) conn: MultiplexedConnection,
+/// The connection a call goes straight to, and its master's mark of a dropped one.
+struct Direct {
+    conn: MultiplexedConnection,
     dropped: Arc<AtomicBool>,
-}
-
-impl Direct {
-    /// Sets this connection aside after it dropped: its slots go through the Cluster
-    /// client until the routes are read again.
-    pub(super) fn dropped(&self) {
-        self.dropped.store(true, Ordering::Relaxed);
-    }
 }
 
 /// When the routes were last read, and whether a reading is under way.
@@ -129,13 +112,41 @@ impl Router {
         router
     }
 
-    /// The connection to the master of `call`'s slot, when its keys share one slot and it
-    /// has a route; otherwise `None`, and the routes are read again if the slot has none.
-    pub(super) fn route(
+    /// Sends `call` straight to the master of its slot: the answer when the master gave
+    /// one or the call may have run; `None` when the call is to go through the Cluster
+    /// client instead (no route, or refused without being run; see the module docs).
+    pub(super) async fn attempt<T: FromRedisValue>(
         self: &Arc<Self>,
         call: Call<'_>,
         cluster: &ClusterConnection,
-    ) -> Option<Direct> {
+    ) -> Option<redis::RedisResult<T>> {
+        let Some(mut master) = self.route(call, cluster) else {
+            THROUGH_CLUSTER.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let answer = call.query(&mut master.conn).await;
+        // A call's own error (a Function's, a reply of another type): the master ran it.
+        if let Err(e) = &answer
+            && !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+        {
+            if e.is_io_error() || e.is_connection_dropped() {
+                // Set aside until the routes are read again.
+                master.dropped.store(true, Ordering::Relaxed);
+            }
+            self.reread(cluster);
+            if not_run(e) {
+                tracing::debug!(error = %e, "store call refused by a slot's master; going through the Cluster client");
+                THROUGH_CLUSTER.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        DIRECT.fetch_add(1, Ordering::Relaxed);
+        Some(answer)
+    }
+
+    /// The connection to the master of `call`'s slot, when its keys share one slot and it
+    /// has a route; otherwise `None`, and the routes are read again if the slot has none.
+    fn route(self: &Arc<Self>, call: Call<'_>, cluster: &ClusterConnection) -> Option<Direct> {
         let slot = slot_of(call)?;
         let routes = self.routes.load();
         let direct = routes.as_ref().and_then(|r| {
@@ -197,7 +208,7 @@ impl Drop for ReadingDone {
 /// (`READONLY`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`), or a refused
 /// connection. A dropped connection or a reply that does not convert may come after the
 /// call ran, so those are not sent again.
-pub(super) fn not_run(e: &redis::RedisError) -> bool {
+fn not_run(e: &redis::RedisError) -> bool {
     e.is_connection_refusal()
         || matches!(
             e.retry_method(),

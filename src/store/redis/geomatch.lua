@@ -259,6 +259,12 @@ local function excluded(x, user)
   return false
 end
 
+-- Where `name` is in the space-separated `list` (nil or empty for none), as a position in
+-- ' ' .. list .. ' ' (the space before it), or nil.
+local function named(list, name)
+  return string.find(' ' .. (list or '') .. ' ', ' ' .. name .. ' ', 1, true)
+end
+
 local RESERVATION = {'ri', 'rk', 'rm', 'rd', 'rt', 'rx'}
 
 local function done(state)
@@ -290,10 +296,10 @@ redis.register_function('gm_sh_enter', function(keys, args)
       if cur[6] then return {'new', cur[6], cur[7], cur[8]} end
       return {'new'}
     end
-    if call and string.find(' ' .. (cur[5] or '') .. ' ', ' ' .. call .. ' ', 1, true) then
+    if call and named(cur[5], call) then
       return {'join'}
     end
-    if not string.find(' ' .. cur[3] .. ' ', ' ' .. replica .. ' ', 1, true) then
+    if not named(cur[3], replica) then
       redis.call('HSET', state, 'r', cur[3] .. ' ' .. replica)
     end
     if call then redis.call('HSET', state, 'cs', (cur[5] or '') .. ' ' .. call) end
@@ -417,13 +423,13 @@ redis.register_function('gm_sh_leave', function(keys, args)
   if not st then return {'left'} end
   if st == 'M' or st == 'N' then return done(keys[2]) end
   if call then
-    local callers = ' ' .. (s[2] or '') .. ' '
-    local at = string.find(callers, ' ' .. call .. ' ', 1, true)
+    local at = named(s[2], call)
     if at then
+      local callers = ' ' .. s[2] .. ' '
       local rest = string.sub(callers, 1, at) .. string.sub(callers, at + #call + 2)
       redis.call('HSET', keys[2], 'cs', string.match(rest, '^%s*(.-)%s*$'),
         'cl', (s[3] or '') .. ' ' .. call)
-    elseif string.find(' ' .. (s[3] or '') .. ' ', ' ' .. call .. ' ', 1, true) then
+    elseif named(s[3], call) then
       -- This call left already: a second run.
       return {'left'}
     end

@@ -216,38 +216,12 @@ impl Conn {
         let run = async {
             match &mut link {
                 Link::Server(c) => call.query(c).await,
-                Link::Cluster(c, router) => {
-                    // Straight to the slot's master when it has a route; through the
-                    // Cluster client when not, or when the master refused the call
-                    // without running it (`direct`).
-                    if let Some(mut master) = router.route(call, c) {
-                        match call.query(&mut master.conn).await {
-                            Ok(answer) => {
-                                direct::count_direct();
-                                return Ok(answer);
-                            }
-                            // The call's own error (a Function's, a reply of another
-                            // type): the master ran it.
-                            Err(e) if matches!(e.retry_method(), redis::RetryMethod::NoRetry) => {
-                                direct::count_direct();
-                                return Err(e);
-                            }
-                            Err(e) => {
-                                if e.is_io_error() || e.is_connection_dropped() {
-                                    master.dropped();
-                                }
-                                router.reread(c);
-                                if !direct::not_run(&e) {
-                                    direct::count_direct();
-                                    return Err(e);
-                                }
-                                tracing::debug!(error = %e, "store call refused by a slot's master; going through the Cluster client");
-                            }
-                        }
-                    }
-                    direct::count_through_cluster();
-                    call.query(c).await
-                }
+                // Straight to the slot's master when it has a route; through the Cluster
+                // client when not, or when the master refused the call unrun (`direct`).
+                Link::Cluster(c, router) => match router.attempt(call, c).await {
+                    Some(answer) => answer,
+                    None => call.query(c).await,
+                },
             }
         };
         let answer = tokio::time::timeout(self.timeout, run).await.ok();
