@@ -14,7 +14,7 @@ use common::{
     T0,
     build::{SearchExt as _, clear, ping, search, status},
     config, contract,
-    fixtures::{BEIJING, SHANGHAI, privacy_cell},
+    fixtures::{BEIJING, SHANGHAI, moved, privacy_cell},
     found, redis, start_store,
 };
 use geomatch::grpc::pb::nearby_client::NearbyClient;
@@ -147,11 +147,27 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
         !seen.contains(&again),
         "swept at its second ping's end: {seen:?}"
     );
-    // A sweep goes on past a whole batch of entries that only move on: a thousand users
-    // who pinged again come due just before one who did not.
-    let keepers: Vec<pb::UpdateLocationRequest> = (0..1_000)
-        .map(|i| ttl(&format!("{prefix}k{i:04}"), 60))
+    // A sweep goes on past whole batches of entries that only move on: 25 users, each in
+    // a cell of their own, who pinged again come due just before one who did not, and the
+    // sweep handles 10 cells per call.
+    let keepers: Vec<pb::UpdateLocationRequest> = (0..25)
+        .map(|i| pb::UpdateLocationRequest {
+            ttl_s: 60,
+            ..ping(
+                &format!("{prefix}k{i:04}"),
+                moved(centre, f64::from(i % 5 + 1) * 400.0, f64::from(i / 5 + 1) * 400.0),
+            )
+        })
         .collect();
+    let cells: std::collections::HashSet<_> = keepers
+        .iter()
+        .map(|k| {
+            let p = k.position.as_ref().unwrap();
+            privacy_cell((p.lat, p.lng))
+        })
+        .chain([privacy_cell(centre)])
+        .collect();
+    assert_eq!(cells.len(), 26, "a cell each");
     let through_b = cb.clone();
     let bulk = |items: Vec<pb::UpdateLocationRequest>| {
         let mut c = through_b.clone();
@@ -174,12 +190,12 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
     // A's clock is behind: it still sees the ping until the store forgets it.
     assert!(held(&mut ca, &gone).await.found);
     assert_eq!(
-        remote.sweep(b.clock.now_ms()).await.unwrap(),
+        remote.sweep_by(b.clock.now_ms(), 10).await.unwrap(),
         1,
-        "swept past a batch of keepers"
+        "swept past batches of keepers"
     );
     assert!(!held(&mut ca, &gone).await.found);
-    assert!(held(&mut ca, &format!("{prefix}k0999")).await.found);
+    assert!(held(&mut ca, &format!("{prefix}k0024")).await.found);
 
     a.stop().await;
     b.stop().await;

@@ -61,9 +61,12 @@ local function tell(mode, channel, kind, cell, member)
   end
 end
 
--- An expiry entry names its coarse cell, privacy cell and user: "coarse/cell|user".
-local function entry(coarse, cell, user)
-  return coarse .. '/' .. cell .. '|' .. user
+-- An expiry entry names a privacy cell and its coarse cell: "coarse/cell", scored no later
+-- than the earliest expiry of the cell's members (one entry per cell, not per user: a
+-- ZSET entry costs the store ~150 bytes). A store written by an earlier build also holds
+-- entries of one user, "coarse/cell|user"; the sweep still reads those.
+local function entry(coarse, cell)
+  return coarse .. '/' .. cell
 end
 
 -- gm_put(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms, mode, channel)
@@ -84,11 +87,11 @@ redis.register_function('gm_put', function(keys, args)
   redis.call('SET', keys[1], b)
   -- A cell holding members is in its coarse cell's occupancy already (`store` keeps it so).
   if not occupied then redis.call('SADD', keys[2], cell) end
-  -- The expiry entry only ever moves earlier here (LT; a new one is added): a user who
-  -- pings again stays put in the ZSET, so a ping costs no skiplist update and nothing to
-  -- replicate. The sweep finds such an entry due too early, and moves it to the member's
-  -- real expiry (gm_expire).
-  redis.call('ZADD', keys[3], 'LT', expires, entry(coarse, cell, user))
+  -- The cell's expiry entry only ever moves earlier here (LT; a new one is added): a
+  -- member pinging again, or one joining that expires later, leaves it where it is, so a
+  -- ping mostly costs no skiplist update and nothing to replicate. The sweep finds such an
+  -- entry due too early, and moves it to the earliest real expiry in the cell (gm_expire).
+  redis.call('ZADD', keys[3], 'LT', expires, entry(coarse, cell))
   tell(args[6], args[7], 'P', cell, member)
   return 1
 end)
@@ -112,8 +115,11 @@ redis.register_function('gm_del', function(keys, args)
   else
     tell(args[5], args[6], 'D', cell, string.sub(b, first, last))
   end
-  store(keys[1], keys[2], cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
-  redis.call('ZREM', keys[3], entry(coarse, cell, user))
+  b = string.sub(b, 1, first - 1) .. string.sub(b, last + 1)
+  store(keys[1], keys[2], cell, b)
+  -- The cell's expiry entry stays while others are in it (its score is still no later
+  -- than theirs; the sweep moves it on).
+  if #b == 0 then redis.call('ZREM', keys[3], entry(coarse, cell)) end
   return fields
 end)
 
@@ -161,12 +167,12 @@ redis.register_function('gm_forget', function(keys, args)
 end)
 
 -- gm_expire(expiry; now_ms, limit, bucket_prefix, occupancy_prefix, mode, channel)
--- Removes up to `limit` members of this tag whose ping expired by now_ms. An entry due
--- whose member was pinged again meanwhile (gm_put leaves its score early) is moved to the
--- member's real expiry. Returns {removed, due}: the members removed and the entries
--- handled (at most `limit`; fewer means none is due any more). (The bucket
--- and occupancy keys of an entry are the prefixes followed by its cells; they share the
--- expiry key's hash tag.)
+-- Handles up to `limit` due entries of this tag: removes the members of each due cell
+-- whose ping expired by now_ms, and moves the cell's entry on to the earliest expiry of
+-- the members left (gm_put leaves it early when members ping again), or drops it with the
+-- last member. Returns {removed, due}: the members removed and the entries handled (at
+-- most `limit`; fewer means none is due any more). (The bucket and occupancy keys of an
+-- entry are the prefixes followed by its cells; they share the expiry key's hash tag.)
 redis.register_function('gm_expire', function(keys, args)
   local now, limit = tonumber(args[1]), tonumber(args[2])
   local due = redis.call('ZRANGEBYSCORE', keys[1], '-inf', now, 'LIMIT', 0, limit)
@@ -175,25 +181,36 @@ redis.register_function('gm_expire', function(keys, args)
     local slash = string.find(e, '/', 1, true)
     local bar = string.find(e, '|', 1, true)
     local coarse = string.sub(e, 1, slash - 1)
-    local cell, user = string.sub(e, slash + 1, bar - 1), string.sub(e, bar + 1)
+    local cell = string.sub(e, slash + 1, (bar or 0) - 1)
     local bucket = args[3] .. cell
-    local b = redis.call('GET', bucket)
-    local alive_until = nil
-    if b then
-      local first, last = find(b, user)
-      if first then
-        local seen, ttl = times(b, first)
-        if seen + ttl <= now then
-          tell(args[5], args[6], 'D', cell, string.sub(b, first, last))
-          store(bucket, args[4] .. coarse, cell, string.sub(b, 1, first - 1) .. string.sub(b, last + 1))
-          removed = removed + 1
-        else
-          alive_until = seen + ttl
-        end
+    local b = redis.call('GET', bucket) or ''
+    -- An entry of one user (an earlier build's) looks at that member only.
+    local only = bar and string.sub(e, bar + 1)
+    -- The bucket less its expired members, as the runs of members kept.
+    local kept, from, next_due, gone = {}, 1, nil, 0
+    local pos, n = 1, #b
+    while pos <= n do
+      local len = string.byte(b, pos)
+      local stop = pos + len + FIELDS
+      local seen, ttl = struct.unpack('<I6I4', b, pos + 1 + len)
+      local mine = not only or string.sub(b, pos + 1, pos + len) == only
+      if mine and seen + ttl <= now then
+        tell(args[5], args[6], 'D', cell, string.sub(b, pos, stop))
+        kept[#kept + 1] = string.sub(b, from, pos - 1)
+        from = stop + 1
+        gone = gone + 1
+      elseif mine and (not next_due or seen + ttl < next_due) then
+        next_due = seen + ttl
       end
+      pos = stop + 1
     end
-    if alive_until then
-      redis.call('ZADD', keys[1], alive_until, e)
+    if gone > 0 then
+      kept[#kept + 1] = string.sub(b, from)
+      store(bucket, args[4] .. coarse, cell, table.concat(kept))
+      removed = removed + gone
+    end
+    if next_due then
+      redis.call('ZADD', keys[1], next_due, e)
     else
       redis.call('ZREM', keys[1], e)
     end

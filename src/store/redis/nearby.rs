@@ -36,8 +36,9 @@ use crate::{
 /// Most round trips one search may take before it gives up (a 10 km search in sparse
 /// country takes about 15; a dense one, 1).
 const MAX_ROUNDS: usize = 64;
-/// Expired members one sweep call removes per tag.
-const SWEEP_BATCH: usize = 1_000;
+/// Due cells one sweep call handles (a cell's expiry entry covers all its members; a call
+/// runs for as long as its cells' members take to read).
+const SWEEP_BATCH: usize = 256;
 
 /// People Nearby held in Redis / Valkey. Share it behind an `Arc`.
 #[derive(Debug)]
@@ -501,6 +502,14 @@ impl RedisNearby {
     /// # Errors
     /// [`Error::Unavailable`] when the store does not answer.
     pub async fn sweep(&self, now_ms: i64) -> Result<usize> {
+        self.sweep_by(now_ms, SWEEP_BATCH).await
+    }
+
+    /// [`Self::sweep`], handling up to `batch` due cells per call.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the store does not answer.
+    pub async fn sweep_by(&self, now_ms: i64, batch: usize) -> Result<usize> {
         let tags: Vec<String> = self
             .conn
             .query(redis::cmd("SMEMBERS").arg(TAGS_KEY))
@@ -513,17 +522,17 @@ impl RedisNearby {
                     .arg(1)
                     .arg(super::expiry_key(&tag))
                     .arg(now_ms)
-                    .arg(SWEEP_BATCH)
+                    .arg(batch)
                     .arg(format!("gm1:{{{tag}}}:b:"))
                     .arg(format!("gm1:{{{tag}}}:o:"))
                     .arg(self.conn.tell_mode())
                     .arg(super::change_channel(&tag))
                     .clone();
-                // Entries handled, not members removed, tell whether more are due: an
-                // entry of a user who pinged again is moved on, not removed.
+                // Entries handled, not members removed, tell whether more are due: the
+                // entry of a cell whose members pinged again is moved on, not removed.
                 let (n, due): (usize, usize) = self.conn.query(&expire).await?;
                 removed += n;
-                if due < SWEEP_BATCH {
+                if due < batch.max(1) {
                     break;
                 }
             }
