@@ -24,7 +24,7 @@ use geomatch::{
     server::{App, ServeError},
     store::NearbyStore,
 };
-use rand::{SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -155,7 +155,11 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
             ttl_s: 60,
             ..ping(
                 &format!("{prefix}k{i:04}"),
-                moved(centre, f64::from(i % 5 + 1) * 400.0, f64::from(i / 5 + 1) * 400.0),
+                moved(
+                    centre,
+                    f64::from(i % 5 + 1) * 400.0,
+                    f64::from(i / 5 + 1) * 400.0,
+                ),
             )
         })
         .collect();
@@ -199,6 +203,65 @@ async fn two_replicas_serve_one_world(flags: &[&str], prefix: &str, centre: (f64
 
     a.stop().await;
     b.stop().await;
+}
+
+/// Far from every other test's users: sparse country of its own.
+const SPARSE_AT: (f64, f64) = (35.5, 100.5);
+
+/// Searches in sparse country (a few hundred users over a square of 110 km): the store's
+/// search reads whole regions (their expiry ZSETs) and finds exactly what the brute
+/// force finds, every page walked alternately through two replicas.
+async fn sparse_country_searches_equal_the_brute_force(flags: &[&str], prefix: &str) {
+    let a = start_store(flags).await;
+    let b = start_store(flags).await;
+    let (mut ca, cb) = (a.nearby().await, b.nearby().await);
+    let mut rng = StdRng::seed_from_u64(33);
+    let model = contract::populate(&mut ca, &mut rng, prefix, 250, SPARSE_AT, 0.5).await;
+    let mut ids: Vec<&String> = model.users.keys().collect();
+    ids.sort();
+    let mut found_some = 0;
+    for _ in 0..24 {
+        let searcher = ids[rng.random_range(0..ids.len())].clone();
+        let at = common::fixtures::moved(
+            SPARSE_AT,
+            rng.random_range(-45_000.0..45_000.0),
+            rng.random_range(-45_000.0..45_000.0),
+        );
+        let req = search(&searcher, at)
+            .radius([3_000.0, 5_000.0, 10_000.0][rng.random_range(0..3)])
+            .limit([2, 50][rng.random_range(0..2)])
+            .with_gender(rng.random_range(0..3));
+        let got = contract::walk(&mut [ca.clone(), cb.clone()], req.clone()).await;
+        let want = contract::expected(&model, &req);
+        found_some += usize::from(!want.is_empty());
+        assert_eq!(got, want, "{req:?}");
+    }
+    assert!(found_some >= 8, "only {found_some} searches found anyone");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn sparse_country_searches_over_one_redis_server_equal_the_brute_force() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    sparse_country_searches_equal_the_brute_force(
+        &["--store", "redis", "--redis-url", &url],
+        "rs:",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sparse_country_searches_over_a_redis_cluster_equal_the_brute_force() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    sparse_country_searches_equal_the_brute_force(&flags, "cs:").await;
 }
 
 /// What `c`'s replica reports about `user`.

@@ -19,7 +19,7 @@ mod region_centres;
 pub(crate) mod search;
 pub mod snapshot;
 pub(crate) mod source;
-mod sparse;
+pub(crate) mod sparse;
 mod token;
 mod types;
 mod watch;

@@ -236,7 +236,7 @@ fn find<S: CellSource>(
                 return Err(Missed {
                     need: Need {
                         cells: missing,
-                        coarse: Vec::new(),
+                        ..Need::default()
                     },
                     miss,
                 });
@@ -310,7 +310,7 @@ fn collect<S: CellSource>(
                 return Err(Missed {
                     need: Need {
                         cells: vec![c.cell],
-                        coarse: Vec::new(),
+                        ..Need::default()
                     },
                     miss,
                 });
@@ -337,7 +337,7 @@ fn collect<S: CellSource>(
 /// into the occupied privacy cells it holds (skipping those already visited). Every batch
 /// carries a lower bound on the distance to anything in it or in later batches, so the
 /// search can stop as soon as its page is provably complete.
-struct Walk<'a, S> {
+struct Walk<'a, S: CellSource> {
     src: &'a S,
     centre: LatLng,
     radius_m: f64,
@@ -360,17 +360,33 @@ struct Walk<'a, S> {
     sparse: Option<Vec<(CellIndex, f64)>>,
     /// Cells of `sparse` handed out so far.
     sparse_at: usize,
+    /// The region lists the source must fetch before the shortcut can tell (given out
+    /// by the first [`Self::next_ring`]).
+    regions_missed: Option<Missed<S::Miss>>,
 }
 
 impl<'a, S: CellSource> Walk<'a, S> {
     fn new(src: &'a S, centre: LatLng, radius_m: f64) -> Self {
         let fine = RingCover::new(centre, src.resolution(), radius_m);
-        let sparse = src
-            .sparse(centre, fine.origin(), radius_m)
-            .map(|mut cells| {
-                cells.sort_unstable_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-                cells
-            });
+        let (sparse, regions_missed) = match src.sparse(centre, fine.origin(), radius_m) {
+            Ok(cells) => (
+                cells.map(|mut cells| {
+                    cells.sort_unstable_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+                    cells
+                }),
+                None,
+            ),
+            Err((regions, miss)) => (
+                None,
+                Some(Missed {
+                    need: Need {
+                        regions,
+                        ..Need::default()
+                    },
+                    miss,
+                }),
+            ),
+        };
         Self {
             src,
             centre,
@@ -387,6 +403,7 @@ impl<'a, S: CellSource> Walk<'a, S> {
             scratch: Vec::new(),
             sparse,
             sparse_at: 0,
+            regions_missed,
         }
     }
 
@@ -447,6 +464,9 @@ impl<'a, S: CellSource> Walk<'a, S> {
     }
 
     fn next_ring(&mut self, ring: &mut Ring) -> Walked<bool, S> {
+        if let Some(missed) = self.regions_missed.take() {
+            return Err(missed);
+        }
         if let Some(cells) = &self.sparse {
             // Every occupied cell near the centre, nearest first: no cell of this batch or
             // a later one is nearer than its first, and nothing lies beyond them all.
@@ -497,8 +517,8 @@ impl<'a, S: CellSource> Walk<'a, S> {
             // Fetch the occupancy of the whole coarse ring at once.
             return Err(Missed {
                 need: Need {
-                    cells: Vec::new(),
                     coarse: self.current.iter().map(|&(c, _)| c).collect(),
+                    ..Need::default()
                 },
                 miss,
             });

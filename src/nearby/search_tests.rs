@@ -9,8 +9,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
     search::page,
-    source::{CellSource, Need},
-    *,
+    source::{CellSource, Need, SparseRead},
+    sparse, *,
 };
 use crate::geo::offset;
 
@@ -19,7 +19,14 @@ struct Partial<'a> {
     maps: &'a maps::Maps,
     cells: RefCell<HashSet<CellIndex>>,
     coarse: RefCell<HashSet<CellIndex>>,
+    /// Each region's occupied privacy cells, `None` past [`LISTING_MAX`]: given, the
+    /// source lists whole regions as a remote store does (its expiry ZSETs).
+    listing: Option<std::collections::HashMap<CellIndex, Option<Vec<CellIndex>>>>,
+    regions: RefCell<HashSet<CellIndex>>,
 }
+
+/// Most cells a listed region holds (the store's is `REGION_LIST_MAX`).
+const LISTING_MAX: usize = 64;
 
 /// How a staged walk went: its page, round trips, and privacy cells fetched.
 struct Staged {
@@ -34,6 +41,29 @@ impl<'a> Partial<'a> {
             maps,
             cells: RefCell::default(),
             coarse: RefCell::default(),
+            listing: None,
+            regions: RefCell::default(),
+        }
+    }
+
+    /// A source that also lists whole regions.
+    fn listing(maps: &'a maps::Maps) -> Self {
+        let mut all: std::collections::HashMap<CellIndex, Vec<CellIndex>> = Default::default();
+        for shard in 0..maps::SHARDS {
+            for &cell in maps.cells.read(shard).keys() {
+                let region = maps::coarse_of(cell)
+                    .parent(maps::REGION_RESOLUTION)
+                    .expect("a coarse cell has a region");
+                all.entry(region).or_default().push(cell);
+            }
+        }
+        let listing = all
+            .into_iter()
+            .map(|(r, cells)| (r, (cells.len() <= LISTING_MAX).then_some(cells)))
+            .collect();
+        Self {
+            listing: Some(listing),
+            ..Self::new(maps)
         }
     }
 
@@ -46,6 +76,9 @@ impl<'a> Partial<'a> {
         }
         for c in &need.coarse {
             fresh += usize::from(self.coarse.borrow_mut().insert(*c));
+        }
+        for r in &need.regions {
+            fresh += usize::from(self.regions.borrow_mut().insert(*r));
         }
         fresh
     }
@@ -77,6 +110,30 @@ impl CellSource for Partial<'_> {
             Err(never) => match never {},
         }
     }
+
+    /// As the store's source: once the centre's cell is known to be empty, the regions
+    /// in reach are listed whole.
+    fn sparse(&self, centre: h3o::LatLng, origin: CellIndex, radius_m: f64) -> SparseRead<()> {
+        let Some(listing) = &self.listing else {
+            return Ok(None);
+        };
+        let empty = matches!(self.bucket(origin, |_| ()), Ok(None));
+        if !empty {
+            return Ok(None);
+        }
+        let fetched = self.regions.borrow();
+        sparse::listed_near(centre, radius_m, |region| {
+            if !fetched.contains(&region) {
+                return sparse::Listing::Unknown;
+            }
+            match listing.get(&region) {
+                None => sparse::Listing::Cells(&[]),
+                Some(None) => sparse::Listing::Dense,
+                Some(Some(cells)) => sparse::Listing::Cells(cells),
+            }
+        })
+        .map_err(|regions| (regions, ()))
+    }
 }
 
 const SHANGHAI: (f64, f64) = (31.2304, 121.4737);
@@ -92,7 +149,11 @@ fn pos((lat, lng): (f64, f64)) -> Coordinates {
 
 /// Walks `q` to completion over a fresh partial source.
 fn staged(idx: &NearbyIndex, q: &Query) -> Staged {
-    let src = Partial::new(&idx.maps);
+    staged_over(Partial::new(&idx.maps), idx, q)
+}
+
+/// Walks `q` to completion over `src`.
+fn staged_over(src: Partial<'_>, idx: &NearbyIndex, q: &Query) -> Staged {
     for rounds in 0..200 {
         match page(&src, &idx.tokens, q, NOW) {
             Ok(page) => {
@@ -218,6 +279,8 @@ fn shortcut_pages_equal_the_walks(
         if let Some(cells) = idx
             .maps
             .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m)
+            .ok()
+            .flatten()
         {
             shortcut += 1;
             batches += usize::from(cells.len() > super::search::SPARSE_BATCH);
@@ -253,6 +316,56 @@ fn every_page_over_a_partial_source_equals_the_in_memory_page() {
     assert!(
         shortcut >= 10 && searches - shortcut >= 2,
         "{shortcut} of {searches} by the shortcut"
+    );
+}
+
+/// A source that lists whole regions (a remote store) finds in sparse country exactly
+/// what the walk finds, page after page, in a few round trips: the centre's ring, the
+/// regions in reach, then the cells' members.
+#[test]
+fn pages_over_a_source_listing_regions_equal_the_walks_in_few_round_trips() {
+    let idx = populated();
+    add_city_crowd(&idx);
+    let mut rng = StdRng::seed_from_u64(31);
+    let (mut listed, mut searches) = (0, 0);
+    while searches < 80 {
+        let centre = around_city(&mut rng, 50_000.0);
+        let mut req = SearchRequest {
+            searcher: uid("u00007"),
+            centre: pos(centre),
+            radius_m: [1_000.0, 3_000.0, 5_000.0, 10_000.0][rng.random_range(0..4)],
+            limit: rng.random_range(1..40),
+            gender: [Gender::Unspecified, Gender::Female, Gender::Male][rng.random_range(0..3)],
+            page_token: String::new(),
+        };
+        searches += 1;
+        let mut first = true;
+        for _ in 0..200 {
+            let q = idx.query(&req).unwrap();
+            let direct = idx.search(&q, NOW);
+            let over_lists = staged_over(Partial::listing(&idx.maps), &idx, &q);
+            let ring_by_ring = staged(&idx, &q);
+            assert_same_page(&idx, &req, &over_lists.page, &direct);
+            assert_same_page(&idx, &req, &ring_by_ring.page, &direct);
+            if first && over_lists.rounds < ring_by_ring.rounds {
+                // The lists were read: ring 0, the regions, then batches of members.
+                assert!(
+                    over_lists.rounds <= 5,
+                    "{} rounds: {req:?}",
+                    over_lists.rounds
+                );
+                listed += 1;
+            }
+            first = false;
+            match direct.next_page_token {
+                Some(t) => req.page_token = t,
+                None => break,
+            }
+        }
+    }
+    assert!(
+        listed >= 20,
+        "{listed} of {searches} searches read region lists"
     );
 }
 
@@ -305,7 +418,9 @@ fn pages_at_a_citys_edge_read_through_coarse_lists_equal_the_walks() {
         let before = super::sparse::COARSE_READS.get();
         let cells = idx
             .maps
-            .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m);
+            .sparse(at.latlng(), at.cell(idx.maps.res), req.radius_m)
+            .ok()
+            .flatten();
         let shortcut = cells.is_some();
         if let Some(mut cells) = cells {
             // Exactly the occupied cells whose centres are within the radius, each once.

@@ -5,6 +5,13 @@ use h3o::{CellIndex, LatLng, Resolution};
 
 use super::maps::{Maps, cell_shard};
 
+/// Privacy cells, each with the distance from a search's centre to its own.
+pub(crate) type Measured = Vec<(CellIndex, f64)>;
+
+/// What [`CellSource::sparse`] answers: the cells (`None`: walk ring by ring), or the
+/// regions to fetch first with the source's miss.
+pub(crate) type SparseRead<M> = Result<Option<Measured>, (Vec<CellIndex>, M)>;
+
 /// What the query engine reads: the occupied privacy cells and their members.
 ///
 /// The in-memory maps answer every read at once (`Miss = Infallible`, so the engine's
@@ -39,15 +46,20 @@ pub(crate) trait CellSource {
 
     /// In sparse country, every occupied privacy cell that may hold a point within
     /// `radius_m` of `centre` (whose privacy cell is `origin`), with its centre's
-    /// distance: the whole walk in one batch. `None` where the source cannot tell cheaply
-    /// (dense country, or a source without the region level): the walk goes ring by ring.
+    /// distance: the whole walk in one batch. `Ok(None)` where the source cannot tell
+    /// cheaply (dense country, or a source without the region level): the walk goes ring
+    /// by ring.
+    ///
+    /// # Errors
+    /// The regions (cells at the region resolution) whose lists the source must fetch
+    /// first, with its miss.
     fn sparse(
         &self,
         _centre: LatLng,
         _origin: CellIndex,
         _radius_m: f64,
-    ) -> Option<Vec<(CellIndex, f64)>> {
-        None
+    ) -> SparseRead<Self::Miss> {
+        Ok(None)
     }
 }
 
@@ -58,6 +70,8 @@ pub(crate) struct Need {
     pub(crate) cells: Vec<CellIndex>,
     /// Coarse cells whose occupied privacy cells are wanted.
     pub(crate) coarse: Vec<CellIndex>,
+    /// Regions whose lists of occupied privacy cells are wanted (the sparse shortcut).
+    pub(crate) regions: Vec<CellIndex>,
 }
 
 impl CellSource for Maps {
@@ -82,13 +96,8 @@ impl CellSource for Maps {
         Ok(())
     }
 
-    fn sparse(
-        &self,
-        centre: LatLng,
-        origin: CellIndex,
-        radius_m: f64,
-    ) -> Option<Vec<(CellIndex, f64)>> {
-        super::sparse::cells_near(self, centre, origin, radius_m)
+    fn sparse(&self, centre: LatLng, origin: CellIndex, radius_m: f64) -> SparseRead<Self::Miss> {
+        Ok(super::sparse::cells_near(self, centre, origin, radius_m))
     }
 }
 

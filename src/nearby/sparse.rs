@@ -31,6 +31,7 @@ use h3o::{CellIndex, LatLng};
 use super::{
     maps::{COARSE_RESOLUTION, Maps, REGION_RESOLUTION, cell_shard},
     region::Window,
+    region_centres::RegionCentres,
 };
 use crate::geo::{
     cell::{Ring, RingCover, max_circumradius_m},
@@ -102,39 +103,114 @@ fn beyond_the_centre(
     // through the coarse cells of the disk.
     let mut counted: Vec<CellIndex> = Vec::new();
     let mut dense = false;
-    regions_within(maps, centre, q, reach, |region| {
-        let regions = maps.regions.read(cell_shard(region));
-        let Some(r) = regions.get(&region) else {
-            return true;
-        };
-        let Some(band) = r.band(&window) else {
-            if !through_coarse {
+    regions_within(
+        |r| maps.region_centre(r),
+        centre,
+        q,
+        reach,
+        |region| {
+            let regions = maps.regions.read(cell_shard(region));
+            let Some(r) = regions.get(&region) else {
+                return true;
+            };
+            let Some(band) = r.band(&window) else {
+                if !through_coarse {
+                    dense = true;
+                    return false;
+                }
+                counted.push(region);
+                return true;
+            };
+            for &(cell, at) in band {
+                if window.admits(at) {
+                    let d = distance_m(centre, at);
+                    if d <= radius_m {
+                        out.push((cell, d));
+                    }
+                }
+            }
+            if out.len() > MAX_CELLS {
                 dense = true;
                 return false;
             }
-            counted.push(region);
-            return true;
-        };
-        for &(cell, at) in band {
-            if window.admits(at) {
-                let d = distance_m(centre, at);
-                if d <= radius_m {
-                    out.push((cell, d));
-                }
-            }
-        }
-        if out.len() > MAX_CELLS {
-            dense = true;
-            return false;
-        }
-        true
-    });
+            true
+        },
+    );
     if dense
         || !(counted.is_empty() || through_coarse_cells(maps, centre, radius_m, &counted, &mut out))
     {
         return None;
     }
     Some(out)
+}
+
+/// What a source that lists each region's occupied privacy cells (a remote store) knows
+/// of one region, for [`listed_near`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Listing<'a> {
+    /// Not read yet.
+    Unknown,
+    /// Too many cells to list: dense country.
+    Dense,
+    /// The privacy cells filed under the region (by their coarse cell's H3 parent, as
+    /// the in-memory regions file them); more than are occupied does no harm.
+    Cells(&'a [CellIndex]),
+}
+
+/// The sparse shortcut over a source that lists whole regions: every occupied privacy
+/// cell within `radius_m` of `centre`, with the distance to its centre; `Ok(None)` in
+/// dense country (a region in reach too full to list, or more than [`MAX_CELLS`] cells
+/// found). It visits the regions [`cells_near`] visits, so it finds the cells the ring
+/// walk would (the proof at the top of this module), each measured from
+/// [`crate::geo::centre::centre`] as the walk measures it.
+///
+/// # Errors
+/// Every region in reach whose listing is [`Listing::Unknown`] (none is named once one
+/// in reach is known to be dense).
+pub(crate) fn listed_near<'a>(
+    centre: LatLng,
+    radius_m: f64,
+    mut listing: impl FnMut(CellIndex) -> Listing<'a>,
+) -> Result<Option<Vec<(CellIndex, f64)>>, Vec<CellIndex>> {
+    let reach = radius_m + max_circumradius_m(COARSE_RESOLUTION);
+    let q = unit_vector(centre);
+    let mut missing = Vec::new();
+    let mut dense = false;
+    let mut out = Vec::new();
+    regions_within(
+        |r| shared_region_centres().get(r),
+        centre,
+        q,
+        reach,
+        |region| {
+            match listing(region) {
+                Listing::Unknown => missing.push(region),
+                Listing::Dense => dense = true,
+                Listing::Cells(cells) => {
+                    for &cell in cells {
+                        let d = distance_m(centre, centre_of(cell));
+                        if d <= radius_m {
+                            out.push((cell, d));
+                        }
+                    }
+                }
+            }
+            !dense && out.len() <= MAX_CELLS
+        },
+    );
+    if dense || out.len() > MAX_CELLS {
+        return Ok(None);
+    }
+    if !missing.is_empty() {
+        return Err(missing);
+    }
+    Ok(Some(out))
+}
+
+/// Region centres for sources without maps of their own (a remote store's searches).
+fn shared_region_centres() -> &'static RegionCentres {
+    static CENTRES: std::sync::OnceLock<RegionCentres> = std::sync::OnceLock::new();
+    CENTRES.get_or_init(RegionCentres::default)
 }
 
 #[cfg(test)]
@@ -202,7 +278,7 @@ fn through_coarse_cells(
 /// within a metre; the slack on the thresholds keeps the cover a superset of the exact
 /// one.
 fn regions_within(
-    maps: &Maps,
+    region_centre: impl Fn(CellIndex) -> [f32; 3],
     centre: LatLng,
     q: [f64; 3],
     reach: f64,
@@ -220,7 +296,7 @@ fn regions_within(
         let mut any = false;
         for region in origin.grid_ring::<Vec<_>>(k) {
             any = true;
-            let c = chord2(q, widen(maps.region_centre(region)));
+            let c = chord2(q, widen(region_centre(region)));
             nearest = nearest.min(c);
             if c <= beyond && !visit(region) {
                 return;

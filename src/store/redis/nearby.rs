@@ -17,11 +17,10 @@ use std::{
 };
 
 use h3o::CellIndex;
-use redis::Value;
 
 use super::{
     CellKeys, Conn, StoreError, TAGS_KEY, Target,
-    fetched::{Fetched, Group},
+    fetched::{Fetched, Group, REGION_LIST_MAX},
     occupancy_key, tag_of_coarse, user_key,
 };
 use crate::{
@@ -429,7 +428,7 @@ impl RedisNearby {
                 by_tag
                     .entry(keys.tag)
                     .or_default()
-                    .0
+                    .cells
                     .push((cell, keys.bucket));
             }
         }
@@ -438,60 +437,64 @@ impl RedisNearby {
                 by_tag
                     .entry(tag_of_coarse(coarse))
                     .or_default()
-                    .1
+                    .coarse
                     .push(coarse);
+            }
+        }
+        // A region is a hash tag: its expiry ZSET lists its occupied cells.
+        for &region in &need.regions {
+            if !into.regions.contains_key(&region) {
+                by_tag
+                    .entry(region.to_string())
+                    .or_default()
+                    .regions
+                    .push(region);
             }
         }
         // One server: everything in one pipeline. A Cluster: one per slot, concurrently.
         let groups: Vec<Group> = if self.conn.clustered() {
             by_tag.into_values().collect()
         } else {
-            let mut all = (Vec::new(), Vec::new());
-            for (cells, coarse) in by_tag.into_values() {
-                all.0.extend(cells);
-                all.1.extend(coarse);
+            let mut all = Group::default();
+            for group in by_tag.into_values() {
+                all.cells.extend(group.cells);
+                all.coarse.extend(group.coarse);
+                all.regions.extend(group.regions);
             }
             vec![all]
         };
         let mut pipes = Vec::new();
-        for (cells, coarse) in groups {
-            if cells.is_empty() && coarse.is_empty() {
+        for group in groups {
+            if group.cells.is_empty() && group.coarse.is_empty() && group.regions.is_empty() {
                 continue;
             }
             let mut pipe = redis::pipe();
-            if !cells.is_empty() {
+            if !group.cells.is_empty() {
                 let get = pipe.cmd("MGET");
-                for (_, bucket) in &cells {
+                for (_, bucket) in &group.cells {
                     get.arg(bucket);
                 }
             }
-            for &c in &coarse {
+            for &c in &group.coarse {
                 pipe.cmd("SMEMBERS")
                     .arg(occupancy_key(&tag_of_coarse(c), c));
             }
-            pipes.push((cells, coarse, pipe));
-        }
-        // One pipeline (the usual case: one server, or one slot) runs inline; several run
-        // at once, one task each.
-        if pipes.len() == 1 {
-            if let Some((cells, coarse, pipe)) = pipes.pop() {
-                let replies = self.conn.pipe(&pipe).await?;
-                into.put_replies(cells, coarse, replies);
+            for &r in &group.regions {
+                pipe.cmd("ZRANGE")
+                    .arg(super::expiry_key(&r.to_string()))
+                    .arg(0)
+                    .arg(REGION_LIST_MAX);
             }
-            return Ok(());
+            pipes.push((group, pipe));
         }
-        let mut reads = tokio::task::JoinSet::new();
-        for (cells, coarse, pipe) in pipes {
-            let conn = self.conn.clone();
-            reads.spawn(async move {
-                let replies: std::result::Result<Vec<Value>, StoreError> = conn.pipe(&pipe).await;
-                (cells, coarse, replies)
-            });
-        }
-        while let Some(joined) = reads.join_next().await {
-            let (cells, coarse, replies) =
-                joined.map_err(|e| Error::Unavailable(format!("store read failed: {e}")))?;
-            into.put_replies(cells, coarse, replies?);
+        // Several pipelines (one per slot) are sent at once from this task: their
+        // requests queue together on each master's connection, which writes them out in
+        // one go (a task each would wake that connection, and write, once per pipeline).
+        let replies =
+            futures_util::future::join_all(pipes.iter().map(|(_, pipe)| self.conn.pipe(pipe)))
+                .await;
+        for ((group, _), replies) in pipes.into_iter().zip(replies) {
+            into.put_replies(group, replies?);
         }
         Ok(())
     }
