@@ -358,6 +358,18 @@ async fn moving_a_slot_keeps_every_call_answered_and_calls_follow_it_to_its_new_
         let st = c.get_location_status(status(u)).await.unwrap().into_inner();
         assert!(found(st), "{u} is found while its slot migrates");
     }
+    // A search reads the migrating slot's cells (refused by the old master, ASK) and
+    // finds every user there.
+    let page = c
+        .search_nearby(search("m:searcher", SHANGHAI))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        page.users.len() >= users.len(),
+        "a search finds the migrating area's users: {}",
+        page.users.len()
+    );
     c.update_location(ping("m:mid", SHANGHAI)).await.unwrap();
     let (_, through) = store::redis::routed_calls();
     // Each status read the user's cell in the migrating slot: refused by its old master

@@ -78,6 +78,48 @@ struct Master {
     dropped: Arc<AtomicBool>,
 }
 
+/// The master that serves every key of `call`, by `owner` (a master index per slot): one
+/// slot's, or, for a pipeline of reads gathered from several slots
+/// ([`super::Conn::reads`]), the one master all their slots belong to. `None` when they
+/// are not all known to one master.
+fn master_of(owner: &[u16], call: Call<'_>) -> Option<u16> {
+    let owner = |cmd: &redis::Cmd| {
+        let i = *owner.get(usize::from(cmd_slot(cmd)?))?;
+        (i != NO_ROUTE).then_some(i)
+    };
+    match call {
+        Call::Cmd(cmd) => owner(cmd),
+        Call::Pipe(pipe) => {
+            let mut master = None;
+            for cmd in pipe.cmd_iter() {
+                let i = owner(cmd)?;
+                if master.is_some_and(|known| known != i) {
+                    return None;
+                }
+                master = Some(i);
+            }
+            master
+        }
+    }
+}
+
+/// Groups `pipes` (indexes into them) by the master that serves all keys of each, in
+/// order of first appearance; a pipeline with no single known master is a group alone.
+pub(super) fn by_master(router: &Router, pipes: &[redis::Pipeline]) -> Vec<Vec<usize>> {
+    let routes = router.routes.load();
+    let mut groups: Vec<(Option<u16>, Vec<usize>)> = Vec::new();
+    for (i, pipe) in pipes.iter().enumerate() {
+        let master = routes
+            .as_ref()
+            .and_then(|r| master_of(&r.owner, Call::Pipe(pipe)));
+        match groups.iter_mut().find(|(m, _)| m.is_some() && *m == master) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((master, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
 /// The connection a call goes straight to, and its master's mark of a dropped one.
 struct Direct {
     conn: MultiplexedConnection,
@@ -147,10 +189,9 @@ impl Router {
     /// The connection to the master of `call`'s slot, when its keys share one slot and it
     /// has a route; otherwise `None`, and the routes are read again if the slot has none.
     fn route(self: &Arc<Self>, call: Call<'_>, cluster: &ClusterConnection) -> Option<Direct> {
-        let slot = slot_of(call)?;
         let routes = self.routes.load();
         let direct = routes.as_ref().and_then(|r| {
-            let i = *r.owner.get(usize::from(slot))?;
+            let i = master_of(&r.owner, call)?;
             let master = r.masters.get(usize::from(i))?;
             (!master.dropped.load(Ordering::Relaxed)).then(|| Direct {
                 conn: master.conn.clone(),
@@ -328,7 +369,8 @@ fn slot_ranges(answer: &Value) -> Vec<(u16, u16, (String, u16))> {
 
 /// The one slot all keys of `call` hash to; `None` for a command whose keys this module
 /// does not know, or keys in several slots.
-pub(super) fn slot_of(call: Call<'_>) -> Option<u16> {
+#[cfg(test)]
+fn slot_of(call: Call<'_>) -> Option<u16> {
     match call {
         Call::Cmd(cmd) => cmd_slot(cmd),
         Call::Pipe(pipe) => {
@@ -470,6 +512,35 @@ mod tests {
         unknown.cmd("GET").arg("{a}1").cmd("PING");
         assert_eq!(slot_of(Call::Pipe(&unknown)), None);
         assert_eq!(slot_of(Call::Pipe(&redis::pipe())), None);
+    }
+
+    /// A pipeline goes to one master when every key's slot is that master's, whatever
+    /// the slots; not when a slot is another master's or has no route.
+    #[test]
+    fn a_pipeline_of_several_slots_goes_to_their_one_master() {
+        let (a, b, c) = (key_slot(b"a"), key_slot(b"b"), key_slot(b"c"));
+        let mut owner = vec![NO_ROUTE; SLOTS];
+        owner[usize::from(a)] = 0;
+        owner[usize::from(b)] = 0;
+        owner[usize::from(c)] = 1;
+        let mut same = redis::pipe();
+        same.cmd("GET")
+            .arg("{a}1")
+            .cmd("ZRANGE")
+            .arg("{b}x")
+            .arg(0)
+            .arg(64);
+        assert_eq!(master_of(&owner, Call::Pipe(&same)), Some(0));
+        let mut split = redis::pipe();
+        split.cmd("GET").arg("{a}1").cmd("GET").arg("{c}2");
+        assert_eq!(master_of(&owner, Call::Pipe(&split)), None);
+        let mut unrouted = redis::pipe();
+        unrouted.cmd("GET").arg("{a}1").cmd("GET").arg("{d}2");
+        assert_eq!(master_of(&owner, Call::Pipe(&unrouted)), None);
+        assert_eq!(
+            master_of(&owner, Call::Cmd(redis::cmd("GET").arg("{c}"))),
+            Some(1)
+        );
     }
 
     #[test]

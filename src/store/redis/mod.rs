@@ -136,6 +136,47 @@ impl Call<'_> {
     }
 }
 
+/// `pipe` with each `MGET` as one `GET` per key, and each command's reply count (`None`:
+/// one reply, as sent; `Some(n)`: an `MGET` of `n` keys).
+fn key_by_key(pipe: &Pipeline) -> (Pipeline, Vec<Option<usize>>) {
+    let mut split = redis::pipe();
+    let mut shape = Vec::new();
+    for cmd in pipe.cmd_iter() {
+        let mut args = cmd.args_iter().map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        });
+        if args
+            .next()
+            .flatten()
+            .is_some_and(|name| name.eq_ignore_ascii_case(b"MGET"))
+        {
+            let mut n = 0;
+            for key in args.flatten() {
+                split.cmd("GET").arg(key);
+                n += 1;
+            }
+            shape.push(Some(n));
+        } else {
+            split.add_command(cmd.clone());
+            shape.push(None);
+        }
+    }
+    (split, shape)
+}
+
+/// The replies of a [`key_by_key`] pipeline in the original pipeline's shape.
+fn reshaped(values: Vec<redis::Value>, shape: &[Option<usize>]) -> Vec<redis::Value> {
+    let mut values = values.into_iter();
+    shape
+        .iter()
+        .filter_map(|n| match n {
+            None => values.next(),
+            Some(n) => Some(redis::Value::Array(values.by_ref().take(*n).collect())),
+        })
+        .collect()
+}
+
 /// A store call that failed.
 fn unreachable(e: &redis::RedisError) -> StoreError {
     StoreError::Unreachable(e.to_string())
@@ -265,6 +306,93 @@ impl Conn {
         self.answered(r)
     }
 
+    /// Read-only pipelines, each within one slot, answered in order, all sent at once.
+    /// Over a Cluster those whose slots share a master go to it as one pipeline (one
+    /// write, one reply to read); if it refuses that unrun (a redirect) or fails, they are
+    /// sent again one by one, the usual way: reads may run twice.
+    pub(crate) async fn reads(
+        &self,
+        pipes: &[Pipeline],
+    ) -> Vec<Result<Vec<redis::Value>, StoreError>> {
+        let Link::Cluster(cluster, router) = &self.link else {
+            return futures_util::future::join_all(pipes.iter().map(|p| self.read_one(p))).await;
+        };
+        let groups = direct::by_master(router, pipes);
+        let answers =
+            futures_util::future::join_all(groups.into_iter().map(|members| async move {
+                if let [one] = members[..] {
+                    return vec![(one, self.read_one(&pipes[one]).await)];
+                }
+                let mut merged = redis::pipe();
+                for &i in &members {
+                    for cmd in pipes[i].cmd_iter() {
+                        merged.add_command(cmd.clone());
+                    }
+                }
+                let sent = router.attempt::<Vec<redis::Value>>(Call::Pipe(&merged), cluster);
+                if let Ok(Some(Ok(values))) = tokio::time::timeout(self.timeout, sent).await {
+                    let mut values = values.into_iter();
+                    return members
+                        .iter()
+                        .map(|&i| {
+                            (
+                                i,
+                                Ok(values.by_ref().take(pipes[i].cmd_iter().count()).collect()),
+                            )
+                        })
+                        .collect();
+                }
+                let mut one_by_one = Vec::with_capacity(members.len());
+                for i in members {
+                    one_by_one.push((i, self.read_one(&pipes[i]).await));
+                }
+                one_by_one
+            }))
+            .await;
+        let mut out: Vec<Option<Result<Vec<redis::Value>, StoreError>>> =
+            (0..pipes.len()).map(|_| None).collect();
+        for (i, answer) in answers.into_iter().flatten() {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(answer);
+            }
+        }
+        out.into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| Err(StoreError::Unreachable("a read went unanswered".into())))
+            })
+            .collect()
+    }
+
+    /// One read-only pipeline. A slot being moved between masters refuses a multi-key
+    /// read (`MGET`) whose keys are not all on one side yet (`TRYAGAIN`, for as long as
+    /// the move takes), and the Cluster client does not follow a redirect (`ASK`) inside
+    /// a pipeline: the pipeline's commands are then sent one by one, each `MGET` as one
+    /// `GET` per key, and the replies put back in the pipeline's shape.
+    async fn read_one(&self, pipe: &Pipeline) -> Result<Vec<redis::Value>, StoreError> {
+        match self.run::<Vec<redis::Value>>(Call::Pipe(pipe)).await {
+            Some(Err(e))
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::TryAgain | redis::ServerErrorKind::Ask
+                    )
+                ) =>
+            {
+                let (split, shape) = key_by_key(pipe);
+                // One at a time: sent together, some came back with the redirect itself
+                // (the Cluster client of redis 1.8 did not follow concurrent ASKs).
+                let mut replies = Vec::new();
+                for cmd in split.cmd_iter() {
+                    let r = self.run::<redis::Value>(Call::Cmd(cmd)).await;
+                    replies.push(self.answered(r));
+                }
+                let values: Result<Vec<redis::Value>, StoreError> = replies.into_iter().collect();
+                values.map(|values| reshaped(values, &shape))
+            }
+            r => self.answered(r),
+        }
+    }
+
     /// How the Functions tell watching replicas about changes: sharded pub/sub in a
     /// Cluster (the channel shares its tag's slot), plain pub/sub on one server.
     pub(crate) fn tell_mode(&self) -> &'static str {
@@ -333,7 +461,30 @@ const TAGS_KEY: &str = "gm1:tags";
 
 /// The hash tag of a coarse cell (and of every privacy cell filed under it).
 fn tag_of_coarse(coarse: CellIndex) -> String {
-    coarse.parent(TAG_RESOLUTION).unwrap_or(coarse).to_string()
+    let mut tag = String::with_capacity(16);
+    push_cell(&mut tag, coarse.parent(TAG_RESOLUTION).unwrap_or(coarse));
+    tag
+}
+
+/// Appends `cell` in hex, as its `Display` writes it, without the formatting machinery
+/// (a search formats a key for every cell it reads).
+fn push_cell(out: &mut String, cell: CellIndex) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let v = u64::from(cell);
+    let digits = (64 - v.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+    }
+}
+
+/// The key of privacy cell `cell`'s members, under `tag`.
+fn bucket_key(tag: &str, cell: CellIndex) -> String {
+    let mut key = String::with_capacity(tag.len() + 26);
+    key.push_str("gm1:{");
+    key.push_str(tag);
+    key.push_str("}:b:");
+    push_cell(&mut key, cell);
+    key
 }
 
 /// The keys of one privacy cell.
@@ -351,7 +502,7 @@ impl CellKeys {
         let coarse = crate::nearby::coarse_of(cell);
         let tag = tag_of_coarse(coarse);
         Self {
-            bucket: format!("gm1:{{{tag}}}:b:{cell}"),
+            bucket: bucket_key(&tag, cell),
             occupancy: occupancy_key(&tag, coarse),
             expiry: expiry_key(&tag),
             coarse,
@@ -431,5 +582,73 @@ fn operation(call: &Call<'_>) -> String {
     match call {
         Call::Cmd(cmd) => name(cmd),
         Call::Pipe(p) => format!("pipeline ({} commands)", p.cmd_iter().count()),
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    /// A pipeline read key by key answers in the shape of the one sent.
+    #[test]
+    fn an_mget_read_key_by_key_is_put_back_in_its_shape() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("MGET").arg("{t}a").arg("{t}b").arg("{t}c");
+        pipe.cmd("SMEMBERS").arg("{t}o");
+        pipe.cmd("mget").arg("{t}d");
+        let (split, shape) = key_by_key(&pipe);
+        let names: Vec<Vec<u8>> = split
+            .cmd_iter()
+            .map(|c| match c.args_iter().next() {
+                Some(redis::Arg::Simple(b)) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [&b"GET"[..], b"GET", b"GET", b"SMEMBERS", b"GET"].map(<[u8]>::to_vec)
+        );
+        assert_eq!(shape, [Some(3), None, Some(1)]);
+        let v = |i: i64| redis::Value::Int(i);
+        let got = reshaped((1..=5).map(v).collect(), &shape);
+        assert_eq!(
+            got,
+            [
+                redis::Value::Array(vec![v(1), v(2), v(3)]),
+                v(4),
+                redis::Value::Array(vec![v(5)])
+            ]
+        );
+    }
+
+    /// Keys name cells exactly as `Display` does, so stores written before read the same.
+    #[test]
+    fn cells_are_written_as_their_display() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..2_000 {
+            let at = h3o::LatLng::new(
+                rng.random_range(-89.0..89.0),
+                rng.random_range(-180.0..180.0),
+            )
+            .unwrap();
+            for res in [
+                Resolution::Zero,
+                Resolution::Five,
+                Resolution::Nine,
+                Resolution::Fifteen,
+            ] {
+                let cell = at.to_cell(res);
+                let mut s = String::new();
+                push_cell(&mut s, cell);
+                assert_eq!(s, cell.to_string());
+                assert_eq!(bucket_key("t", cell), format!("gm1:{{t}}:b:{cell}"));
+            }
+            let coarse = at.to_cell(Resolution::Seven);
+            assert_eq!(
+                tag_of_coarse(coarse),
+                coarse.parent(TAG_RESOLUTION).unwrap().to_string()
+            );
+        }
     }
 }

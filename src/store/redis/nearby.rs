@@ -424,12 +424,9 @@ impl RedisNearby {
         let mut by_tag: HashMap<String, Group> = HashMap::new();
         for &cell in &need.cells {
             if !into.cells.contains_key(&cell) {
-                let keys = CellKeys::new(cell);
-                by_tag
-                    .entry(keys.tag)
-                    .or_default()
-                    .cells
-                    .push((cell, keys.bucket));
+                let tag = tag_of_coarse(crate::nearby::coarse_of(cell));
+                let key = super::bucket_key(&tag, cell);
+                by_tag.entry(tag).or_default().cells.push((cell, key));
             }
         }
         for &coarse in &need.coarse {
@@ -487,13 +484,11 @@ impl RedisNearby {
             }
             pipes.push((group, pipe));
         }
-        // Several pipelines (one per slot) are sent at once from this task: their
-        // requests queue together on each master's connection, which writes them out in
-        // one go (a task each would wake that connection, and write, once per pipeline).
-        let replies =
-            futures_util::future::join_all(pipes.iter().map(|(_, pipe)| self.conn.pipe(pipe)))
-                .await;
-        for ((group, _), replies) in pipes.into_iter().zip(replies) {
+        // Several pipelines (one per slot) are sent at once from this task, those of one
+        // master's slots as one pipeline (`Conn::reads`).
+        let (groups, pipes): (Vec<Group>, Vec<redis::Pipeline>) = pipes.into_iter().unzip();
+        let replies = self.conn.reads(&pipes).await;
+        for (group, replies) in groups.into_iter().zip(replies) {
             into.put_replies(group, replies?);
         }
         Ok(())
