@@ -264,6 +264,71 @@ async fn sparse_country_searches_over_a_redis_cluster_equal_the_brute_force() {
     sparse_country_searches_equal_the_brute_force(&flags, "cs:").await;
 }
 
+/// A store written by an earlier build keeps an expiry entry per user
+/// (`coarse/cell|user`): the sweep still takes such a user out once expired, and moves a
+/// user's entry on to their real expiry while they are kept.
+#[tokio::test]
+async fn expiry_entries_of_one_user_from_an_earlier_build_are_still_swept() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let a = start_store(&["--store", "redis", "--redis-url", &url]).await;
+    let mut c = a.nearby().await;
+    let at = SHANGHAI;
+    let with_ttl = |user: &str, ttl_s: u32| pb::UpdateLocationRequest {
+        ttl_s,
+        ..ping(user, at)
+    };
+    c.update_location(with_ttl("old:gone", 60)).await.unwrap();
+    c.update_location(with_ttl("old:kept", 600)).await.unwrap();
+    // The tag's expiry ZSET as an earlier build kept it: an entry per user, both due at
+    // the first one's end.
+    let cell = privacy_cell(at);
+    let coarse = h3o::LatLng::from(cell).to_cell(h3o::Resolution::Seven);
+    let tag = coarse.parent(h3o::Resolution::Five).unwrap();
+    let key = format!("gm1:{{{tag}}}:x");
+    let due = a.clock.now_ms() + 60_000;
+    let entry = |user: &str| format!("{coarse}/{cell}|{user}");
+    let mut con = server.connection().await;
+    let _: () = ::redis::pipe()
+        .del(&key)
+        .zadd(&key, entry("old:gone"), due)
+        .zadd(&key, entry("old:kept"), due)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let NearbyStore::Redis(remote) = &a.app.store else {
+        panic!("a Redis store");
+    };
+    a.clock.advance_ms(60_000);
+    assert_eq!(remote.sweep(a.clock.now_ms()).await.unwrap(), 1);
+    assert!(!held(&mut c, "old:gone").await.found);
+    assert!(held(&mut c, "old:kept").await.found);
+    let gone: Option<i64> = ::redis::cmd("ZSCORE")
+        .arg(&key)
+        .arg(entry("old:gone"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let kept: Option<i64> = ::redis::cmd("ZSCORE")
+        .arg(&key)
+        .arg(entry("old:kept"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(gone, None, "the swept user's entry is dropped");
+    assert_eq!(
+        kept,
+        Some(due - 60_000 + 600_000),
+        "moved on to the kept user's end"
+    );
+    a.clock.advance_ms(540_000);
+    assert_eq!(remote.sweep(a.clock.now_ms()).await.unwrap(), 1);
+    assert!(!held(&mut c, "old:kept").await.found);
+    a.stop().await;
+}
+
 /// What `c`'s replica reports about `user`.
 async fn held(c: &mut NearbyClient<Channel>, user: &str) -> pb::GetLocationStatusResponse {
     c.get_location_status(status(user))

@@ -247,6 +247,16 @@ impl Conn {
     /// Runs `call`, bounded by the store timeout: the store's own answer, or `None` on
     /// time-out.
     async fn run<T: FromRedisValue>(&self, call: Call<'_>) -> Option<redis::RedisResult<T>> {
+        self.run_routed(call, false).await
+    }
+
+    /// [`Self::run`]; with `direct_only`, a Cluster call the slot's master does not take
+    /// (no route, or refused unrun) fails instead of going through the Cluster client.
+    async fn run_routed<T: FromRedisValue>(
+        &self,
+        call: Call<'_>,
+        direct_only: bool,
+    ) -> Option<redis::RedisResult<T>> {
         // A client span per store call when the RPC is traced: the command (and Function)
         // name only, never a key or an argument (they hold ids and cells).
         let span = trace::child(trace::Kind::Client, || operation(&call).into());
@@ -261,6 +271,10 @@ impl Conn {
                 // client when not, or when the master refused the call unrun (`direct`).
                 Link::Cluster(c, router) => match router.attempt(call, c).await {
                     Some(answer) => answer,
+                    None if direct_only => Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "not taken by one master",
+                    ))),
                     None => call.query(c).await,
                 },
             }
@@ -314,7 +328,7 @@ impl Conn {
         &self,
         pipes: &[Pipeline],
     ) -> Vec<Result<Vec<redis::Value>, StoreError>> {
-        let Link::Cluster(cluster, router) = &self.link else {
+        let Link::Cluster(_, router) = &self.link else {
             return futures_util::future::join_all(pipes.iter().map(|p| self.read_one(p))).await;
         };
         let groups = direct::by_master(router, pipes);
@@ -329,8 +343,8 @@ impl Conn {
                         merged.add_command(cmd.clone());
                     }
                 }
-                let sent = router.attempt::<Vec<redis::Value>>(Call::Pipe(&merged), cluster);
-                if let Ok(Some(Ok(values))) = tokio::time::timeout(self.timeout, sent).await {
+                let sent = self.run_routed::<Vec<redis::Value>>(Call::Pipe(&merged), true);
+                if let Some(Ok(values)) = sent.await {
                     let mut values = values.into_iter();
                     return members
                         .iter()
