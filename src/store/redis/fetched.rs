@@ -2,7 +2,8 @@
 //! engine walks them like the in-memory maps and names the cells it misses, which the
 //! next round trip reads.
 
-use std::collections::HashMap;
+// hashbrown's default hasher (foldhash): a search looks its cells up many times over.
+use hashbrown::HashMap;
 
 use h3o::{CellIndex, Resolution};
 use redis::Value;

@@ -10,11 +10,7 @@
 //! meets both copies keeps the nearer one (the engine dedupes by id). Reads filter out
 //! expired members, so correctness never waits for the sweep.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use h3o::CellIndex;
 
@@ -421,7 +417,7 @@ impl RedisNearby {
     /// Reads `need` into `into`: one pipeline per hash tag (one slot each), run at once.
     async fn fetch(&self, into: &mut Fetched, need: &Need) -> Result<()> {
         // Each cell's keys are worked out once (the coarse cell takes H3 geometry).
-        let mut by_tag: HashMap<String, Group> = HashMap::new();
+        let mut by_tag: hashbrown::HashMap<String, Group> = hashbrown::HashMap::new();
         for &cell in &need.cells {
             if !into.cells.contains_key(&cell) {
                 let tag = tag_of_coarse(crate::nearby::coarse_of(cell));
