@@ -408,16 +408,17 @@ impl<'a, S: CellSource> Walk<'a, S> {
     }
 
     /// The privacy cells a remote source should fetch along with a missed ring. In the
-    /// fine disk, ring 0 brings ring 1 and later rings come one at a time: what a store
-    /// sends is the members of the cells fetched, so a dense search (done within ring 2)
-    /// reads 19 cells, not the disk's 91. In the coarse walk, the occupied cells of the
-    /// rest of the current coarse ring (those whose occupancy is known) come at once.
+    /// fine disk, ring 0 brings rings 1 and 2, and later rings come one at a time: what a
+    /// store sends is the members of the cells fetched, so a dense search (done within
+    /// ring 2) reads 19 cells in one round trip, not the disk's 91. In the coarse walk,
+    /// the occupied cells of the rest of the current coarse ring (those whose occupancy
+    /// is known) come at once.
     fn ahead(&self) -> Vec<CellIndex> {
         let mut out = Vec::new();
         if self.coarse.is_none() {
             let mut rest = self.fine.clone();
             let mut ring = Ring::default();
-            let more = u32::from(self.fine_rings == 1).min(FINE_RINGS - self.fine_rings);
+            let more = (2 * u32::from(self.fine_rings == 1)).min(FINE_RINGS - self.fine_rings);
             for _ in 0..more {
                 if !rest.next_ring(&mut ring) {
                     break;
