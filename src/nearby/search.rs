@@ -361,8 +361,9 @@ struct Walk<'a, S: CellSource> {
     /// Cells of `sparse` handed out so far.
     sparse_at: usize,
     /// The region lists the source must fetch before the shortcut can tell (given out
-    /// by the first [`Self::next_ring`]).
-    regions_missed: Option<Missed<S::Miss>>,
+    /// by the first [`Self::next_ring`]; boxed: a remote store's rare case, kept out of
+    /// the way of every walk).
+    regions_missed: Option<Box<Missed<S::Miss>>>,
 }
 
 impl<'a, S: CellSource> Walk<'a, S> {
@@ -378,13 +379,13 @@ impl<'a, S: CellSource> Walk<'a, S> {
             ),
             Err((regions, miss)) => (
                 None,
-                Some(Missed {
+                Some(Box::new(Missed {
                     need: Need {
                         regions,
                         ..Need::default()
                     },
                     miss,
-                }),
+                })),
             ),
         };
         Self {
@@ -466,7 +467,7 @@ impl<'a, S: CellSource> Walk<'a, S> {
 
     fn next_ring(&mut self, ring: &mut Ring) -> Walked<bool, S> {
         if let Some(missed) = self.regions_missed.take() {
-            return Err(missed);
+            return Err(*missed);
         }
         if let Some(cells) = &self.sparse {
             // Every occupied cell near the centre, nearest first: no cell of this batch or
