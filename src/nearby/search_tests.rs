@@ -48,16 +48,7 @@ impl<'a> Partial<'a> {
 
     /// A source that also lists whole regions.
     fn listing(maps: &'a maps::Maps) -> Self {
-        let mut all: std::collections::HashMap<CellIndex, Vec<CellIndex>> = Default::default();
-        for shard in 0..maps::SHARDS {
-            for &cell in maps.cells.read(shard).keys() {
-                let region = maps::coarse_of(cell)
-                    .parent(maps::REGION_RESOLUTION)
-                    .expect("a coarse cell has a region");
-                all.entry(region).or_default().push(cell);
-            }
-        }
-        let listing = all
+        let listing = cells_by_region(maps)
             .into_iter()
             .map(|(r, cells)| (r, (cells.len() <= LISTING_MAX).then_some(cells)))
             .collect();
@@ -508,17 +499,22 @@ fn a_walk_asks_for_whole_batches() {
 /// the region is listed (at most `LISTED_MAX` cells, `DENSE_COARSE` coarse cells
 /// occupied), counted exactly past that. Returns how many
 /// regions are listed and how many counted, and the counted ones.
-fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
-    use std::collections::HashMap;
-    let mut want: HashMap<CellIndex, Vec<CellIndex>> = HashMap::new();
+/// Every occupied privacy cell, by the region that files it (its coarse cell's parent).
+fn cells_by_region(maps: &maps::Maps) -> std::collections::HashMap<CellIndex, Vec<CellIndex>> {
+    let mut by_region: std::collections::HashMap<CellIndex, Vec<CellIndex>> = Default::default();
     for shard in 0..maps::SHARDS {
-        for &cell in idx.maps.cells.read(shard).keys() {
+        for &cell in maps.cells.read(shard).keys() {
             let region = maps::coarse_of(cell)
                 .parent(maps::REGION_RESOLUTION)
                 .expect("a coarse cell has a region");
-            want.entry(region).or_default().push(cell);
+            by_region.entry(region).or_default().push(cell);
         }
     }
+    by_region
+}
+
+fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
+    let mut want = cells_by_region(&idx.maps);
     let (mut listed, mut counted) = (0, Vec::new());
     for shard in 0..maps::SHARDS {
         for (region, r) in idx.maps.regions.read(shard).iter() {

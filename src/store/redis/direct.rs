@@ -83,22 +83,27 @@ struct Master {
 /// ([`super::Conn::reads`]), the one master all their slots belong to. `None` when they
 /// are not all known to one master.
 fn master_of(owner: &[u16], call: Call<'_>) -> Option<u16> {
-    let owner = |cmd: &redis::Cmd| {
+    the_one(call, |cmd| {
         let i = *owner.get(usize::from(cmd_slot(cmd)?))?;
         (i != NO_ROUTE).then_some(i)
-    };
+    })
+}
+
+/// The one value `of` gives every command of `call`; `None` when it gives none for one
+/// of them, or two different values.
+fn the_one(call: Call<'_>, of: impl Fn(&Cmd) -> Option<u16>) -> Option<u16> {
     match call {
-        Call::Cmd(cmd) => owner(cmd),
+        Call::Cmd(cmd) => of(cmd),
         Call::Pipe(pipe) => {
-            let mut master = None;
+            let mut one = None;
             for cmd in pipe.cmd_iter() {
-                let i = owner(cmd)?;
-                if master.is_some_and(|known| known != i) {
+                let v = of(cmd)?;
+                if one.is_some_and(|known| known != v) {
                     return None;
                 }
-                master = Some(i);
+                one = Some(v);
             }
-            master
+            one
         }
     }
 }
@@ -371,20 +376,7 @@ fn slot_ranges(answer: &Value) -> Vec<(u16, u16, (String, u16))> {
 /// does not know, or keys in several slots.
 #[cfg(test)]
 fn slot_of(call: Call<'_>) -> Option<u16> {
-    match call {
-        Call::Cmd(cmd) => cmd_slot(cmd),
-        Call::Pipe(pipe) => {
-            let mut slot = None;
-            for cmd in pipe.cmd_iter() {
-                let s = cmd_slot(cmd)?;
-                if slot.is_some_and(|known| known != s) {
-                    return None;
-                }
-                slot = Some(s);
-            }
-            slot
-        }
-    }
+    the_one(call, cmd_slot)
 }
 
 /// Commands whose one key is their first argument.
@@ -411,11 +403,16 @@ const ONE_KEY: &[&str] = &[
 /// Commands whose every argument is a key.
 const ALL_KEYS: &[&str] = &["MGET", "DEL", "EXISTS", "UNLINK"];
 
-fn cmd_slot(cmd: &Cmd) -> Option<u16> {
-    let mut args = cmd.args_iter().map(|a| match a {
+/// `cmd`'s name and arguments as bytes (`None` for a cursor argument).
+pub(super) fn args(cmd: &Cmd) -> impl Iterator<Item = Option<&[u8]>> {
+    cmd.args_iter().map(|a| match a {
         redis::Arg::Simple(b) => Some(b),
         _ => None,
-    });
+    })
+}
+
+fn cmd_slot(cmd: &Cmd) -> Option<u16> {
+    let mut args = args(cmd);
     let name = std::str::from_utf8(args.next()??).ok()?;
     let keys: Vec<&[u8]> =
         if name.eq_ignore_ascii_case("FCALL") || name.eq_ignore_ascii_case("FCALL_RO") {

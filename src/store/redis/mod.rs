@@ -142,10 +142,7 @@ fn key_by_key(pipe: &Pipeline) -> (Pipeline, Vec<Option<usize>>) {
     let mut split = redis::pipe();
     let mut shape = Vec::new();
     for cmd in pipe.cmd_iter() {
-        let mut args = cmd.args_iter().map(|a| match a {
-            redis::Arg::Simple(b) => Some(b),
-            _ => None,
-        });
+        let mut args = direct::args(cmd);
         if args
             .next()
             .flatten()
