@@ -378,20 +378,14 @@ async fn a_valkey_cluster_serves_one_world_to_two_replicas() {
 /// Two replicas ping the same users at once, one of them 10 s ahead: under any
 /// interleaving of their store calls, each user ends where the newer ping put them, and
 /// nobody is left behind at the older position.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_pings_through_two_replicas_leave_only_the_newest() {
-    let Some(server) = redis::standalone().await else {
-        return;
-    };
-    let url = server.url();
-    let flags = ["--store", "redis", "--redis-url", &url];
-    let (a, b) = (start_store(&flags).await, start_store(&flags).await);
+async fn concurrent_pings_through_two_replicas_leave_only_the_newest(flags: &[&str], prefix: &str) {
+    let (a, b) = (start_store(flags).await, start_store(flags).await);
     b.clock.advance_ms(10_000);
     let older = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 0.0);
     let newer = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 3_000.0);
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..200 {
-        let user = format!("lww:{i:03}");
+        let user = format!("{prefix}{i:03}");
         let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
         let (pa, pb) = (ping(&user, older(i)), ping(&user, newer(i)));
         // Alternate which one is sent first; both are in flight together.
@@ -409,24 +403,57 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest() {
         x.unwrap();
         y.unwrap();
     }
-    let mut c = a.nearby().await;
+    // All at once through one replica: over a Cluster the calls bound for one master are
+    // written together, and each must still get its own user's answer.
+    let mut asked = tokio::task::JoinSet::new();
     for i in 0..200 {
-        let user = format!("lww:{i:03}");
-        let st = held(&mut c, &user).await;
-        assert_eq!(st.cell, privacy_cell(newer(i)).to_string(), "{user}");
+        let mut c = a.nearby().await;
+        let user = format!("{prefix}{i:03}");
+        asked.spawn(async move { (i, held(&mut c, &user).await) });
     }
+    while let Some(done) = asked.join_next().await {
+        let (i, st) = done.unwrap();
+        assert_eq!(
+            st.cell,
+            privacy_cell(newer(i)).to_string(),
+            "{prefix}{i:03}"
+        );
+    }
+    let c = a.nearby().await;
     let left_behind: Vec<String> = contract::walk(
         &mut [c.clone()],
-        search("lww:searcher", SHANGHAI).limit(100).radius(2_500.0),
+        search(&format!("{prefix}searcher"), SHANGHAI)
+            .limit(100)
+            .radius(2_500.0),
     )
     .await
     .into_iter()
     .map(|(u, _)| u)
-    .filter(|u| u.starts_with("lww:"))
+    .filter(|u| u.starts_with(prefix))
     .collect();
     assert!(left_behind.is_empty(), "stale copies: {left_behind:?}");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pings_through_two_replicas_over_one_redis_server_leave_only_the_newest() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = ["--store", "redis", "--redis-url", &url];
+    concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "lww:").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pings_through_two_replicas_over_a_redis_cluster_leave_only_the_newest() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "clww:").await;
 }
 
 /// The SearchNearby rate limit is one token bucket per user in the store, not one per

@@ -24,6 +24,10 @@
 //! that dropped is set aside at once (its slots go through the Cluster client, which
 //! reconnects) until the routes are read again.
 //!
+//! Single commands bound for one master at the same moment are written together, as one
+//! pipeline ([`Direct::send`]): each still gets its own reply or error, and a redirect of
+//! one of them sends only that one through the Cluster client.
+//!
 //! A slot without a route and every failed direct attempt ask for the routes to be read
 //! again, in the background, at most once per [`REREAD_EVERY`]: after a failover or a
 //! resharding the slots route directly again by themselves. The whole call, both
@@ -39,7 +43,10 @@ use redis::{
     AsyncConnectionConfig, Cmd, FromRedisValue, Value, aio::MultiplexedConnection,
     cluster_async::ClusterConnection,
 };
-use tokio::time::{Duration, Instant};
+use tokio::{
+    sync::oneshot,
+    time::{Duration, Instant},
+};
 
 use super::Call;
 
@@ -76,7 +83,12 @@ struct Routes {
 struct Master {
     conn: MultiplexedConnection,
     dropped: Arc<AtomicBool>,
+    waiting: Arc<Waiting>,
 }
+
+/// Single commands bound for one master that wait to be written together (see
+/// [`Direct::send`]), each with where its reply goes.
+type Waiting = Mutex<Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>>;
 
 /// The master that serves every key of `call`, by `owner` (a master index per slot): one
 /// slot's, or, for a pipeline of reads gathered from several slots
@@ -125,10 +137,89 @@ pub(super) fn by_master(router: &Router, pipes: &[redis::Pipeline]) -> Vec<Vec<u
     groups.into_iter().map(|(_, members)| members).collect()
 }
 
-/// The connection a call goes straight to, and its master's mark of a dropped one.
+/// The connection a call goes straight to, its master's mark of a dropped one, and its
+/// master's single commands waiting to be written.
 struct Direct {
     conn: MultiplexedConnection,
     dropped: Arc<AtomicBool>,
+    waiting: Arc<Waiting>,
+}
+
+impl Direct {
+    /// Sends `call`. A single command joins the others bound for the same master that are
+    /// ready to go at the same moment: the first of them starts a task that lets the
+    /// runtime run what else is ready, then writes all those waiting as one pipeline,
+    /// and hands each its own reply (or the pipeline's failure). On loopback a write
+    /// costs its sender a few µs of kernel time, the receiver's TCP work included, and a
+    /// ping's two calls were two of them; under load several calls now share one. A
+    /// caller that gives up leaves the others' calls alone.
+    async fn send<T: FromRedisValue>(&mut self, call: Call<'_>) -> redis::RedisResult<T> {
+        let Call::Cmd(cmd) = call else {
+            return call.query(&mut self.conn).await;
+        };
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            waiting.push((cmd.clone(), tx));
+            waiting.len() == 1
+        };
+        if first {
+            let (waiting, conn) = (self.waiting.clone(), self.conn.clone());
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let batch =
+                    std::mem::take(&mut *waiting.lock().unwrap_or_else(PoisonError::into_inner));
+                write_together(conn, batch).await;
+            });
+        }
+        let value = rx.await.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "store call dropped unanswered",
+            )))
+        })?;
+        Ok(redis::from_redis_value(value.extract_error()?)?)
+    }
+}
+
+/// Writes `batch` to `conn` (one command as it is, several as one pipeline) and sends each
+/// its reply; a failure of the whole write is every command's.
+async fn write_together(
+    mut conn: MultiplexedConnection,
+    batch: Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>,
+) {
+    use redis::aio::ConnectionLike;
+    if let [_] = batch[..] {
+        for (cmd, tx) in batch {
+            let _gone = tx.send(conn.req_packed_command(&cmd).await);
+        }
+        return;
+    }
+    let mut pipe = redis::pipe();
+    let mut replies = Vec::with_capacity(batch.len());
+    for (cmd, tx) in batch {
+        pipe.add_command(cmd);
+        replies.push(tx);
+    }
+    match conn.req_packed_commands(&pipe, 0, replies.len()).await {
+        Ok(values) => {
+            let mut values = values.into_iter();
+            for tx in replies {
+                let reply = values.next().ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "a pipeline's reply came short",
+                    ))
+                });
+                let _gone = tx.send(reply);
+            }
+        }
+        Err(e) => {
+            for tx in replies {
+                let _gone = tx.send(Err(e.clone()));
+            }
+        }
+    }
 }
 
 /// When the routes were last read, and whether a reading is under way.
@@ -171,7 +262,7 @@ impl Router {
             THROUGH_CLUSTER.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let answer = call.query(&mut master.conn).await;
+        let answer = master.send(call).await;
         // A call's own error (a Function's, a reply of another type): the master ran it.
         if let Err(e) = &answer
             && !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
@@ -201,6 +292,7 @@ impl Router {
             (!master.dropped.load(Ordering::Relaxed)).then(|| Direct {
                 conn: master.conn.clone(),
                 dropped: master.dropped.clone(),
+                waiting: master.waiting.clone(),
             })
         });
         if direct.is_none() {
@@ -324,6 +416,7 @@ async fn read_routes(
             masters.push(Master {
                 conn,
                 dropped: Arc::default(),
+                waiting: Arc::default(),
             });
         }
     }
