@@ -378,7 +378,12 @@ async fn a_valkey_cluster_serves_one_world_to_two_replicas() {
 /// Two replicas ping the same users at once, one of them 10 s ahead: under any
 /// interleaving of their store calls, each user ends where the newer ping put them, and
 /// nobody is left behind at the older position.
-async fn concurrent_pings_through_two_replicas_leave_only_the_newest(flags: &[&str], prefix: &str) {
+async fn concurrent_pings_through_two_replicas_leave_only_the_newest(
+    flags: &[&str],
+    prefix: &str,
+    clustered: bool,
+) {
+    let written_together = geomatch::store::redis::written_together();
     let (a, b) = (start_store(flags).await, start_store(flags).await);
     b.clock.advance_ms(10_000);
     let older = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 0.0);
@@ -387,7 +392,10 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest(flags: &[&s
     for i in 0..200 {
         let user = format!("{prefix}{i:03}");
         let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
-        let (pa, pb) = (ping(&user, older(i)), ping(&user, newer(i)));
+        // Each user's newer ping lives a time of its own, so that a status answer handed
+        // to the wrong caller shows even between users of one privacy cell.
+        let (pa, mut pb) = (ping(&user, older(i)), ping(&user, newer(i)));
+        pb.ttl_s = 600 + i as u32;
         // Alternate which one is sent first; both are in flight together.
         calls.spawn(async move {
             if i % 2 == 0 {
@@ -418,6 +426,19 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest(flags: &[&s
             privacy_cell(newer(i)).to_string(),
             "{prefix}{i:03}"
         );
+        assert_eq!(
+            st.expires_at_ms - st.last_seen_ms,
+            (600 + i as i64) * 1000,
+            "{prefix}{i:03}: another user's answer"
+        );
+    }
+    if clustered {
+        // The concurrent calls did share writes to a master (process-wide count; other
+        // tests only add to it).
+        assert!(
+            geomatch::store::redis::written_together() > written_together,
+            "no store command was written together with another"
+        );
     }
     let c = a.nearby().await;
     let left_behind: Vec<String> = contract::walk(
@@ -443,7 +464,7 @@ async fn concurrent_pings_through_two_replicas_over_one_redis_server_leave_only_
     };
     let url = server.url();
     let flags = ["--store", "redis", "--redis-url", &url];
-    concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "lww:").await;
+    concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "lww:", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,7 +474,7 @@ async fn concurrent_pings_through_two_replicas_over_a_redis_cluster_leave_only_t
     };
     let nodes = cluster.seeds().join(",");
     let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
-    concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "clww:").await;
+    concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "clww:", true).await;
 }
 
 /// The SearchNearby rate limit is one token bucket per user in the store, not one per

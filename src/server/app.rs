@@ -226,6 +226,8 @@ impl App {
             metrics::counter!(names::STORE_CALLS, "route" => "direct").absolute(direct);
             metrics::counter!(names::STORE_CALLS, "route" => "cluster_client")
                 .absolute(through_cluster);
+            metrics::counter!(names::STORE_WRITTEN_TOGETHER)
+                .absolute(crate::store::redis::written_together());
         }
         metrics::gauge!(names::WAITING_SHAKES).set(self.shakes.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);

@@ -164,12 +164,13 @@ impl Direct {
             waiting.len() == 1
         };
         if first {
-            let (waiting, conn) = (self.waiting.clone(), self.conn.clone());
+            let mut flush = Flush {
+                waiting: Some(self.waiting.clone()),
+            };
+            let conn = self.conn.clone();
             tokio::spawn(async move {
                 tokio::task::yield_now().await;
-                let batch =
-                    std::mem::take(&mut *waiting.lock().unwrap_or_else(PoisonError::into_inner));
-                write_together(conn, batch).await;
+                write_together(conn, flush.take()).await;
             });
         }
         let value = rx.await.unwrap_or_else(|_| {
@@ -182,19 +183,53 @@ impl Direct {
     }
 }
 
+/// The commands waiting for one master, taken by the task that writes them. A task
+/// dropped before it ran (a runtime shutting down) drops them unanswered, so that the
+/// next command finds the queue empty and starts a task of its own.
+struct Flush {
+    waiting: Option<Arc<Waiting>>,
+}
+
+impl Flush {
+    fn take(&mut self) -> Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)> {
+        self.waiting.take().map_or_else(Vec::new, |w| {
+            std::mem::take(&mut *w.lock().unwrap_or_else(PoisonError::into_inner))
+        })
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// Commands written to a master together with at least one other, process-wide.
+static WRITTEN_TOGETHER: AtomicU64 = AtomicU64::new(0);
+
+/// Store commands this process has written to a Cluster's masters in a pipeline of
+/// several callers' commands ([`Direct::send`]), so far.
+pub fn written_together() -> u64 {
+    WRITTEN_TOGETHER.load(Ordering::Relaxed)
+}
+
 /// Writes `batch` to `conn` (one command as it is, several as one pipeline) and sends each
-/// its reply; a failure of the whole write is every command's.
+/// its reply; a failure of the whole write is every command's (a connection that dropped
+/// midway fails the commands whose replies had come too: each may have run, as for a
+/// single command). A command whose caller gave up (its store timeout) is not written.
 async fn write_together(
     mut conn: MultiplexedConnection,
-    batch: Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>,
+    mut batch: Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>,
 ) {
     use redis::aio::ConnectionLike;
-    if let [_] = batch[..] {
+    batch.retain(|(_, tx)| !tx.is_closed());
+    if batch.len() < 2 {
         for (cmd, tx) in batch {
             let _gone = tx.send(conn.req_packed_command(&cmd).await);
         }
         return;
     }
+    WRITTEN_TOGETHER.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let mut pipe = redis::pipe();
     let mut replies = Vec::with_capacity(batch.len());
     for (cmd, tx) in batch {

@@ -47,7 +47,7 @@ use redis::{
 };
 use thiserror::Error;
 
-pub use direct::routed_calls;
+pub use direct::{routed_calls, written_together};
 pub use nearby::RedisNearby;
 pub use shake::RedisShake;
 pub use watch::TagLease;
