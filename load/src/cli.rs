@@ -125,6 +125,13 @@ pub(crate) struct Args {
     /// again for replicas (with --grpc given several times): their CPU and memory add up.
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Vec<u32>,
+    /// A pid of the store behind geomatch (`--store redis` / `redis-cluster`: every Redis
+    /// or Valkey node, masters and replicas; give it once per node): each gRPC run's JSON
+    /// line also reports their CPU time (user + system, added up) per successful
+    /// operation over the measured window (`store_cpu_us_per_op`). With --server-pid this
+    /// splits a clustered operation's cost into the replicas' and the store's.
+    #[arg(long, value_name = "PID")]
+    pub(crate) store_pid: Vec<u32>,
     /// The --redis server's pid: its runs report its memory and CPU per operation, as
     /// --server-pid does for geomatch.
     #[arg(long, value_name = "PID", requires = "redis")]
@@ -160,6 +167,16 @@ impl Args {
             "redis" => self.redis_pid.into_iter().collect(),
             "valkey" => self.valkey_pid.into_iter().collect(),
             _ => Vec::new(),
+        }
+    }
+
+    /// The store processes behind geomatch whose CPU the runs against `target` also
+    /// report (`--store-pid`): gRPC runs only (a peer is its own store).
+    pub(crate) fn store_pids(&self, target: &str) -> Vec<u32> {
+        if target == "grpc" {
+            self.store_pid.clone()
+        } else {
+            Vec::new()
         }
     }
 
@@ -217,6 +234,23 @@ mod tests {
         assert_eq!(a.pids("grpc"), [11, 12]);
         assert_eq!(a.pids("redis"), [21]);
         assert_eq!(a.pids("valkey"), [31]);
+        assert!(a.store_pids("grpc").is_empty());
+        let a = Args::try_parse_from([
+            "geomatch-load",
+            "--grpc",
+            "127.0.0.1:50401",
+            "--redis",
+            "redis://127.0.0.1:6400",
+            "--store-pid",
+            "41",
+            "--store-pid",
+            "42",
+        ])
+        .unwrap();
+        // The Cluster nodes behind geomatch count for its runs, not for the GEO peer's.
+        assert_eq!(a.store_pids("grpc"), [41, 42]);
+        assert!(a.store_pids("redis").is_empty());
+        assert!(a.pids("grpc").is_empty());
         let a = Args::try_parse_from(["geomatch-load", "--server-pid", "11"]).unwrap();
         assert_eq!(a.pids("grpc"), [11]);
         assert!(a.pids("redis").is_empty());

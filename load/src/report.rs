@@ -310,13 +310,13 @@ async fn scrape(addr: SocketAddr, series: &str) -> anyhow::Result<f64> {
 
 /// Prints a run's errors (the first few, on stderr), its table row (after the header,
 /// once) and its JSON line. `cpu_us_per_op`: the target's CPU time per operation, when
-/// its pid was given.
+/// its pid was given, and the store's behind it, when its pids were (`--store-pid`).
 pub(crate) fn print_run(
     args: &Args,
     target: &str,
     stats: &Stats,
     elapsed: f64,
-    cpu_us_per_op: Option<f64>,
+    (cpu_us_per_op, store_cpu_us_per_op): (Option<f64>, Option<f64>),
     printed_header: &mut bool,
 ) {
     for e in &stats.first_errors {
@@ -358,9 +358,7 @@ pub(crate) fn print_run(
         // Closed loop: the sheds among the errors.
         format!(",\"shed\":{}", stats.shed)
     };
-    let cpu = cpu_us_per_op.map_or(String::new(), |c| {
-        format!(",\"server_cpu_us_per_op\":{c:.3}")
-    });
+    let cpu = cpu_fields(cpu_us_per_op, store_cpu_us_per_op);
     println!(
         "{{\"scenario\":\"{}\",\"target\":\"{target}\",\"ops_per_s\":{ops_per_s:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}{rss}{open}{cpu}}}",
         args.scenario.name(),
@@ -369,6 +367,19 @@ pub(crate) fn print_run(
         q(0.999),
         stats.errors
     );
+}
+
+/// The JSON line's CPU fields: the target's (`server_cpu_us_per_op`) and the store's
+/// behind it (`store_cpu_us_per_op`), each only when measured.
+fn cpu_fields(server: Option<f64>, store: Option<f64>) -> String {
+    let mut out = String::new();
+    if let Some(c) = server {
+        out.push_str(&format!(",\"server_cpu_us_per_op\":{c:.3}"));
+    }
+    if let Some(c) = store {
+        out.push_str(&format!(",\"store_cpu_us_per_op\":{c:.3}"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -426,6 +437,23 @@ pub(crate) mod tests {
         assert_eq!(cpu_us_per_op(Some(10.0), Some(10.5), 100_000), Some(5.0));
         assert_eq!(cpu_us_per_op(Some(10.0), Some(10.5), 0), None);
         assert_eq!(cpu_us_per_op(None, Some(10.5), 10), None);
+    }
+
+    #[test]
+    fn the_json_line_carries_each_cpu_figure_measured() {
+        assert_eq!(cpu_fields(None, None), "");
+        assert_eq!(
+            cpu_fields(Some(36.0), None),
+            ",\"server_cpu_us_per_op\":36.000"
+        );
+        assert_eq!(
+            cpu_fields(Some(36.0), Some(61.25)),
+            ",\"server_cpu_us_per_op\":36.000,\"store_cpu_us_per_op\":61.250"
+        );
+        assert_eq!(
+            cpu_fields(None, Some(4.5)),
+            ",\"store_cpu_us_per_op\":4.500"
+        );
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub(crate) async fn run(
     // The target's CPU time over the measured window: from here to the last call's answer.
     let pids = args.pids(target);
     let cpu_before = cpu_seconds(&pids);
+    let store_pids = args.store_pids(target);
+    let store_before = cpu_seconds(&store_pids);
     let mut workers = Vec::new();
     match args.rate {
         None => {
@@ -185,6 +187,7 @@ pub(crate) async fn run(
         w.await?;
     }
     let cpu_after = cpu_seconds(&pids);
+    let store_after = cpu_seconds(&store_pids);
     let elapsed = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = progress.await;
@@ -194,12 +197,13 @@ pub(crate) async fn run(
 
     let stats = std::mem::replace(&mut *lock(&total), Stats::new());
     let server_cpu_us_per_op = cpu_us_per_op(cpu_before, cpu_after, stats.ops);
+    let store_cpu_us_per_op = cpu_us_per_op(store_before, store_after, stats.ops);
     print_run(
         args,
         target,
         &stats,
         elapsed,
-        server_cpu_us_per_op,
+        (server_cpu_us_per_op, store_cpu_us_per_op),
         printed_header,
     );
     Ok(RunOutcome {
