@@ -260,19 +260,19 @@ impl Conn {
         if let Some(span) = &span {
             span.attribute("db.system.name", "redis");
         }
-        let mut link = self.link.clone();
         let run = async {
-            match &mut link {
-                Link::Server(c) => call.query(c).await,
+            match &self.link {
+                Link::Server(c) => call.query(&mut c.clone()).await,
                 // Straight to the slot's master when it has a route; through the Cluster
                 // client when not, or when the master refused the call unrun (`direct`).
+                // (The Cluster client is cloned only for a call that goes through it.)
                 Link::Cluster(c, router) => match router.attempt(call, c).await {
                     Some(answer) => answer,
                     None if direct_only => Err(redis::RedisError::from((
                         redis::ErrorKind::Client,
                         "not taken by one master",
                     ))),
-                    None => call.query(c).await,
+                    None => call.query(&mut c.clone()).await,
                 },
             }
         };

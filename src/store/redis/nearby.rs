@@ -222,8 +222,8 @@ impl RedisNearby {
         let expires = member.expires_at_ms();
         self.register(&keys.tag).await?;
         let fields = bucket::fields(&member);
-        let put = redis::cmd("FCALL")
-            .arg("gm_put")
+        let mut put = redis::cmd("FCALL");
+        put.arg("gm_put")
             .arg(3)
             .arg(&keys.bucket)
             .arg(&keys.occupancy)
@@ -234,16 +234,15 @@ impl RedisNearby {
             .arg(cell.to_string())
             .arg(expires)
             .arg(self.conn.tell_mode())
-            .arg(super::change_channel(&keys.tag))
-            .clone();
-        let record = redis::cmd("FCALL")
+            .arg(super::change_channel(&keys.tag));
+        let mut record = redis::cmd("FCALL");
+        record
             .arg("gm_user")
             .arg(1)
             .arg(user_key(ping.user.as_str()))
             .arg(cell.to_string())
             .arg(now_ms)
-            .arg(ping.ttl.ms().max(1))
-            .clone();
+            .arg(ping.ttl.ms().max(1));
         // In this order: the member first, then the record. A newer ping of the same user
         // that then reads this record finds the member to clean up; an older one that
         // reads the newer record cleans up its own member.
