@@ -305,15 +305,9 @@ async fn expiry_entries_of_one_user_from_an_earlier_build_are_still_swept() {
     assert_eq!(remote.sweep(a.clock.now_ms()).await.unwrap(), 1);
     assert!(!held(&mut c, "old:gone").await.found);
     assert!(held(&mut c, "old:kept").await.found);
-    let gone: Option<i64> = ::redis::cmd("ZSCORE")
-        .arg(&key)
-        .arg(entry("old:gone"))
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let kept: Option<i64> = ::redis::cmd("ZSCORE")
-        .arg(&key)
-        .arg(entry("old:kept"))
+    let (gone, kept): (Option<i64>, Option<i64>) = ::redis::pipe()
+        .zscore(&key, entry("old:gone"))
+        .zscore(&key, entry("old:kept"))
         .query_async(&mut con)
         .await
         .unwrap();

@@ -86,9 +86,11 @@ struct Master {
     waiting: Arc<Waiting>,
 }
 
-/// Single commands bound for one master that wait to be written together (see
-/// [`Direct::send`]), each with where its reply goes.
-type Waiting = Mutex<Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>>;
+/// Single commands bound for one master, each with where its reply goes.
+type Batch = Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>;
+
+/// The [`Batch`] waiting to be written to one master (see [`Direct::send`]).
+type Waiting = Mutex<Batch>;
 
 /// The master that serves every key of `call`, by `owner` (a master index per slot): one
 /// slot's, or, for a pipeline of reads gathered from several slots
@@ -191,7 +193,7 @@ struct Flush {
 }
 
 impl Flush {
-    fn take(&mut self) -> Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)> {
+    fn take(&mut self) -> Batch {
         self.waiting.take().map_or_else(Vec::new, |w| {
             std::mem::take(&mut *w.lock().unwrap_or_else(PoisonError::into_inner))
         })
@@ -217,10 +219,7 @@ pub fn written_together() -> u64 {
 /// its reply; a failure of the whole write is every command's (a connection that dropped
 /// midway fails the commands whose replies had come too: each may have run, as for a
 /// single command). A command whose caller gave up (its store timeout) is not written.
-async fn write_together(
-    mut conn: MultiplexedConnection,
-    mut batch: Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>,
-) {
+async fn write_together(mut conn: MultiplexedConnection, mut batch: Batch) {
     use redis::aio::ConnectionLike;
     batch.retain(|(_, tx)| !tx.is_closed());
     if batch.len() < 2 {
