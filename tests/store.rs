@@ -471,6 +471,284 @@ async fn concurrent_pings_through_two_replicas_over_a_redis_cluster_leave_only_t
     concurrent_pings_through_two_replicas_leave_only_the_newest(&flags, "clww:", true).await;
 }
 
+/// Pings that were one store call and pings that wrote their record, through `server`.
+fn ping_calls(server: &common::TestServer) -> (u64, u64) {
+    let NearbyStore::Redis(remote) = &server.app.store else {
+        panic!("a Redis store");
+    };
+    remote.ping_calls()
+}
+
+/// A ping to the cell a user's recorded ping is in skips the record write only while the
+/// record is of this epoch or the one before and lives at least as long as the ping; each
+/// answer is the ping's own.
+async fn a_ping_to_the_recorded_cell_is_one_store_call(flags: &[&str], prefix: &str) {
+    let a = start_store(flags).await;
+    let mut c = a.nearby().await;
+    let user = format!("{prefix}u");
+    let here = SHANGHAI;
+    let epoch_ms = geomatch::store::redis::RECORD_EPOCH.as_millis() as i64;
+    let ping_for = |ttl_s: u32| pb::UpdateLocationRequest {
+        ttl_s,
+        ..ping(&user, here)
+    };
+    let mut expect = ping_calls(&a);
+    let mut step = |stood: u64, written: u64, why: &str| {
+        expect = (expect.0 + stood, expect.1 + written);
+        assert_eq!(ping_calls(&a), expect, "{why}");
+    };
+    c.update_location(ping_for(600)).await.unwrap();
+    step(0, 1, "a first ping writes the record");
+    a.clock.advance_ms(1_000);
+    c.update_location(ping_for(600)).await.unwrap();
+    step(1, 0, "the same cell, the record standing: one call");
+    let st = held(&mut c, &user).await;
+    assert_eq!(
+        st.last_seen_ms,
+        T0 + 1_000,
+        "the member is the newer ping's"
+    );
+    assert_eq!(st.expires_at_ms, T0 + 1_000 + 600_000);
+    c.update_location(ping_for(1_200)).await.unwrap();
+    step(0, 1, "a longer life than the record's writes it");
+    a.clock.advance_ms(2 * epoch_ms);
+    c.update_location(ping_for(600)).await.unwrap();
+    step(0, 1, "two epochs on, the record is written again");
+    a.clock.advance_ms(1_000);
+    c.update_location(ping_for(600)).await.unwrap();
+    step(1, 0, "and then stands again");
+    // A move always writes the record; the next ping in the new cell stands on it.
+    let there = moved(here, 3_000.0, 0.0);
+    c.update_location(ping(&user, there)).await.unwrap();
+    step(0, 1, "a move");
+    c.update_location(ping(&user, there)).await.unwrap();
+    step(1, 0, "a ping after the move");
+    let st = held(&mut c, &user).await;
+    assert_eq!(st.cell, privacy_cell(there).to_string());
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_ping_to_the_recorded_cell_is_one_store_call_over_one_redis_server() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = ["--store", "redis", "--redis-url", &url];
+    a_ping_to_the_recorded_cell_is_one_store_call(&flags, "one:").await;
+}
+
+#[tokio::test]
+async fn a_ping_to_the_recorded_cell_is_one_store_call_over_a_redis_cluster() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    a_ping_to_the_recorded_cell_is_one_store_call(&flags, "cone:").await;
+}
+
+/// A move that runs after a newer ping skipped its record write (the older ping reaches
+/// the store last) records the newer ping again and takes back its own member; a clear
+/// after a skipped record write still takes the user out.
+async fn a_skipped_record_write_still_leaves_only_the_newest(flags: &[&str], prefix: &str) {
+    let (a, b) = (start_store(flags).await, start_store(flags).await);
+    let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
+    let user = format!("{prefix}u");
+    let here = SHANGHAI;
+    let there = moved(SHANGHAI, 3_000.0, 0.0);
+    ca.update_location(ping(&user, here)).await.unwrap();
+    a.clock.advance_ms(3_000);
+    let before = ping_calls(&a);
+    ca.update_location(pb::UpdateLocationRequest {
+        ttl_s: 700,
+        ..ping(&user, here)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ping_calls(&a).0,
+        before.0 + 1,
+        "the newer ping skipped the record"
+    );
+    // An older ping (B's clock is behind A's) to another cell reaches the store last.
+    b.clock.advance_ms(2_000);
+    cb.update_location(ping(&user, there)).await.unwrap();
+    for c in [&mut ca, &mut cb] {
+        let st = held(c, &user).await;
+        assert_eq!(
+            st.cell,
+            privacy_cell(here).to_string(),
+            "the newest ping's cell"
+        );
+        assert_eq!(st.last_seen_ms, T0 + 3_000);
+        assert_eq!(st.expires_at_ms, T0 + 3_000 + 700_000);
+    }
+    let searcher = format!("{prefix}searcher");
+    let near_there = found(&mut cb, search(&searcher, there).limit(100)).await;
+    assert!(
+        !near_there.contains(&user),
+        "the older copy stays: {near_there:?}"
+    );
+    assert!(
+        found(&mut ca, search(&searcher, here).limit(100))
+            .await
+            .contains(&user)
+    );
+    // The record holds the newest ping again, and the member lost its mark when the move
+    // kept it: its next ping writes the record, and the one after stands on it.
+    let short = pb::UpdateLocationRequest {
+        ttl_s: 700,
+        ..ping(&user, here)
+    };
+    for (stood, written) in [(0, 1), (1, 0)] {
+        a.clock.advance_ms(1_000);
+        let before = ping_calls(&a);
+        ca.update_location(short.clone()).await.unwrap();
+        assert_eq!(ping_calls(&a), (before.0 + stood, before.1 + written));
+    }
+    // A clear after that skipped record write takes the newer member too.
+    b.clock.advance_ms(4_000);
+    assert!(cleared(&mut cb, &user).await);
+    assert!(!held(&mut ca, &user).await.found);
+    assert!(
+        !found(&mut ca, search(&searcher, here).limit(100))
+            .await
+            .contains(&user)
+    );
+    // A clear through a replica whose clock is behind a ping that skipped its record
+    // write leaves that newer ping, recorded: reported, and cleared by a later clear.
+    a.clock.advance_ms(3_000);
+    for _ in 0..2 {
+        a.clock.advance_ms(1);
+        ca.update_location(short.clone()).await.unwrap();
+    }
+    assert!(!cleared(&mut cb, &user).await, "older than the ping");
+    for c in [&mut ca, &mut cb] {
+        let st = held(c, &user).await;
+        assert!(st.found, "the newer ping is still recorded");
+        assert_eq!(st.last_seen_ms, a.clock.now_ms());
+    }
+    assert!(
+        found(&mut cb, search(&searcher, here).limit(100))
+            .await
+            .contains(&user)
+    );
+    assert!(cleared(&mut ca, &user).await);
+    assert!(!held(&mut cb, &user).await.found);
+    assert!(
+        !found(&mut cb, search(&searcher, here).limit(100))
+            .await
+            .contains(&user)
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_skipped_record_write_still_leaves_only_the_newest_over_one_redis_server() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = ["--store", "redis", "--redis-url", &url];
+    a_skipped_record_write_still_leaves_only_the_newest(&flags, "skip:").await;
+}
+
+#[tokio::test]
+async fn a_skipped_record_write_still_leaves_only_the_newest_over_a_redis_cluster() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    a_skipped_record_write_still_leaves_only_the_newest(&flags, "cskip:").await;
+}
+
+/// Many users at once: each pings the cell it is recorded in through A (skipping the
+/// record write) while an older ping of it to another cell goes through B; whatever
+/// reaches the store first, the newer ping is where each user is, with its own answer.
+async fn pings_skipping_their_record_race_older_moves(flags: &[&str], prefix: &str) {
+    let (a, b) = (start_store(flags).await, start_store(flags).await);
+    let here = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 0.0);
+    let there = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 3_000.0);
+    let users: Vec<String> = (0..200).map(|i| format!("{prefix}{i:03}")).collect();
+    let mut ca = a.nearby().await;
+    for (i, user) in users.iter().enumerate() {
+        ca.update_location(ping(user, here(i))).await.unwrap();
+    }
+    a.clock.advance_ms(20_000);
+    b.clock.advance_ms(10_000);
+    let before = ping_calls(&a);
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, user) in users.iter().enumerate() {
+        let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
+        let (mut pa, pb) = (ping(user, here(i)), ping(user, there(i)));
+        pa.ttl_s = 600 + i as u32;
+        calls.spawn(async move {
+            if i % 2 == 0 {
+                tokio::join!(ca.update_location(pa), cb.update_location(pb))
+            } else {
+                let (y, x) = tokio::join!(cb.update_location(pb), ca.update_location(pa));
+                (x, y)
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (x, y) = done.unwrap();
+        x.unwrap();
+        y.unwrap();
+    }
+    assert!(
+        ping_calls(&a).0 > before.0,
+        "no ping through A skipped its record write"
+    );
+    for (i, user) in users.iter().enumerate() {
+        let st = held(&mut ca, user).await;
+        assert_eq!(st.cell, privacy_cell(here(i)).to_string(), "{user}");
+        assert_eq!(st.last_seen_ms, T0 + 20_000, "{user}");
+        assert_eq!(
+            st.expires_at_ms - st.last_seen_ms,
+            (600 + i as i64) * 1000,
+            "{user}"
+        );
+    }
+    let left_behind: Vec<String> = contract::walk(
+        &mut [ca.clone()],
+        search(&format!("{prefix}searcher"), moved(SHANGHAI, 0.0, 3_000.0))
+            .limit(100)
+            .radius(2_500.0),
+    )
+    .await
+    .into_iter()
+    .map(|(u, _)| u)
+    .filter(|u| u.starts_with(prefix))
+    .collect();
+    assert!(left_behind.is_empty(), "stale copies: {left_behind:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_skipping_their_record_race_older_moves_over_one_redis_server() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let flags = ["--store", "redis", "--redis-url", &url];
+    pings_skipping_their_record_race_older_moves(&flags, "race:").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_skipping_their_record_race_older_moves_over_a_redis_cluster() {
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let flags = ["--store", "redis-cluster", "--redis-nodes", &nodes];
+    pings_skipping_their_record_race_older_moves(&flags, "crace:").await;
+}
+
 /// The SearchNearby rate limit is one token bucket per user in the store, not one per
 /// replica: a burst spent through one replica is spent for all.
 #[tokio::test]
@@ -930,6 +1208,165 @@ async fn a_users_record_answers_a_retried_call_as_the_first_run_did() {
     // A ping after the clear is recorded afresh.
     assert_eq!(run(&record("d", 30)).await.as_deref(), Some(""));
     gm.stop().await;
+}
+
+/// The ping's one-call step and its mark answer a retried call (a lost reply) as the first
+/// run did, and a mark is only ever set on the ping it was made for.
+#[tokio::test]
+async fn a_pings_first_step_and_its_mark_answer_a_retried_call_as_the_first_run_did() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    // Starting a replica loads the functions library.
+    let gm = start_store(&["--store", "redis", "--redis-url", &url]).await;
+    let mut con = server.connection().await;
+    let tag = redis::unique_prefix("mark");
+    let bucket = format!("{{{tag}}}:b");
+    let epoch_ms = geomatch::store::redis::RECORD_EPOCH.as_millis() as i64;
+    let fields = |seen: i64, ttl_ms: u32| {
+        let mut f = seen.to_le_bytes()[..6].to_vec();
+        f.extend_from_slice(&ttl_ms.to_le_bytes());
+        f.push(1);
+        f
+    };
+    let put = |seen: i64, ttl_ms: u32| {
+        ::redis::cmd("FCALL")
+            .arg("gm_ping")
+            .arg(3)
+            .arg(&bucket)
+            .arg(format!("{{{tag}}}:o"))
+            .arg(format!("{{{tag}}}:x"))
+            .arg("someone")
+            .arg(fields(seen, ttl_ms))
+            .arg("coarse")
+            .arg("cell")
+            .arg(seen + i64::from(ttl_ms))
+            .arg("")
+            .arg("")
+            .arg(epoch_ms)
+            .clone()
+    };
+    let mark = |seen: i64| {
+        ::redis::cmd("FCALL")
+            .arg("gm_mark")
+            .arg(1)
+            .arg(&bucket)
+            .arg("someone")
+            .arg(seen)
+            .arg(epoch_ms)
+            .clone()
+    };
+    let mut run = async |cmd: ::redis::Cmd| cmd.query_async::<i64>(&mut con).await.unwrap();
+    let t = T0;
+    for _ in 0..2 {
+        assert_eq!(run(put(t, 60_000)).await, 1, "a first ping: record it");
+    }
+    assert_eq!(run(mark(t - 1)).await, 0, "not the ping in the cell");
+    for _ in 0..2 {
+        assert_eq!(run(mark(t)).await, 1, "marked");
+    }
+    for _ in 0..2 {
+        assert_eq!(run(put(t + 5, 60_000)).await, 2, "the record stands");
+    }
+    assert_eq!(run(put(t + 4, 60_000)).await, 0, "an older ping is refused");
+    assert_eq!(run(put(t + 6, 60_001)).await, 1, "a longer life: record it");
+    let stored: Vec<u8> = ::redis::cmd("GET")
+        .arg(&bucket)
+        .query_async(&mut server.connection().await)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1 + "someone".len() + 11, "one member");
+    assert_eq!(stored[stored.len() - 1], 1, "unmarked, flags kept");
+    gm.stop().await;
+}
+
+/// A move whose last step never ran leaves a marked copy in the old cell; pings there
+/// then skip the record, which names the new cell. The user's next move takes that copy
+/// out too, so no copy outlives the record that could reach it.
+#[tokio::test]
+async fn a_copy_a_failed_move_left_and_later_pings_kept_fresh_goes_with_the_next_move() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let a = start_store(&["--store", "redis", "--redis-url", &url, "--max-speed", "0"]).await;
+    let mut c = a.nearby().await;
+    let p = redis::unique_prefix("fresh-orphan");
+    let user = format!("{p}u");
+    let here = SHANGHAI;
+    let there = moved(SHANGHAI, 3_000.0, 0.0);
+    let elsewhere = moved(SHANGHAI, 0.0, 6_000.0);
+    c.update_location(ping(&user, here)).await.unwrap();
+    let moved_away: Option<String> = ::redis::cmd("FCALL")
+        .arg("gm_user")
+        .arg(1)
+        .arg(format!("gm1:u:{{{user}}}"))
+        .arg(privacy_cell(there).to_string())
+        .arg(T0 + 1_000)
+        .arg(600_000)
+        .query_async(&mut server.connection().await)
+        .await
+        .unwrap();
+    assert_eq!(moved_away, Some(privacy_cell(here).to_string()));
+    a.clock.advance_ms(2_000);
+    let before = ping_calls(&a);
+    c.update_location(ping(&user, here)).await.unwrap();
+    assert_eq!(
+        ping_calls(&a).0,
+        before.0 + 1,
+        "the copy's mark still stands"
+    );
+    a.clock.advance_ms(1_000);
+    c.update_location(ping(&user, elsewhere)).await.unwrap();
+    let searcher = format!("{p}searcher");
+    assert!(
+        !found(&mut c, search(&searcher, here).limit(100))
+            .await
+            .contains(&user),
+        "the copy went with the move"
+    );
+    assert_eq!(
+        held(&mut c, &user).await.cell,
+        privacy_cell(elsewhere).to_string()
+    );
+    assert!(cleared(&mut c, &user).await);
+    for at in [here, there, elsewhere] {
+        assert!(
+            !found(&mut c, search(&searcher, at).limit(100))
+                .await
+                .contains(&user)
+        );
+    }
+    a.stop().await;
+}
+
+/// A replica of an earlier build that starts on the same store loads its own functions
+/// library over this one's; this build's pings then load theirs again and go on.
+#[tokio::test]
+async fn pings_go_on_after_an_earlier_builds_library_replaced_this_ones() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let a = start_store(&["--store", "redis", "--redis-url", &url, "--max-speed", "0"]).await;
+    let mut c = a.nearby().await;
+    let user = format!("{}u", redis::unique_prefix("relib"));
+    c.update_location(ping(&user, SHANGHAI)).await.unwrap();
+    // Without gm_ping and gm_mark, as an earlier build's library is.
+    let _: () = ::redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("geomatch_v1")
+        .query_async(&mut server.connection().await)
+        .await
+        .unwrap();
+    let there = moved(SHANGHAI, 3_000.0, 0.0);
+    c.update_location(ping(&user, there)).await.unwrap();
+    assert_eq!(
+        held(&mut c, &user).await.cell,
+        privacy_cell(there).to_string()
+    );
+    a.stop().await;
 }
 
 #[tokio::test]

@@ -229,6 +229,11 @@ impl App {
             metrics::counter!(names::STORE_WRITTEN_TOGETHER)
                 .absolute(crate::store::redis::written_together());
         }
+        if let NearbyStore::Redis(remote) = &self.store {
+            let (stood, written) = remote.ping_calls();
+            metrics::counter!(names::STORE_PINGS, "record" => "stood").absolute(stood);
+            metrics::counter!(names::STORE_PINGS, "record" => "written").absolute(written);
+        }
         metrics::gauge!(names::WAITING_SHAKES).set(self.shakes.waiting() as f64);
         metrics::gauge!(names::WATCHES).set(self.nearby.watch_count() as f64);
         metrics::gauge!(names::SHAKE_OUTCOMES_KEPT).set(self.matcher.remembered() as f64);

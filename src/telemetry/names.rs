@@ -73,6 +73,9 @@ pub const STORE_CALLS: &str = "geomatch_store_calls_total";
 /// Counter: store commands written straight to a Cluster's master in one pipeline with
 /// other callers' commands (the `direct` calls ready for one master at the same moment).
 pub const STORE_WRITTEN_TOGETHER: &str = "geomatch_store_commands_written_together_total";
+/// Counter: pings a replica applied to a remote store, by `record`: `stood` (one store
+/// call: the user's record already named the cell) or `written` (the record written too).
+pub const STORE_PINGS: &str = "geomatch_store_pings_total";
 /// Counter: finished spans not exported (the export queue was full, or the collector
 /// failed or did not answer in time).
 pub const TRACE_SPANS_DROPPED: &str = "geomatch_trace_spans_dropped_total";

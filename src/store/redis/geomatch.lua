@@ -3,8 +3,9 @@
 -- failover, unlike the EVAL script cache). A call may run twice: the Cluster client
 -- retries one whose connection dropped after it was sent (geomatch's own direct path to a
 -- slot's master never does; see store/redis/direct.rs). People Nearby's functions answer
--- such a second run as the first did (gm_user, gm_forget) or change nothing more by it
--- (gm_put, gm_del, gm_expire, gm_lease; a watch may be told a change twice). Shake's
+-- such a second run as the first did (gm_user, gm_forget, gm_ping) or change nothing more
+-- by it (gm_put, gm_del, gm_mark, gm_expire, gm_lease; a watch may be told a change
+-- twice). Shake's
 -- steps answer a second run as the first (gm_sh_enter and gm_sh_leave know each call by
 -- name, gm_sh_reserve knows its own reservation) or change nothing more by it. gm_rate
 -- run twice takes two tokens.
@@ -96,18 +97,96 @@ redis.register_function('gm_put', function(keys, args)
   return 1
 end)
 
--- gm_del(bucket, occupancy, expiry; user, coarse, cell, not_after_ms, mode, channel, moved_to)
+-- A ping's member carries, in its flags' top five bits, a mark: 1 + (its record's epoch
+-- mod 31), the epoch being (seen ms) // epoch_ms of the ping that last wrote the user's
+-- record naming this cell (gm_mark, after that record was written), 0 for none. While the
+-- mark is of the epoch of a newer ping or the one before, that record names this cell and
+-- lives on past any ping made in those two epochs (its time to live is the ping's plus two
+-- epochs, see store/redis/nearby.rs): such a ping needs no record write (gm_ping).
+local function mark_of(seen, epoch_ms)
+  return 1 + math.floor(seen / epoch_ms) % 31
+end
+
+-- Whether a member marked `mark` whose ping was seen at `prev` (with time to live
+-- `prev_ttl`) lets a ping seen at `seen` with time to live `ttl` skip its record write.
+local function marked_for(mark, prev, prev_ttl, seen, ttl, epoch_ms)
+  if mark == 0 or ttl > prev_ttl or seen - prev >= 16 * epoch_ms then return false end
+  return mark == mark_of(seen, epoch_ms) or mark == mark_of(seen - epoch_ms, epoch_ms)
+end
+
+-- gm_ping(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms, mode,
+--         channel, epoch_ms)
+-- gm_put that also says whether the user's record needs writing: returns 2 when the cell
+-- held the user already, marked for this ping (see above): the member is replaced, keeps
+-- its mark, and the record is left as it is; 1 when written unmarked (the caller writes
+-- the record, then marks it); 0 when a newer ping of the user is kept. The second run of
+-- a call answers 2 or 1 and changes nothing more.
+redis.register_function('gm_ping', function(keys, args)
+  local user, fields, coarse, cell, expires = args[1], args[2], args[3], args[4], args[5]
+  local epoch_ms = tonumber(args[8])
+  local b = redis.call('GET', keys[1]) or ''
+  local first, last = find(b, user)
+  local occupied = #b > 0
+  local seen, ttl = struct.unpack('<I6I4', fields)
+  local flags = string.byte(fields, FIELDS) % 8
+  local answer = 1
+  if first then
+    local prev, prev_ttl = times(b, first)
+    if prev > seen then return 0 end
+    local mark = math.floor(string.byte(b, last) / 8)
+    if marked_for(mark, prev, prev_ttl, seen, ttl, epoch_ms) then
+      flags = flags + mark * 8
+      answer = 2
+    end
+  end
+  local member = string.char(#user) .. user .. string.sub(fields, 1, FIELDS - 1) .. string.char(flags)
+  if first then
+    b = string.sub(b, 1, first - 1) .. member .. string.sub(b, last + 1)
+  else
+    b = b .. member
+  end
+  redis.call('SET', keys[1], b)
+  if not occupied then redis.call('SADD', keys[2], cell) end
+  redis.call('ZADD', keys[3], 'LT', expires, entry(coarse, cell))
+  tell(args[6], args[7], 'P', cell, member)
+  return answer
+end)
+
+-- gm_mark(bucket; user, seen_ms, epoch_ms) -> 1 when the user's member in this cell is the
+-- ping seen at seen_ms, now marked as recorded (see above); 0 when it is not there (a
+-- newer ping replaced or moved it).
+redis.register_function('gm_mark', function(keys, args)
+  local user, seen, epoch_ms = args[1], tonumber(args[2]), tonumber(args[3])
+  local b = redis.call('GET', keys[1])
+  if not b then return 0 end
+  local first, last = find(b, user)
+  if not first or times(b, first) ~= seen then return 0 end
+  local flags = string.byte(b, last) % 8 + mark_of(seen, epoch_ms) * 8
+  redis.call('SETRANGE', keys[1], last - 1, string.char(flags))
+  return 1
+end)
+
+-- gm_del(bucket, occupancy, expiry; user, coarse, cell, not_after_ms, mode, channel, moved_to
+--        [, 'newer'])
 -- Takes a member out of its privacy cell if its ping is not newer than not_after_ms ('' =
 -- any); drops the cell from its coarse cell's occupancy once empty. Returns the removed
--- member's fields, or false.
+-- member's fields, or false; with 'newer', a member kept for being newer is answered as
+-- {its fields}. A member kept for being newer loses its mark (see gm_ping).
 redis.register_function('gm_del', function(keys, args)
   local user, coarse, cell, not_after = args[1], args[2], args[3], args[4]
   local b = redis.call('GET', keys[1])
   if not b then return false end
   local first, last = find(b, user)
   if not first then return false end
-  if not_after ~= '' and times(b, first) > tonumber(not_after) then return false end
   local fields = string.sub(b, last - FIELDS + 1, last)
+  if not_after ~= '' and times(b, first) > tonumber(not_after) then
+    -- Kept for being newer, so the user's record may not name this cell: the member's
+    -- next ping writes the record again (its mark goes).
+    local flags = string.byte(b, last)
+    if flags >= 8 then redis.call('SETRANGE', keys[1], last - 1, string.char(flags % 8)) end
+    if args[8] == 'newer' then return {fields} end
+    return false
+  end
   -- A member that moved ('M': the user's newer ping is in another cell, given as
   -- "cell|member") is told as the move, so a watch never mistakes it for a LEAVE.
   if args[7] and args[7] ~= '' then
@@ -123,20 +202,27 @@ redis.register_function('gm_del', function(keys, args)
   return fields
 end)
 
--- gm_user(user; cell, seen_ms, ttl_ms)
+-- gm_user(user; cell, seen_ms, ttl_ms [, 'p'])
 -- Records where a user is, unless a newer ping is recorded already; the record lives as
--- long as the ping (a relative time to live: the store's clock need not be the caller's).
+-- long as ttl_ms (a relative time to live: the store's clock need not be the caller's).
 -- Returns the cell the user was recorded in before ('' when none), or false when this
 -- ping is the older one. Run again for the same ping (a call retried after its reply was
 -- lost), it answers as the first run did: the record keeps the cell it replaced ('p').
+-- With 'p', the answer is {that cell, also}: `also` is the cell recorded before that one
+-- when this ping moves the user ('' otherwise), which a failed move may have left a copy
+-- in, and pings to it may have kept fresh without writing the record (gm_ping).
 redis.register_function('gm_user', function(keys, args)
   local cell, seen, ttl = args[1], tonumber(args[2]), args[3]
   local old = redis.call('HMGET', keys[1], 'c', 't', 'p', 'f')
+  local function answer(before, also)
+    if args[4] == 'p' then return {before, also or ''} end
+    return before
+  end
   if old[1] == cell and old[2] == args[2] then
     -- This ping again, or another of the same cell and millisecond: the record lives as
     -- long as the later asks.
     redis.call('PEXPIRE', keys[1], ttl)
-    return old[3] or ''
+    return answer(old[3] or '')
   end
   if old[2] and tonumber(old[2]) > seen then return false end
   -- 'p' is the cell the user was in before this one: a ping from the same cell keeps it,
@@ -146,20 +232,24 @@ redis.register_function('gm_user', function(keys, args)
   redis.call('HSET', keys[1], 'c', cell, 't', args[2], 'p', before)
   if old[4] then redis.call('HDEL', keys[1], 'f') end
   redis.call('PEXPIRE', keys[1], ttl)
-  return old[1] or ''
+  if old[1] ~= cell then return answer(old[1] or '', old[3]) end
+  return answer(old[1] or '')
 end)
 
--- gm_forget(user;) -> the cell the user was recorded in ('' when none); forgets it. For a
--- call run again (retried after its reply was lost) the record keeps, for FORGOTTEN_MS and
--- without a current cell, the forgotten cell ('f'), the cell before it ('p') and the last
--- seen time ('t'): the second run answers the same, the caller still empties both cells
--- of what is not newer than 't', and a ping older than the forgotten one stays refused.
+-- gm_forget(user; [now_ms]) -> the cell the user was recorded in ('' when none); forgets
+-- it. For a call run again (retried after its reply was lost) the record keeps, for
+-- FORGOTTEN_MS and without a current cell, the forgotten cell ('f'), the cell before it
+-- ('p') and the last seen time ('t', or the clear's now_ms when later): the second run
+-- answers the same, the caller still empties both cells of what is not newer than 't',
+-- and a ping older than the forgotten one (or than the clear) stays refused.
 local FORGOTTEN_MS = 10000
 redis.register_function('gm_forget', function(keys, args)
   local rec = redis.call('HMGET', keys[1], 'c', 'f', 'p', 't')
   if rec[1] then
+    local t = tonumber(rec[4]) or 0
+    if args[1] and tonumber(args[1]) and tonumber(args[1]) > t then t = tonumber(args[1]) end
     redis.call('DEL', keys[1])
-    redis.call('HSET', keys[1], 'f', rec[1], 'p', rec[3] or '', 't', rec[4] or '0')
+    redis.call('HSET', keys[1], 'f', rec[1], 'p', rec[3] or '', 't', string.format('%.0f', t))
     redis.call('PEXPIRE', keys[1], FORGOTTEN_MS)
     return rec[1]
   end

@@ -8,10 +8,10 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `gm1:{T}:b:<cell>` | STRING | the cell's members back to back, in the in-memory bucket encoding, in any order (readers sort) |
+//! | `gm1:{T}:b:<cell>` | STRING | the cell's members back to back, in the in-memory bucket encoding, in any order (readers sort); a member's flags byte also carries, in its top five bits, the epoch of the user's record when that record names this cell (see `nearby.rs`, [`RECORD_EPOCH`]) |
 //! | `gm1:{T}:o:<coarse>` | SET | the occupied privacy cells of a coarse (resolution 7) cell |
 //! | `gm1:{T}:x` | ZSET | `coarse/cell` → when the sweep looks at the cell (unix ms): never after the earliest expiry of its members, earlier when they pinged again since (the sweep then moves it on). One entry per occupied cell, not per user (a store written by an earlier build may still hold `coarse/cell|user` entries; the sweep reads both) |
-//! | `gm1:u:{<user>}` | HASH | `c`: the user's privacy cell, `t`: last seen, `p`: the cell the user was in before this one (kept across pings from the same cell: a clear also empties it, and a retried call answers with it); expires with the ping. After a clear, for 10 s and for a retried clear, only `f` (the forgotten cell) with `p` and `t` |
+//! | `gm1:u:{<user>}` | HASH | `c`: the user's privacy cell, `t`: last seen of the ping that wrote it (later pings to the same cell may be newer), `p`: the cell the user was in before this one (kept across pings from the same cell: a clear also empties it, and a retried call answers with it); expires two record epochs after that ping. After a clear, for 10 s and for a retried clear, only `f` (the forgotten cell) with `p` and `t` |
 //! | `gm1:tags` | SET | the tags that hold data, for the sweep |
 //! | `gm1:meta` | HASH | `schema`, and the page-token key every replica shares |
 //! | `gm1:sweep-lease` | STRING | the replica that sweeps now (expires unless renewed) |
@@ -48,7 +48,7 @@ use redis::{
 use thiserror::Error;
 
 pub use direct::{routed_calls, written_together};
-pub use nearby::RedisNearby;
+pub use nearby::{RECORD_EPOCH, RedisNearby};
 pub use shake::RedisShake;
 pub use watch::TagLease;
 

@@ -3,14 +3,32 @@
 //! store so that every replica serves one world.
 //!
 //! A ping writes the new cell first, then the user's record, then removes the member from
-//! the cell the record named before (only if that member is not newer than this ping);
-//! a ping that finds a newer one recorded takes back its own member. So concurrent pings
-//! of one user through different replicas leave only the newest, under any interleaving:
-//! a user moving between cells is in the new one before leaving the old, and a search that
-//! meets both copies keeps the nearer one (the engine dedupes by id). Reads filter out
-//! expired members, so correctness never waits for the sweep.
+//! the cell the record named before (only if that member is not newer than this ping),
+//! then marks its member as recorded; a ping that finds a newer one recorded takes back
+//! its own member. So concurrent pings of one user through different replicas leave only
+//! the newest, under any interleaving: a user moving between cells is in the new one
+//! before leaving the old, and a search that meets both copies keeps the nearer one (the
+//! engine dedupes by id). Reads filter out expired members, so correctness never waits
+//! for the sweep.
+//!
+//! A ping to the cell the user's marked member is in, within [`RECORD_EPOCH`] or the
+//! epoch after the record's, is one store call: the record already names that cell and
+//! outlives the ping (a record lives two epochs longer than its ping), so it is not
+//! written again (`gm_ping` in `geomatch.lua`). Such a ping leaves the record's time
+//! behind the member's; a move that then finds the newer member in the cell it leaves
+//! records that member again and takes the user out of the cell it moved to instead
+//! (`RedisNearby::settle`), so last write wins as before. What a replica dying between
+//! a move's record write and its removal of the old member can leave is bounded by the
+//! epochs: see the README ("Running a cluster").
 
-use std::{collections::HashSet, sync::Mutex, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use h3o::CellIndex;
 
@@ -31,6 +49,17 @@ use crate::{
 /// Most round trips one search may take before it gives up (a 10 km search in sparse
 /// country takes about 15; a dense one, 1).
 const MAX_ROUNDS: usize = 64;
+/// How long a user's record, once written and marked in its member, lets later pings to
+/// the same cell skip writing it: pings made in the record's epoch or the next one.
+pub const RECORD_EPOCH: Duration = Duration::from_secs(120);
+/// [`RECORD_EPOCH`] in ms.
+const EPOCH_MS: i64 = RECORD_EPOCH.as_millis() as i64;
+/// Most records a move writes again for newer pings it finds (each one newer than the
+/// last, so this only bounds a user pinging through many replicas at once).
+const HEAL_ROUNDS: usize = 8;
+/// `gm_ping`'s answer for a ping whose record stands.
+const RECORD_STANDS: i64 = 2;
+
 /// Due cells one sweep call handles (a cell's expiry entry covers all its members; a call
 /// runs for as long as its cells' members take to read).
 const SWEEP_BATCH: usize = 256;
@@ -48,6 +77,9 @@ pub struct RedisNearby {
     replica: String,
     /// The watches open on this replica, fed by the store's change channels.
     watches: super::watch::RemoteWatches,
+    /// Pings that were one store call (their record stood), and pings that wrote it.
+    pings_one_call: AtomicU64,
+    pings_recorded: AtomicU64,
 }
 
 impl RedisNearby {
@@ -76,6 +108,8 @@ impl RedisNearby {
             registered: Mutex::default(),
             replica: replica_name()?,
             watches,
+            pings_one_call: AtomicU64::new(0),
+            pings_recorded: AtomicU64::new(0),
         });
         // A watcher's own pings move its watches: re-scanning needs the store.
         me.watches.follow_through(std::sync::Arc::downgrade(&me));
@@ -220,55 +254,167 @@ impl RedisNearby {
         let cell = ping.position.cell(self.cfg.privacy_resolution);
         let keys = CellKeys::new(cell);
         let expires = member.expires_at_ms();
+        let placement = Placement {
+            cell,
+            expires_at_ms: expires,
+        };
         self.register(&keys.tag).await?;
         let fields = bucket::fields(&member);
+        let user = ping.user.as_str();
         let mut put = redis::cmd("FCALL");
-        put.arg("gm_put")
+        put.arg("gm_ping")
             .arg(3)
             .arg(&keys.bucket)
             .arg(&keys.occupancy)
             .arg(&keys.expiry)
-            .arg(ping.user.as_str())
+            .arg(user)
             .arg(&fields[..])
             .arg(keys.coarse.to_string())
             .arg(cell.to_string())
             .arg(expires)
             .arg(self.conn.tell_mode())
-            .arg(super::change_channel(&keys.tag));
-        let mut record = redis::cmd("FCALL");
-        record
-            .arg("gm_user")
-            .arg(1)
-            .arg(user_key(ping.user.as_str()))
-            .arg(cell.to_string())
-            .arg(now_ms)
-            .arg(ping.ttl.ms().max(1));
+            .arg(super::change_channel(&keys.tag))
+            .arg(EPOCH_MS);
         // In this order: the member first, then the record. A newer ping of the same user
         // that then reads this record finds the member to clean up; an older one that
         // reads the newer record cleans up its own member.
-        let _: i64 = self.conn.query(&put).await?;
-        let old: Option<String> = self.conn.query(&record).await?;
-        match old {
-            // A newer ping is recorded: this one lost; take back its member (unless a
-            // newer ping put one in the same cell).
-            None => {
-                self.remove(cell, ping.user.as_str(), Some(now_ms), None)
-                    .await?;
+        let put: i64 = self.new_function(&put).await?;
+        if put == RECORD_STANDS {
+            self.pings_one_call.fetch_add(1, Ordering::Relaxed);
+            return Ok(placement);
+        }
+        self.pings_recorded.fetch_add(1, Ordering::Relaxed);
+        if self.settle(user, cell, fields.to_vec()).await? {
+            // The record names this cell now: mark the member so that the next pings here
+            // skip writing it (not if a newer ping replaced the member meanwhile).
+            let mark = redis::cmd("FCALL")
+                .arg("gm_mark")
+                .arg(1)
+                .arg(&keys.bucket)
+                .arg(user)
+                .arg(now_ms)
+                .arg(EPOCH_MS)
+                .clone();
+            let _: i64 = self.new_function(&mark).await?;
+        }
+        Ok(placement)
+    }
+
+    /// Runs a call of a Function this build added to the library: a replica of an earlier
+    /// build that started meanwhile loads its own library over this one's, so a "function
+    /// not found" loads this build's again (which keeps every earlier Function) and runs
+    /// the call once more.
+    async fn new_function<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        match self.conn.query(cmd).await {
+            Err(StoreError::Unreachable(e)) if e.contains("Function not found") => {
+                tracing::warn!("the store's functions library is an earlier build's: loading ours");
+                self.conn.prepare().await?;
+                Ok(self.conn.query(cmd).await?)
             }
-            Some(old) => {
-                let old = old.parse::<CellIndex>().ok();
-                if let Some(old) = old.filter(|&o| o != cell) {
-                    let mut stored = vec![u8::try_from(ping.user.as_str().len()).unwrap_or(0)];
-                    stored.extend_from_slice(ping.user.as_str().as_bytes());
-                    stored.extend_from_slice(&fields);
-                    self.remove(old, ping.user.as_str(), Some(now_ms), Some((cell, &stored)))
-                        .await?;
+            r => Ok(r?),
+        }
+    }
+
+    /// Pings that were one store call (their record stood), and pings that wrote the
+    /// user's record, since start.
+    pub fn ping_calls(&self) -> (u64, u64) {
+        (
+            self.pings_one_call.load(Ordering::Relaxed),
+            self.pings_recorded.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records `user`'s member `fields` in `cell` (its ping just put there) and takes the
+    /// user out of the cells the record named before, unless their member is newer. A
+    /// newer member met there (a ping that skipped writing the record) is the user's
+    /// latest: it is recorded in turn, the same way. A member whose record loses to a
+    /// newer one is taken back. Returns whether the record names the first member now.
+    async fn settle(&self, user: &str, cell: CellIndex, fields: Vec<u8>) -> Result<bool> {
+        let mut todo = vec![(cell, fields)];
+        let mut own = true;
+        for round in 0..HEAL_ROUNDS {
+            let Some((cell, fields)) = todo.pop() else {
+                break;
+            };
+            let Some(m) = bucket::from_fields(user.as_bytes(), &fields) else {
+                continue;
+            };
+            let seen = m.last_seen_ms;
+            let Some((before, also)) = self.record(user, cell, seen, m.ttl_ms).await? else {
+                // A newer ping is recorded: this member lost; take it back (unless a newer
+                // ping put one in the same cell, which is settled in turn).
+                if round == 0 {
+                    own = false;
+                }
+                if let Taken::Newer(newer) = self.take(cell, user, seen, None).await? {
+                    todo.push((cell, newer));
+                }
+                continue;
+            };
+            let stored = stored_member(user, &fields);
+            let mut stale: Vec<CellIndex> = Vec::with_capacity(2);
+            for old in [before, also].into_iter().flatten() {
+                if old != cell && !stale.contains(&old) {
+                    stale.push(old);
+                }
+            }
+            let taken = futures_util::future::join_all(
+                stale
+                    .iter()
+                    .map(|&old| self.take(old, user, seen, Some((cell, &stored)))),
+            )
+            .await;
+            for (&old, t) in stale.iter().zip(taken) {
+                if let Taken::Newer(newer) = t? {
+                    todo.push((old, newer));
                 }
             }
         }
-        Ok(Placement {
-            cell,
-            expires_at_ms: expires,
+        Ok(own)
+    }
+
+    /// Records `user` in `cell` for a ping seen at `seen_ms` (see the module docs: the
+    /// record lives two epochs past the ping). `None` when a newer ping is recorded;
+    /// else the cell the record named before and the one before that when this moves
+    /// the user (each `None` when none, or not a cell this build reads).
+    async fn record(
+        &self,
+        user: &str,
+        cell: CellIndex,
+        seen_ms: i64,
+        ttl_ms: u32,
+    ) -> Result<Option<(Option<CellIndex>, Option<CellIndex>)>> {
+        let record = redis::cmd("FCALL")
+            .arg("gm_user")
+            .arg(1)
+            .arg(user_key(user))
+            .arg(cell.to_string())
+            .arg(seen_ms)
+            .arg(i64::from(ttl_ms.max(1)) + 2 * EPOCH_MS)
+            .arg("p")
+            .clone();
+        let old: Option<(String, String)> = self.conn.query(&record).await?;
+        Ok(old.map(|(before, also)| (before.parse().ok(), also.parse().ok())))
+    }
+
+    /// `gm_del` of `user` in `cell` unless its member is newer than `not_after_ms`;
+    /// `moved_to` the cell and member of the ping that moved the user, if one did.
+    async fn take(
+        &self,
+        cell: CellIndex,
+        user: &str,
+        not_after_ms: i64,
+        moved_to: Option<(CellIndex, &[u8])>,
+    ) -> Result<Taken> {
+        let del = self.del_cmd(cell, user, Some(not_after_ms), moved_to);
+        let answer: redis::Value = self.conn.query(del.clone().arg("newer")).await?;
+        Ok(match answer {
+            redis::Value::BulkString(fields) => Taken::Removed(fields),
+            redis::Value::Array(mut items) if items.len() == 1 => match items.pop() {
+                Some(redis::Value::BulkString(fields)) => Taken::Newer(fields),
+                _ => Taken::Absent,
+            },
+            _ => Taken::Absent,
         })
     }
 
@@ -292,15 +438,14 @@ impl RedisNearby {
         Ok(())
     }
 
-    /// Takes `user` out of `cell` unless its member there is newer than `not_after_ms`;
-    /// returns the removed member's fields.
-    async fn remove(
+    /// `gm_del` of `user` in `cell` (see [`Self::take`]).
+    fn del_cmd(
         &self,
         cell: CellIndex,
         user: &str,
         not_after_ms: Option<i64>,
         moved_to: Option<(CellIndex, &[u8])>,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> redis::Cmd {
         // A move is told to watches as one change: "cell|member" of where the user is now.
         let moved_to = moved_to.map_or_else(Vec::new, |(to, member)| {
             let mut note = to.to_string().into_bytes();
@@ -309,7 +454,7 @@ impl RedisNearby {
             note
         });
         let keys = CellKeys::new(cell);
-        let del = redis::cmd("FCALL")
+        redis::cmd("FCALL")
             .arg("gm_del")
             .arg(3)
             .arg(&keys.bucket)
@@ -322,8 +467,7 @@ impl RedisNearby {
             .arg(self.conn.tell_mode())
             .arg(super::change_channel(&keys.tag))
             .arg(moved_to)
-            .clone();
-        Ok(self.conn.query(&del).await?)
+            .clone()
     }
 
     /// Forgets `user`. Returns whether a visible location existed.
@@ -334,7 +478,9 @@ impl RedisNearby {
         // The cell before the last one too: a ping whose last step failed (the replica
         // died, or the store did not answer) leaves a copy of the user there. Read with
         // the forget in one step, and both cells emptied only of members not newer than
-        // the forgotten ping: a ping through another replica after the clear stays.
+        // the forgotten ping or the clear (a ping to the same cell may have skipped the
+        // record, which then holds an older time): a ping through another replica after
+        // the clear stays.
         let key = user_key(user.as_str());
         let mut forget = redis::pipe();
         forget
@@ -346,23 +492,37 @@ impl RedisNearby {
             .cmd("FCALL")
             .arg("gm_forget")
             .arg(1)
-            .arg(&key);
+            .arg(&key)
+            .arg(now_ms);
         let ((before, seen), cell): ((Option<String>, Option<i64>), String) =
             self.conn.pipe(&forget).await?;
         let Ok(cell) = cell.parse::<CellIndex>() else {
             return Ok(false);
         };
-        let removed = self.remove(cell, user.as_str(), seen, None).await?;
+        let not_after = seen.map_or(now_ms, |t| t.max(now_ms));
+        let mut cells = vec![cell];
         if let Some(before) = before
             .and_then(|b| b.parse::<CellIndex>().ok())
             .filter(|&b| b != cell)
         {
-            self.remove(before, user.as_str(), seen, None).await?;
+            cells.push(before);
         }
-        Ok(removed
-            .as_deref()
-            .and_then(|f| bucket::from_fields(user.as_str().as_bytes(), f))
-            .is_some_and(|m| !m.expired(now_ms)))
+        let mut existed = false;
+        for (i, cell) in cells.into_iter().enumerate() {
+            match self.take(cell, user.as_str(), not_after, None).await? {
+                Taken::Removed(f) if i == 0 => {
+                    existed = bucket::from_fields(user.as_str().as_bytes(), &f)
+                        .is_some_and(|m| !m.expired(now_ms));
+                }
+                // A ping newer than the clear, to a cell whose record write it skipped:
+                // it stays, and is recorded again.
+                Taken::Newer(f) => {
+                    self.settle(user.as_str(), cell, f).await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(existed)
     }
 
     /// What the store holds about `user`: `None` when nothing, or only an expired ping.
@@ -536,6 +696,25 @@ impl RedisNearby {
 
 /// The sweep lease: who sweeps the store now.
 const LEASE_KEY: &str = "gm1:sweep-lease";
+
+/// What `gm_del` did with a member.
+enum Taken {
+    /// Taken out: its fields.
+    Removed(Vec<u8>),
+    /// Kept, being newer: its fields.
+    Newer(Vec<u8>),
+    /// Not there.
+    Absent,
+}
+
+/// A member as a cell stores it: id length, id, fields.
+fn stored_member(user: &str, fields: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(1 + user.len() + fields.len());
+    stored.push(u8::try_from(user.len()).unwrap_or(0));
+    stored.extend_from_slice(user.as_bytes());
+    stored.extend_from_slice(fields);
+    stored
+}
 
 /// A random name for this replica (hex of 64 random bits).
 pub(super) fn replica_name() -> std::result::Result<String, StoreError> {
