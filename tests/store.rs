@@ -369,28 +369,16 @@ async fn a_valkey_cluster_serves_one_world_to_two_replicas() {
     two_replicas_serve_one_world(&flags, "vc:", SHANGHAI).await;
 }
 
-/// Two replicas ping the same users at once, one of them 10 s ahead: under any
-/// interleaving of their store calls, each user ends where the newer ping put them, and
-/// nobody is left behind at the older position.
-async fn concurrent_pings_through_two_replicas_leave_only_the_newest(
-    flags: &[&str],
-    prefix: &str,
-    clustered: bool,
+/// Sends every pair's first ping through `a` and second through `b`, all pairs at once and
+/// each pair's two in flight together (which is sent first alternates); each must succeed.
+async fn ping_pairs_at_once(
+    a: &common::TestServer,
+    b: &common::TestServer,
+    pairs: Vec<(pb::UpdateLocationRequest, pb::UpdateLocationRequest)>,
 ) {
-    let written_together = geomatch::store::redis::written_together();
-    let (a, b) = (start_store(flags).await, start_store(flags).await);
-    b.clock.advance_ms(10_000);
-    let older = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 0.0);
-    let newer = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 3_000.0);
     let mut calls = tokio::task::JoinSet::new();
-    for i in 0..200 {
-        let user = format!("{prefix}{i:03}");
+    for (i, (pa, pb)) in pairs.into_iter().enumerate() {
         let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
-        // Each user's newer ping lives a time of its own, so that a status answer handed
-        // to the wrong caller shows even between users of one privacy cell.
-        let (pa, mut pb) = (ping(&user, older(i)), ping(&user, newer(i)));
-        pb.ttl_s = 600 + i as u32;
-        // Alternate which one is sent first; both are in flight together.
         calls.spawn(async move {
             if i % 2 == 0 {
                 tokio::join!(ca.update_location(pa), cb.update_location(pb))
@@ -405,6 +393,47 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest(
         x.unwrap();
         y.unwrap();
     }
+}
+
+/// The users named `prefix...` found within 2.5 km of `at`, every page walked through `c`.
+async fn found_within(c: &NearbyClient<Channel>, prefix: &str, at: (f64, f64)) -> Vec<String> {
+    contract::walk(
+        &mut [c.clone()],
+        search(&format!("{prefix}searcher"), at)
+            .limit(100)
+            .radius(2_500.0),
+    )
+    .await
+    .into_iter()
+    .map(|(u, _)| u)
+    .filter(|u| u.starts_with(prefix))
+    .collect()
+}
+
+/// Two replicas ping the same users at once, one of them 10 s ahead: under any
+/// interleaving of their store calls, each user ends where the newer ping put them, and
+/// nobody is left behind at the older position.
+async fn concurrent_pings_through_two_replicas_leave_only_the_newest(
+    flags: &[&str],
+    prefix: &str,
+    clustered: bool,
+) {
+    let written_together = geomatch::store::redis::written_together();
+    let (a, b) = (start_store(flags).await, start_store(flags).await);
+    b.clock.advance_ms(10_000);
+    let older = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 0.0);
+    let newer = |i: usize| common::fixtures::moved(SHANGHAI, i as f64 * 10.0, 3_000.0);
+    let pairs = (0..200)
+        .map(|i| {
+            let user = format!("{prefix}{i:03}");
+            // Each user's newer ping lives a time of its own, so that a status answer
+            // handed to the wrong caller shows even between users of one privacy cell.
+            let (pa, mut pb) = (ping(&user, older(i)), ping(&user, newer(i)));
+            pb.ttl_s = 600 + i as u32;
+            (pa, pb)
+        })
+        .collect();
+    ping_pairs_at_once(&a, &b, pairs).await;
     // All at once through one replica: over a Cluster the calls bound for one master are
     // written together, and each must still get its own user's answer.
     let mut asked = tokio::task::JoinSet::new();
@@ -434,18 +463,7 @@ async fn concurrent_pings_through_two_replicas_leave_only_the_newest(
             "no store command was written together with another"
         );
     }
-    let c = a.nearby().await;
-    let left_behind: Vec<String> = contract::walk(
-        &mut [c.clone()],
-        search(&format!("{prefix}searcher"), SHANGHAI)
-            .limit(100)
-            .radius(2_500.0),
-    )
-    .await
-    .into_iter()
-    .map(|(u, _)| u)
-    .filter(|u| u.starts_with(prefix))
-    .collect();
+    let left_behind = found_within(&a.nearby().await, prefix, SHANGHAI).await;
     assert!(left_behind.is_empty(), "stale copies: {left_behind:?}");
     a.stop().await;
     b.stop().await;
@@ -680,25 +698,16 @@ async fn pings_skipping_their_record_race_older_moves(flags: &[&str], prefix: &s
     a.clock.advance_ms(20_000);
     b.clock.advance_ms(10_000);
     let before = ping_calls(&a);
-    let mut calls = tokio::task::JoinSet::new();
-    for (i, user) in users.iter().enumerate() {
-        let (mut ca, mut cb) = (a.nearby().await, b.nearby().await);
-        let (mut pa, pb) = (ping(user, here(i)), ping(user, there(i)));
-        pa.ttl_s = 600 + i as u32;
-        calls.spawn(async move {
-            if i % 2 == 0 {
-                tokio::join!(ca.update_location(pa), cb.update_location(pb))
-            } else {
-                let (y, x) = tokio::join!(cb.update_location(pb), ca.update_location(pa));
-                (x, y)
-            }
-        });
-    }
-    while let Some(done) = calls.join_next().await {
-        let (x, y) = done.unwrap();
-        x.unwrap();
-        y.unwrap();
-    }
+    let pairs = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let (mut pa, pb) = (ping(user, here(i)), ping(user, there(i)));
+            pa.ttl_s = 600 + i as u32;
+            (pa, pb)
+        })
+        .collect();
+    ping_pairs_at_once(&a, &b, pairs).await;
     assert!(
         ping_calls(&a).0 > before.0,
         "no ping through A skipped its record write"
@@ -713,17 +722,7 @@ async fn pings_skipping_their_record_race_older_moves(flags: &[&str], prefix: &s
             "{user}"
         );
     }
-    let left_behind: Vec<String> = contract::walk(
-        &mut [ca.clone()],
-        search(&format!("{prefix}searcher"), moved(SHANGHAI, 0.0, 3_000.0))
-            .limit(100)
-            .radius(2_500.0),
-    )
-    .await
-    .into_iter()
-    .map(|(u, _)| u)
-    .filter(|u| u.starts_with(prefix))
-    .collect();
+    let left_behind = found_within(&ca, prefix, moved(SHANGHAI, 0.0, 3_000.0)).await;
     assert!(left_behind.is_empty(), "stale copies: {left_behind:?}");
     a.stop().await;
     b.stop().await;

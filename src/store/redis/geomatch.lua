@@ -70,17 +70,13 @@ local function entry(coarse, cell)
   return coarse .. '/' .. cell
 end
 
--- gm_put(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms, mode, channel)
--- Puts a member in its privacy cell unless the cell already holds a newer ping of the same
--- user (last write wins); returns 1 when written, 0 when a newer one was kept.
-redis.register_function('gm_put', function(keys, args)
-  local user, fields, coarse, cell, expires = args[1], args[2], args[3], args[4], args[5]
-  local b = redis.call('GET', keys[1]) or ''
-  local member = string.char(#user) .. user .. fields
-  local first, last = find(b, user)
+-- Writes `member` into cell string `b` (in place of the user's member at first..last, if
+-- any) for gm_put and gm_ping, whose keys and args 3-7 are alike (coarse, cell,
+-- expires_at_ms, mode, channel), and tells the change.
+local function place(keys, args, b, first, last, member)
+  local coarse, cell, expires = args[3], args[4], args[5]
   local occupied = #b > 0
   if first then
-    if times(b, first) > struct.unpack('<I6', fields) then return 0 end
     b = string.sub(b, 1, first - 1) .. member .. string.sub(b, last + 1)
   else
     b = b .. member
@@ -94,6 +90,17 @@ redis.register_function('gm_put', function(keys, args)
   -- entry due too early, and moves it to the earliest real expiry in the cell (gm_expire).
   redis.call('ZADD', keys[3], 'LT', expires, entry(coarse, cell))
   tell(args[6], args[7], 'P', cell, member)
+end
+
+-- gm_put(bucket, occupancy, expiry; user, fields, coarse, cell, expires_at_ms, mode, channel)
+-- Puts a member in its privacy cell unless the cell already holds a newer ping of the same
+-- user (last write wins); returns 1 when written, 0 when a newer one was kept.
+redis.register_function('gm_put', function(keys, args)
+  local user, fields = args[1], args[2]
+  local b = redis.call('GET', keys[1]) or ''
+  local first, last = find(b, user)
+  if first and times(b, first) > struct.unpack('<I6', fields) then return 0 end
+  place(keys, args, b, first, last, string.char(#user) .. user .. fields)
   return 1
 end)
 
@@ -122,11 +129,9 @@ end
 -- the record, then marks it); 0 when a newer ping of the user is kept. The second run of
 -- a call answers 2 or 1 and changes nothing more.
 redis.register_function('gm_ping', function(keys, args)
-  local user, fields, coarse, cell, expires = args[1], args[2], args[3], args[4], args[5]
-  local epoch_ms = tonumber(args[8])
+  local user, fields, epoch_ms = args[1], args[2], tonumber(args[8])
   local b = redis.call('GET', keys[1]) or ''
   local first, last = find(b, user)
-  local occupied = #b > 0
   local seen, ttl = struct.unpack('<I6I4', fields)
   local flags = string.byte(fields, FIELDS) % 8
   local answer = 1
@@ -139,16 +144,8 @@ redis.register_function('gm_ping', function(keys, args)
       answer = 2
     end
   end
-  local member = string.char(#user) .. user .. string.sub(fields, 1, FIELDS - 1) .. string.char(flags)
-  if first then
-    b = string.sub(b, 1, first - 1) .. member .. string.sub(b, last + 1)
-  else
-    b = b .. member
-  end
-  redis.call('SET', keys[1], b)
-  if not occupied then redis.call('SADD', keys[2], cell) end
-  redis.call('ZADD', keys[3], 'LT', expires, entry(coarse, cell))
-  tell(args[6], args[7], 'P', cell, member)
+  place(keys, args, b, first, last,
+    string.char(#user) .. user .. string.sub(fields, 1, FIELDS - 1) .. string.char(flags))
   return answer
 end)
 

@@ -406,8 +406,30 @@ impl RedisNearby {
         not_after_ms: i64,
         moved_to: Option<(CellIndex, &[u8])>,
     ) -> Result<Taken> {
-        let del = self.del_cmd(cell, user, Some(not_after_ms), moved_to);
-        let answer: redis::Value = self.conn.query(del.clone().arg("newer")).await?;
+        // A move is told to watches as one change: "cell|member" of where the user is now.
+        let moved_to = moved_to.map_or_else(Vec::new, |(to, member)| {
+            let mut note = to.to_string().into_bytes();
+            note.push(b'|');
+            note.extend_from_slice(member);
+            note
+        });
+        let keys = CellKeys::new(cell);
+        let del = redis::cmd("FCALL")
+            .arg("gm_del")
+            .arg(3)
+            .arg(&keys.bucket)
+            .arg(&keys.occupancy)
+            .arg(&keys.expiry)
+            .arg(user)
+            .arg(keys.coarse.to_string())
+            .arg(cell.to_string())
+            .arg(not_after_ms)
+            .arg(self.conn.tell_mode())
+            .arg(super::change_channel(&keys.tag))
+            .arg(moved_to)
+            .arg("newer")
+            .clone();
+        let answer: redis::Value = self.conn.query(&del).await?;
         Ok(match answer {
             redis::Value::BulkString(fields) => Taken::Removed(fields),
             redis::Value::Array(mut items) if items.len() == 1 => match items.pop() {
@@ -436,38 +458,6 @@ impl RedisNearby {
                 .insert(tag.to_string());
         }
         Ok(())
-    }
-
-    /// `gm_del` of `user` in `cell` (see [`Self::take`]).
-    fn del_cmd(
-        &self,
-        cell: CellIndex,
-        user: &str,
-        not_after_ms: Option<i64>,
-        moved_to: Option<(CellIndex, &[u8])>,
-    ) -> redis::Cmd {
-        // A move is told to watches as one change: "cell|member" of where the user is now.
-        let moved_to = moved_to.map_or_else(Vec::new, |(to, member)| {
-            let mut note = to.to_string().into_bytes();
-            note.push(b'|');
-            note.extend_from_slice(member);
-            note
-        });
-        let keys = CellKeys::new(cell);
-        redis::cmd("FCALL")
-            .arg("gm_del")
-            .arg(3)
-            .arg(&keys.bucket)
-            .arg(&keys.occupancy)
-            .arg(&keys.expiry)
-            .arg(user)
-            .arg(keys.coarse.to_string())
-            .arg(cell.to_string())
-            .arg(not_after_ms.map_or(String::new(), |t| t.to_string()))
-            .arg(self.conn.tell_mode())
-            .arg(super::change_channel(&keys.tag))
-            .arg(moved_to)
-            .clone()
     }
 
     /// Forgets `user`. Returns whether a visible location existed.
