@@ -18,7 +18,7 @@ use std::{
 use common::{
     build::{ping, search, shake, status},
     fixtures::{SHANGHAI, moved, privacy_cell},
-    redis, start_store,
+    process, redis, start_store,
 };
 use geomatch::store;
 use h3o::{LatLng, Resolution};
@@ -413,4 +413,109 @@ async fn moving_a_slot_keeps_every_call_answered_and_calls_follow_it_to_its_new_
         "a search finds the moved area's users: {n}"
     );
     gm.stop().await;
+}
+
+/// The value of the counter `name` with labels `labels` in a Prometheus text `body`; 0
+/// when the series is not there yet.
+fn counter(body: &str, name: &str, labels: &str) -> u64 {
+    let series = format!("{name}{{{labels}}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Resumes a process stopped with SIGSTOP when dropped, even on a panic.
+struct Stopped(u32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Self {
+        signal(pid, libc::SIGSTOP);
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill only reads its arguments; the pid is a child this test started.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
+}
+
+/// A store that freezes (SIGSTOP: it neither answers nor refuses, as behind a network
+/// partition) turns the replica NOT_SERVING only once three probes in a row got no answer
+/// in time, not at the first slow one; its calls get UNAVAILABLE meanwhile, and it serves
+/// again by itself once the store wakes. (Killing the store, a refusal, turns it
+/// NOT_SERVING at the first probe: `tests/store.rs`.)
+#[tokio::test]
+async fn a_silent_store_turns_the_replica_not_serving_after_three_probes_in_a_row() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    let url = server.url();
+    let gm = process::spawn(&[
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--store-timeout",
+        "300ms",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let metrics = gm.metrics.unwrap();
+    let mut c = geomatch::grpc::pb::nearby_client::NearbyClient::new(gm.channel().await);
+    c.update_location(ping("silent:a", SHANGHAI)).await.unwrap();
+    let mut updates = HealthClient::new(gm.channel().await)
+        .watch(HealthCheckRequest {
+            service: "geomatch.v1.Nearby".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.unwrap().status;
+    assert_eq!(
+        status(updates.message().await.unwrap()),
+        i32::from(ServingStatus::Serving)
+    );
+
+    let frozen = Stopped::stop(server.pid().unwrap());
+    let err = c
+        .search_nearby(search("silent:b", SHANGHAI))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The next status change: NOT_SERVING, and by then three probes in a row have gone
+    // unanswered (the store stays frozen until `frozen` is dropped, so no probe has
+    // answered since).
+    assert_eq!(
+        status(updates.message().await.unwrap()),
+        i32::from(ServingStatus::NotServing)
+    );
+    let body = common::http_get(metrics, "/metrics").await;
+    let probes = |result: &str| {
+        counter(
+            &body,
+            "geomatch_store_probes_total",
+            &format!("result=\"{result}\""),
+        )
+    };
+    assert!(probes("timed_out") >= 3, "{body}");
+    assert_eq!(probes("failed"), 0, "{body}");
+    assert!(body.contains("geomatch_store_up 0"), "{body}");
+
+    drop(frozen);
+    assert_eq!(
+        status(updates.message().await.unwrap()),
+        i32::from(ServingStatus::Serving)
+    );
+    assert_eq!(found_at_shanghai(&mut c).await, 1);
 }

@@ -28,6 +28,7 @@ use crate::{
 mod app;
 pub mod coalesce;
 mod reload;
+mod store_health;
 mod tasks;
 pub mod tls;
 

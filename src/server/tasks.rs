@@ -184,34 +184,49 @@ pub(super) fn start(
 const STORE_PROBE: Duration = Duration::from_secs(1);
 
 /// Probes a remote store every second, reporting NOT_SERVING while it cannot be reached
-/// and SERVING again once it can, and sweeps its expired pings every `--sweep-interval`.
+/// (at the first refusal, or after a few probes in a row without an answer in time:
+/// [`super::store_health`]) and SERVING again once it answers, and sweeps its expired
+/// pings every `--sweep-interval`.
 async fn watch_store(
     app: App,
     remote: Arc<crate::store::redis::RedisNearby>,
     health: tonic_health::server::HealthReporter,
     stop: Stop,
 ) {
-    use crate::grpc::pb::nearby_server::NearbyServer;
+    use crate::{grpc::pb::nearby_server::NearbyServer, store::redis::Probe};
     let mut probe = tokio::time::interval(STORE_PROBE);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut serving = true;
+    let mut state = super::store_health::StoreHealth::new();
     let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = probe.tick() => {}
             () = stop.raised() => return,
         }
-        let mut up = remote.healthy().await;
-        if up && !serving {
+        let mut found = remote.probe().await;
+        metrics::counter!(
+            telemetry::names::STORE_PROBES,
+            "result" => match found {
+                Probe::Answered => "answered",
+                Probe::TimedOut => "timed_out",
+                Probe::Failed => "failed",
+            }
+        )
+        .increment(1);
+        if found == Probe::TimedOut && state.serving() {
+            tracing::warn!("store probe got no answer in time");
+        }
+        if found == Probe::Answered && !state.serving() {
             // Back: a store restarted empty needs its functions again before any call.
             if let Err(e) = remote.prepare_again().await {
                 tracing::warn!(error = %e, "store answers but cannot be prepared: not serving");
-                up = false;
+                found = Probe::Failed;
             }
         }
+        let serving = state.serving();
+        let up = state.observe(found);
         metrics::gauge!(telemetry::names::STORE_UP).set(if up { 1.0 } else { 0.0 });
         if up != serving {
-            serving = up;
             if up {
                 tracing::info!("store reachable again: serving");
                 health
@@ -230,7 +245,7 @@ async fn watch_store(
                     .await;
             }
         }
-        if up && last_sweep.elapsed() >= app.config.sweep_interval {
+        if found == Probe::Answered && last_sweep.elapsed() >= app.config.sweep_interval {
             last_sweep = tokio::time::Instant::now();
             // One replica sweeps at a time: the lease outlives two intervals, so a live
             // holder keeps it and a dead one's passes to another replica.

@@ -54,6 +54,10 @@ fn describe() {
     describe_gauge!(INDEXED_USERS, "users held by the index");
     describe_gauge!(MAX_USERS, "most users the index holds (--max-users)");
     describe_gauge!(STORE_UP, "1 while the store is reachable, else 0");
+    describe_counter!(
+        STORE_PROBES,
+        "health probes of a remote store, by result (answered, timed_out, failed)"
+    );
     describe_counter!(SNAPSHOT_FAILURES, "snapshot writes that failed");
     describe_counter!(
         TRACE_SPANS_DROPPED,

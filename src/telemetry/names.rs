@@ -66,6 +66,9 @@ pub const MAX_USERS: &str = "geomatch_max_users";
 /// Gauge: 1 while the store is reachable (always, in memory), 0 while a remote store is
 /// not (the replica reports NOT_SERVING meanwhile).
 pub const STORE_UP: &str = "geomatch_store_up";
+/// Counter: health probes of a remote store (one a second), by `result`: `answered`,
+/// `timed_out` (no answer within `--store-timeout`) or `failed` (refused).
+pub const STORE_PROBES: &str = "geomatch_store_probes_total";
 /// Counter: store calls over a Redis / Valkey Cluster, by `route`: `direct` (sent
 /// straight to the slot's master) or `cluster_client` (through the Cluster client: no
 /// route known for the slot, or the direct attempt failed, as around a failover).

@@ -83,6 +83,19 @@ pub enum StoreError {
     Incompatible(String),
 }
 
+/// What one health probe of the store found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The store answered in time.
+    Answered,
+    /// No answer within the store timeout: a store (or a replica) too busy to answer in
+    /// time, or one that is gone without a word (a network partition).
+    TimedOut,
+    /// The store refused: no connection, a Cluster without all its slots, an error
+    /// answer.
+    Failed,
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         Error::Unavailable(e.to_string())
@@ -415,11 +428,15 @@ impl Conn {
         matches!(self.link, Link::Cluster(..))
     }
 
-    /// Whether the store answers a PING in time (every master, when clustered).
-    pub(crate) async fn healthy(&self) -> bool {
-        self.query::<String>(&redis::cmd("PING"))
-            .await
-            .is_ok_and(|pong| pong == "PONG")
+    /// Whether the store answers a PING in time (every master, when clustered), and if
+    /// not, whether it failed outright or only did not answer in time.
+    pub(crate) async fn probe(&self) -> Probe {
+        match self.run::<String>(Call::Cmd(&redis::cmd("PING"))).await {
+            Some(Ok(pong)) if pong == "PONG" => Probe::Answered,
+            None => Probe::TimedOut,
+            Some(Err(e)) if e.is_timeout() => Probe::TimedOut,
+            Some(_) => Probe::Failed,
+        }
     }
 
     /// Loads the functions library (on every master when clustered) and checks or sets

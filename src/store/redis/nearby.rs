@@ -192,9 +192,9 @@ impl RedisNearby {
         &self.cfg
     }
 
-    /// Whether the store answers now.
-    pub async fn healthy(&self) -> bool {
-        self.conn.healthy().await
+    /// Whether the store answers now, and if not, how it failed.
+    pub async fn probe(&self) -> super::Probe {
+        self.conn.probe().await
     }
 
     /// Makes a store that came back usable again: a server restarted without its data
