@@ -2,7 +2,8 @@
 //! start themselves: the same brute-force contract as in memory, two replicas over one
 //! store serving one world (a ping through one found, reported and cleared through the
 //! other, a page token from one continued on the other), TTL and visibility, health while
-//! the store is down, and stores geomatch must refuse at start. WatchNearby over a store
+//! the store is down, stores behind a password or an ACL user, and stores geomatch must
+//! refuse at start. WatchNearby over a store
 //! is in `store_watch.rs`, Shake in `store_shake.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -928,6 +929,179 @@ impl Drop for Restarted {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Sets `password` as the `default` user's on the server at `port` (`requirepass`).
+async fn require_password(port: u16, password: &str) {
+    let mut conn = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(password)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// A store that wants a password (`flags` reach it): refused at start without one and with
+/// a wrong one, each with an error that says so; with the right one (from
+/// `--redis-password-file`) the whole two-replica contract holds, and two shakes through
+/// two replicas pair, so every connection a replica makes (calls, the Cluster's masters,
+/// subscriptions) authenticates.
+async fn a_store_behind_a_password(flags: &[&str], password: &str, prefix: &str) {
+    let dir = std::env::temp_dir().join(format!("gm-auth-{}", redis::unique_prefix(prefix)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let right = dir.join("right");
+    std::fs::write(&right, format!("{password}\n")).unwrap();
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let with = |file: Option<&std::path::Path>| {
+        let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        args.extend(["--store-timeout", "1s"].map(String::from));
+        if let Some(file) = file {
+            args.push("--redis-password-file".into());
+            args.push(file.to_str().unwrap().into());
+        }
+        args
+    };
+    let refused = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        open(&args).await.map(|_| ()).unwrap_err().to_string()
+    };
+    for file in [None, Some(wrong.as_path())] {
+        let err = refused(with(file)).await;
+        assert!(
+            err.contains("refused to authenticate") && err.contains("--redis-password-file"),
+            "{file:?}: {err}"
+        );
+        assert!(!err.contains("not-the-password"), "{err}");
+    }
+
+    let args = with(Some(&right));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    two_replicas_serve_one_world(&args, prefix, SHANGHAI).await;
+    let (a, b) = (start_store(&args).await, start_store(&args).await);
+    let (ua, ub) = (format!("{prefix}shake-a"), format!("{prefix}shake-b"));
+    let mut sa = a.shake().await;
+    let mut sb = b.shake().await;
+    let (ra, rb) = tokio::join!(
+        sa.shake(common::build::shake(&ua, "s1", SHANGHAI)),
+        sb.shake(common::build::shake(&ub, "s1", SHANGHAI))
+    );
+    let (ra, rb) = (ra.unwrap().into_inner(), rb.unwrap().into_inner());
+    assert_eq!(
+        (ra.partner_user_id.as_str(), rb.partner_user_id.as_str()),
+        (ub.as_str(), ua.as_str())
+    );
+    assert!(!ra.match_id.is_empty());
+    assert_eq!(ra.match_id, rb.match_id);
+    a.stop().await;
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_redis_server_with_an_acl_user_serves_only_with_its_password() {
+    let Some(server) = redis::standalone().await else {
+        return;
+    };
+    // An ACL user with the grant the README gives, and no `default` user.
+    let mut conn = server.connection().await;
+    for rule in [
+        &[
+            "SETUSER",
+            "geomatch",
+            "on",
+            ">s3cret-one",
+            "+@all",
+            "~gm1:*",
+            "&gm1:*",
+        ][..],
+        &["SETUSER", "default", "off"][..],
+    ] {
+        let _: () = ::redis::cmd("ACL")
+            .arg(rule)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let url = server.url();
+    a_store_behind_a_password(
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--redis-username",
+            "geomatch",
+        ],
+        "s3cret-one",
+        "pw:",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_behind_a_password_serves_only_with_it() {
+    let Some(cluster) = redis::cluster(3, 0).await else {
+        return;
+    };
+    for port in cluster.ports() {
+        require_password(port, "s3cret-two").await;
+    }
+    let nodes = cluster.seeds().join(",");
+    a_store_behind_a_password(
+        &["--store", "redis-cluster", "--redis-nodes", &nodes],
+        "s3cret-two",
+        "cpw:",
+    )
+    .await;
+
+    // The connections straight to each slot's master authenticate too: a replica's pings
+    // go there (its own metrics count them), not through the Cluster client.
+    let file = std::env::temp_dir().join(format!("gm-auth-{}", std::process::id()));
+    std::fs::write(&file, "s3cret-two\n").unwrap();
+    let gm = common::process::spawn(&[
+        "--store",
+        "redis-cluster",
+        "--redis-nodes",
+        &nodes,
+        "--redis-password-file",
+        file.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let _ = std::fs::remove_file(&file);
+    let mut c = NearbyClient::new(gm.channel().await);
+    let direct = || async {
+        let body = common::http_get(gm.metrics.unwrap(), "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix("geomatch_store_calls_total{route=\"direct\"} "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    // Routes are read in the background once connected: rounds of pings until one goes
+    // straight to the masters, within 10 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for round in 0.. {
+        let before = direct().await;
+        for i in 0..20 {
+            c.update_location(ping(&format!("cpw:direct{round}.{i}"), SHANGHAI))
+                .await
+                .unwrap();
+        }
+        if direct().await - before >= 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ping went straight to a master"
+        );
     }
 }
 

@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 
 use super::{human::Human, longer_than_zero};
-use crate::store::redis::Target;
+use crate::store::redis::{Credentials, Target};
 
 /// Which store holds People Nearby.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -59,6 +59,18 @@ pub struct StoreArgs {
     #[arg(long, env = "GEOMATCH_REDIS_NODES", value_delimiter = ',')]
     pub redis_nodes: Vec<String>,
 
+    /// The ACL user geomatch authenticates as to its Redis / Valkey store (Redis 6 and
+    /// later); unset: the `default` user.
+    #[arg(long, env = "GEOMATCH_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// A file holding the password geomatch authenticates with to its Redis / Valkey store
+    /// (its first line; a secret mounted as a file, so the password is not in the
+    /// process's arguments or environment). Unset: no password, or the one in
+    /// --redis-url.
+    #[arg(long, env = "GEOMATCH_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+
     /// Longest one store call may take; a request whose store call does not answer in
     /// time gets UNAVAILABLE (never a wrong answer).
     #[arg(long, env = "GEOMATCH_STORE_TIMEOUT", default_value_t = Human(StoreConfig::default().timeout))]
@@ -70,7 +82,8 @@ impl StoreArgs {
     ///
     /// # Errors
     /// When --store redis-cluster has no --redis-nodes, a node is not HOST:PORT, the URL
-    /// is not a redis:// or rediss:// URL, or --store-timeout is zero.
+    /// is not a redis:// or rediss:// URL, --store-timeout is zero, or the
+    /// --redis-password-file cannot be read or holds no password.
     pub fn settings(&self) -> anyhow::Result<StoreConfig> {
         longer_than_zero("--store-timeout", self.store_timeout.get())?;
         let target = match self.store {
@@ -80,7 +93,7 @@ impl StoreArgs {
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     bail!("--redis-url {url:?}: expected redis://HOST:PORT");
                 }
-                Some(Target::Server(url.to_string()))
+                Some(Target::Server(url.to_string(), self.credentials()?))
             }
             StoreKind::RedisCluster => {
                 let nodes: Vec<String> = self
@@ -100,13 +113,41 @@ impl StoreArgs {
                         bail!("--redis-nodes {n:?}: expected HOST:PORT");
                     }
                 }
-                Some(Target::Cluster(nodes))
+                Some(Target::Cluster(nodes, self.credentials()?))
             }
         };
         Ok(StoreConfig {
             target,
             timeout: self.store_timeout.get(),
         })
+    }
+
+    /// The credentials the flags give: the user name as given, the password as the first
+    /// line of --redis-password-file (a trailing line break and spaces dropped).
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        let username = self
+            .redis_username
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string);
+        let password = match &self.redis_password_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("--redis-password-file {}: {e}", path.display())
+                })?;
+                let line = text.lines().next().unwrap_or("").trim();
+                if line.is_empty() {
+                    bail!(
+                        "--redis-password-file {}: the file holds no password",
+                        path.display()
+                    );
+                }
+                Some(line.to_string())
+            }
+        };
+        Ok(Credentials { username, password })
     }
 }
 
@@ -122,7 +163,10 @@ mod tests {
         let (_, s) = parse(&["--store", "redis", "--redis-url", "redis://127.0.0.1:7000"]).unwrap();
         assert_eq!(
             s.store.target,
-            Some(Target::Server("redis://127.0.0.1:7000".into()))
+            Some(Target::Server(
+                "redis://127.0.0.1:7000".into(),
+                Credentials::default()
+            ))
         );
         let (_, s) = parse(&[
             "--store",
@@ -133,10 +177,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             s.store.target,
-            Some(Target::Cluster(vec![
-                "127.0.0.1:7000".into(),
-                "127.0.0.1:7001".into()
-            ]))
+            Some(Target::Cluster(
+                vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()],
+                Credentials::default()
+            ))
         );
         for (args, names) in [
             (vec!["--store", "redis-cluster"], "--redis-nodes"),
@@ -153,5 +197,48 @@ mod tests {
             let err = parse(&args).unwrap_err().to_string();
             assert!(err.contains(names), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_password_comes_from_its_file_and_never_shows() {
+        let dir = std::env::temp_dir().join(format!("gm-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "s3cret \nignored\n").unwrap();
+        let path = file.to_str().unwrap();
+        let (_, s) = parse(&[
+            "--store",
+            "redis-cluster",
+            "--redis-nodes",
+            "127.0.0.1:7000",
+            "--redis-username",
+            "geomatch",
+            "--redis-password-file",
+            path,
+        ])
+        .unwrap();
+        let target = s.store.target.unwrap();
+        let credentials = target.credentials();
+        assert_eq!(credentials.username.as_deref(), Some("geomatch"));
+        assert_eq!(credentials.password.as_deref(), Some("s3cret"));
+        assert!(!format!("{target:?}").contains("s3cret"), "{target:?}");
+
+        // The memory store reads no file.
+        let missing = dir.join("missing");
+        let missing = missing.to_str().unwrap();
+        assert!(parse(&["--redis-password-file", missing]).is_ok());
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        for (file, says) in [
+            (missing, "missing"),
+            (empty.to_str().unwrap(), "no password"),
+        ] {
+            let err = parse(&["--store", "redis", "--redis-password-file", file])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--redis-password-file"), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -269,16 +269,23 @@ pub(super) struct Router {
     rereading: Mutex<Rereading>,
     /// Connection and response timeout of the connections to the masters.
     timeout: Duration,
+    /// Who this replica is to the masters.
+    credentials: super::Credentials,
 }
 
 impl Router {
     /// A router with no routes yet: every call goes through the Cluster client until the
     /// first reading (started now, in the background) has them.
-    pub(super) fn open(cluster: &ClusterConnection, timeout: Duration) -> Arc<Self> {
+    pub(super) fn open(
+        cluster: &ClusterConnection,
+        credentials: super::Credentials,
+        timeout: Duration,
+    ) -> Arc<Self> {
         let router = Arc::new(Self {
             routes: ArcSwapOption::empty(),
             rereading: Mutex::new(Rereading::default()),
             timeout,
+            credentials,
         });
         router.reread(cluster);
         router
@@ -354,7 +361,7 @@ impl Router {
         tokio::spawn(async move {
             // Cleared however the reading ends (a runtime shutting down drops it midway).
             let _done = ReadingDone(this.clone());
-            match read_routes(cluster, this.timeout).await {
+            match read_routes(cluster, &this.credentials, this.timeout).await {
                 Ok(routes) => this.routes.store(Some(Arc::new(routes))),
                 Err(e) => tracing::debug!(error = %e, "reading the Cluster's slots"),
             }
@@ -396,6 +403,7 @@ fn not_run(e: &redis::RedisError) -> bool {
 /// to now leaves its slots without a route.
 async fn read_routes(
     mut cluster: ClusterConnection,
+    credentials: &super::Credentials,
     timeout: Duration,
 ) -> redis::RedisResult<Routes> {
     let slots: Value = tokio::time::timeout(
@@ -417,9 +425,10 @@ async fn read_routes(
     let mut connecting = tokio::task::JoinSet::new();
     for (i, (host, port)) in addrs.iter().cloned().enumerate() {
         let config = config.clone();
+        let info = credentials.connection_info((host.as_str(), port));
         connecting.spawn(async move {
             let connected = async {
-                redis::Client::open((host.as_str(), port))?
+                redis::Client::open(info?)?
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
             };

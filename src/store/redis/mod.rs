@@ -62,13 +62,68 @@ const SCHEMA: &str = "gm1";
 /// cross a tag (a 10 km search touches a handful).
 const TAG_RESOLUTION: Resolution = Resolution::Five;
 
-/// Where the store is.
+/// Where the store is, and who geomatch is to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// One Redis or Valkey server, e.g. `redis://127.0.0.1:6379`.
-    Server(String),
-    /// Seed nodes of a Redis or Valkey Cluster, as `host:port`.
-    Cluster(Vec<String>),
+    /// One Redis or Valkey server, e.g. `redis://127.0.0.1:6379` (a user name and password
+    /// in the URL are used unless the credentials give them).
+    Server(String, Credentials),
+    /// Seed nodes of a Redis or Valkey Cluster, as `host:port`; every node, and every
+    /// node the Cluster names later, is authenticated with the same credentials.
+    Cluster(Vec<String>, Credentials),
+}
+
+/// How geomatch authenticates to its store (`AUTH`): an ACL user name and its password,
+/// or the password alone (the `default` user's, as `requirepass` sets it). Empty: no
+/// `AUTH`. Its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Credentials {
+    /// The ACL user (`--redis-username`); `None`: the `default` user.
+    pub username: Option<String>,
+    /// The password (`--redis-password-file`).
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// `settings` with these credentials in place of theirs (each one given).
+    fn apply(&self, settings: redis::RedisConnectionInfo) -> redis::RedisConnectionInfo {
+        let settings = match &self.username {
+            Some(user) => settings.set_username(user),
+            None => settings,
+        };
+        match &self.password {
+            Some(password) => settings.set_password(password),
+            None => settings,
+        }
+    }
+
+    /// The connection to `info`'s server with these credentials.
+    fn connection_info(
+        &self,
+        info: impl redis::IntoConnectionInfo,
+    ) -> redis::RedisResult<redis::ConnectionInfo> {
+        let info = info.into_connection_info()?;
+        let settings = self.apply(info.redis_settings().clone());
+        Ok(info.set_redis_settings(settings))
+    }
+}
+
+impl Target {
+    /// The credentials for this store.
+    pub fn credentials(&self) -> &Credentials {
+        match self {
+            Self::Server(_, c) | Self::Cluster(_, c) => c,
+        }
+    }
 }
 
 /// Why the store could not be used.
@@ -81,6 +136,9 @@ pub enum StoreError {
     /// no Functions support).
     #[error("{0}")]
     Incompatible(String),
+    /// It refused geomatch's credentials, or wants some and was given none.
+    #[error("{0}")]
+    Credentials(String),
 }
 
 /// What one health probe of the store found.
@@ -189,7 +247,30 @@ fn reshaped(values: Vec<redis::Value>, shape: &[Option<usize>]) -> Vec<redis::Va
 
 /// A store call that failed.
 fn unreachable(e: &redis::RedisError) -> StoreError {
-    StoreError::Unreachable(e.to_string())
+    refused_credentials(e).unwrap_or_else(|| StoreError::Unreachable(e.to_string()))
+}
+
+/// [`StoreError::Credentials`] when `e` is the store refusing geomatch's credentials
+/// (`WRONGPASS`), or asking for some it was not given (`NOAUTH`; a large command on a
+/// connection not authenticated yet is refused as "unauthenticated").
+fn refused_credentials(e: &redis::RedisError) -> Option<StoreError> {
+    let text = e.to_string();
+    let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || [
+            "WRONGPASS",
+            "NOAUTH",
+            "unauthenticated",
+            "AuthenticationFailed",
+        ]
+        .iter()
+        .any(|code| text.contains(code));
+    refused.then(|| {
+        StoreError::Credentials(format!(
+            "the store refused to authenticate geomatch: give its password with \
+             --redis-password-file (and its ACL user with --redis-username), or check them \
+             ({text})"
+        ))
+    })
 }
 
 /// How a connection to one server reconnects: a lost connection is re-made in the
@@ -206,14 +287,26 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
 
 /// A Cluster client over seed `nodes`: a redirect or a lost connection is retried a couple
 /// of times with short waits (the crate's defaults wait seconds, too long for a 2 s shake).
-fn cluster_builder(nodes: &[String], timeout: Duration) -> redis::cluster::ClusterClientBuilder {
+fn cluster_builder(
+    nodes: &[String],
+    credentials: &Credentials,
+    timeout: Duration,
+) -> redis::cluster::ClusterClientBuilder {
     let urls: Vec<String> = nodes.iter().map(|n| format!("redis://{n}")).collect();
-    ClusterClient::builder(urls)
+    let builder = ClusterClient::builder(urls)
         .retries(2)
         .min_retry_wait(10)
         .max_retry_wait(100)
         .connection_timeout(timeout)
-        .response_timeout(timeout)
+        .response_timeout(timeout);
+    let builder = match &credentials.username {
+        Some(user) => builder.username(user),
+        None => builder,
+    };
+    match &credentials.password {
+        Some(password) => builder.password(password),
+        None => builder,
+    }
 }
 
 impl Conn {
@@ -226,8 +319,11 @@ impl Conn {
     pub(crate) async fn open(target: &Target, timeout: Duration) -> Result<Self, StoreError> {
         let made = async {
             match target {
-                Target::Server(url) => {
-                    let client = redis::Client::open(url.as_str()).map_err(|e| unreachable(&e))?;
+                Target::Server(url, credentials) => {
+                    let client = credentials
+                        .connection_info(url.as_str())
+                        .and_then(redis::Client::open)
+                        .map_err(|e| unreachable(&e))?;
                     // A lost connection is re-made in the background, a few quick tries at
                     // a time: calls meanwhile fail fast (UNAVAILABLE), never hang.
                     ConnectionManager::new_with_config(client, manager_config(timeout))
@@ -235,15 +331,15 @@ impl Conn {
                         .map(Link::Server)
                         .map_err(|e| unreachable(&e))
                 }
-                Target::Cluster(nodes) => {
-                    let client = cluster_builder(nodes, timeout)
+                Target::Cluster(nodes, credentials) => {
+                    let client = cluster_builder(nodes, credentials, timeout)
                         .build()
                         .map_err(|e| unreachable(&e))?;
                     let cluster = client
                         .get_async_connection()
                         .await
                         .map_err(|e| unreachable(&e))?;
-                    let router = direct::Router::open(&cluster, timeout);
+                    let router = direct::Router::open(&cluster, credentials.clone(), timeout);
                     Ok(Link::Cluster(cluster, router))
                 }
             }
@@ -456,6 +552,7 @@ impl Conn {
             Some(Err(e)) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
                 return Err(unreachable(&e));
             }
+            Some(Err(e)) if refused_credentials(&e).is_some() => return Err(unreachable(&e)),
             // An error answer: the server does not know Functions (Redis before 7), or
             // refused the library.
             Some(Err(e)) => {

@@ -41,9 +41,8 @@ impl Subscription {
         let (tx, rx) = unbounded_channel::<PushInfo>();
         let made = async {
             match target {
-                Target::Server(url) => {
-                    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                        .map_err(fail)?;
+                Target::Server(url, credentials) => {
+                    let info = credentials.connection_info(url.as_str()).map_err(fail)?;
                     let settings = info
                         .redis_settings()
                         .clone()
@@ -58,8 +57,8 @@ impl Subscription {
                         .map_err(fail)?;
                     Ok::<_, StoreError>(Self::Server(c))
                 }
-                Target::Cluster(nodes) => {
-                    let client = cluster_builder(nodes, timeout)
+                Target::Cluster(nodes, credentials) => {
+                    let client = cluster_builder(nodes, credentials, timeout)
                         .use_protocol(redis::ProtocolVersion::RESP3)
                         .push_sender(tx)
                         .build()
