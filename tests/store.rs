@@ -963,9 +963,18 @@ async fn a_store_behind_a_password(flags: &[&str], password: &str, prefix: &str)
     let with = |file: Option<&std::path::Path>| {
         let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
         args.extend(["--store-timeout", "1s"].map(String::from));
-        if let Some(file) = file {
-            args.push("--redis-password-file".into());
-            args.push(file.to_str().unwrap().into());
+        match file {
+            Some(file) => {
+                args.push("--redis-password-file".into());
+                args.push(file.to_str().unwrap().into());
+            }
+            // A user name alone is refused with the flags (src/config/store.rs): without
+            // a password, no user either.
+            None => {
+                if let Some(at) = args.iter().position(|a| a == "--redis-username") {
+                    args.drain(at..at + 2);
+                }
+            }
         }
         args
     };
@@ -1044,6 +1053,31 @@ async fn a_redis_server_with_an_acl_user_serves_only_with_its_password() {
         "pw:",
     )
     .await;
+
+    // A user that may only read: refused at start, saying which grant is missing.
+    let _: () = ::redis::cmd("ACL")
+        .arg(&["SETUSER", "reader", "on", ">s3cret-r", "+@read", "~gm1:*"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let file = std::env::temp_dir().join(format!("gm-reader-{}", std::process::id()));
+    std::fs::write(&file, "s3cret-r\n").unwrap();
+    let flags = [
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--redis-username",
+        "reader",
+        "--redis-password-file",
+        file.to_str().unwrap(),
+    ];
+    let err = open(&flags).await.map(|_| ()).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        err.contains("lacks a permission") && err.contains("function|load"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

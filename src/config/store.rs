@@ -123,7 +123,9 @@ impl StoreArgs {
     }
 
     /// The credentials the flags give: the user name as given, the password as the first
-    /// line of --redis-password-file (a trailing line break and spaces dropped).
+    /// line of --redis-password-file, exactly (without its line break). A user name needs
+    /// a password: with none, no `AUTH` would be sent and the replica would quietly run
+    /// as the `default` user.
     fn credentials(&self) -> anyhow::Result<Credentials> {
         let username = self
             .redis_username
@@ -137,7 +139,7 @@ impl StoreArgs {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     anyhow::anyhow!("--redis-password-file {}: {e}", path.display())
                 })?;
-                let line = text.lines().next().unwrap_or("").trim();
+                let line = text.lines().next().unwrap_or("");
                 if line.is_empty() {
                     bail!(
                         "--redis-password-file {}: the file holds no password",
@@ -147,7 +149,24 @@ impl StoreArgs {
                 Some(line.to_string())
             }
         };
+        if username.is_some() && password.is_none() && !self.url_has_password() {
+            bail!(
+                "--redis-username needs a password: give it with --redis-password-file \
+                 (or in --redis-url)"
+            );
+        }
         Ok(Credentials { username, password })
+    }
+
+    /// Whether --redis-url (of --store redis) holds a password: `redis://user:pw@...`.
+    fn url_has_password(&self) -> bool {
+        self.store == StoreKind::Redis
+            && self
+                .redis_url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .and_then(|(userinfo, _)| userinfo.split_once(':'))
+                .is_some_and(|(_, password)| !password.is_empty())
     }
 }
 
@@ -204,7 +223,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gm-pw-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("password");
-        std::fs::write(&file, "s3cret \nignored\n").unwrap();
+        std::fs::write(&file, " s3cret \r\nignored\n").unwrap();
         let path = file.to_str().unwrap();
         let (_, s) = parse(&[
             "--store",
@@ -220,25 +239,55 @@ mod tests {
         let target = s.store.target.unwrap();
         let credentials = target.credentials();
         assert_eq!(credentials.username.as_deref(), Some("geomatch"));
-        assert_eq!(credentials.password.as_deref(), Some("s3cret"));
+        assert_eq!(credentials.password.as_deref(), Some(" s3cret "));
         assert!(!format!("{target:?}").contains("s3cret"), "{target:?}");
 
         // The memory store reads no file.
-        let missing = dir.join("missing");
-        let missing = missing.to_str().unwrap();
-        assert!(parse(&["--redis-password-file", missing]).is_ok());
+        let absent = dir.join("absent");
+        let absent = absent.to_str().unwrap();
+        assert!(parse(&["--redis-password-file", absent]).is_ok());
         let empty = dir.join("empty");
-        std::fs::write(&empty, "\n").unwrap();
-        for (file, says) in [
-            (missing, "missing"),
-            (empty.to_str().unwrap(), "no password"),
-        ] {
+        let empty = empty.to_str().unwrap();
+        std::fs::write(empty, "\n").unwrap();
+        let io_error = std::fs::read(absent).unwrap_err().to_string();
+        for (file, says) in [(absent, io_error.as_str()), (empty, "no password")] {
             let err = parse(&["--store", "redis", "--redis-password-file", file])
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("--redis-password-file"), "{err}");
             assert!(err.contains(says), "{err}");
         }
+
+        // A user name without a password would not be sent at all: refused, unless the
+        // URL holds the password.
+        let user_only = [
+            "--store",
+            "redis-cluster",
+            "--redis-nodes",
+            "h:1",
+            "--redis-username",
+            "u",
+        ];
+        let err = parse(&user_only).unwrap_err().to_string();
+        assert!(err.contains("--redis-username needs a password"), "{err}");
+        let url_password = [
+            "--store",
+            "redis",
+            "--redis-url",
+            "redis://u:pw@h:1",
+            "--redis-username",
+            "u",
+        ];
+        assert!(parse(&url_password).is_ok());
+        let url_user_only = [
+            "--store",
+            "redis",
+            "--redis-url",
+            "redis://u@h:1",
+            "--redis-username",
+            "u",
+        ];
+        assert!(parse(&url_user_only).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

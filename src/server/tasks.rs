@@ -204,15 +204,6 @@ async fn watch_store(
             () = stop.raised() => return,
         }
         let mut found = remote.probe().await;
-        metrics::counter!(
-            telemetry::names::STORE_PROBES,
-            "result" => match found {
-                Probe::Answered => "answered",
-                Probe::TimedOut => "timed_out",
-                Probe::Failed => "failed",
-            }
-        )
-        .increment(1);
         if found == Probe::TimedOut && state.serving() {
             tracing::warn!("store probe got no answer in time");
         }
@@ -223,6 +214,15 @@ async fn watch_store(
                 found = Probe::Failed;
             }
         }
+        metrics::counter!(
+            telemetry::names::STORE_PROBES,
+            "result" => match found {
+                Probe::Answered => "answered",
+                Probe::TimedOut => "timed_out",
+                Probe::Failed => "failed",
+            }
+        )
+        .increment(1);
         let serving = state.serving();
         let up = state.observe(found);
         metrics::gauge!(telemetry::names::STORE_UP).set(if up { 1.0 } else { 0.0 });

@@ -67,7 +67,8 @@ pub const MAX_USERS: &str = "geomatch_max_users";
 /// not (the replica reports NOT_SERVING meanwhile).
 pub const STORE_UP: &str = "geomatch_store_up";
 /// Counter: health probes of a remote store (one a second), by `result`: `answered`,
-/// `timed_out` (no answer within `--store-timeout`) or `failed` (refused).
+/// `timed_out` (no answer within `--store-timeout`) or `failed` (refused, or a store that
+/// came back but could not be prepared again).
 pub const STORE_PROBES: &str = "geomatch_store_probes_total";
 /// Counter: store calls over a Redis / Valkey Cluster, by `route`: `direct` (sent
 /// straight to the slot's master) or `cluster_client` (through the Cluster client: no

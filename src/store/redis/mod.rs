@@ -149,7 +149,7 @@ pub enum Probe {
     /// No answer within the store timeout: a store (or a replica) too busy to answer in
     /// time, or one that is gone without a word (a network partition).
     TimedOut,
-    /// The store refused: no connection, a Cluster without all its slots, an error
+    /// The store refused: no connection (to a master, when clustered), or an error
     /// answer.
     Failed,
 }
@@ -251,10 +251,17 @@ fn unreachable(e: &redis::RedisError) -> StoreError {
 }
 
 /// [`StoreError::Credentials`] when `e` is the store refusing geomatch's credentials
-/// (`WRONGPASS`), or asking for some it was not given (`NOAUTH`; a large command on a
-/// connection not authenticated yet is refused as "unauthenticated").
-fn refused_credentials(e: &redis::RedisError) -> Option<StoreError> {
+/// (`WRONGPASS`), asking for some it was not given (`NOAUTH`; a large command on a
+/// connection not authenticated yet is refused as "unauthenticated"), or refusing a
+/// command to geomatch's ACL user (`NOPERM`).
+pub(super) fn refused_credentials(e: &redis::RedisError) -> Option<StoreError> {
     let text = e.to_string();
+    if text.contains("NOPERM") || text.contains("NoPerm") {
+        return Some(StoreError::Credentials(format!(
+            "the store's ACL user lacks a permission geomatch needs \
+             (`+@all ~gm1:* &gm1:*` grants them all): {text}"
+        )));
+    }
     let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
         || [
             "WRONGPASS",

@@ -26,7 +26,8 @@ impl std::fmt::Debug for Subscription {
 }
 
 fn fail(e: redis::RedisError) -> StoreError {
-    StoreError::Unreachable(format!("subscribing: {e}"))
+    super::refused_credentials(&e)
+        .unwrap_or_else(|| StoreError::Unreachable(format!("subscribing: {e}")))
 }
 
 impl Subscription {
