@@ -531,8 +531,9 @@ impl Conn {
         matches!(self.link, Link::Cluster(..))
     }
 
-    /// Whether the store answers a PING in time (every master, when clustered), and if
-    /// not, whether it failed outright or only did not answer in time.
+    /// Whether the store answers a PING in time (through the Cluster client, when
+    /// clustered: one master down does not fail it), and if not, whether it failed
+    /// outright or only did not answer in time.
     pub(crate) async fn probe(&self) -> Probe {
         match self.run::<String>(Call::Cmd(&redis::cmd("PING"))).await {
             Some(Ok(pong)) if pong == "PONG" => Probe::Answered,
