@@ -1115,9 +1115,7 @@ async fn a_redis_cluster_behind_a_password_serves_only_with_it() {
     let mut c = NearbyClient::new(gm.channel().await);
     let direct = || async {
         let body = common::http_get(gm.metrics.unwrap(), "/metrics").await;
-        body.lines()
-            .find_map(|l| l.strip_prefix("geomatch_store_calls_total{route=\"direct\"} "))
-            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+        common::counter(&body, "geomatch_store_calls_total", "route=\"direct\"")
     };
     // Routes are read in the background once connected: rounds of pings until one goes
     // straight to the masters, within 10 s.

@@ -415,15 +415,6 @@ async fn moving_a_slot_keeps_every_call_answered_and_calls_follow_it_to_its_new_
     gm.stop().await;
 }
 
-/// The value of the counter `name` with labels `labels` in a Prometheus text `body`; 0
-/// when the series is not there yet.
-fn counter(body: &str, name: &str, labels: &str) -> u64 {
-    let series = format!("{name}{{{labels}}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 /// Resumes a process stopped with SIGSTOP when dropped, even on a panic.
 struct Stopped(u32);
 
@@ -512,7 +503,7 @@ async fn a_silent_store_turns_the_replica_not_serving_after_three_probes_in_a_ro
     );
     let body = common::http_get(metrics, "/metrics").await;
     let probes = |result: &str| {
-        counter(
+        common::counter(
             &body,
             "geomatch_store_probes_total",
             &format!("result=\"{result}\""),

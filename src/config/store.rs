@@ -158,15 +158,17 @@ impl StoreArgs {
         Ok(Credentials { username, password })
     }
 
-    /// Whether --redis-url (of --store redis) holds a password: `redis://user:pw@...`.
+    /// Whether --redis-url (of --store redis) holds a password: `redis://user:pw@...`, as
+    /// the redis crate reads the URL.
     fn url_has_password(&self) -> bool {
         self.store == StoreKind::Redis
-            && self
-                .redis_url
-                .split_once("://")
-                .and_then(|(_, rest)| rest.split_once('@'))
-                .and_then(|(userinfo, _)| userinfo.split_once(':'))
-                .is_some_and(|(_, password)| !password.is_empty())
+            && redis::IntoConnectionInfo::into_connection_info(self.redis_url.trim()).is_ok_and(
+                |info| {
+                    info.redis_settings()
+                        .password()
+                        .is_some_and(|p| !p.is_empty())
+                },
+            )
     }
 }
 

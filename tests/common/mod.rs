@@ -183,6 +183,15 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
+/// The value of the counter `name` with labels `labels` (as `key="value"`) in a
+/// Prometheus text `body`; 0 when the series is not there yet.
+pub fn counter(body: &str, name: &str, labels: &str) -> u64 {
+    let series = format!("{name}{{{labels}}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 /// Why geomatch with these flags refuses to serve (it must): the error `serve` returns
 /// before binding anything but the given listener.
 pub async fn serve_error(args: &[&str]) -> ServeError {
