@@ -24,9 +24,9 @@
 //! that dropped is set aside at once (its slots go through the Cluster client, which
 //! reconnects) until the routes are read again.
 //!
-//! Single commands bound for one master at the same moment are written together, as one
-//! pipeline ([`Direct::send`]): each still gets its own reply or error, and a redirect of
-//! one of them sends only that one through the Cluster client.
+//! The connection to each master is geomatch's own ([`Wire`], `wire.rs`): the calls bound
+//! for one master at the same moment share one write, each still gets its own reply or
+//! error, and a redirect of one of them sends only that one through the Cluster client.
 //!
 //! A slot without a route and every failed direct attempt ask for the routes to be read
 //! again, in the background, at most once per [`REREAD_EVERY`]: after a failover or a
@@ -39,16 +39,10 @@ use std::sync::{
 };
 
 use arc_swap::ArcSwapOption;
-use redis::{
-    AsyncConnectionConfig, Cmd, FromRedisValue, Value, aio::MultiplexedConnection,
-    cluster_async::ClusterConnection,
-};
-use tokio::{
-    sync::oneshot,
-    time::{Duration, Instant},
-};
+use redis::{Cmd, FromRedisValue, Value, cluster_async::ClusterConnection};
+use tokio::time::{Duration, Instant};
 
-use super::Call;
+use super::{Call, wire::Wire};
 
 /// Slots of a Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -78,19 +72,12 @@ struct Routes {
     masters: Vec<Master>,
 }
 
-/// A connection to one master. A multiplexed connection never reconnects: once it has
-/// dropped, its slots go through the Cluster client until the routes are read again.
+/// A connection to one master. It never reconnects: once it has dropped, its slots go
+/// through the Cluster client until the routes are read again.
 struct Master {
-    conn: MultiplexedConnection,
+    conn: Wire,
     dropped: Arc<AtomicBool>,
-    waiting: Arc<Waiting>,
 }
-
-/// Single commands bound for one master, each with where its reply goes.
-type Batch = Vec<(Cmd, oneshot::Sender<redis::RedisResult<Value>>)>;
-
-/// The [`Batch`] waiting to be written to one master (see [`Direct::send`]).
-type Waiting = Mutex<Batch>;
 
 /// The master that serves every key of `call`, by `owner` (a master index per slot): one
 /// slot's, or, for a pipeline of reads gathered from several slots
@@ -139,120 +126,18 @@ pub(super) fn by_master(router: &Router, pipes: &[redis::Pipeline]) -> Vec<Vec<u
     groups.into_iter().map(|(_, members)| members).collect()
 }
 
-/// The connection a call goes straight to, its master's mark of a dropped one, and its
-/// master's single commands waiting to be written.
+/// The connection a call goes straight to, and its master's mark of a dropped one.
 struct Direct {
-    conn: MultiplexedConnection,
+    conn: Wire,
     dropped: Arc<AtomicBool>,
-    waiting: Arc<Waiting>,
 }
 
 impl Direct {
-    /// Sends `call`. A single command joins the others bound for the same master that are
-    /// ready to go at the same moment: the first of them starts a task that lets the
-    /// runtime run what else is ready, then writes all those waiting as one pipeline,
-    /// and hands each its own reply (or the pipeline's failure). On loopback a write
-    /// costs its sender a few µs of kernel time, the receiver's TCP work included, and a
-    /// ping's two calls were two of them; under load several calls now share one. A
-    /// caller that gives up leaves the others' calls alone.
+    /// Sends `call`. The calls bound for one master at the same moment share one write
+    /// (`wire.rs`): on loopback a write costs its sender a few µs of kernel time, the
+    /// receiver's TCP work included.
     async fn send<T: FromRedisValue>(&mut self, call: Call<'_>) -> redis::RedisResult<T> {
-        let Call::Cmd(cmd) = call else {
-            return call.query(&mut self.conn).await;
-        };
-        let (tx, rx) = oneshot::channel();
-        let first = {
-            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-            waiting.push((cmd.clone(), tx));
-            waiting.len() == 1
-        };
-        if first {
-            let mut flush = Flush {
-                waiting: Some(self.waiting.clone()),
-            };
-            let conn = self.conn.clone();
-            tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                write_together(conn, flush.take()).await;
-            });
-        }
-        let value = rx.await.unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "store call dropped unanswered",
-            )))
-        })?;
-        Ok(redis::from_redis_value(value.extract_error()?)?)
-    }
-}
-
-/// The commands waiting for one master, taken by the task that writes them. A task
-/// dropped before it ran (a runtime shutting down) drops them unanswered, so that the
-/// next command finds the queue empty and starts a task of its own.
-struct Flush {
-    waiting: Option<Arc<Waiting>>,
-}
-
-impl Flush {
-    fn take(&mut self) -> Batch {
-        self.waiting.take().map_or_else(Vec::new, |w| {
-            std::mem::take(&mut *w.lock().unwrap_or_else(PoisonError::into_inner))
-        })
-    }
-}
-
-impl Drop for Flush {
-    fn drop(&mut self) {
-        drop(self.take());
-    }
-}
-
-/// Commands written to a master together with at least one other, process-wide.
-static WRITTEN_TOGETHER: AtomicU64 = AtomicU64::new(0);
-
-/// Store commands this process has written to a Cluster's masters in a pipeline of
-/// several callers' commands ([`Direct::send`]), so far.
-pub fn written_together() -> u64 {
-    WRITTEN_TOGETHER.load(Ordering::Relaxed)
-}
-
-/// Writes `batch` to `conn` (one command as it is, several as one pipeline) and sends each
-/// its reply; a failure of the whole write is every command's (a connection that dropped
-/// midway fails the commands whose replies had come too: each may have run, as for a
-/// single command). A command whose caller gave up (its store timeout) is not written.
-async fn write_together(mut conn: MultiplexedConnection, mut batch: Batch) {
-    use redis::aio::ConnectionLike;
-    batch.retain(|(_, tx)| !tx.is_closed());
-    if batch.len() < 2 {
-        for (cmd, tx) in batch {
-            let _gone = tx.send(conn.req_packed_command(&cmd).await);
-        }
-        return;
-    }
-    WRITTEN_TOGETHER.fetch_add(batch.len() as u64, Ordering::Relaxed);
-    let mut pipe = redis::pipe();
-    let mut replies = Vec::with_capacity(batch.len());
-    for (cmd, tx) in batch {
-        pipe.add_command(cmd);
-        replies.push(tx);
-    }
-    match conn.req_packed_commands(&pipe, 0, replies.len()).await {
-        Ok(values) => {
-            let mut values = values.into_iter();
-            for tx in replies {
-                let reply = values.next().ok_or_else(|| {
-                    redis::RedisError::from((
-                        redis::ErrorKind::UnexpectedReturnType,
-                        "a pipeline's reply came short",
-                    ))
-                });
-                let _gone = tx.send(reply);
-            }
-        }
-        Err(e) => {
-            for tx in replies {
-                let _gone = tx.send(Err(e.clone()));
-            }
-        }
+        call.query(&mut self.conn).await
     }
 }
 
@@ -333,7 +218,6 @@ impl Router {
             (!master.dropped.load(Ordering::Relaxed)).then(|| Direct {
                 conn: master.conn.clone(),
                 dropped: master.dropped.clone(),
-                waiting: master.waiting.clone(),
             })
         });
         if direct.is_none() {
@@ -419,24 +303,16 @@ async fn read_routes(
             addrs.push(addr.clone());
         }
     }
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
     let mut connecting = tokio::task::JoinSet::new();
     for (i, (host, port)) in addrs.iter().cloned().enumerate() {
-        let config = config.clone();
-        let info = credentials.connection_info((host.as_str(), port));
+        let credentials = credentials.clone();
         connecting.spawn(async move {
-            let connected = async {
-                redis::Client::open(info?)?
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-            };
+            let connected = Wire::connect(&host, port, &credentials);
             (i, tokio::time::timeout(timeout, connected).await)
         });
     }
     // Each address's connection, by its index in `addrs`.
-    let mut made: Vec<Option<MultiplexedConnection>> = vec![None; addrs.len()];
+    let mut made: Vec<Option<Wire>> = vec![None; addrs.len()];
     while let Some(joined) = connecting.join_next().await {
         match joined {
             Ok((i, Ok(Ok(conn)))) => {
@@ -459,7 +335,6 @@ async fn read_routes(
             masters.push(Master {
                 conn,
                 dropped: Arc::default(),
-                waiting: Arc::default(),
             });
         }
     }

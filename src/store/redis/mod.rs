@@ -35,6 +35,7 @@ mod nearby;
 mod pubsub;
 mod shake;
 mod watch;
+mod wire;
 
 use std::time::Duration;
 
@@ -47,10 +48,11 @@ use redis::{
 };
 use thiserror::Error;
 
-pub use direct::{routed_calls, written_together};
+pub use direct::routed_calls;
 pub use nearby::{RECORD_EPOCH, RedisNearby};
 pub use shake::RedisShake;
 pub use watch::TagLease;
+pub use wire::written_together;
 
 use crate::{error::Error, telemetry::trace};
 
@@ -644,17 +646,36 @@ impl CellKeys {
     }
 }
 
+/// `cell` in hex, as its `Display` writes it (see [`push_cell`]).
+fn cell_hex(cell: CellIndex) -> String {
+    let mut hex = String::with_capacity(16);
+    push_cell(&mut hex, cell);
+    hex
+}
+
+/// `parts` joined; the keys of a ping are built on every call, without the formatting
+/// machinery.
+fn joined(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.push_str(part);
+    }
+    out
+}
+
 /// The channel that tells watching replicas about every change in a tag.
 fn change_channel(tag: &str) -> String {
-    format!("gm1:c:{{{tag}}}")
+    joined(&["gm1:c:{", tag, "}"])
 }
 
 fn occupancy_key(tag: &str, coarse: CellIndex) -> String {
-    format!("gm1:{{{tag}}}:o:{coarse}")
+    let mut key = joined(&["gm1:{", tag, "}:o:"]);
+    push_cell(&mut key, coarse);
+    key
 }
 
 fn expiry_key(tag: &str) -> String {
-    format!("gm1:{{{tag}}}:x")
+    joined(&["gm1:{", tag, "}:x"])
 }
 
 fn user_key(user: &str) -> String {
@@ -775,8 +796,12 @@ mod key_tests {
                 let mut s = String::new();
                 push_cell(&mut s, cell);
                 assert_eq!(s, cell.to_string());
+                assert_eq!(cell_hex(cell), cell.to_string());
                 assert_eq!(bucket_key("t", cell), format!("gm1:{{t}}:b:{cell}"));
+                assert_eq!(occupancy_key("t", cell), format!("gm1:{{t}}:o:{cell}"));
             }
+            assert_eq!(expiry_key("t"), "gm1:{t}:x");
+            assert_eq!(change_channel("t"), "gm1:c:{t}");
             let coarse = at.to_cell(Resolution::Seven);
             assert_eq!(
                 tag_of_coarse(coarse),
