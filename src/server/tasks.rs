@@ -8,7 +8,10 @@
 
 use std::{
     future::Future,
-    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -158,8 +161,15 @@ pub(super) fn start(
 ) -> Result<Tasks, ServeError> {
     let mut tasks = Tasks::new();
     if let crate::store::NearbyStore::Redis(remote) = &app.store {
-        let (remote, app) = (remote.clone(), app.clone());
-        tasks.spawn("store", move |stop| watch_store(app, remote, health, stop));
+        let up = Arc::new(AtomicBool::new(true));
+        let (watched, seen) = (remote.clone(), up.clone());
+        tasks.spawn("store", move |stop| {
+            watch_store(watched, health, seen, stop)
+        });
+        let (swept, sweeping) = (remote.clone(), app.clone());
+        tasks.spawn("store-sweep", move |stop| {
+            sweep_store(sweeping, swept, up, stop)
+        });
     }
     if let Some(listener) = metrics {
         let handle = telemetry::install_metrics().map_err(ServeError::Metrics)?;
@@ -185,19 +195,19 @@ const STORE_PROBE: Duration = Duration::from_secs(1);
 
 /// Probes a remote store every second, reporting NOT_SERVING while it cannot be reached
 /// (at the first refusal, or after a few probes in a row without an answer in time:
-/// [`super::store_health`]) and SERVING again once it answers, and sweeps its expired
-/// pings every `--sweep-interval`.
+/// [`super::store_health`]) and SERVING again once it answers; `up` tells the sweep
+/// ([`sweep_store`]) which. The sweep runs apart, so that one over many tags never
+/// delays a probe.
 async fn watch_store(
-    app: App,
     remote: Arc<crate::store::redis::RedisNearby>,
     health: tonic_health::server::HealthReporter,
+    up_now: Arc<AtomicBool>,
     stop: Stop,
 ) {
     use crate::{grpc::pb::nearby_server::NearbyServer, store::redis::Probe};
     let mut probe = tokio::time::interval(STORE_PROBE);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut state = super::store_health::StoreHealth::new();
-    let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = probe.tick() => {}
@@ -225,6 +235,7 @@ async fn watch_store(
         .increment(1);
         let serving = state.serving();
         let up = state.observe(found);
+        up_now.store(up, Ordering::Relaxed);
         metrics::gauge!(telemetry::names::STORE_UP).set(if up { 1.0 } else { 0.0 });
         if up != serving {
             if up {
@@ -245,25 +256,48 @@ async fn watch_store(
                     .await;
             }
         }
-        if found == Probe::Answered && last_sweep.elapsed() >= app.config.sweep_interval {
-            last_sweep = tokio::time::Instant::now();
-            // One replica sweeps at a time: the lease outlives two intervals, so a live
-            // holder keeps it and a dead one's passes to another replica.
-            match remote.sweep_lease(app.config.sweep_interval * 2).await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "store sweep lease failed");
-                    continue;
-                }
+    }
+}
+
+/// Sweeps a remote store's expired pings every `--sweep-interval` while it is up (as
+/// [`watch_store`] last found it), one replica at a time.
+async fn sweep_store(
+    app: App,
+    remote: Arc<crate::store::redis::RedisNearby>,
+    up: Arc<AtomicBool>,
+    stop: Stop,
+) {
+    let mut tick = tokio::time::interval(app.config.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is at once: the first sweep one interval in
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.raised() => return,
+        }
+        if !up.load(Ordering::Relaxed) {
+            continue;
+        }
+        // One replica sweeps at a time: the lease outlives two intervals, so a live
+        // holder keeps it and a dead one's passes to another replica.
+        match remote.sweep_lease(app.config.sweep_interval * 2).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "store sweep lease failed");
+                continue;
             }
-            match remote.sweep(app.clock.now_ms()).await {
-                Ok(n) => {
-                    metrics::counter!(crate::telemetry::names::EXPIRATIONS).increment(n as u64);
-                    tracing::debug!(expired_users = n, "store sweep done");
-                }
-                Err(e) => tracing::warn!(error = %e, "store sweep failed"),
+        }
+        let swept = tokio::select! {
+            swept = remote.sweep(app.clock.now_ms()) => swept,
+            () = stop.raised() => return,
+        };
+        match swept {
+            Ok(n) => {
+                metrics::counter!(crate::telemetry::names::EXPIRATIONS).increment(n as u64);
+                tracing::debug!(expired_users = n, "store sweep done");
             }
+            Err(e) => tracing::warn!(error = %e, "store sweep failed"),
         }
     }
 }
