@@ -16,7 +16,10 @@
 //! each command's own reply, an error reply among them as a value. A connection that ends
 //! (the node closed it, a read or a write failed) fails every call awaiting a reply with
 //! an I/O error: each may have run. A call made after the end is refused unrun
-//! (`ConnectionRefused`). Nothing reconnects: the router sets the connection aside and
+//! (`ConnectionRefused`). A transaction whose queued command the node refused (`EXEC`
+//! then aborts it: nothing ran) fails with that refusal, where the redis crate reports
+//! an aborted transaction: a redirect among them sends it through the Cluster client.
+//! Nothing reconnects: the router sets the connection aside and
 //! reads the routes again. A call has no timeout of its own here: every store call is
 //! bounded by the store timeout around it, and a reply that comes after its caller gave up
 //! is read and dropped. Dropping the last handle stops both tasks and closes the socket.
@@ -167,8 +170,20 @@ fn short() -> RedisError {
 }
 
 /// The error of a call whose connection ended while it awaited its reply: it may have run.
+/// Always `ConnectionAborted`, whatever ended the connection: a socket error of an
+/// established connection can be `ConnectionRefused` (an ICMP unreachable recorded on
+/// it), which the router would take for a call refused unrun and send again.
 fn ended(kind: io::ErrorKind) -> RedisError {
-    RedisError::from(io::Error::new(kind, "the store connection ended"))
+    RedisError::from(io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!("the store connection ended ({kind})"),
+    ))
+}
+
+/// The error of a command without a name: a node answers `*0` with nothing, so it
+/// would put every later reply out of step. Refused unsent, as the redis crate does.
+fn empty() -> RedisError {
+    RedisError::from((redis::ErrorKind::Client, "empty command"))
 }
 
 /// The error of a call not sent at all.
@@ -316,6 +331,9 @@ impl Wire {
 impl redis::aio::ConnectionLike for Wire {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
+            if cmd.args_iter().next().is_none() {
+                return Err(empty());
+            }
             let (tx, rx) = oneshot::channel();
             let awaiting = Awaiting {
                 skip: 0,
@@ -339,6 +357,9 @@ impl redis::aio::ConnectionLike for Wire {
         Box::pin(async move {
             if offset + count == 0 {
                 return Ok(Vec::new());
+            }
+            if pipe.cmd_iter().any(|cmd| cmd.args_iter().next().is_none()) {
+                return Err(empty());
             }
             let (tx, rx) = oneshot::channel();
             let awaiting = Awaiting {
@@ -368,8 +389,20 @@ impl redis::aio::ConnectionLike for Wire {
     }
 }
 
+/// Ends the connection when dropped: a task that stops any way at all (a runtime
+/// shutting down drops it midway) fails the calls awaiting replies at once, rather than
+/// leaving them to the store timeout and new calls queued for nobody.
+struct EndOnDrop(Arc<Shared>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end(io::ErrorKind::ConnectionAborted);
+    }
+}
+
 /// Writes what the callers queued, until the connection ends.
 async fn write_calls(shared: Arc<Shared>, mut write: OwnedWriteHalf) {
+    let _end = EndOnDrop(shared.clone());
     let mut buf = Vec::new();
     let why = loop {
         shared.wake.notified().await;
@@ -404,8 +437,12 @@ async fn write_calls(shared: Arc<Shared>, mut write: OwnedWriteHalf) {
 /// Reads replies and hands them to their callers, until the connection ends. `buf` holds
 /// what was read already.
 async fn read_replies(shared: Arc<Shared>, mut read: OwnedReadHalf, mut buf: Vec<u8>) {
+    let _end = EndOnDrop(shared.clone());
     let mut values = Vec::new();
     let why = loop {
+        if shared.lock().ended.is_some() {
+            return; // the writer ended it: nothing read now has a caller
+        }
         match parse_replies(&buf, &mut values) {
             Ok(used) => {
                 buf.drain(..used);
@@ -729,6 +766,25 @@ mod tests {
         let third = wire.req_packed_command(redis::cmd("GET").arg("k")).await;
         let e = third.expect_err("ended");
         assert!(e.is_connection_refusal(), "refused unrun: {e:?}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_command_is_refused_unsent_and_the_replies_stay_in_step() {
+        let (host, port, _node) = node(|n| Some(format!(":{n}\r\n").into_bytes()), 64).await;
+        let mut wire = Wire::connect(&host, port, &Credentials::default())
+            .await
+            .expect("connect");
+        let e = wire
+            .req_packed_command(&redis::Cmd::new())
+            .await
+            .expect_err("empty");
+        assert!(!e.is_io_error(), "{e:?}");
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg("a").add_command(redis::Cmd::new());
+        assert!(wire.req_packed_commands(&pipe, 0, 2).await.is_err());
+        // Nothing was sent: the node's first command is the next one.
+        let next = wire.req_packed_command(redis::cmd("GET").arg("k")).await;
+        assert_eq!(next.expect("answered"), Value::Int(1));
     }
 
     #[test]
