@@ -258,6 +258,13 @@ async fn killing_a_master_under_load_costs_only_unavailable_and_heals_itself() {
     let rounds = until_calls_go_direct(&mut c, "f:after").await;
     eprintln!("failover: direct routes back after {rounds} rounds of pings");
     drop(outcomes);
+    // And both replicas report SERVING, by themselves: the one that carried the load
+    // through the failover too (its Cluster client's slot map, read while the dead master
+    // still owned its slots, is never read again, so a probe through that client would
+    // wait on the dead address for good).
+    for replica in [&gm, &other] {
+        until_serving(replica.channel().await).await;
+    }
     gm.stop().await;
     other.stop().await;
 }
@@ -435,6 +442,54 @@ fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).unwrap();
     // SAFETY: kill only reads its arguments; the pid is a child this test started.
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
+}
+
+/// A replica's health probe of a Cluster goes straight to the masters it routes to, not
+/// through the Cluster client: its calls all go straight, so that client's slot map is
+/// never read again after a failover, and a probe through it (a `PING` to every master
+/// it knows) would wait on the dead master's address for good, the replica NOT_SERVING
+/// although the Cluster serves (seen under load: the map read while the dead master
+/// still owned its slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clustered_replicas_probes_go_straight_to_the_masters() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(cluster) = redis::shared_cluster().await else {
+        return;
+    };
+    let nodes = cluster.seeds().join(",");
+    let gm = start_store(&["--store", "redis-cluster", "--redis-nodes", &nodes]).await;
+    let mut c = gm.nearby().await;
+    let label = redis::unique_prefix("probe");
+    until_calls_go_direct(&mut c, &label).await;
+    let store::NearbyStore::Redis(remote) = &gm.app.store else {
+        panic!("a Cluster store");
+    };
+    let (_, through_before) = store::redis::routed_calls();
+    for _ in 0..3 {
+        assert_eq!(remote.probe().await, store::redis::Probe::Answered);
+    }
+    let (_, through) = store::redis::routed_calls();
+    assert_eq!(
+        through, through_before,
+        "probes went through the Cluster client"
+    );
+    gm.stop().await;
+}
+
+/// Waits until the replica behind `channel` reports its Nearby service SERVING; a
+/// NOT_SERVING that lasts more than 30 s fails the test.
+async fn until_serving(channel: tonic::transport::Channel) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut updates = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "geomatch.v1.Nearby".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while next_status(&mut updates).await != i32::from(ServingStatus::Serving) {}
 }
 
 /// The next health status change on `updates`; waiting longer than 30 s fails the test

@@ -226,6 +226,19 @@ impl Router {
         direct
     }
 
+    /// Connections to the masters the routes name, those not set aside as dropped; `None`
+    /// before the first reading of the routes.
+    pub(super) fn masters(&self) -> Option<Vec<Wire>> {
+        let routes = self.routes.load();
+        routes.as_ref().map(|r| {
+            r.masters
+                .iter()
+                .filter(|m| !m.dropped.load(Ordering::Relaxed))
+                .map(|m| m.conn.clone())
+                .collect()
+        })
+    }
+
     /// Reads the routes again in the background, unless a reading is under way or one
     /// started less than [`REREAD_EVERY`] ago. A reading that fails keeps the routes
     /// there were.

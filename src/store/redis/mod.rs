@@ -533,16 +533,59 @@ impl Conn {
         matches!(self.link, Link::Cluster(..))
     }
 
-    /// Whether the store answers a PING in time (through the Cluster client, when
-    /// clustered: one master down does not fail it), and if not, whether it failed
-    /// outright or only did not answer in time.
+    /// Whether the store answers a PING in time (over a Cluster, each master the routes
+    /// name, straight: [`Self::probe_masters`]; through the Cluster client only before
+    /// the routes are first read, or when no master has a route), and if not, whether
+    /// it failed outright or only did not answer in time.
     pub(crate) async fn probe(&self) -> Probe {
+        if let Link::Cluster(cluster, router) = &self.link
+            && let Some(masters) = router.masters()
+            && !masters.is_empty()
+        {
+            return self.probe_masters(cluster, router, masters).await;
+        }
         match self.run::<String>(Call::Cmd(&redis::cmd("PING"))).await {
             Some(Ok(pong)) if pong == "PONG" => Probe::Answered,
             None => Probe::TimedOut,
             Some(Err(e)) if e.is_timeout() => Probe::TimedOut,
             Some(_) => Probe::Failed,
         }
+    }
+
+    /// The probe of a Cluster whose masters this replica routes to: a `PING` to each,
+    /// straight, within the store timeout. Not through the Cluster client: the replica's
+    /// calls all go straight, so nothing would make that client read the slot map again
+    /// after a failover, and its `PING` (sent to every master it knows) would wait on a
+    /// dead master's address for good, keeping the replica NOT_SERVING. The routes are
+    /// read again after any failure, so a master that died drops out of them (its slots
+    /// answered UNAVAILABLE until its replica takes over) and the one that replaced it
+    /// comes in.
+    async fn probe_masters(
+        &self,
+        cluster: &ClusterConnection,
+        router: &std::sync::Arc<direct::Router>,
+        masters: Vec<wire::Wire>,
+    ) -> Probe {
+        use redis::aio::ConnectionLike;
+        let ping = redis::cmd("PING");
+        let pings = masters.into_iter().map(|mut conn| {
+            let ping = &ping;
+            async move { conn.req_packed_command(ping).await }
+        });
+        let answers =
+            tokio::time::timeout(self.timeout, futures_util::future::join_all(pings)).await;
+        let pong = |a: &redis::RedisResult<redis::Value>| matches!(a, Ok(redis::Value::SimpleString(s)) if s == "PONG");
+        let (found, all) = match answers {
+            Err(_) => (Probe::TimedOut, false),
+            // Some masters answer while another's connection ended (it died, a failover
+            // is under way): the store is reachable, and the routes are read again.
+            Ok(answers) if answers.iter().any(pong) => (Probe::Answered, answers.iter().all(pong)),
+            Ok(_) => (Probe::Failed, false),
+        };
+        if !all {
+            router.reread(cluster);
+        }
+        found
     }
 
     /// Loads the functions library (on every master when clustered) and checks or sets
