@@ -574,18 +574,24 @@ impl Conn {
         });
         let answers =
             tokio::time::timeout(self.timeout, futures_util::future::join_all(pings)).await;
-        let pong = |a: &redis::RedisResult<redis::Value>| matches!(a, Ok(redis::Value::SimpleString(s)) if s == "PONG");
-        let (found, all) = match answers {
-            Err(_) => (Probe::TimedOut, false),
-            // Some masters answer while another's connection ended (it died, a failover
-            // is under way): the store is reachable, and the routes are read again.
-            Ok(answers) if answers.iter().any(pong) => (Probe::Answered, answers.iter().all(pong)),
-            Ok(_) => (Probe::Failed, false),
+        let Ok(answers) = answers else {
+            router.reread(cluster);
+            return Probe::TimedOut;
         };
-        if !all {
+        let pongs = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(redis::Value::SimpleString(s)) if s == "PONG"))
+            .count();
+        if pongs < answers.len() {
             router.reread(cluster);
         }
-        found
+        // Some masters answer while another's connection ended (it died, a failover is
+        // under way): the store is reachable, and the routes are read again.
+        if pongs > 0 {
+            Probe::Answered
+        } else {
+            Probe::Failed
+        }
     }
 
     /// Loads the functions library (on every master when clustered) and checks or sets

@@ -122,6 +122,17 @@ enum Reply {
 }
 
 impl Awaiting {
+    /// A call that awaits `skip` replies to pass over, then `take` to hand to `reply`.
+    fn new(skip: usize, take: usize, reply: Reply) -> Self {
+        Self {
+            skip,
+            take,
+            refused: None,
+            values: Vec::with_capacity(take),
+            reply,
+        }
+    }
+
     /// Takes `value`; `true` once the call has every reply it awaits.
     fn give(&mut self, value: Value) -> bool {
         if self.skip > 0 {
@@ -335,13 +346,7 @@ impl redis::aio::ConnectionLike for Wire {
                 return Err(empty());
             }
             let (tx, rx) = oneshot::channel();
-            let awaiting = Awaiting {
-                skip: 0,
-                take: 1,
-                refused: None,
-                values: Vec::with_capacity(1),
-                reply: Reply::One(tx),
-            };
+            let awaiting = Awaiting::new(0, 1, Reply::One(tx));
             self.submit(|out| cmd.write_packed_command(out), 1, awaiting)?;
             rx.await
                 .unwrap_or_else(|_| Err(ended(io::ErrorKind::ConnectionAborted)))
@@ -362,13 +367,7 @@ impl redis::aio::ConnectionLike for Wire {
                 return Err(empty());
             }
             let (tx, rx) = oneshot::channel();
-            let awaiting = Awaiting {
-                skip: offset,
-                take: count,
-                refused: None,
-                values: Vec::with_capacity(count),
-                reply: Reply::Many(tx),
-            };
+            let awaiting = Awaiting::new(offset, count, Reply::Many(tx));
             let pack = |out: &mut Vec<u8>| {
                 if pipe.is_transaction() {
                     out.extend_from_slice(&pipe.get_packed_pipeline());
@@ -794,13 +793,10 @@ mod tests {
             wake: Notify::new(),
         };
         let (tx, mut rx) = oneshot::channel();
-        shared.lock().awaiting.push_back(Awaiting {
-            skip: 0,
-            take: 1,
-            refused: None,
-            values: Vec::new(),
-            reply: Reply::One(tx),
-        });
+        shared
+            .lock()
+            .awaiting
+            .push_back(Awaiting::new(0, 1, Reply::One(tx)));
         // Two replies read for the one call awaiting: the stream is out of step.
         shared.deliver(&mut vec![Value::Int(1), Value::Int(2)]);
         assert_eq!(rx.try_recv().ok().and_then(Result::ok), Some(Value::Int(1)));
