@@ -50,8 +50,23 @@ async fn bind(addr: SocketAddr, what: &str) -> Option<TcpListener> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The default multi-threaded runtime (`TOKIO_WORKER_THREADS` still sets its size),
+    // whose workers give their freed pages back as they go idle (`base::alloc`).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(geomatch::base::alloc::collect_when_due)
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("geomatch: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cfg = Config::parse();
     // Every flag is checked and converted here, once, before anything binds.
     let settings = match cfg.settings() {
