@@ -1,9 +1,10 @@
 //! The floor every room stands on, importing nothing else of the crate: validated ids,
-//! injected time, the sharded locks every in-memory map uses, and notify-then-check
+//! injected time, the sharded locks and the count-sized hash table every in-memory map uses, and notify-then-check
 //! waiting, and giving the allocator's freed pages back.
 
 pub mod alloc;
 pub mod clock;
 pub mod id;
 pub(crate) mod shard;
+pub(crate) mod table;
 pub(crate) mod wait;

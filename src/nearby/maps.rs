@@ -31,18 +31,22 @@ use std::{
 };
 
 use h3o::{CellIndex, Resolution};
-use hashbrown::{DefaultHashBuilder, HashMap, HashTable, hash_map};
+use hashbrown::DefaultHashBuilder;
 
 pub(super) use super::region_centres::REGION_RESOLUTION;
 use super::{
     LocationStatus, Record,
     bucket::{self, Member},
+    cell_map::CellMap,
     region::{AfterRemoval, Listed, Region},
     region_centres::RegionCentres,
 };
 pub(super) use crate::base::shard::{SHARDS, Shards};
 use crate::{
-    base::shard::{mix, shard_of},
+    base::{
+        shard::{mix, shard_of},
+        table::{self, Table},
+    },
     id::UserId,
 };
 
@@ -62,7 +66,7 @@ pub(crate) fn coarse_of(cell: CellIndex) -> CellIndex {
 }
 
 /// Occupied privacy cells, each with its packed, id-sorted member list.
-pub(super) type Cells = HashMap<CellIndex, Box<[u8]>>;
+pub(super) type Cells = CellMap<Box<[u8]>>;
 
 /// Bits of an id's hash kept in its entry.
 const HASH_BITS: u32 = 26;
@@ -84,13 +88,13 @@ impl Slot {
     }
 
     /// The entry recording this user in `cell`.
-    pub(super) fn entry(&self, codec: CellCodec, cell: CellIndex) -> u64 {
-        (self.tag << CELL_BITS) | codec.pack(cell)
+    pub(super) fn entry(&self, codec: CellCodec, cell: CellIndex) -> Entry {
+        Entry((self.tag << CELL_BITS) | codec.pack(cell))
     }
 
     /// Whether `entry` carries this user's hash bits.
-    pub(super) fn tagged(&self, entry: u64) -> bool {
-        entry >> CELL_BITS == self.tag
+    pub(super) fn tagged(&self, entry: Entry) -> bool {
+        entry.0 >> CELL_BITS == self.tag
     }
 }
 
@@ -98,16 +102,31 @@ fn table_hash(tag: u64) -> u64 {
     mix(tag)
 }
 
-/// Rehashes an entry when its table grows.
-pub(super) fn rehash(entry: &u64) -> u64 {
-    table_hash(entry >> CELL_BITS)
+/// One `users` entry: the id's kept hash bits and the packed cell. All ones marks a
+/// vacant slot, which no entry is: a packed cell leaves bit 37 clear
+/// ([`CellCodec::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Entry(u64);
+
+impl table::Slot for Entry {
+    fn vacant() -> Self {
+        Entry(u64::MAX)
+    }
+
+    fn is_vacant(&self) -> bool {
+        self.0 == u64::MAX
+    }
+
+    fn hash(&self) -> u64 {
+        table_hash(self.0 >> CELL_BITS)
+    }
 }
 
 /// User id -> privacy cell, in one `u64` per user (see the module docs).
 #[derive(Debug, Default)]
 pub(super) struct Users {
-    /// The entries, sharded by id hash.
-    pub(super) tables: Shards<HashTable<u64>>,
+    /// The entries, sharded by id hash, in tables sized by their count (`base::table`).
+    pub(super) tables: Shards<Table<Entry>>,
     hasher: DefaultHashBuilder,
 }
 
@@ -124,7 +143,7 @@ impl Users {
     /// Entries held.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.tables.sum(HashTable::len)
+        self.tables.sum(Table::len)
     }
 }
 
@@ -153,8 +172,8 @@ impl CellCodec {
     }
 
     /// The cell packed in `entry`. `None` only for entries not made by [`Slot::entry`].
-    pub(super) fn unpack(&self, entry: u64) -> Option<CellIndex> {
-        let packed = entry & ((1 << CELL_BITS) - 1);
+    pub(super) fn unpack(&self, entry: Entry) -> Option<CellIndex> {
+        let packed = entry.0 & ((1 << CELL_BITS) - 1);
         let unused = (1u64 << self.unused_digit_bits) - 1;
         CellIndex::try_from(self.header | (packed << self.unused_digit_bits) | unused).ok()
     }
@@ -202,8 +221,8 @@ pub(super) struct Maps {
     pub(super) codec: CellCodec,
     pub(super) users: Users,
     pub(super) cells: Shards<Cells>,
-    pub(super) coarse: Shards<HashMap<CellIndex, Box<[CellIndex]>>>,
-    pub(super) regions: Shards<HashMap<CellIndex, Region>>,
+    pub(super) coarse: Shards<CellMap<Box<[CellIndex]>>>,
+    pub(super) regions: Shards<CellMap<Region>>,
     /// Centres of the regions searches have looked at, as unit vectors: the sparse
     /// shortcut measures a few dozen regions per search, and each centre costs H3
     /// arithmetic and trigonometry to compute (see [`Maps::region_centre`]).
@@ -234,19 +253,19 @@ impl Maps {
 
     /// Occupied privacy cells.
     pub(super) fn cell_count(&self) -> usize {
-        self.cells.sum(HashMap::len)
+        self.cells.sum(CellMap::len)
     }
 
     /// Whether privacy cell `cell` holds `user`.
     fn bucket_contains(&self, cell: CellIndex, user: &[u8]) -> bool {
         self.cells
             .read(cell_shard(cell))
-            .get(&cell)
+            .get(cell)
             .is_some_and(|b| bucket::contains(b, user))
     }
 
     /// Whether a `Users` entry stands for `user` (see the module docs).
-    pub(super) fn is_entry_of(&self, slot: &Slot, entry: u64, user: &[u8]) -> bool {
+    pub(super) fn is_entry_of(&self, slot: &Slot, entry: Entry, user: &[u8]) -> bool {
         slot.tagged(entry)
             && self
                 .codec
@@ -287,7 +306,7 @@ impl Maps {
                     return false;
                 }
                 self.bucket_upsert(cell, member);
-                table.insert_unique(slot.hash(), entry, rehash);
+                table.insert_unique(entry);
                 None
             }
         };
@@ -307,10 +326,8 @@ impl Maps {
     ) -> Option<Option<Member<'static>>> {
         let slot = self.users.slot(user);
         let mut table = self.users.tables.write(slot.shard);
-        let entry = table
-            .find_entry(slot.hash(), |&e| self.is_entry_of(&slot, e, user))
-            .ok()?;
-        let cell = self.codec.unpack(*entry.get());
+        let at = table.find_index(slot.hash(), |&e| self.is_entry_of(&slot, e, user))?;
+        let cell = self.codec.unpack(*table.at(at));
         let removed = match cell {
             Some(cell) => {
                 let mut refused = false;
@@ -325,7 +342,7 @@ impl Maps {
             }
             None => None,
         };
-        entry.remove();
+        table.remove_at(at);
         self.held.fetch_sub(1, Ordering::Relaxed);
         changed(cell);
         Some(removed)
@@ -338,7 +355,7 @@ impl Maps {
         let &entry = table.find(slot.hash(), |&e| self.is_entry_of(&slot, e, user))?;
         let cell = self.codec.unpack(entry)?;
         let cells = self.cells.read(cell_shard(cell));
-        let m = bucket::get(cells.get(&cell)?, user)?;
+        let m = bucket::get(cells.get(cell)?, user)?;
         (!m.expired(now_ms)).then(|| LocationStatus {
             cell,
             visible: m.visible,
@@ -353,7 +370,7 @@ impl Maps {
     pub(super) fn for_each_record(&self, mut f: impl FnMut(&Record)) {
         for shard in 0..SHARDS {
             let cells = self.cells.read(shard);
-            for (&cell, b) in cells.iter() {
+            for (cell, b) in cells.iter() {
                 for m in bucket::iter(b) {
                     f(&Record {
                         user: UserId::trusted(&m.user_str()),
@@ -383,7 +400,7 @@ impl Maps {
             doomed.clear();
             {
                 let cells = self.cells.read(shard);
-                for (&cell, b) in cells.iter() {
+                for (cell, b) in cells.iter() {
                     for m in bucket::iter(b).filter(|m| m.expired(now_ms)) {
                         doomed.push((cell, ids.len(), m.user.len()));
                         ids.extend_from_slice(m.user);
@@ -415,63 +432,50 @@ impl Maps {
 
     /// Bytes held by each map (see [`Footprint`]).
     pub(super) fn footprint(&self) -> Footprint {
-        // hashbrown keeps a power of two of slots at most 7/8 full, each slot its entry
-        // and one control byte.
-        fn slots(capacity: usize) -> usize {
-            if capacity == 0 {
-                0
-            } else {
-                (capacity * 8 / 7).next_power_of_two()
-            }
-        }
-        let table = |capacity: usize, entry: usize| slots(capacity) * (entry + 1);
-        let cell_entry = size_of::<(CellIndex, Box<[u8]>)>();
-        let coarse_entry = size_of::<(CellIndex, Box<[CellIndex]>)>();
-        let region_entry = size_of::<(CellIndex, Region)>();
         Footprint {
             users_table: self
                 .users
                 .tables
-                .sum(|t| table(t.capacity(), size_of::<u64>())),
-            cells_table: self.cells.sum(|m| table(m.capacity(), cell_entry)),
+                .sum(|t| t.slot_count() * size_of::<Entry>()),
+            cells_table: self.cells.sum(CellMap::table_bytes),
             members: self.cells.sum(|m| m.values().map(|b| b.len()).sum()),
-            coarse_table: self.coarse.sum(|m| table(m.capacity(), coarse_entry)),
+            coarse_table: self.coarse.sum(CellMap::table_bytes),
             coarse_lists: self
                 .coarse
                 .sum(|m| m.values().map(|l| size_of_val::<[CellIndex]>(l)).sum()),
-            regions: self.regions.sum(|m| {
-                table(m.capacity(), region_entry)
-                    + m.values().map(Region::list_bytes).sum::<usize>()
-            }),
+            regions: self
+                .regions
+                .sum(|m| m.table_bytes() + m.values().map(Region::list_bytes).sum::<usize>()),
             region_centres: self.region_centres.footprint(),
         }
     }
 
     fn bucket_upsert(&self, cell: CellIndex, member: &Member<'_>) {
         let mut cells = self.cells.write(cell_shard(cell));
-        match cells.entry(cell) {
-            hash_map::Entry::Occupied(mut e) => bucket::upsert(e.get_mut(), member),
-            hash_map::Entry::Vacant(e) => {
-                // Registered while this shard of `cells` is locked, so a concurrent removal
-                // of the same bucket cannot interleave (lock order: cells, then coarse).
-                // The coarse cell is `coarse_of(cell)`, from the centre the region keeps.
-                let at = crate::geo::centre::centre(cell);
-                let key = at.to_cell(COARSE_RESOLUTION);
-                let mut coarse = self.coarse.write(cell_shard(key));
-                let list = coarse.entry(key).or_default();
-                let first = list.is_empty();
-                let mut grown = std::mem::take(list).into_vec();
-                grown.push(cell);
-                *list = grown.into_boxed_slice();
-                if let Some(region) = key.parent(REGION_RESOLUTION) {
-                    // Its region files it (coarse still held, so a relisting that reads
-                    // this coarse list sees the change counted).
-                    let mut regions = self.regions.write(cell_shard(region));
-                    regions.entry(region).or_default().add(cell, at, first);
-                }
-                e.insert(bucket::single(member));
-            }
+        if let Some(b) = cells.get_mut(cell) {
+            bucket::upsert(b, member);
+            return;
         }
+        // Registered while this shard of `cells` is locked, so a concurrent removal of the
+        // same bucket cannot interleave (lock order: cells, then coarse). The coarse cell
+        // is `coarse_of(cell)`, from the centre the region keeps.
+        let at = crate::geo::centre::centre(cell);
+        let key = at.to_cell(COARSE_RESOLUTION);
+        let mut coarse = self.coarse.write(cell_shard(key));
+        let list = coarse.get_or_insert_with(key, Box::default);
+        let first = list.is_empty();
+        let mut grown = std::mem::take(list).into_vec();
+        grown.push(cell);
+        *list = grown.into_boxed_slice();
+        if let Some(region) = key.parent(REGION_RESOLUTION) {
+            // Its region files it (coarse still held, so a relisting that reads this
+            // coarse list sees the change counted).
+            let mut regions = self.regions.write(cell_shard(region));
+            regions
+                .get_or_insert_with(region, Region::default)
+                .add(cell, at, first);
+        }
+        cells.get_or_insert_with(cell, || bucket::single(member));
     }
 
     /// Takes `user` out of `cell` if `pred` holds for it; drops the bucket once empty.
@@ -484,18 +488,18 @@ impl Maps {
         let mut relist = None;
         let removed = {
             let mut cells = self.cells.write(cell_shard(cell));
-            let b = cells.get_mut(&cell)?;
+            let b = cells.get_mut(cell)?;
             let removed = bucket::remove_if(b, user, pred)?;
             if b.is_empty() {
-                cells.remove(&cell);
+                cells.remove(cell);
                 let key = coarse_of(cell);
                 let mut coarse = self.coarse.write(cell_shard(key));
                 let mut emptied = false;
-                if let Some(list) = coarse.get_mut(&key) {
+                if let Some(list) = coarse.get_mut(key) {
                     let kept: Box<[CellIndex]> =
                         list.iter().copied().filter(|&c| c != cell).collect();
                     if kept.is_empty() {
-                        coarse.remove(&key);
+                        coarse.remove(key);
                         emptied = true;
                     } else {
                         *list = kept;
@@ -504,11 +508,11 @@ impl Maps {
                 // No longer occupied: out of its region (coarse still held).
                 if let Some(region) = key.parent(REGION_RESOLUTION) {
                     let mut regions = self.regions.write(cell_shard(region));
-                    if let Some(r) = regions.get_mut(&region) {
+                    if let Some(r) = regions.get_mut(region) {
                         match r.remove(cell, emptied) {
                             AfterRemoval::Keep => {}
                             AfterRemoval::Drop => {
-                                regions.remove(&region);
+                                regions.remove(region);
                             }
                             AfterRemoval::Relist(changes) => relist = Some((region, changes)),
                         }
@@ -531,7 +535,7 @@ impl Maps {
     fn relist(&self, region: CellIndex, changes: u32) {
         let mut cells: Vec<CellIndex> = Vec::new();
         for key in region.children(COARSE_RESOLUTION) {
-            if let Some(list) = self.coarse.read(cell_shard(key)).get(&key) {
+            if let Some(list) = self.coarse.read(cell_shard(key)).get(key) {
                 cells.extend_from_slice(list);
             }
         }
@@ -539,7 +543,7 @@ impl Maps {
             .into_iter()
             .map(|c| (c, crate::geo::centre::centre(c)))
             .collect();
-        if let Some(r) = self.regions.write(cell_shard(region)).get_mut(&region) {
+        if let Some(r) = self.regions.write(cell_shard(region)).get_mut(region) {
             r.relist(changes, listed);
         }
     }

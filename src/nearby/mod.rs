@@ -13,6 +13,7 @@
 //! write goes through the maps and tells the watches, under the maps' lock order.
 
 pub(crate) mod bucket;
+mod cell_map;
 mod maps;
 mod region;
 mod region_centres;

@@ -416,7 +416,7 @@ fn pages_at_a_citys_edge_read_through_coarse_lists_equal_the_walks() {
         if let Some(mut cells) = cells {
             // Exactly the occupied cells whose centres are within the radius, each once.
             let mut want: Vec<CellIndex> = (0..maps::SHARDS)
-                .flat_map(|s| idx.maps.cells.read(s).keys().copied().collect::<Vec<_>>())
+                .flat_map(|s| idx.maps.cells.read(s).keys().collect::<Vec<_>>())
                 .filter(|&c| {
                     crate::geo::distance_m(at.latlng(), crate::geo::centre::centre(c))
                         <= req.radius_m
@@ -503,7 +503,7 @@ fn a_walk_asks_for_whole_batches() {
 fn cells_by_region(maps: &maps::Maps) -> std::collections::HashMap<CellIndex, Vec<CellIndex>> {
     let mut by_region: std::collections::HashMap<CellIndex, Vec<CellIndex>> = Default::default();
     for shard in 0..maps::SHARDS {
-        for &cell in maps.cells.read(shard).keys() {
+        for cell in maps.cells.read(shard).keys() {
             let region = maps::coarse_of(cell)
                 .parent(maps::REGION_RESOLUTION)
                 .expect("a coarse cell has a region");
@@ -518,7 +518,7 @@ fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
     let (mut listed, mut counted) = (0, Vec::new());
     for shard in 0..maps::SHARDS {
         for (region, r) in idx.maps.regions.read(shard).iter() {
-            let mut cells = want.remove(region).unwrap_or_default();
+            let mut cells = want.remove(&region).unwrap_or_default();
             assert!(!cells.is_empty(), "{region} kept with no occupied cell");
             assert_eq!(r.len(), cells.len(), "{region}");
             let coarse: HashSet<CellIndex> = cells.iter().map(|&c| maps::coarse_of(c)).collect();
@@ -557,7 +557,7 @@ fn assert_regions_consistent(idx: &NearbyIndex) -> (usize, Vec<CellIndex>) {
                         cells.len(),
                         r.coarse()
                     );
-                    counted.push(*region);
+                    counted.push(region);
                 }
             }
         }
@@ -609,7 +609,7 @@ fn regions_file_exactly_the_occupied_privacy_cells() {
             idx.maps
                 .regions
                 .read(maps::cell_shard(*r))
-                .get(r)
+                .get(*r)
                 .is_none_or(|r| r.listed().is_some())
         );
     }

@@ -86,11 +86,11 @@ impl CellSource for Maps {
         cell: CellIndex,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>, Self::Miss> {
-        Ok(self.cells.read(cell_shard(cell)).get(&cell).map(|b| f(b)))
+        Ok(self.cells.read(cell_shard(cell)).get(cell).map(|b| f(b)))
     }
 
     fn occupied(&self, coarse: CellIndex, out: &mut Vec<CellIndex>) -> Result<(), Self::Miss> {
-        if let Some(list) = self.coarse.read(cell_shard(coarse)).get(&coarse) {
+        if let Some(list) = self.coarse.read(cell_shard(coarse)).get(coarse) {
             out.extend_from_slice(list);
         }
         Ok(())

@@ -68,7 +68,7 @@ pub(super) fn cells_near(
     // parent, a few bit operations (near a region's edge that may be the neighbour of
     // the region holding the centre: this only chooses the method; the cover below is
     // exact).
-    if maps.cells.read(cell_shard(origin)).contains_key(&origin) {
+    if maps.cells.read(cell_shard(origin)).contains_key(origin) {
         return None;
     }
     let through_coarse = radius_m <= THROUGH_COARSE_MAX_M;
@@ -77,7 +77,7 @@ pub(super) fn cells_near(
         if maps
             .regions
             .read(cell_shard(home))
-            .get(&home)
+            .get(home)
             .is_some_and(|r| r.listed().is_none())
         {
             return None;
@@ -110,7 +110,7 @@ fn beyond_the_centre(
         reach,
         |region| {
             let regions = maps.regions.read(cell_shard(region));
-            let Some(r) = regions.get(&region) else {
+            let Some(r) = regions.get(region) else {
                 return true;
             };
             let Some(band) = r.band(&window) else {
@@ -244,7 +244,7 @@ fn through_coarse_cells(
                 continue;
             }
             let lists = maps.coarse.read(cell_shard(coarse));
-            let Some(list) = lists.get(&coarse) else {
+            let Some(list) = lists.get(coarse) else {
                 continue;
             };
             scanned += list.len();

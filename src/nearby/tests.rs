@@ -404,7 +404,7 @@ fn searches_concurrent_with_moves_never_return_a_user_twice() {
 fn assert_users_consistent(idx: &NearbyIndex) {
     let mut members = Vec::new();
     for shard in 0..SHARDS {
-        for (&cell, b) in idx.maps.cells.read(shard).iter() {
+        for (cell, b) in idx.maps.cells.read(shard).iter() {
             assert!(!b.is_empty(), "empty bucket kept");
             for m in bucket::iter(b) {
                 members.push((m.user.to_vec(), cell));
@@ -434,7 +434,7 @@ fn assert_coarse_consistent(idx: &NearbyIndex) {
     for shard in 0..SHARDS {
         for (key, list) in idx.maps.coarse.read(shard).iter() {
             assert!(!list.is_empty(), "empty coarse list kept");
-            assert!(list.iter().all(|c| coarse_of(*c) == *key));
+            assert!(list.iter().all(|c| coarse_of(*c) == key));
             listed.extend_from_slice(list);
         }
     }
