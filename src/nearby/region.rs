@@ -55,8 +55,9 @@ pub(super) struct Region {
     /// How many of its coarse cells are occupied.
     coarse: u8,
     /// The cells, while at most [`LISTED_MAX`], in order of their centres' latitude: of
-    /// a long list a search reads only the band its [`Window`] spans.
-    listed: Vec<Listed>,
+    /// a long list a search reads only the band its [`Window`] spans. Exactly sized (a
+    /// change copies it; it was shifted anyway).
+    listed: Box<[Listed]>,
     /// Where the listed centres lie: a search whose window misses it skips the list
     /// without reading it (one cache miss fewer per region out of reach).
     bounds: Bounds,
@@ -123,7 +124,7 @@ pub(super) enum AfterRemoval {
 impl Region {
     /// The listed cells, by latitude; `None` while only counted.
     pub(super) fn listed(&self) -> Option<&[Listed]> {
-        (self.counted == 0).then_some(self.listed.as_slice())
+        (self.counted == 0).then_some(&self.listed[..])
     }
 
     /// The listed cells whose centres may lie in `window`'s band of latitude: of a long
@@ -181,7 +182,7 @@ impl Region {
 
     /// Bytes of the list held apart from the region itself.
     pub(super) fn list_bytes(&self) -> usize {
-        self.listed.capacity() * size_of::<Listed>()
+        size_of_val::<[Listed]>(&self.listed)
     }
 
     /// `cell` (centred at `at`) became occupied; `coarse_filled`: the first of its coarse
@@ -197,11 +198,15 @@ impl Region {
         } else if self.listed.len() < LISTED_MAX && self.coarse <= DENSE_COARSE {
             let lat = at.lat_radians();
             let i = self.listed.partition_point(|(_, p)| p.lat_radians() <= lat);
-            self.listed.insert(i, (cell, at));
+            let mut grown = Vec::with_capacity(self.listed.len() + 1);
+            grown.extend_from_slice(&self.listed[..i]);
+            grown.push((cell, at));
+            grown.extend_from_slice(&self.listed[i..]);
+            self.listed = grown.into_boxed_slice();
             self.bounds.widen(at);
         } else {
             self.counted = u32::try_from(self.listed.len() + 1).unwrap_or(u32::MAX);
-            self.listed = Vec::new();
+            self.listed = Box::default();
             self.bounds = Bounds::default();
         }
     }
@@ -224,7 +229,10 @@ impl Region {
             return AfterRemoval::Keep;
         }
         if let Some(at) = self.listed.iter().position(|&(c, _)| c == cell) {
-            self.listed.remove(at);
+            let mut kept = Vec::with_capacity(self.listed.len() - 1);
+            kept.extend_from_slice(&self.listed[..at]);
+            kept.extend_from_slice(&self.listed[at + 1..]);
+            self.listed = kept.into_boxed_slice();
             self.bounds = Bounds::of(&self.listed);
         }
         if self.listed.is_empty() {
@@ -242,7 +250,7 @@ impl Region {
             cells.sort_unstable_by(|(_, a), (_, b)| a.lat_radians().total_cmp(&b.lat_radians()));
             self.counted = 0;
             self.bounds = Bounds::of(&cells);
-            self.listed = cells;
+            self.listed = cells.into_boxed_slice();
         }
     }
 }
