@@ -71,6 +71,9 @@ GEOMATCH_ARGS="--grpc $GRPC --server-pid $GEOMATCH_PID"
 PEER_ARGS="--redis $REDIS --redis-pid $REDIS_PID --valkey $VALKEY_URL --valkey-pid $VALKEY_PID"
 # Load the population once into each target (geomatch cross-checked against both peers).
 $LOAD $GEOMATCH_ARGS $PEER_ARGS --scenario update --duration 1s 2>>"$OUT/load.log" >/dev/null
+# geomatch's runtime workers give the pages they freed while loading back once idle, at
+# most once a second (src/base/alloc.rs): read its RSS once they have.
+sleep 2
 echo "geomatch RSS after loading $USERS users: $(awk '/VmRSS/ {print $2 * 1024}' /proc/$GEOMATCH_PID/status) bytes" | tee "$OUT/memory.txt"
 for peer in $REDIS_PORT $VALKEY_PORT; do
     echo "peer :$peer used_memory: $(redis-cli -p $peer info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r') bytes" | tee -a "$OUT/memory.txt"
