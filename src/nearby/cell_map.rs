@@ -24,6 +24,9 @@ fn spread(cell: CellIndex) -> u64 {
 }
 
 impl<V: Default> Slot for Keyed<V> {
+    // Searches ask for many cells that are not there.
+    const TAGGED: bool = true;
+
     fn vacant() -> Self {
         Self {
             cell: None,
@@ -61,9 +64,9 @@ impl<V: Default> CellMap<V> {
         self.table.len()
     }
 
-    /// Bytes of the table's slots (the values' own heap contents not included).
+    /// Bytes of the table's slots and tags (the values' own heap contents not included).
     pub(crate) fn table_bytes(&self) -> usize {
-        self.table.slot_count() * size_of::<Keyed<V>>()
+        self.table.bytes()
     }
 
     /// `cell`'s value.

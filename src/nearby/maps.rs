@@ -493,10 +493,7 @@ impl Maps {
     /// Bytes held by each map (see [`Footprint`]).
     pub(super) fn footprint(&self) -> Footprint {
         Footprint {
-            users_table: self
-                .users
-                .tables
-                .sum(|t| t.slot_count() * size_of::<Entry>()),
+            users_table: self.users.tables.sum(Table::bytes),
             cells_table: self.cells.sum(CellMap::table_bytes),
             members: self.cells.sum(|m| m.values().map(|b| b.len()).sum()),
             coarse_table: self.coarse.sum(CellMap::table_bytes),
