@@ -58,11 +58,27 @@ fn main() -> ExitCode {
         .on_thread_park(geomatch::base::alloc::collect_when_due)
         .build();
     match runtime {
-        Ok(rt) => rt.block_on(run()),
+        Ok(rt) => rt.block_on(async {
+            tokio::select! {
+                code = run() => code,
+                never = main_thread_collects() => match never {},
+            }
+        }),
         Err(e) => {
             eprintln!("geomatch: cannot start the runtime: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The main thread runs `run` (not a worker: the park hook never fires for it) and builds
+/// the restored index there, so it collects its own heap too, once a second: what the
+/// restore freed, and later the restored members the workers free.
+async fn main_thread_collects() -> std::convert::Infallible {
+    let mut tick = tokio::time::interval(geomatch::base::alloc::COLLECT_EVERY);
+    loop {
+        tick.tick().await;
+        geomatch::base::alloc::collect_when_due();
     }
 }
 

@@ -1,6 +1,6 @@
 //! A map keyed by H3 cell in a table sized by its count ([`crate::base::table`]): the
 //! index's `cells`, `coarse` and `regions` shards. A slot is the cell (none when vacant)
-//! and its value, nothing more.
+//! and its value, with a tag byte beside it ([`Slot::TAGGED`]).
 
 use h3o::CellIndex;
 

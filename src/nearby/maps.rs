@@ -216,9 +216,12 @@ pub(super) struct CellCodec {
 }
 
 impl CellCodec {
-    /// Packs cells at `res` (at most resolution 10: 7 + 3 x 10 = 37 bits).
+    /// Packs cells at `res` (at most resolution 10: 7 + 3 x 10 = 37 bits, so bit 37 of a
+    /// packed cell is clear and no `users` entry is all ones, the vacant mark; the
+    /// configuration allows privacy cells up to resolution 10).
     pub(super) fn new(res: Resolution) -> Self {
         let r = u64::from(u8::from(res));
+        debug_assert!(r <= 10, "privacy cells at resolution {r}");
         Self {
             unused_digit_bits: 3 * (15 - r as u32),
             // Mode 1 (cell) and the resolution.

@@ -312,11 +312,15 @@ async fn sweep_every(app: App, stop: Stop) {
             _ = tick.tick() => {}
             () = stop.raised() => return,
         }
-        // The sweep walks every shard: keep it off the async workers.
+        // The sweep walks every shard: keep it off the async workers. The blocking thread
+        // then gives back the pages it freed (it is not a worker: no park hook).
         let app = app.clone();
-        if tokio::task::spawn_blocking(move || app.sweep())
-            .await
-            .is_err()
+        if tokio::task::spawn_blocking(move || {
+            app.sweep();
+            crate::base::alloc::collect_now();
+        })
+        .await
+        .is_err()
         {
             tracing::warn!("sweep task failed");
         }
