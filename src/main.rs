@@ -78,7 +78,7 @@ async fn main_thread_collects() -> std::convert::Infallible {
     let mut tick = tokio::time::interval(geomatch::base::alloc::COLLECT_EVERY);
     loop {
         tick.tick().await;
-        geomatch::base::alloc::collect_when_due();
+        geomatch::base::alloc::collect_now();
     }
 }
 

@@ -512,13 +512,18 @@ impl Maps {
 
     fn bucket_upsert(&self, cell: CellIndex, member: &Member<'_>) {
         let mut cells = self.cells.write(cell_shard(cell));
-        if let Some(b) = cells.get_mut(cell) {
+        let mut fresh = false;
+        let b = cells.get_or_insert_with(cell, || {
+            fresh = true;
+            bucket::single(member)
+        });
+        if !fresh {
             bucket::upsert(b, member);
             return;
         }
-        // Registered while this shard of `cells` is locked, so a concurrent removal of the
-        // same bucket cannot interleave (lock order: cells, then coarse). The coarse cell
-        // is `coarse_of(cell)`, from the centre the region keeps.
+        // A new bucket: registered while this shard of `cells` is still locked, so a
+        // concurrent removal of the same bucket cannot interleave (lock order: cells, then
+        // coarse). The coarse cell is `coarse_of(cell)`, from the centre the region keeps.
         let at = crate::geo::centre::centre(cell);
         let key = at.to_cell(COARSE_RESOLUTION);
         let mut coarse = self.coarse.write(cell_shard(key));
@@ -533,7 +538,6 @@ impl Maps {
                 .get_or_insert_with(region, Region::default)
                 .add(cell, at, first);
         }
-        cells.get_or_insert_with(cell, || bucket::single(member));
     }
 
     /// Takes `user` out of `cell` if `pred` holds for it; drops the bucket once empty.
